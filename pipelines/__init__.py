@@ -1,0 +1,1 @@
+"""User-facing pipelines: the `volscan` CLI, screening, evaluation, reports, reproduction."""

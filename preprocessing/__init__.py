@@ -1,0 +1,1 @@
+"""NIfTI-first preprocessing: IO, SRI-24 template, registration, brain mask, crop/resize, Nyúl."""
