@@ -1,0 +1,188 @@
+"""Mutual scoring against a plain per-collection `torch.cdist` loop, scale options, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from volumetric.engine import MutualDistances, mutual_scores
+from volumetric.engine.partners import global_features, plan_pairs
+from volumetric.errors import VolscanError
+
+
+def reference_vectors(layers: list[torch.Tensor], valid: torch.Tensor, partners: torch.Tensor) -> list[list]:
+    """Per (i, m): the list of (distance, collection) sorted ascending, float64, obvious loops."""
+    n, m = valid.shape
+    out = [[None] * m for _ in range(n)]
+    for i in range(n):
+        per_j = {}
+        for j in range(n):
+            if j == i or not partners[i, j]:
+                continue
+            d = sum(
+                torch.cdist(
+                    layer[i].double(), layer[j][valid[j]].double(), compute_mode="donot_use_mm_for_euclid_dist"
+                ).amin(1)
+                for layer in layers
+            ) / len(layers)
+            per_j[j] = d
+        for e in range(m):
+            if valid[i, e]:
+                out[i][e] = sorted((float(d[e]), j) for j, d in per_j.items())
+    return out
+
+
+def reference_scores(layers, valid, top_fraction, partners=None, batch_size=None):
+    n, m = valid.shape
+    partners = ~torch.eye(n, dtype=torch.bool) if partners is None else partners
+    batch_size = [n] * n if batch_size is None else batch_size.tolist()
+    vectors = reference_vectors(layers, valid, partners)
+    scores = torch.full((n, m), math.nan, dtype=torch.float64)
+    for i in range(n):
+        k = max(1, math.floor(top_fraction * (batch_size[i] - 1)))
+        for e in range(m):
+            if valid[i, e]:
+                scores[i, e] = sum(d for d, _ in vectors[i][e][:k]) / k
+    return scores
+
+
+def random_batch(n, m, c, seed, void=0.0, layers=1):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(n, m, c + 2 * i, generator=g) for i in range(layers)]
+    valid = torch.rand(n, m, generator=g) >= void
+    valid[torch.arange(n), torch.randint(m, (n,), generator=g)] = True
+    return feats, valid
+
+
+def assert_scores_match(actual, expected):
+    assert actual.dtype == torch.float32
+    assert torch.equal(actual.isnan(), expected.isnan())
+    ok = ~expected.isnan()
+    torch.testing.assert_close(actual[ok].double(), expected[ok], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n, m, c, void, fraction, layers",
+    [(2, 5, 3, 0.0, 0.1, 1), (5, 7, 4, 0.3, 0.5, 1), (7, 13, 9, 0.4, 0.3, 2), (9, 11, 33, 0.0, 1.0, 3)],
+)
+def test_scores_equal_cdist_reference(n, m, c, void, fraction, layers):
+    feats, valid = random_batch(n, m, c, seed=n * 100 + m, void=void, layers=layers)
+    expected = reference_scores(feats, valid, fraction)
+    assert_scores_match(mutual_scores(feats, fraction, valid if void else None), expected)
+
+
+def test_tiny_blocks_give_the_same_result():
+    feats, valid = random_batch(6, 40, 8, seed=3, void=0.25)
+    full = mutual_scores(feats, 0.4, valid, return_vectors=True)
+    # 0.0005 MiB = 131 floats: forces row blocks of a few elements and one collection per block.
+    tiny = mutual_scores(feats, 0.4, valid, return_vectors=True, block_mb=0.0005)
+    torch.testing.assert_close(tiny.scores, full.scores, equal_nan=True)
+    torch.testing.assert_close(tiny.sorted_distances, full.sorted_distances, equal_nan=True)
+    assert torch.equal(tiny.nearest, full.nearest)
+
+
+def test_vectors_collections_and_nearest_elements():
+    feats, valid = random_batch(5, 9, 6, seed=11, void=0.3)
+    result = mutual_scores(feats, 0.25, valid, return_vectors=True)
+    assert isinstance(result, MutualDistances)
+    assert result.sorted_distances.shape == (5, 9, 4) and result.collections.dtype == torch.int64
+    assert result.nearest.dtype == torch.int64
+    vectors = reference_vectors(feats, valid, ~torch.eye(5, dtype=torch.bool))
+    x = feats[0]
+    for i in range(5):
+        for e in range(9):
+            if not valid[i, e]:
+                assert result.sorted_distances[i, e].isnan().all() and (result.collections[i, e] == -1).all()
+                continue
+            expected = torch.tensor([d for d, _ in vectors[i][e]], dtype=torch.float64)
+            torch.testing.assert_close(result.sorted_distances[i, e].double(), expected, rtol=1e-5, atol=1e-6)
+            for rank in range(4):
+                j, pos = int(result.collections[i, e, rank]), int(result.nearest[i, e, rank])
+                assert j != i and valid[j, pos]
+                assert abs(float((x[i, e] - x[j, pos]).norm()) - float(result.sorted_distances[i, e, rank])) < 1e-5
+    assert torch.equal(result.top_k, torch.ones(5, dtype=torch.int64))
+
+
+def test_layers_average_distances_and_have_no_nearest():
+    feats, valid = random_batch(4, 6, 5, seed=5, layers=2)
+    result = mutual_scores(feats, 1.0, valid, return_vectors=True)
+    assert result.nearest is None
+    assert_scores_match(result.scores, reference_scores(feats, valid, 1.0))
+
+
+def test_invalid_elements_are_never_neighbours():
+    feats, valid = random_batch(4, 10, 5, seed=7, void=0.4)
+    changed = [f.clone() for f in feats]
+    changed[0][~valid] = 1e-3  # void tokens placed right next to each other
+    before = mutual_scores(feats, 0.5, valid)
+    after = mutual_scores(changed, 0.5, valid)
+    torch.testing.assert_close(after, before, equal_nan=True)
+
+
+def test_subsets_score_each_subset_alone():
+    feats, valid = random_batch(10, 8, 4, seed=9, void=0.2)
+    plan = plan_pairs(10, subsets=3, seed=4)
+    expected = reference_scores(feats, valid, 0.5, plan.partners, plan.batch_size)
+    result = mutual_scores(feats, 0.5, valid, subsets=3, seed=4, return_vectors=True)
+    assert_scores_match(result.scores, expected)
+    assert sorted(plan.batch_size.tolist()) == [3] * 6 + [4] * 4
+    # entries of other subsets were never computed
+    assert (result.collections[valid] == -1).any()
+
+
+def test_preselection_keeps_the_most_similar_collections():
+    feats, valid = random_batch(9, 6, 5, seed=13, void=0.2)
+    full = mutual_scores(feats, 0.3, valid)
+    torch.testing.assert_close(mutual_scores(feats, 0.3, valid, preselect_fraction=1.0), full, equal_nan=True)
+    globals_ = global_features(feats, valid)
+    plan = plan_pairs(9, preselect_fraction=0.5, globals_=globals_, min_partners=2)
+    assert torch.equal(plan.partners, plan.partners.T) and not plan.partners.diagonal().any()
+    similarity = globals_ @ globals_.T
+    for i in range(9):
+        kept = plan.partners[i].nonzero().flatten()
+        best = similarity[i].masked_fill(torch.eye(9, dtype=torch.bool)[i], -2).topk(4).indices
+        assert set(best.tolist()) <= set(kept.tolist())
+    result = mutual_scores(feats, 0.3, valid, preselect_fraction=0.5)
+    assert_scores_match(result, reference_scores(feats, valid, 0.3, plan.partners))
+    assert bool((result[valid] >= full[valid] - 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(4, 5), None), "rank 3"),
+        (lambda: ([torch.randn(4, 5, 3), torch.randn(4, 6, 3)], None), "does not match"),
+        (lambda: (torch.randn(1, 5, 3), None), "at least N = 2"),
+        (lambda: (torch.tensor([[[math.nan]], [[1.0]]]), None), "NaN or Inf"),
+        (lambda: (torch.tensor([[[math.inf]], [[1.0]]]), None), "NaN or Inf"),
+        (lambda: (torch.randn(3, 4, 2), torch.tensor([[True] * 4, [False] * 4, [True] * 4])), "no valid element"),
+        (lambda: (torch.randn(3, 4, 2), torch.ones(3, 5, dtype=torch.bool)), "expected shape"),
+        (lambda: (torch.randn(3, 4, 2), torch.ones(3, 4)), "torch.bool"),
+        (lambda: (torch.randint(3, (3, 4, 2)), None), "floating-point"),
+        (lambda: ([], None), "non-empty"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(make, message):
+    features, valid = make()
+    with pytest.raises(VolscanError, match=message) as caught:
+        mutual_scores(features, 0.1, valid)
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_fraction=0.0), "top_fraction"),
+        (dict(top_fraction=1.5), "top_fraction"),
+        (dict(subsets=3), "fewer than 2 per subset"),
+        (dict(preselect_fraction=0.0), "preselect_fraction"),
+        (dict(preselect_fraction=0.5, global_features=torch.randn(3, 4)), "global_features"),
+        (dict(device="cuda:99"), "device"),
+        (dict(device="nonsense"), "device"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(VolscanError, match=message):
+        mutual_scores(torch.randn(5, 4, 3), **kwargs)

@@ -1,0 +1,130 @@
+"""Mutual scoring (MuSc): score each element by its look-alikes in the *other* collections.
+
+`score(x) = mean of the k smallest d(x, J)` over collections `J != I`, `k = max(1, floor(f (n-1)))`
+with `n` the batch size (the subset size when the batch is split), Euclidean distances.
+Distances come from `volumetric.engine.distances` (blocked, each pair of collections once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from volumetric.engine.distances import CollectionMinima, collection_minima
+from volumetric.engine.partners import global_features as mean_token_features
+from volumetric.engine.partners import plan_pairs
+from volumetric.engine.validation import as_layers, as_valid, check_fraction
+
+
+@dataclass(frozen=True)
+class MutualDistances:
+    """Mutual scores plus the sorted mutual-similarity vectors behind them (all on CPU).
+
+    `scores` (N, M) float32, NaN at invalid elements. `sorted_distances` (N, M, N-1) float32
+    ascending `d_(1..N-1)(x)`; NaN at invalid elements, +inf for pairs that were not computed
+    (other subset, not pre-selected). `collections` (N, M, N-1) int64: the collection behind each
+    entry (-1 where +inf or invalid). `nearest` (N, M, N-1) int64 or None: position of the nearest
+    element inside that collection (single-layer input only; -1 where no entry). `top_k` (N,)
+    int64: the k used for each collection.
+    """
+
+    scores: Tensor
+    sorted_distances: Tensor
+    collections: Tensor
+    nearest: Tensor | None
+    top_k: Tensor
+
+
+def top_k_counts(batch_size: Tensor, top_fraction: float) -> Tensor:
+    """k = max(1, floor(f * (n - 1))) per collection; `batch_size` (N,) int64."""
+    return torch.clamp(torch.floor(top_fraction * (batch_size - 1).double()).long(), min=1)
+
+
+def smallest_mean(distances: Tensor, k: Tensor) -> Tensor:
+    """Mean of the `k[t]` smallest entries of each row of `distances` (T, K) -> (T,) float32.
+
+    Rows with fewer than `k` finite entries give +inf (callers decide what that means).
+    """
+    kmax = int(k.max())
+    smallest = distances.topk(min(kmax, distances.shape[1]), dim=1, largest=False).values
+    running = smallest.double().cumsum(1)
+    return (running.gather(1, (k - 1).unsqueeze(1)).squeeze(1) / k).float()
+
+
+def minima_scores(minima: CollectionMinima, k: Tensor) -> Tensor:
+    """(N, M) float32 mutual scores from stored minima; `k` (N,) per collection; NaN at void."""
+    return minima.to_grid(smallest_mean(minima.distances, k[minima.owner]), torch.nan)
+
+
+def mutual_scores(
+    features: Tensor | Sequence[Tensor],
+    top_fraction: float = 0.1,
+    valid: Tensor | None = None,
+    *,
+    return_vectors: bool = False,
+    subsets: int = 1,
+    preselect_fraction: float | None = None,
+    global_features: Tensor | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    half: bool = False,
+    block_mb: float = 256.0,
+    progress: bool = True,
+) -> Tensor | MutualDistances:
+    """Mutual scores of every element of a batch.
+
+    `features`: (N, M, C) float tensor, or a sequence of them (one per layer; the distances
+    `d(x, J)` are averaged over layers before sorting). `top_fraction` f in (0, 1].
+    `valid`: (N, M) bool; invalid elements are neither scored (NaN) nor anyone's neighbour.
+    `subsets` / `preselect_fraction` / `global_features` (N, D): the paper's scale options
+    (see `volumetric.engine.partners`; the default global feature is the mean valid token).
+    `device`: "cpu", "cuda" or None (auto); `half`: float16 products on CUDA; `block_mb`:
+    memory of one distance block. Returns (N, M) float32 scores, or `MutualDistances` when
+    `return_vectors` is True.
+    """
+    layers = as_layers(features)
+    n, m = layers[0].shape[:2]
+    valid = as_valid(valid, n, m)
+    check_fraction("top_fraction", top_fraction)
+    batch_size = plan_pairs(n, subsets=subsets, seed=seed).batch_size
+    k = top_k_counts(batch_size, top_fraction)
+    globals_ = None
+    if preselect_fraction is not None:
+        globals_ = mean_token_features(layers, valid) if global_features is None else global_features
+    plan = plan_pairs(
+        n,
+        subsets=subsets,
+        preselect_fraction=preselect_fraction,
+        globals_=globals_,
+        min_partners=int(k.max()),
+        seed=seed,
+    )
+    minima = collection_minima(
+        layers,
+        valid,
+        partners=plan.partners,
+        nearest=return_vectors and len(layers) == 1,
+        device=device,
+        half=half,
+        block_mb=block_mb,
+        progress=progress,
+    )
+    scores = minima_scores(minima, k)
+    if not return_vectors:
+        return scores
+    values, order = minima.distances.sort(dim=1)
+    values, order = values[:, : n - 1], order[:, : n - 1]
+    missing = torch.isinf(values)
+    nearest = None
+    if minima.nearest is not None:
+        nearest = minima.to_grid(minima.nearest.gather(1, order).long().masked_fill_(missing, -1), -1)
+    return MutualDistances(
+        scores=scores,
+        sorted_distances=minima.to_grid(values, torch.nan),
+        collections=minima.to_grid(order.masked_fill(missing, -1), -1),
+        nearest=nearest,
+        top_k=k,
+    )

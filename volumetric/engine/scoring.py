@@ -1,0 +1,192 @@
+"""`score_collections`: the one entry point for 2D images and 3D volumes.
+
+Per backbone layer and per LNAMD radius r (a *view*), tokens are aggregated (`lnamd`), scored
+mutually, and the view scores are averaged (MuSc). With `method="codegraph"` the collection graph
+is built from the distance vectors averaged over *all* views (every layer and every r): the same
+quantity the final score averages, and less noisy than any single view; the exclusion mask it
+yields then applies to the final mutual scoring of every view. Grids are flattened to M
+elements, so nothing here depends on the grid being 2D or 3D.
+
+Memory: CoDeGraph keeps, per view, the (T, N) minima and nearest positions (8 bytes each, T =
+valid tokens of the batch): e.g. 60 volumes x 2,900 brain tokens x 6 views ~ 0.5 GB; use
+`subsets` to split very large batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import igraph
+import torch
+from torch import Tensor
+
+from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
+from volumetric.engine.lnamd import lnamd
+from volumetric.engine.mutual import mutual_scores
+from volumetric.engine.partners import global_features as mean_token_features
+from volumetric.engine.partners import subset_partition
+from volumetric.engine.validation import as_layers, as_valid, check_fraction
+from volumetric.errors import VolscanError
+
+METHODS = ("codegraph", "musc")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Settings of `score_collections`.
+
+    `lnamd_radii`: odd r values, one view per (layer, r). `musc_top_fraction`: f for
+    `method="musc"` (MuSc: 0.3); CoDeGraph's f is `codegraph.top_fraction` (0.1).
+    `subsets`, `preselect_fraction`, `seed`: scale options (`volumetric.engine.partners`).
+    `device` ("cpu", "cuda", None = auto), `half` (float16 products on CUDA), `block_mb`
+    (MiB per distance block), `progress` (tqdm bars).
+    """
+
+    lnamd_radii: tuple[int, ...] = (1, 3, 5)
+    musc_top_fraction: float = 0.3
+    codegraph: CoDeGraph = field(default_factory=CoDeGraph)
+    subsets: int = 1
+    preselect_fraction: float | None = None
+    seed: int = 0
+    device: str | None = None
+    half: bool = False
+    block_mb: float = 256.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        radii = tuple(self.lnamd_radii)
+        if not radii or any(not isinstance(r, int) or r < 1 or r % 2 == 0 for r in radii):
+            raise VolscanError(f"lnamd_radii: expected odd positive integers, got {self.lnamd_radii!r}")
+        object.__setattr__(self, "lnamd_radii", radii)
+        check_fraction("musc_top_fraction", self.musc_top_fraction)
+        if self.preselect_fraction is not None:
+            check_fraction("preselect_fraction", self.preselect_fraction)
+        if not isinstance(self.codegraph, CoDeGraph):
+            raise VolscanError(f"codegraph: expected a CoDeGraph, got {type(self.codegraph).__name__}")
+        if not self.block_mb > 0:
+            raise VolscanError(f"block_mb: must be > 0, got {self.block_mb!r}")
+
+
+@dataclass(frozen=True)
+class ScoringResult:
+    """`element_scores` (N, *grid) float32, NaN at void; `collection_scores` (N,) float32 = max
+    over valid elements; `codegraph` the CoDeGraph outcome (None for MuSc); `method`."""
+
+    element_scores: Tensor
+    collection_scores: Tensor
+    codegraph: CoDeGraphResult | None
+    method: str
+
+    def summary(self) -> dict:
+        """JSON-ready facts for a report (CoDeGraph details included when present)."""
+        facts = {"method": self.method, "collection_scores": self.collection_scores.tolist()}
+        if self.codegraph is not None:
+            facts["codegraph"] = self.codegraph.summary()
+        return facts
+
+
+def score_collections(
+    layers: Sequence[Tensor] | Tensor,
+    valid: Tensor | None = None,
+    method: str = "codegraph",
+    config: ScoringConfig | None = None,
+    *,
+    global_features: Tensor | None = None,
+) -> ScoringResult:
+    """Score a batch of N collections given per-layer token grids.
+
+    `layers`: list of (N, h, w, C_l) or (N, g, g, g, C_l) tensors (one per backbone layer, same
+    N and grid). `valid`: (N, *grid) bool or None. `method`: "codegraph" or "musc".
+    `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection; default mean tokens.
+    """
+    config = ScoringConfig() if config is None else config
+    if method not in METHODS:
+        raise VolscanError(f"method: expected one of {METHODS}, got {method!r}")
+    grids = [layers] if isinstance(layers, Tensor) else list(layers)
+    if not grids or any(not isinstance(g, Tensor) or g.ndim not in (4, 5) for g in grids):
+        shapes = [tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__ for g in grids]
+        raise VolscanError(f"layers: expected (N, h, w, C) or (N, g, g, g, C) tensors, got {shapes}")
+    n, *grid = grids[0].shape[:-1]
+    for i, g in enumerate(grids):
+        if list(g.shape[:-1]) != [n, *grid]:
+            raise VolscanError(f"layers[{i}]: shape {tuple(g.shape)} does not match (N, *grid) = {(n, *grid)}")
+    m = math.prod(grid)
+    flat = as_layers([g.reshape(n, m, g.shape[-1]) for g in grids], name="layers")
+    if valid is not None and (not isinstance(valid, Tensor) or tuple(valid.shape) != (n, *grid)):
+        got = tuple(valid.shape) if isinstance(valid, Tensor) else type(valid).__name__
+        raise VolscanError(f"valid: expected shape {(n, *grid)}, got {got}")
+    valid_flat = as_valid(None if valid is None else valid.reshape(n, m), n, m)
+    if config.preselect_fraction is not None and global_features is None:
+        global_features = mean_token_features(flat, valid_flat)
+
+    scores = torch.full((n, m), torch.nan)
+    parts = subset_partition(n, config.subsets, config.seed)
+    results = []
+    for part in parts:
+        sub_valid = valid_flat[part]
+        views = _views([g[part.to(g.device)] for g in grids], sub_valid.reshape(len(part), *grid), config.lnamd_radii)
+        options = dict(
+            preselect_fraction=config.preselect_fraction,
+            global_features=None if global_features is None else global_features[part],
+            device=config.device, half=config.half, block_mb=config.block_mb, progress=config.progress,
+        )
+        if method == "musc":
+            view_scores = [mutual_scores(v, config.musc_top_fraction, sub_valid, **options) for v in views]
+            scores[part] = torch.stack(view_scores).mean(0)
+        else:
+            result = config.codegraph(views, sub_valid, **options)
+            scores[part] = result.scores
+            results.append(result)
+    codegraph = None
+    if results:
+        codegraph = results[0] if len(parts) == 1 else _merge(results, parts, valid_flat)
+    return ScoringResult(
+        element_scores=scores.reshape(n, *grid),
+        collection_scores=scores.nan_to_num(-torch.inf).amax(1),
+        codegraph=codegraph,
+        method=method,
+    )
+
+
+def _views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...]) -> Iterator[Tensor]:
+    """Lazily yield one (n, M, C) LNAMD view per (layer, r), so only one lives at a time."""
+    for g in grids:
+        for r in radii:
+            yield lnamd(g, r, valid.to(g.device)).reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -> CoDeGraphResult:
+    """One CoDeGraphResult in batch indices from per-subset results."""
+    n, m = valid.shape
+    grids = {name: torch.full((n, m), torch.nan) for name in ("scores", "mutual_scores")}
+    excluded = torch.zeros(n, m, dtype=torch.bool)
+    communities, outliers, densities, fences, edges, weights = [], [], [], [], [], []
+    for result, part in zip(results, parts):
+        for name, grid in grids.items():
+            grid[part] = getattr(result, name)
+        excluded[part] = result.excluded
+        ids = part.tolist()
+        outliers += [len(communities) + c for c in result.outlier_communities]
+        communities += [sorted(ids[i] for i in c) for c in result.communities]
+        densities += result.densities
+        fences += result.density_fences
+        for source, target, weight in result.edges:
+            edges.append((ids[source], ids[target]))
+            weights.append(weight)
+    graph = igraph.Graph(n=n, edges=edges)
+    graph.es["weight"] = weights
+    return CoDeGraphResult(
+        scores=grids["scores"],
+        mutual_scores=grids["mutual_scores"],
+        excluded=excluded,
+        graph=graph,
+        communities=communities,
+        outlier_communities=outliers,
+        densities=densities,
+        density_fences=fences,
+        reference_rank=min(r.reference_rank for r in results),
+        suspicious_links=sum(r.suspicious_links for r in results),
+        valid=valid,
+    )
