@@ -1,0 +1,18 @@
+"""MONAI dictionary (and array) transforms of the volscan preprocessing chain.
+
+Use after `LoadImaged` + `EnsureChannelFirstd` inside `monai.transforms.Compose`:
+`ToTemplateCubed` (register, mask, crop, resize; invertible), `HistogramStandardized` (Nyúl)
+or the composite `VolscanPreprocessd`. Importing this package loads nothing from disk.
+"""
+
+from preprocessing.transforms.histogram_standardize import HistogramStandardize, HistogramStandardized
+from preprocessing.transforms.to_template_cube import ToTemplateCube, ToTemplateCubed
+from preprocessing.transforms.volscan_preprocess import VolscanPreprocessd
+
+__all__ = [
+    "HistogramStandardize",
+    "HistogramStandardized",
+    "ToTemplateCube",
+    "ToTemplateCubed",
+    "VolscanPreprocessd",
+]
