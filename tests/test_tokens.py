@@ -1,0 +1,248 @@
+"""Volume and image tokenizers with a tiny random timm ViT, against naive reference computations."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+
+from volumetric.backbones import create_backbone
+from volumetric.errors import VolscanError
+from volumetric.projection import jl_matrix
+from volumetric.tokens import ImageTokenizer, VolumeTokenizer, unit_intensities
+
+R = 16  # projection width used in most tests
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vit_spec):
+    spec = dict(tiny_vit_spec)
+    return create_backbone(spec.pop("name"), weights="random", random_seed=0, **spec)
+
+
+def _volume(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(100.0, 20.0, (size,) * 3).astype(np.float32)
+
+
+def _naive_features(model: torch.nn.Module, image01: np.ndarray, layers: list[int]) -> list[np.ndarray]:
+    """One (H, W) image in [0, 1] through the model on its own: per layer (C, h, w)."""
+    cfg = model.pretrained_cfg
+    x = torch.from_numpy(np.repeat(image01[None, None], 3, axis=1).astype(np.float32))
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        feats = model.forward_intermediates(x, indices=layers, intermediates_only=True)
+    return [f[0].numpy() for f in feats]
+
+
+def test_grid_width_and_meta(tiny):
+    tok = VolumeTokenizer(tiny, proj_dim=R, progress=False)
+    for size, g in ((28, 2), (42, 3)):
+        tokens = tok(_volume(size))
+        assert tokens.grid == (g, g, g)
+        assert len(tokens.layers) == 2
+        for layer in tokens.layers:
+            assert layer.shape == (g, g, g, 3 * R) and layer.dtype == torch.float32
+        assert tokens.void.shape == (g, g, g) and tokens.void.dtype == torch.bool
+    assert tokens.random_weights and tokens.meta["layers"] == [1, 2] and tokens.meta["size"] == 42
+
+
+def test_pooling_equals_naive_per_block_mean_on_every_axis(tiny):
+    # slice_batch 5 does not divide 14: batches straddle blocks, as they will on real data
+    tok = VolumeTokenizer(tiny, proj_dim=R, slice_batch=5, progress=False)
+    unit = np.random.default_rng(1).random((28, 28, 28)).astype(np.float32)
+    pooled = tok.pooled(torch.from_numpy(unit))
+    for axis in range(3):
+        slices = np.moveaxis(unit, axis, 0)
+        per_slice = [_naive_features(tiny, s, tok.layers) for s in slices]
+        for li in range(len(tok.layers)):
+            stack = np.stack([f[li] for f in per_slice])  # (S, C, h, w)
+            for block in range(2):
+                expected = stack[14 * block:14 * (block + 1)].mean(0).transpose(1, 2, 0)  # (h, w, C)
+                index = [slice(None)] * 3
+                index[axis] = block
+                got = pooled[li][axis][tuple(index)].numpy()
+                np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_are_normalised_projected_pooled_features(tiny):
+    tok = VolumeTokenizer(tiny, proj_dim=R, seed=3, progress=False)
+    volume = _volume(28, seed=2)
+    tokens = tok(volume)
+    unit = unit_intensities(torch.from_numpy(volume), torch.from_numpy(volume != 0))
+    matrix = jl_matrix(48, R, 3).numpy()
+    for li, feats in enumerate(tok.pooled(unit)):
+        f = feats.numpy()
+        unit = f / np.linalg.norm(f, axis=-1, keepdims=True)  # (3, g, g, g, C)
+        expected = np.concatenate([unit[a] @ matrix for a in range(3)], -1)
+        np.testing.assert_allclose(tokens.layers[li].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_is_identical_across_processes_and_changes_with_seed():
+    code = ("import hashlib; from volumetric.projection import jl_matrix; "
+            "print(*(hashlib.sha256(jl_matrix(48, 16, s).numpy().tobytes()).hexdigest() for s in (7, 8)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    here = [hashlib.sha256(jl_matrix(48, 16, s).numpy().tobytes()).hexdigest() for s in (7, 8)]
+    assert out == here
+    assert here[0] != here[1]
+
+
+def test_jl_matrix_distribution():
+    m = jl_matrix(512, 256, 0)
+    assert m.shape == (512, 256) and m.dtype == torch.float32
+    assert abs(float(m.mean())) < 5 * (1 / 256) ** 0.5 / (512 * 256) ** 0.5  # 5 standard errors
+    assert float(m.var()) == pytest.approx(1 / 256, rel=0.03)
+    with pytest.raises(VolscanError, match="out_dim"):
+        jl_matrix(48, 0, 0)
+
+
+@pytest.mark.parametrize(("index", "thin_axis"), [((2, 0, 1), None), ((0, 2, 1), 0), ((2, 0, 1), 1), ((1, 2, 0), 2)])
+def test_bright_cube_is_most_distinct_at_its_index_on_every_axis(tiny, index, thin_axis):
+    # A bright object inside one 14^3 cube; with thin_axis it is a 3-voxel plate, so one axis
+    # sees it in few slices and the other two in all of theirs: each axis's third of the token
+    # must still single out the same grid index.
+    volume = np.full((42, 42, 42), 0.5, np.float32)
+    box = [slice(14 * i, 14 * i + 14) for i in index]
+    if thin_axis is not None:
+        box[thin_axis] = slice(14 * index[thin_axis] + 5, 14 * index[thin_axis] + 8)
+    volume[tuple(box)] = 1.0
+    # a fixed intensity map: a 3-voxel plate is under 1 % of the volume, below the percentiles
+    tok = VolumeTokenizer(tiny, proj_dim=R, value_range=(0.0, 1.0), progress=False)
+    tokens = tok(volume, np.ones(volume.shape, bool))
+    for layer in tokens.layers:
+        for part in [layer[..., a * R:(a + 1) * R] for a in range(3)] + [layer]:
+            flat = part.reshape(27, -1)
+            distinctness = torch.cdist(flat, flat).mean(1)
+            assert np.unravel_index(int(distinctness.argmax()), (3, 3, 3)) == index
+
+
+def test_jl_keeps_pairwise_distances_of_real_tokens(sri24_dir):
+    from preprocessing.crop_resize import brain_crop_box, crop_and_resize
+    from preprocessing.io import load_volume
+
+    atlas = load_volume(sri24_dir / "sri24_t1_brats_skullstripped.nii.gz")
+    cube = crop_and_resize(atlas.array, atlas.affine, brain_crop_box(atlas.array > 0, atlas.affine), 56)
+    model = create_backbone("vit_small_patch14_dinov2", weights="random", depth=2, embed_dim=192, num_heads=3)
+    r = 24
+    tok = VolumeTokenizer(model, proj_dim=r, progress=False)
+    tokens = tok(cube)
+    unit = unit_intensities(torch.from_numpy(cube), torch.from_numpy(cube != 0))
+    for li, feats in enumerate(tok.pooled(unit)):
+        full = torch.cat(list(torch.nn.functional.normalize(feats, dim=-1)), -1).reshape(-1, 3 * 192).double()
+        proj = tokens.layers[li].reshape(-1, 3 * r).double()
+        pairs = torch.triu_indices(len(full), len(full), offset=1)
+        d_full = torch.cdist(full, full)[pairs[0], pairs[1]]
+        d_proj = torch.cdist(proj, proj)[pairs[0], pairs[1]]
+        distinct = d_full > 1e-6  # background cubes outside the brain can coincide
+        ratio = (d_proj[distinct] / d_full[distinct]) ** 2
+        # Each squared ratio is a weighted mean of chi2(r)/r variables; the worst case (all weight
+        # on one axis) is chi2(r)/r itself. Union bound over the pairs at a 1e-3 total level.
+        tail = 1e-3 / (2 * len(ratio))
+        low, high = chi2.ppf(tail, r) / r, chi2.ppf(1 - tail, r) / r
+        assert len(ratio) > 1000
+        assert low < float(ratio.min()) and float(ratio.max()) < high
+        assert float(ratio.mean()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_void_mask_is_the_brain_fraction_per_cube(tiny):
+    volume = _volume(28, seed=4)
+    mask = np.zeros((28, 28, 28), bool)
+    mask[:20, :, :] = True  # cubes along axis 0: block 0 full, block 1 holds 6/14 brain
+    mask[:, :3, :] = False  # y-block 0 loses 3/14 more
+    for fraction in (0.3, 0.5, 0.9):
+        tokens = VolumeTokenizer(tiny, proj_dim=R, void_fraction=fraction, progress=False)(volume, mask)
+        expected = np.array([[[mask[14 * i:14 * i + 14, 14 * j:14 * j + 14, 14 * k:14 * k + 14].mean() < fraction
+                               for k in range(2)] for j in range(2)] for i in range(2)])
+        np.testing.assert_array_equal(tokens.void.numpy(), expected)
+    zero_outside = np.where(mask, volume, 0)
+    by_default = VolumeTokenizer(tiny, proj_dim=R, progress=False)(zero_outside)
+    with_mask = VolumeTokenizer(tiny, proj_dim=R, progress=False)(zero_outside, mask)
+    assert torch.equal(by_default.void, with_mask.void)
+    for a, b in zip(by_default.layers, with_mask.layers):
+        assert torch.equal(a, b)
+
+
+def test_unit_intensities_against_numpy():
+    values = np.random.default_rng(5).normal(50, 10, (10, 12, 14)).astype(np.float32)
+    region = values > 45
+    lo, hi = np.percentile(values[region], [1, 99])
+    expected = np.where(region, np.clip((values - lo) / (hi - lo), 0, 1), 0)
+    got = unit_intensities(torch.from_numpy(values), torch.from_numpy(region))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    fixed = unit_intensities(torch.from_numpy(values), torch.from_numpy(region), value_range=(40, 60))
+    np.testing.assert_allclose(fixed.numpy(), np.where(region, np.clip((values - 40) / 20, 0, 1), 0), atol=1e-6)
+    with pytest.raises(VolscanError, match="percentiles"):
+        unit_intensities(torch.from_numpy(values), torch.from_numpy(region), percentiles=(99, 1))
+    # nearly uniform (a phantom): the percentiles coincide, so min..max sets the scale
+    flat = np.full((10, 10, 10), 3.0, np.float32)
+    flat[0, 0, :5] = 7.0
+    got = unit_intensities(torch.from_numpy(flat), torch.ones(flat.shape, dtype=torch.bool)).numpy()
+    np.testing.assert_allclose(got, (flat - 3.0) / 4.0)
+
+
+def test_deterministic_seeded_and_input_untouched(tiny):
+    volume = _volume(28, seed=6)
+    before = volume.copy()
+    a = VolumeTokenizer(tiny, proj_dim=R, seed=0, progress=False)(volume)
+    b = VolumeTokenizer(tiny, proj_dim=R, seed=0, progress=False)(torch.from_numpy(volume))
+    c = VolumeTokenizer(tiny, proj_dim=R, seed=1, progress=False)(volume)
+    np.testing.assert_array_equal(volume, before)
+    assert torch.equal(a.layers[0], b.layers[0]) and not torch.allclose(a.layers[0], c.layers[0])
+    assert a.meta["projection"] == b.meta["projection"] != c.meta["projection"]
+
+
+def test_bad_volumes_and_settings_raise_clear_errors(tiny):
+    tok = VolumeTokenizer(tiny, proj_dim=R, progress=False)
+    cases = [
+        (np.zeros((28, 28, 42), np.float32) + 1, None, "cube"),
+        (np.ones((30, 30, 30), np.float32), None, "multiple of the patch size 14"),
+        (_volume(28), np.ones((28, 28, 14), bool), r"brain mask has shape"),
+        (np.full((28, 28, 28), np.nan, np.float32), None, "NaN"),
+        (np.zeros((28, 28, 28), np.float32), None, "no brain voxels"),
+    ]
+    for volume, mask, message in cases:
+        with pytest.raises(VolscanError, match=message):
+            tok(volume, mask)
+    for kwargs, message in [(dict(proj_dim=0), "out_dim"), (dict(layers=[5]), "out of range"),
+                            (dict(void_fraction=1.5), "void_fraction"), (dict(slice_batch=0), "slice_batch"),
+                            (dict(amp=True), "CUDA"), (dict(percentiles=(5, 5)), "percentiles"),
+                            (dict(value_range=(1, 0)), "value_range"), (dict(percentiles=(1, 2, 3)), "pairs")]:
+        with pytest.raises(VolscanError, match=message):
+            VolumeTokenizer(tiny, **kwargs)
+
+
+def test_image_tokens_match_a_single_naive_pass(tiny):
+    tok = ImageTokenizer(tiny, proj_dim=R, seed=2)
+    image = np.random.default_rng(7).integers(0, 256, (42, 56), dtype=np.uint8)
+    tokens = tok(image)
+    assert tokens.grid == (3, 4) and not tokens.void.any()
+    matrix = jl_matrix(48, R, 2).numpy()
+    for li, feat in enumerate(_naive_features(tiny, image / 255.0, tok.layers)):
+        f = feat.transpose(1, 2, 0)
+        expected = (f / np.linalg.norm(f, axis=-1, keepdims=True)) @ matrix
+        assert tokens.layers[li].shape == (3, 4, R)
+        np.testing.assert_allclose(tokens.layers[li].numpy(), expected, rtol=1e-4, atol=1e-5)
+    rgb = tok(np.repeat(image[..., None], 3, axis=-1))
+    as_float = tok(image.astype(np.float32) / 255.0)
+    for a, b, c in zip(tokens.layers, rgb.layers, as_float.layers):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+
+
+def test_image_resize_policy_mask_and_errors(tiny):
+    tok = ImageTokenizer(tiny, proj_dim=R)
+    image = np.random.default_rng(8).random((50, 60, 3)).astype(np.float32)
+    mask = np.zeros((50, 60), bool)
+    mask[:, :30] = True
+    tokens = tok(image, mask)
+    assert tokens.grid == (4, 4)  # 50 -> 56, 60 -> 56: nearest multiples of 14
+    assert tokens.meta["input_size"] == [50, 60] and tokens.meta["resized_to"] == [56, 56]
+    np.testing.assert_array_equal(tokens.void.numpy(), np.tile([False, False, True, True], (4, 1)))
+    with pytest.raises(VolscanError, match=r"\(H, W\) or \(H, W, 3\)"):
+        tok(np.zeros((28, 28, 4), np.float32))
+    with pytest.raises(VolscanError, match="image mask has shape"):
+        tok(image, mask[:, :20])

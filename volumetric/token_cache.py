@@ -1,0 +1,97 @@
+"""On-disk cache of `TokenSet`s, so re-scoring with other engine settings never re-extracts tokens.
+
+An entry's key is a SHA-256 over the input's content hash, every token setting (backbone name,
+weights identity, layers, proj_dim, seed, size, void_fraction, intensity map, precision... as
+a JSON object with sorted keys) and `TOKEN_FORMAT_VERSION`; change any of them and the key
+changes. Entries are `<root>/<key[:2]>/<key>.safetensors`, written atomically by
+`TokenSet.save`; `load` verifies the file's checksum and deletes (and logs) anything corrupt or
+partial, reporting a miss so the caller rebuilds it. Safe to share between processes: a
+reader sees either no entry or a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from volumetric.errors import VolscanError
+from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
+
+log = logging.getLogger(__name__)
+
+
+def content_hash(source: str | os.PathLike[str] | np.ndarray | torch.Tensor, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, or of an array's dtype, shape and values (C order)."""
+    digest = hashlib.sha256()
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as fh:
+                while block := fh.read(chunk):
+                    digest.update(block)
+        except OSError as exc:
+            raise VolscanError(f"{source}: cannot read for hashing ({exc.strerror or exc})") from None
+        return digest.hexdigest()
+    array = np.ascontiguousarray(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source)
+    digest.update(f"array:{array.dtype.str}:{array.shape};".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class TokenCache:
+    """Token files under `root`, addressed by `key(content_hash, settings)`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise VolscanError(f"{self.root}: token cache location exists and is not a folder")
+
+    @staticmethod
+    def key(content_hash: str, settings: Mapping[str, Any]) -> str:
+        """Hex key from an input's content hash and the settings that shape its tokens."""
+        try:
+            blob = json.dumps({"input": content_hash, "settings": dict(settings), "format": TOKEN_FORMAT_VERSION},
+                              sort_keys=True, separators=(",", ":"))
+        except TypeError as exc:
+            raise VolscanError(f"token cache settings must be JSON-serialisable: {exc}") from None
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        """File that holds (or would hold) the entry `key`."""
+        if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
+            raise VolscanError(f"invalid token cache key {key!r}")
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str) -> TokenSet | None:
+        """The cached tokens, or None on a miss; a damaged entry is logged, deleted and missed."""
+        path = self.path(key)
+        if not path.is_file():
+            log.debug("token cache miss %s", key)
+            return None
+        try:
+            tokens = TokenSet.load(path)
+        except VolscanError as exc:
+            log.warning("discarding corrupt token cache entry: %s", exc)
+            path.unlink(missing_ok=True)
+            return None
+        log.debug("token cache hit %s", key)
+        return tokens
+
+    def store(self, key: str, tokens: TokenSet) -> Path:
+        """Write `tokens` as entry `key` (atomic; replaces an older entry of the same key)."""
+        return tokens.save(self.path(key))
+
+    def get_or_compute(self, key: str, compute: Callable[[], TokenSet]) -> TokenSet:
+        """Cached tokens for `key`, computing and storing them on a miss."""
+        tokens = self.load(key)
+        if tokens is None:
+            tokens = compute()
+            self.store(key, tokens)
+        return tokens
