@@ -1,0 +1,69 @@
+"""From token-grid scores to anomaly maps: upsampling to the cube / square image, NIfTI maps.
+
+Each token covers a 14-voxel (14-pixel) block. Upsampling is linear with `align_corners=False`,
+which puts each token's value at the centre of its block, like the paper's interpolated maps.
+Void tokens (outside the brain) have no score (NaN from the engine); they become 0 before
+interpolation, below every real score (distances are non-negative), so the background reads
+as "normal" in the viewer and cannot create a maximum.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from volumetric.errors import InputFileError, VolscanError
+
+
+def upsample_scores(grid_scores: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+    """(g, g, g) or (h, w) token scores (NaN = void) -> (size,)*ndim float32 map, void as 0."""
+    grid = torch.as_tensor(np.asarray(grid_scores, dtype=np.float32))
+    if grid.ndim not in (2, 3):
+        raise VolscanError(f"token scores must be a 2D or 3D grid, got shape {tuple(grid.shape)}")
+    grid = torch.nan_to_num(grid, nan=0.0)
+    mode = "trilinear" if grid.ndim == 3 else "bilinear"
+    out = F.interpolate(grid[None, None], size=(size,) * grid.ndim, mode=mode, align_corners=False)
+    return out[0, 0].numpy()
+
+
+def score_range(element_scores: np.ndarray) -> tuple[float, float]:
+    """(low, high) bounding every upsampled map of `element_scores` (N, *grid), NaN = void.
+
+    Linear interpolation is a convex combination, so maps stay within [min(0, min), max].
+    """
+    finite = np.asarray(element_scores, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        raise VolscanError("no valid token scores (every token is void)")
+    return min(0.0, float(finite.min())), float(finite.max())
+
+
+def save_map_like(array: np.ndarray, reference: str | Path, path: str | Path) -> Path:
+    """Save `array` (the reference's own 3D grid) as float32 NIfTI with the reference's affine,
+    qform/sform codes and units, so viewers overlay it exactly on the input scan."""
+    try:
+        ref = nib.load(str(reference))
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise InputFileError(reference, f"not a readable NIfTI file ({type(exc).__name__})") from None
+    data = np.asarray(array, dtype=np.float32)
+    if data.shape != tuple(ref.shape[:3]):
+        raise VolscanError(f"map shape {data.shape} does not match {reference} grid {tuple(ref.shape[:3])}")
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_xyzt_units(*ref.header.get_xyzt_units())
+    image = nib.Nifti1Image(data, ref.affine, header=header)
+    image.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
+    image.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,143 @@
+"""volumetric.metrics against hand-computable cases and straightforward reference code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from volumetric.errors import VolscanError
+from volumetric.metrics import ScoreHistogram, aupro, auroc, average_precision, dice, f1_max, pool_to_grid
+
+
+def test_collection_metrics_hand_computed() -> None:
+    labels = np.array([0, 0, 1, 1])
+    perfect = np.array([0.1, 0.2, 0.8, 0.9])
+    assert auroc(perfect, labels) == 1.0
+    assert auroc(-perfect, labels) == 0.0
+    assert average_precision(perfect, labels) == 1.0
+    assert f1_max(perfect, labels).f1 == 1.0
+    assert f1_max(perfect, labels).threshold == pytest.approx(0.8)
+    # Pairs (pos, neg): 0.35 beats 0.1 only, 0.8 beats both -> 3 of 4.
+    mixed = np.array([0.1, 0.4, 0.35, 0.8])
+    assert auroc(mixed, labels) == pytest.approx(0.75)
+    # Threshold 0.35 -> TP 2, FP 1: F1 = 2*(2/3)*1/(2/3+1) = 0.8; threshold 0.8 -> F1 = 2/3.
+    best = f1_max(mixed, labels)
+    assert best.f1 == pytest.approx(0.8)
+    assert best.threshold == pytest.approx(0.35)
+    # AP: recall 0.5 at precision 1, recall 1 at precision 2/3.
+    assert average_precision(mixed, labels) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_collection_metrics_refuse_one_class_and_nan() -> None:
+    with pytest.raises(VolscanError, match="both classes"):
+        auroc(np.array([0.1, 0.2]), np.array([0, 0]))
+    with pytest.raises(VolscanError, match="NaN"):
+        auroc(np.array([0.1, np.nan]), np.array([0, 1]))
+    with pytest.raises(VolscanError, match="labels"):
+        f1_max(np.array([0.1, 0.2, 0.3]), np.array([0, 1]))
+
+
+def test_histogram_matches_sklearn_on_quantised_scores() -> None:
+    rng = np.random.default_rng(0)
+    bins = 64
+    # Scores at bin centres: the histogram is exact, ties included.
+    codes = rng.integers(0, bins, size=5000)
+    scores = (codes + 0.5) / bins
+    labels = rng.random(5000) < 0.2 + 0.6 * scores
+    hist = ScoreHistogram(0.0, 1.0, bins=bins)
+    for chunk in np.array_split(np.arange(scores.size), 7):
+        hist.add(scores[chunk], labels[chunk])
+    assert hist.auroc() == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert hist.average_precision() == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert hist.f1_max().f1 == pytest.approx(f1_max(scores, labels).f1, abs=1e-12)
+    assert hist.f1_max().threshold == pytest.approx(f1_max(scores, labels).threshold - 0.5 / bins)
+
+
+def test_histogram_auroc_within_its_error_bound() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.random(20000) < 0.1
+    scores = rng.normal(size=labels.size) + 1.5 * labels
+    exact = roc_auc_score(labels, scores)
+    for bins in (16, 256, 65536):
+        hist = ScoreHistogram(scores.min(), scores.max(), bins=bins)
+        hist.add(scores, labels)
+        assert abs(hist.auroc() - exact) <= hist.auroc_error_bound() + 1e-12
+    assert hist.auroc_error_bound() < 1e-3
+    assert abs(hist.auroc() - exact) < 1e-4
+
+
+def test_histogram_refuses_out_of_range_and_single_class() -> None:
+    hist = ScoreHistogram(0.0, 1.0, bins=8)
+    with pytest.raises(VolscanError, match="range"):
+        hist.add(np.array([1.5]), np.array([1]))
+    hist.add(np.array([0.5]), np.array([1]))
+    with pytest.raises(VolscanError, match="both classes"):
+        hist.auroc()
+
+
+def test_dice_paper_convention() -> None:
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    lesion = empty.copy()
+    lesion[1:3, 1:3, 1:3] = True  # 8 voxels
+    assert dice(empty, empty) == 1.0
+    assert dice(empty, lesion) == 0.0
+    assert dice(lesion, empty) == 0.0
+    assert dice(lesion, lesion) == 1.0
+    half = empty.copy()
+    half[1:3, 1:3, 1] = True  # 4 voxels, all inside the lesion
+    assert dice(half, lesion) == pytest.approx(2 * 4 / (4 + 8))
+
+
+def test_pool_to_grid_matches_loop() -> None:
+    rng = np.random.default_rng(2)
+    mask = rng.random((28, 28, 28)) < 0.0005
+    pooled = pool_to_grid(mask, (2, 2, 2))
+    expected = np.zeros((2, 2, 2), dtype=bool)
+    for i in range(2):
+        for j in range(2):
+            for k in range(2):
+                expected[i, j, k] = mask[14 * i : 14 * i + 14, 14 * j : 14 * j + 14, 14 * k : 14 * k + 14].any()
+    np.testing.assert_array_equal(pooled, expected)
+    with pytest.raises(VolscanError, match="multiple"):
+        pool_to_grid(mask, (3, 3, 3))
+
+
+def _reference_aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float) -> float:
+    """Threshold by threshold, region by region, as the MVTec AD paper describes it."""
+    regions = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    points = [(0.0, 0.0)]
+    for t in np.sort(np.unique(maps))[::-1]:
+        predicted = maps >= t
+        overlaps = []
+        for pred, lab in zip(predicted, regions):
+            for r in range(1, lab.max() + 1):
+                overlaps.append(pred[lab == r].mean())
+        fpr = predicted[~masks].mean()
+        points.append((fpr, float(np.mean(overlaps))))
+    fprs, pros = map(np.array, zip(*points))
+    area = 0.0
+    for (f0, p0), (f1, p1) in zip(zip(fprs[:-1], pros[:-1]), zip(fprs[1:], pros[1:])):
+        if f0 >= max_fpr:
+            break
+        if f1 > max_fpr:
+            p1 = p0 + (p1 - p0) * (max_fpr - f0) / (f1 - f0)
+            f1 = max_fpr
+        area += (f1 - f0) * (p0 + p1) / 2
+    return area / max_fpr
+
+
+def test_aupro_matches_reference_and_perfect_map() -> None:
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 2:5, 2:5] = True
+    masks[0, 8:10, 7:11] = True  # two regions of different size in one image
+    masks[1, 5:7, 5:6] = True
+    maps = rng.random(masks.shape) + 0.6 * masks
+    maps = np.round(maps, 2)  # create ties
+    for max_fpr in (0.3, 0.05, 1.0):
+        assert aupro(maps, masks, max_fpr) == pytest.approx(_reference_aupro(maps, masks, max_fpr), abs=1e-9)
+    assert aupro(masks.astype(float), masks) == pytest.approx(1.0)
+    with pytest.raises(VolscanError, match="region"):
+        aupro(maps, np.zeros_like(masks))

@@ -1,0 +1,154 @@
+"""Screen settings: config file (YAML/TOML) + CLI precedence, clear errors; input discovery;
+the atomic output folder; the CSV / HTML writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.inputs import discover_subjects
+from pipelines.outputs import AtomicOutputDir
+from pipelines.report import rank_scores, read_scores_csv, report_html, scores_csv_text, write_scores_csv
+from pipelines.screen_config import ScreenConfig, read_config_file, resolve_config
+from volumetric.errors import InputFileError, VolscanError
+
+
+def test_precedence_defaults_file_flags(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("method: musc\nproj-dim: 16\nsize: 42\nscoring:\n  lnamd-radii: [1, 3]\nlayers: 2\n", encoding="utf-8")
+    config = resolve_config(yaml_file, size=56, method=None)
+    assert config.method == "musc"  # file
+    assert config.size == 56  # flag beats file
+    assert config.proj_dim == 16 and config.layers == [2]
+    assert config.scoring == {"lnamd_radii": [1, 3]}
+    assert config.seed == 0 and config.top == ScreenConfig().top  # defaults
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text('registered = true\n[backbone_kwargs]\ndepth = 2\n', encoding="utf-8")
+    config = resolve_config(toml_file, registered=False)
+    assert config.registered is False and config.backbone_kwargs == {"depth": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sizee: 28\n", "unknown setting 'sizee'"),
+        ("size: twenty\n", "'size' must be an integer"),
+        ("registered: maybe\n", "'registered' must be true or false"),
+        ("layers: [1, two]\n", "'layers' must be a list of integers"),
+        ("scoring: 3\n", "'scoring' must be a table"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("size: [\n", "cannot parse"),
+    ],
+)
+def test_config_file_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputFileError, match=message) as info:
+        read_config_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_setting_values_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(VolscanError, match="multiple of 14"):
+        ScreenConfig(size=30)
+    with pytest.raises(VolscanError, match="method"):
+        ScreenConfig(method="patchcore")
+    with pytest.raises(VolscanError, match="proj-dim"):
+        resolve_config(None, proj_dim=0)
+    with pytest.raises(InputFileError, match="not found"):
+        read_config_file(tmp_path / "missing.yaml")
+    other = tmp_path / "c.json"
+    other.write_text("{}", encoding="utf-8")
+    with pytest.raises(InputFileError, match=".yaml, .yml or .toml"):
+        read_config_file(other)
+
+
+def test_discovery_matches_labels_and_ignores_other_files(tmp_path: Path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for name in ("b.nii.gz", "a.nii"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1), np.float32), np.eye(4)), str(images / name))
+    (images / "README.txt").write_text("ignored", encoding="utf-8")
+    (images / ".hidden.nii.gz").write_text("ignored", encoding="utf-8")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(labels / "b.nii.gz"))
+    subjects, kind = discover_subjects(images, labels, registered=True)
+    assert kind == "3d"
+    assert [(s.id, s.label.name if s.label else None, s.registered) for s in subjects] == [
+        ("a", None, True), ("b", "b.nii.gz", True)
+    ]
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(images / "a.nii.gz"))
+    with pytest.raises(InputFileError, match="share the id 'a'"):
+        discover_subjects(images)
+
+
+def test_2d_label_size_mismatch(tmp_path: Path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for name in ("x.png", "y.png"):
+        Image.fromarray(np.zeros((20, 30), np.uint8)).save(images / name)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(labels / "y.png")
+    with pytest.raises(InputFileError, match="does not match") as info:
+        discover_subjects(images, labels)
+    assert str(labels / "y.png") in str(info.value)
+
+
+def test_atomic_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "out"
+    with pytest.raises(RuntimeError):
+        with AtomicOutputDir(out) as work:
+            (work / "half.txt").write_text("x", encoding="utf-8")
+            raise RuntimeError("crash mid-run")
+    assert not out.exists() and not list((tmp_path / "nested").iterdir())
+    with AtomicOutputDir(out) as work:
+        (work / "report.json").write_text("1", encoding="utf-8")
+    assert (out / "report.json").read_text(encoding="utf-8") == "1"
+    with pytest.raises(InputFileError, match="already exists"):
+        AtomicOutputDir(out)
+    with AtomicOutputDir(out, force=True) as work:
+        (work / "report.json").write_text("2", encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"] and (out / "report.json").read_text(encoding="utf-8") == "2"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    # --force never replaces a folder that is not a volscan run.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work", encoding="utf-8")
+    with pytest.raises(InputFileError, match="not a previous volscan output"):
+        AtomicOutputDir(precious, force=True)
+    assert (precious / "thesis.tex").read_text(encoding="utf-8") == "years of work"
+
+
+def test_scores_csv_roundtrip_and_ties(tmp_path: Path) -> None:
+    rows = rank_scores(["c", "a", "b"], [0.5, 0.9, 0.5], [1, 0, 1])
+    assert [(r.id, r.rank) for r in rows] == [("a", 1), ("b", 2), ("c", 3)]
+    assert scores_csv_text(rows).splitlines()[0] == "id,score,rank,label"
+    write_scores_csv(tmp_path / "s.csv", rows)
+    assert read_scores_csv(tmp_path / "s.csv") == rows
+    unlabelled = rank_scores(["a", "b"], [1.0, 2.0])
+    assert scores_csv_text(unlabelled).splitlines() == ["id,score,rank", "b,2,1", "a,1,2"]
+
+
+def test_html_escapes_ids() -> None:
+    report = {
+        "input": "in", "kind": "2d", "n_subjects": 1, "created": "now", "warnings": ["careful <b>"],
+        "settings": {"method": "musc"}, "subjects": [{"id": "<script>", "rank": 1, "score": 1.0, "map": "maps/x.tiff"}],
+        "figures": {}, "timings_s": {"scoring": 1.5},
+    }
+    page = report_html(report)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "careful &lt;b&gt;" in page
+
+
+def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    path = folder / "screen.yaml"
+    path.write_text("template: atlas\ncache: /abs/cache\nweights: random\n", encoding="utf-8")
+    config = resolve_config(path)
+    assert config.template == str(folder / "atlas")
+    assert config.cache == "/abs/cache" and config.weights == "random"
+    assert resolve_config(path, template="cli/atlas").template == "cli/atlas"

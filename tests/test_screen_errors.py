@@ -1,0 +1,158 @@
+"""Bad input to `volscan screen` / `volscan evaluate`: one clear line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from test_screen import make_cohort, make_template, write_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
+    root = tmp_path_factory.mktemp("errors")
+    images, labels, _ = make_cohort(root)
+    template = make_template(root / "template")
+    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache")
+    return {"root": root, "images": images, "labels": labels, "template": template, "config": config}
+
+
+def _copy_images(setup: dict, tmp_path: Path, count: int = 3) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted(setup["images"].iterdir())[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    # Progress bars (tqdm, carriage-return frames) may precede the error; nothing else may.
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", captured.err)  # cursor moves of nested bars
+    lines = [line for line in re.split(r"[\r\n]+", text) if line.strip() and "%|" not in line]
+    assert len(lines) == 1, captured.err
+    err = lines[0]
+    assert err.startswith(f"volscan {argv[0]}: error: ")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _screen(setup: dict, inputs: Path, out: Path, *extra: str) -> list[str]:
+    return ["screen", str(inputs), "-o", str(out), "--config", str(setup["config"]),
+            "--template", str(setup["template"]), "--registered", "--skull-stripped", *extra]
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
+
+
+def test_missing_and_empty_folders(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    _fails(_screen(setup, tmp_path / "nope", out), capsys, str(tmp_path / "nope"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a scan", encoding="utf-8")
+    _fails(_screen(setup, tmp_path / "empty", out), capsys, "no inputs found")
+    _nothing_written(out)
+
+
+def test_mixed_2d_and_3d(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(inputs / "photo.png")
+    _fails(_screen(setup, inputs, tmp_path / "out"), capsys, "mix", "separate runs")
+    _nothing_written(tmp_path / "out")
+
+
+def test_corrupt_files(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    (inputs / "broken.nii.gz").write_bytes(b"this is not a nifti file at all")
+    _fails(_screen(setup, inputs, tmp_path / "out"), capsys, "broken.nii.gz", "not a readable NIfTI")
+    _nothing_written(tmp_path / "out")
+
+
+def test_truncated_volume_fails_in_preprocessing_without_output(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    whole = gzip.decompress((inputs / "case00.nii.gz").read_bytes())
+    (inputs / "a_truncated.nii.gz").write_bytes(gzip.compress(whole[: len(whole) // 2]))
+    out = tmp_path / "out"
+    _fails(_screen(setup, inputs, out, "--cache", str(tmp_path / "cache")), capsys, "a_truncated.nii.gz")
+    _nothing_written(out)
+
+
+def test_label_grid_mismatch_names_the_label(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.eye(4)), str(labels / "case00.nii.gz"))
+    _fails(_screen(setup, inputs, tmp_path / "out", "--labels", str(labels)), capsys,
+           str(labels / "case00.nii.gz"), "does not match")
+    shifted = np.eye(4)
+    shifted[:3, 3] = 5.0
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), shifted), str(labels / "case00.nii.gz"))
+    _fails(_screen(setup, inputs, tmp_path / "out", "--labels", str(labels)), capsys,
+           str(labels / "case00.nii.gz"), "affine")
+    _nothing_written(tmp_path / "out")
+
+
+def test_unwritable_output(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x", encoding="utf-8")
+    _fails(_screen(setup, inputs, blocker / "out"), capsys, "not a folder")
+    _fails(_screen(setup, inputs, Path("/proc/volscan-out")), capsys, "not writable")
+    _fails(_screen(setup, inputs, inputs, "--force"), capsys, "would replace the input folder")
+    _fails(_screen(setup, inputs, tmp_path, "--force"), capsys, "would replace the input folder")
+    assert sorted(p.name for p in inputs.iterdir()) == ["case00.nii.gz", "case01.nii.gz", "case02.nii.gz"]
+
+
+def test_bad_settings(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("size: 28\nmethdo: musc\n", encoding="utf-8")
+    _fails(["screen", str(inputs), "-o", str(out), "--config", str(bad)], capsys, "unknown setting 'methdo'")
+    bad.write_text("size: [28\n", encoding="utf-8")
+    _fails(["screen", str(inputs), "-o", str(out), "--config", str(bad)], capsys, "cannot parse")
+    _fails(_screen(setup, inputs, out, "--size", "30"), capsys, "multiple of 14")
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[scoring]\nno_such_knob = 1\n", encoding="utf-8")
+    _fails(["screen", str(inputs), "-o", str(out), "--config", str(toml), "--weights", "random",
+            "--template", str(setup["template"]), "--registered", "--skull-stripped", "--size", "28",
+            "--cache", str(tmp_path / "cache")], capsys, "no_such_knob")
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(inputs / "case00.nii.gz", single)
+    _fails(_screen(setup, single, out), capsys, "at least 2")
+    _nothing_written(out)
+
+
+def test_evaluate_errors(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _fails(["evaluate", str(tmp_path / "nothing"), "--labels", str(setup["labels"])], capsys, "does not exist")
+    (tmp_path / "notarun").mkdir()
+    _fails(["evaluate", str(tmp_path / "notarun"), "--labels", str(setup["labels"])], capsys, "report.json")
+
+
+def test_all_void_tokens_explain_the_fix(setup: dict, tmp_path: Path, tiny_vit_spec: dict,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """With the default void cut (50 % brain) no octant of the 2^3 grid is brain enough."""
+    inputs = _copy_images(setup, tmp_path)
+    config = write_config(tmp_path / "c.yaml", tiny_vit_spec, tmp_path / "cache")
+    config.write_text(config.read_text(encoding="utf-8").replace("tokenizer: {void_fraction: 0.1}", ""))
+    out = tmp_path / "out"
+    _fails(["screen", str(inputs), "-o", str(out), "--config", str(config), "--template", str(setup["template"]),
+            "--registered", "--skull-stripped"], capsys, "no usable token", "case00", "--size", "void_fraction")
+    _nothing_written(out)
