@@ -1,0 +1,13 @@
+"""Synthetic brain-MRI cohorts with known lesions (`volscan phantom`).
+
+`generate_cohort(out_dir, PhantomConfig(...))` writes images, labels, the phantom's own template
+and `cohort.json`; `Cohort.load(out_dir)` reads one back. See `cohort.py` for the layout.
+"""
+
+from .anatomy import Anatomy, procedural_head
+from .cohort import GROUPS, Cohort, PhantomConfig, generate_cohort
+from .lesions import Lesion, LesionSettings
+from .warps import WarpSettings
+
+__all__ = ["GROUPS", "Anatomy", "Cohort", "Lesion", "LesionSettings", "PhantomConfig", "WarpSettings",
+           "generate_cohort", "procedural_head"]

@@ -1,0 +1,243 @@
+"""Synthetic cohorts with known answers: healthy, random-lesion and consistent-lesion subjects.
+
+Layout written (the one `volscan screen --labels` and `resolve_template` read)::
+
+    OUT/images/<id>.nii.gz       int16, each subject in its own grid (voxel size, voxel order)
+    OUT/labels/<id>.nii.gz       uint8 on the same grid (0 healthy, 1 core, 2 edema, 3 rim)
+    OUT/template/template.nii.gz + brain_mask.nii.gz   the unwarped anatomy
+    OUT/cohort.json              seed, settings, groups, per-subject geometry and lesions
+
+Groups: `normal` (no lesion), `lesion` (own random lesions), `consistent` (one shared lesion
+pattern at one template location, each subject seeing it through its own warp: the case
+CoDeGraph targets). Subject ids are shuffled across groups so the order says nothing.
+
+Randomness: `SeedSequence(seed)` spawns one stream for cohort-level draws and one per subject,
+so a subject depends only on (seed, its index, settings); the same seed gives identical files.
+
+Defaults (chosen): bias field strength 0.15 (log-polynomial std), Rician noise with sigma 3 % of
+the CSF level, three "scanner sites" whose intensity scales are drawn log-uniformly in
+400-3000 (IXI-like int16 ranges differ per site) with a +-10 % per-subject jitter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from pipelines.outputs import AtomicOutputDir, atomic_write_text
+from preprocessing.io import save_volume
+from volumetric.errors import InputFileError, VolscanError
+
+from .anatomy import Anatomy, load_atlas_anatomy, procedural_head
+from .lesions import Lesion, LesionSettings, brain_depth, render_lesion, sample_lesion
+from .warps import SubjectGeometry, WarpSettings, bias_field, sample_geometry, template_points
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("normal", "lesion", "consistent")
+LABEL_NAMES = {0: "background", 1: "necrotic core", 2: "edema", 3: "enhancing rim"}
+FORMAT = "volscan-phantom/1"
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Everything that determines a phantom cohort (see module docstrings for the defaults).
+
+    `template`: "auto" (default: the resolved SRI-24 template if one is found, else the
+    procedural head), "procedural" (built-in head, same on every machine) or a template folder. `size`: template grid edge in voxels
+    (field of view 200 mm). `lesions_per_subject`: inclusive range for the `lesion` group.
+    """
+
+    n_normal: int = 20
+    n_lesion: int = 5
+    n_consistent: int = 5
+    seed: int = 0
+    size: int = 96
+    template: str = "auto"
+    lesions_per_subject: tuple[int, int] = (1, 1)
+    bias_strength: float = 0.15
+    noise: float = 0.03
+    n_sites: int = 3
+    site_scale: tuple[float, float] = (400.0, 3000.0)
+    warps: WarpSettings = field(default_factory=WarpSettings)
+    lesions: LesionSettings = field(default_factory=LesionSettings)
+
+    def validate(self) -> None:
+        """Raise VolscanError on settings that cannot make a cohort."""
+        counts = (self.n_normal, self.n_lesion, self.n_consistent)
+        if min(counts) < 0 or sum(counts) == 0:
+            raise VolscanError(f"subject counts must be >= 0 and not all zero, got normal/lesion/consistent = {counts}")
+        if self.n_consistent == 1:
+            raise VolscanError("a consistent group needs at least 2 subjects (or 0)")
+        lo, hi = self.lesions_per_subject
+        if not 1 <= lo <= hi:
+            raise VolscanError(f"lesions per subject must satisfy 1 <= min <= max, got {lo}..{hi}")
+        if self.size < 32 or self.size > 512:
+            raise VolscanError(f"--size must be in 32..512 voxels, got {self.size}")
+        if self.noise < 0 or self.bias_strength < 0 or self.n_sites < 1:
+            raise VolscanError("noise and bias strength must be >= 0 and there must be at least one site")
+
+
+@dataclass
+class Cohort:
+    """A phantom cohort on disk: `root`, subject ids in file order and each id's group."""
+
+    root: Path
+    groups: dict[str, str]
+    info: dict
+
+    @property
+    def subjects(self) -> list[str]:
+        """Subject ids, sorted."""
+        return sorted(self.groups)
+
+    @property
+    def images_dir(self) -> Path:
+        """OUT/images (the folder to screen)."""
+        return self.root / "images"
+
+    @property
+    def labels_dir(self) -> Path:
+        """OUT/labels (for `volscan screen --labels`)."""
+        return self.root / "labels"
+
+    @property
+    def template_dir(self) -> Path:
+        """OUT/template (for `volscan screen --template`)."""
+        return self.root / "template"
+
+    def image(self, subject: str) -> Path:
+        """Path of one subject's image."""
+        return self.images_dir / f"{subject}.nii.gz"
+
+    def label(self, subject: str) -> Path:
+        """Path of one subject's label map (same grid as its image)."""
+        return self.labels_dir / f"{subject}.nii.gz"
+
+    def members(self, group: str) -> list[str]:
+        """Sorted ids of one group ("normal", "lesion" or "consistent")."""
+        return sorted(s for s, g in self.groups.items() if g == group)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Cohort":
+        """Read a cohort written by `generate_cohort` (raises InputFileError if it is not one)."""
+        path = Path(root) / "cohort.json"
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputFileError(path, f"not a phantom cohort description ({exc})") from None
+        if info.get("format") != FORMAT:
+            raise InputFileError(path, f"unknown format {info.get('format')!r}, expected {FORMAT}")
+        groups = {sid: meta["group"] for sid, meta in info["subjects"].items()}
+        return cls(Path(root), groups, info)
+
+
+def build_anatomy(config: PhantomConfig) -> Anatomy:
+    """The cohort's template anatomy for `config.template` ("procedural", "auto" or a folder)."""
+    if config.template == "procedural":
+        return procedural_head(config.size)
+    if config.template == "auto":
+        try:
+            return load_atlas_anatomy(None, config.size)
+        except (VolscanError, ImportError) as exc:
+            log.info("no SRI-24 template resolved (%s); using the procedural head", exc)
+            return procedural_head(config.size)
+    return load_atlas_anatomy(config.template, config.size)
+
+
+def render_subject(anatomy: Anatomy, geometry: SubjectGeometry, lesions: list[Lesion],
+                   rng: np.random.Generator, scale: float, config: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Render one subject on its native grid.
+
+    Returns the image (geometry.shape) float32 in scanner units (CSF ~ `scale`) and the label
+    map (geometry.shape) uint8.
+    """
+    points = template_points(geometry, anatomy)
+    vox = anatomy.world_to_voxel(points)
+    image = ndimage.map_coordinates(anatomy.image, vox, order=1, cval=0.0)
+    brain = ndimage.map_coordinates(anatomy.brain_mask.astype(np.float32), vox, order=0, cval=0.0) > 0.5
+    labels = np.zeros(image.shape, np.uint8)
+    for lesion in lesions:
+        lesion_labels, alpha, level = render_lesion(lesion, points)
+        alpha *= brain
+        image = image * (1.0 - alpha) + level * alpha
+        labels = np.where((labels == 0) & brain, lesion_labels, labels)
+    image = image.reshape(geometry.shape) * bias_field(rng, geometry.shape, config.bias_strength)
+    sigma = config.noise
+    # Rician magnitude noise, as in magnitude MR images.
+    image = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
+    if anatomy.skull_stripped:
+        image *= brain.reshape(geometry.shape)
+    return (image * scale).astype(np.float32), labels.reshape(geometry.shape)
+
+
+def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig(), *, force: bool = False,
+                    progress: bool = True) -> Cohort:
+    """Generate a phantom cohort into `out_dir` (layout in the module docstring) and return it.
+
+    The cohort is written to a temporary sibling folder and moved into place at the end
+    (`pipelines.outputs.AtomicOutputDir`), so an interrupted run never leaves a folder that looks
+    complete. An existing `out_dir` is replaced only with `force=True`, and only if it is empty or
+    itself a phantom cohort.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    output = AtomicOutputDir(out_dir, force, marker="cohort.json")  # checks OUT before any work
+    anatomy = build_anatomy(config)
+    seeds = np.random.SeedSequence(config.seed).spawn(1 + config.n_normal + config.n_lesion + config.n_consistent)
+    cohort_rng = np.random.default_rng(seeds[0])
+    group_list = np.array(["normal"] * config.n_normal + ["lesion"] * config.n_lesion
+                          + ["consistent"] * config.n_consistent)
+    group_list = group_list[cohort_rng.permutation(len(group_list))]
+    site_scales = np.exp(cohort_rng.uniform(*np.log(config.site_scale), config.n_sites))
+    depth = brain_depth(anatomy)
+    shared = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_consistent else None
+
+    with output as tmp:
+        save_volume((anatomy.image * 1000.0).astype(np.float32), anatomy.affine, tmp / "template" / "template.nii.gz")
+        save_volume(anatomy.brain_mask.astype(np.uint8), anatomy.affine, tmp / "template" / "brain_mask.nii.gz")
+        width = max(3, len(str(len(group_list) - 1)))
+        subjects = {}
+        for index, group in enumerate(tqdm(group_list, desc="phantom subjects", disable=not progress)):
+            subject = f"sub-{index:0{width}d}"
+            rng = np.random.default_rng(seeds[1 + index])
+            subjects[subject] = _write_subject(tmp, subject, str(group), rng, anatomy, config, shared, depth,
+                                               site_scales)
+        info = {"format": FORMAT, "seed": config.seed, "anatomy": anatomy.source, "config": _jsonable(config),
+                "label_names": LABEL_NAMES, "groups": {g: sorted(s for s, m in subjects.items() if m["group"] == g)
+                                                      for g in GROUPS},
+                "consistent_lesion": shared.to_dict() if shared else None, "subjects": subjects}
+        atomic_write_text(tmp / "cohort.json", json.dumps(info, indent=1))
+    log.info("phantom cohort: %d subjects in %s", len(subjects), out_dir)
+    return Cohort.load(out_dir)
+
+
+def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Generator, anatomy: Anatomy,
+                   config: PhantomConfig, shared: Lesion | None, depth: np.ndarray, site_scales: np.ndarray) -> dict:
+    """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry."""
+    geometry = sample_geometry(rng, anatomy, config.warps)
+    site = int(rng.integers(config.n_sites))
+    scale = float(site_scales[site] * rng.uniform(0.9, 1.1))
+    if group == "lesion":
+        count = int(rng.integers(config.lesions_per_subject[0], config.lesions_per_subject[1] + 1))
+        lesions = [sample_lesion(rng, anatomy, config.lesions, depth) for _ in range(count)]
+    else:
+        lesions = [shared] if group == "consistent" and shared is not None else []
+    image, labels = render_subject(anatomy, geometry, lesions, rng, scale, config)
+    save_volume(np.clip(np.rint(image), 0, np.iinfo(np.int16).max), geometry.affine,
+                folder / "images" / f"{subject}.nii.gz", dtype=np.int16)
+    save_volume(labels, geometry.affine, folder / "labels" / f"{subject}.nii.gz")
+    if lesions and not (labels > 0).any():
+        log.warning("%s: its lesion fell outside the field of view; it is labelled healthy", subject)
+    return {"group": group, "site": site, "intensity_scale": round(scale, 3), "lesion_voxels": int((labels > 0).sum()),
+            **geometry.describe(), "lesions": [lesion.to_dict() for lesion in lesions]}
+
+
+def _jsonable(config: PhantomConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))

@@ -1,0 +1,171 @@
+"""Phantom cohorts: determinism by seed, label/image grids, geometry through affines, lesions, CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, WarpSettings, generate_cohort
+from pipelines.phantom.anatomy import procedural_head
+from pipelines.phantom.lesions import LABEL_CORE, LABEL_EDEMA, LABEL_RIM, render_lesion, sample_lesion
+from preprocessing.template import load_template
+from volumetric.errors import VolscanError
+
+SMALL = PhantomConfig(n_normal=2, n_lesion=2, n_consistent=2, seed=5, size=40, template="procedural",
+                      lesions=LesionSettings(radius_mm=(14.0, 18.0)))
+NO_WARP = WarpSettings(rotation_deg=0.0, scale_range=(1.0, 1.0), shift_mm=0.0, elastic_mm=0.0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Cohort:
+    return generate_cohort(tmp_path_factory.mktemp("ph") / "a", SMALL, progress=False)
+
+
+def _arrays(root: Path) -> dict[str, np.ndarray]:
+    return {f"{p.parent.name}/{p.name}": np.asarray(nib.load(p).dataobj) for p in sorted(root.rglob("*.nii.gz"))}
+
+
+def test_same_seed_same_bytes_and_different_seed_differs(cohort, tmp_path):
+    again = generate_cohort(tmp_path / "b", SMALL, progress=False)
+    files = sorted(p.relative_to(cohort.root) for p in cohort.root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again.root) for p in again.root.rglob("*") if p.is_file())
+    for rel in files:
+        assert (cohort.root / rel).read_bytes() == (again.root / rel).read_bytes(), rel
+    other = generate_cohort(tmp_path / "c", replace(SMALL, seed=6), progress=False)
+    ours, theirs = _arrays(cohort.images_dir), _arrays(other.images_dir)
+    differing = [k for k in ours if ours[k].shape != theirs[k].shape or not np.array_equal(ours[k], theirs[k])]
+    assert len(differing) == len(ours)
+    # The template is the anatomy, shared across seeds (one atlas for all cohorts).
+    ours, theirs = _arrays(cohort.template_dir), _arrays(other.template_dir)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_layout_groups_and_label_grids(cohort):
+    info = json.loads((cohort.root / "cohort.json").read_text(encoding="utf-8"))
+    assert info["seed"] == 5 and info["anatomy"] == "procedural"
+    assert {g: len(v) for g, v in info["groups"].items()} == {"normal": 2, "lesion": 2, "consistent": 2}
+    orientations, spacings = set(), set()
+    for subject in cohort.subjects:
+        image, label = nib.load(cohort.image(subject)), nib.load(cohort.label(subject))
+        assert image.shape == label.shape
+        np.testing.assert_allclose(image.affine, label.affine, atol=1e-6)
+        np.testing.assert_allclose(image.affine, info["subjects"][subject]["affine"], atol=1e-4)
+        assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
+        values = np.unique(np.asarray(label.dataobj))
+        assert set(values) <= {0, LABEL_CORE, LABEL_EDEMA, LABEL_RIM}
+        lesion_voxels = int((np.asarray(label.dataobj) > 0).sum())
+        assert lesion_voxels == info["subjects"][subject]["lesion_voxels"]
+        assert (lesion_voxels > 0) == (cohort.groups[subject] != "normal")
+        orientations.add(nib.aff2axcodes(image.affine))
+        spacings.add(tuple(np.round(image.header.get_zooms()[:3], 3)))
+        assert np.asarray(image.dataobj).max() > 100  # scanner-scale intensities, not [0, 1]
+    assert len(orientations) > 1 and len(spacings) == len(cohort.subjects)
+    template = load_template(cohort.template_dir)  # the layout `resolve_template` accepts
+    assert template.brain_mask.any() and template.image.array.shape == (40, 40, 40)
+
+
+def test_subjects_land_on_the_template_through_their_affines(tmp_path):
+    """Without warps, every subject (any voxel order and size) samples the template in world space."""
+    config = replace(SMALL, n_normal=3, n_lesion=0, n_consistent=3, noise=0.0, bias_strength=0.0, warps=NO_WARP)
+    cohort = generate_cohort(tmp_path / "flat", config, progress=False)
+    template = nib.load(cohort.template_dir / "template.nii.gz")
+    centre = np.asarray(cohort.info["consistent_lesion"]["centre_mm"])
+    for subject in cohort.subjects:
+        image = nib.load(cohort.image(subject))
+        data = np.asarray(image.dataobj, dtype=np.float64)
+        # Reference: sample the subject at the template's voxel centres, by world coordinates.
+        idx = np.indices(template.shape).reshape(3, -1)
+        world = template.affine[:3, :3] @ idx + template.affine[:3, 3:4]
+        inv = np.linalg.inv(image.affine)
+        vox = np.rint(inv[:3, :3] @ world + inv[:3, 3:4]).astype(int)
+        inside = np.all((vox >= 0) & (vox < np.asarray(data.shape)[:, None]), axis=0)
+        ours = data[tuple(vox[:, inside])]
+        theirs = np.asarray(template.dataobj, dtype=np.float64).reshape(-1)[inside]
+        assert np.corrcoef(ours, theirs)[0, 1] > 0.9, subject
+        labels = np.asarray(nib.load(cohort.label(subject)).dataobj)
+        if cohort.groups[subject] == "consistent":
+            lesion_world = image.affine[:3, :3] @ np.argwhere(labels > 0).mean(axis=0) + image.affine[:3, 3]
+            assert np.linalg.norm(lesion_world - centre) < 2 * max(image.header.get_zooms()[:3])
+
+
+def test_consistent_group_shares_one_lesion_and_random_ones_differ(cohort):
+    lesions = {s: m["lesions"] for s, m in cohort.info["subjects"].items()}
+    shared = [lesions[s][0] for s in cohort.members("consistent")]
+    assert all(lesion == cohort.info["consistent_lesion"] for lesion in shared)
+    own = [lesions[s][0]["centre_mm"] for s in cohort.members("lesion")]
+    assert own[0] != own[1] and cohort.info["consistent_lesion"]["centre_mm"] not in own
+    assert all(not lesions[s] for s in cohort.members("normal"))
+
+
+def test_render_lesion_matches_a_pointwise_reference():
+    anatomy = procedural_head(40)
+    rng = np.random.default_rng(0)
+    lesion = sample_lesion(rng, anatomy, LesionSettings(radius_mm=(10.0, 10.0)))
+    points = np.asarray(lesion.centre_mm)[:, None] + rng.uniform(-16, 16, (3, 400))
+    labels, alpha, level = render_lesion(lesion, points)
+    rotation, axes = np.asarray(lesion.rotation), np.asarray(lesion.axes)
+    for k in range(points.shape[1]):
+        local = rotation.T @ (points[:, k] - lesion.centre_mm) / (lesion.radius_mm * axes)
+        r = np.linalg.norm(local)
+        u = local / r
+        wobble = 1 + sum(a * np.cos(np.pi * np.dot(v, u) + p) for v, a, p in
+                         zip(lesion.harmonic_vectors, lesion.harmonic_amplitudes, lesion.harmonic_phases))
+        depth = r / wobble
+        expected = (LABEL_CORE if depth < lesion.core_fraction else LABEL_RIM if depth < lesion.rim_fraction
+                    else LABEL_EDEMA if depth < 1 else 0)
+        assert labels[k] == expected
+        if expected:
+            assert alpha[k] > 0 and level[k] > 0.2
+    assert {LABEL_CORE, LABEL_RIM, LABEL_EDEMA, 0} <= set(labels.tolist())
+
+
+def test_cli_refuses_to_overwrite_and_validates(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["phantom", str(out), "--normal", "2", "--lesion", "1", "--consistent", "0", "--size", "32",
+            "--template", "procedural"]
+    assert main(args) == 0
+    assert "volscan screen" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me", encoding="utf-8")
+    assert main(["phantom", str(stranger), "--force", "--size", "32", "--template", "procedural"]) == 2
+    assert (stranger / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert main(["phantom", str(tmp_path / "x"), "--consistent", "1"]) == 2
+    assert "consistent" in capsys.readouterr().err
+    with pytest.raises(VolscanError):
+        PhantomConfig(size=8).validate()
+
+
+def test_atlas_anatomy_from_sri24(sri24_dir, tmp_path):
+    cohort = generate_cohort(tmp_path / "atlas", replace(SMALL, n_lesion=1, n_consistent=0, template=str(sri24_dir)),
+                             progress=False)
+    assert cohort.info["anatomy"].startswith("atlas:")
+    template = nib.load(cohort.template_dir / "template.nii.gz")
+    mask = np.asarray(nib.load(cohort.template_dir / "brain_mask.nii.gz").dataobj) > 0
+    data = np.asarray(template.dataobj)
+    assert 0.05 < mask.mean() < 0.4 and np.all(data[~mask] == 0)
+    subject = cohort.members("lesion")[0]
+    assert np.asarray(nib.load(cohort.label(subject)).dataobj).any()
+    # Skull-stripped anatomy -> skull-stripped subjects: exact zeros around the brain, as in BraTS.
+    image = np.asarray(nib.load(cohort.image(subject)).dataobj)
+    assert 0.05 < (image > 0).mean() < 0.5
+
+
+def test_auto_anatomy_uses_sri24_only_when_resolvable(sri24_dir, tmp_path, monkeypatch):
+    from pipelines.phantom.cohort import build_anatomy
+
+    monkeypatch.delenv("VOLSCAN_TEMPLATE", raising=False)
+    monkeypatch.setenv("VOLSCAN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    assert build_anatomy(PhantomConfig(size=32, template="auto")).source == "procedural"
+    monkeypatch.setenv("VOLSCAN_TEMPLATE", str(sri24_dir))
+    anatomy = build_anatomy(PhantomConfig(size=32, template="auto"))
+    assert anatomy.source.startswith("atlas:") and anatomy.skull_stripped
