@@ -137,7 +137,8 @@ def community_figure(
         a, b = edge.tuple
         width = 0.3 + 2.5 * (weights[edge_index] / top_weight if weights else 0.5)
         ax.plot(*coords[[a, b]].T, color="grey", lw=width, alpha=0.5, zorder=1)
-    palette = matplotlib.colormaps["tab20"].colors
+    # tab20 without its two reds: red is reserved for the outline of outlier communities.
+    palette = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (6, 7)]
     colours = [palette[m % len(palette)] if m >= 0 else (0.7, 0.7, 0.7) for m in membership]
     outliers = {v for c in outlier_communities for v in communities[c]}
     sizes = [140 if v in outliers else 50 for v in range(n)]
@@ -145,5 +146,6 @@ def community_figure(
     ax.scatter(coords[:, 0], coords[:, 1], s=sizes, c=colours, edgecolors=edges, linewidths=1.2, zorder=2)
     for v in outliers:
         ax.annotate(names[v], coords[v], fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_title(f"CoDeGraph: {len(communities)} communities, {len(outlier_communities)} outlier (red)")
+    ax.set_title(f"CoDeGraph: {len(communities)} communities, "
+                 f"{len(outlier_communities)} outlier (large, red outline)")
     return _save(figure, path)

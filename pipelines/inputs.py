@@ -174,9 +174,10 @@ def discover_subjects(
 
 def validate_subjects(subjects: Sequence[Subject]) -> str:
     """Check an explicit subject list (unique ids, one kind, readable headers, masks on their
-    image's grid) and return its kind, "3d" or "2d"."""
-    if len(subjects) < 2:
-        raise VolscanError(f"mutual scoring needs at least 2 inputs, got {len(subjects)}")
+    image's grid) and return its kind, "3d" or "2d". A broken file is reported before a too
+    small cohort, so a folder with one corrupt scan of two says which one."""
+    if not subjects:
+        raise VolscanError("no inputs given")
     for subject in subjects:
         for path in (subject.image, subject.label):
             if path is not None and split_suffix(Path(path)) is None:
@@ -197,4 +198,6 @@ def validate_subjects(subjects: Sequence[Subject]) -> str:
             nifti_grid(subject.image)
         else:
             image_size(subject.image)
+    if len(subjects) < 2:
+        raise VolscanError(f"mutual scoring needs at least 2 inputs, got {len(subjects)}")
     return kind

@@ -60,6 +60,7 @@ from pipelines.maps import save_map_like, score_range, upsample_scores
 from pipelines.outputs import AtomicOutputDir, check_output_dir
 from pipelines.report import RANDOM_WEIGHTS_WARNING, REPORT_HTML, ScoreRow, rank_scores, write_run_tables
 from pipelines.screen_config import ScreenConfig
+from volumetric.backbones import check_backbone_name, weights_file
 from volumetric.devices import resolve_device
 from volumetric.errors import VolscanError
 
@@ -157,6 +158,9 @@ def screen_subjects(
     with timer.stage("inputs"):
         kind = validate_subjects(subjects)
         # Every setting is checked here, before minutes of preprocessing and token extraction.
+        check_backbone_name(config.backbone)
+        if config.weights not in (None, "random"):
+            weights_file(config.weights)
         device = str(resolve_device(config.device))
         preprocess_kwargs = _preprocess_kwargs(config, kind)
         tokenizer_kwargs = _tokenizer_kwargs(config, kind)

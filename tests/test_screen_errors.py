@@ -156,3 +156,17 @@ def test_all_void_tokens_explain_the_fix(setup: dict, tmp_path: Path, tiny_vit_s
     _fails(["screen", str(inputs), "-o", str(out), "--config", str(config), "--template", str(setup["template"]),
             "--registered", "--skull-stripped"], capsys, "no usable token", "case00", "--size", "void_fraction")
     _nothing_written(out)
+
+
+def test_bad_backbone_and_weights_fail_before_any_work(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inputs = _copy_images(setup, tmp_path)
+    out, cache = tmp_path / "out", tmp_path / "fresh-cache"
+    _fails(_screen(setup, inputs, out, "--backbone", "vit_larg_patch14_dinov2", "--cache", str(cache)),
+           capsys, "unknown backbone", "vit_large_patch14_dinov2")
+    missing = tmp_path / "no-such-weights.safetensors"
+    _fails(_screen(setup, inputs, out, "--weights", str(missing), "--cache", str(cache)),
+           capsys, str(missing), "weights file not found")
+    _nothing_written(out)
+    assert not cache.exists()  # refused before preprocessing touched the cache

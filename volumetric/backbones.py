@@ -63,7 +63,7 @@ class BackboneIdentity:
     random_weights: bool
 
 
-def _check_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
     """Refuse names timm does not know, suggesting close matches."""
     import timm
 
@@ -100,8 +100,9 @@ def _build(name: str, model_kwargs: dict, **timm_kwargs) -> nn.Module:
 _FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: str | os.PathLike[str]) -> Path:
     """The weights file itself, or the one inside a downloaded hub model folder."""
+    path = Path(path)
     if path.is_dir():
         found = [path / name for name in _FOLDER_WEIGHTS if (path / name).is_file()]
         if not found:
@@ -126,7 +127,7 @@ def create_backbone(
     `random_seed`. `model_kwargs` go to `timm.create_model` (e.g. `depth=3, embed_dim=48,
     num_heads=2` for tiny test models). The result carries `volscan_identity`.
     """
-    _check_name(name)
+    check_backbone_name(name)
     dev = resolve_device(device)
     if weights is not None and str(weights) == "random":
         with torch.random.fork_rng(devices=[]):
@@ -135,7 +136,7 @@ def create_backbone(
         identity = BackboneIdentity(name, f"random:{random_seed}", True)
         log.warning("backbone %s built with %s", name, RANDOM_WEIGHTS_WARNING.upper())
     elif weights is not None:
-        path = _weights_file(Path(weights))
+        path = weights_file(weights)
         try:
             model = _build(name, model_kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
         except VolscanError:
