@@ -317,8 +317,14 @@ def _run_spatial(
         # "spawn": a clean interpreter per worker; forking a process that already runs ITK and
         # torch thread pools is not guaranteed to be safe.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(_spatial_job, pre, record): (record, key) for pre, record, key in todo}
+        # Each worker receives the preprocessors once, so its prepared template (`_fixed`, the
+        # template cube mask) is built once per worker rather than once per subject.
+        distinct = list({id(pre): pre for pre, _, _ in todo}.values())
+        index = {id(pre): i for i, pre in enumerate(distinct)}
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(distinct,)
+        ) as pool:
+            futures = {pool.submit(_worker_job, index[id(pre)], record): (record, key) for pre, record, key in todo}
             try:
                 for future in as_completed(futures):
                     finish(*futures[future], future.result())
@@ -327,6 +333,17 @@ def _run_spatial(
                 raise
     order = {record.id: i for i, (_, record, _) in enumerate(todo)}
     return sorted(computed, key=order.__getitem__)
+
+
+_worker_preprocessors: list[VolumePreprocessor] = []
+
+
+def _init_worker(preprocessors: list[VolumePreprocessor]) -> None:
+    _worker_preprocessors[:] = preprocessors
+
+
+def _worker_job(index: int, record: SubjectRecord) -> tuple[str, str] | None:
+    return _spatial_job(_worker_preprocessors[index], record)
 
 
 def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, str] | None:
