@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from volumetric.atomic_files import atomic_path
+
 DPI = 100
 OVERLAY_CMAP = "inferno"
 
@@ -28,12 +29,8 @@ OVERLAY_CMAP = "inferno"
 def _save(figure: Figure, path: Path) -> Path:
     # Temporary name then rename: `volscan evaluate` redraws figures inside a finished run.
     FigureCanvasAgg(figure)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

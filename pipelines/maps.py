@@ -9,7 +9,6 @@ as "normal" in the viewer and cannot create a maximum.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from volumetric.atomic_files import atomic_path
 from volumetric.errors import InputFileError, VolscanError
 
 
@@ -59,11 +59,6 @@ def save_map_like(array: np.ndarray, reference: str | Path, path: str | Path) ->
     image = nib.Nifti1Image(data, ref.affine, header=header)
     image.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
     image.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    try:
+    with atomic_path(path, suffix=".tmp.nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -200,9 +200,13 @@ def write_report_html(path: Path, report: dict[str, Any]) -> None:
     atomic_write_text(path, report_html(report))
 
 
+def report_rows(report: dict[str, Any]) -> list[ScoreRow]:
+    """The ranking of a report dictionary as `ScoreRow`s, in report order."""
+    return [ScoreRow(s["id"], s["score"], s["rank"], s.get("label")) for s in report["subjects"]]
+
+
 def write_run_tables(run_dir: Path, report: dict[str, Any]) -> None:
     """scores.csv, report.json and report.html of a run from its report dictionary."""
-    rows = [ScoreRow(s["id"], s["score"], s["rank"], s.get("label")) for s in report["subjects"]]
-    write_scores_csv(run_dir / SCORES_CSV, rows)
+    write_scores_csv(run_dir / SCORES_CSV, report_rows(report))
     write_report_json(run_dir / REPORT_JSON, report)
     write_report_html(run_dir / REPORT_HTML, report)

@@ -55,10 +55,17 @@ from pipelines.evaluate import (
 )
 from pipelines.figures import community_figure, montage_figure
 from pipelines.images2d import load_image, resize, write_float_map, write_map_pictures
-from pipelines.inputs import Subject, discover_subjects, image_size, validate_subjects
+from pipelines.inputs import Subject, discover_subjects, validate_subjects
 from pipelines.maps import save_map_like, score_range, upsample_scores
 from pipelines.outputs import AtomicOutputDir, check_output_dir
-from pipelines.report import RANDOM_WEIGHTS_WARNING, REPORT_HTML, ScoreRow, rank_scores, write_run_tables
+from pipelines.report import (
+    RANDOM_WEIGHTS_WARNING,
+    REPORT_HTML,
+    ScoreRow,
+    rank_scores,
+    report_rows,
+    write_run_tables,
+)
 from pipelines.screen_config import ScreenConfig
 from volumetric.backbones import check_backbone_name, weights_file
 from volumetric.devices import resolve_device
@@ -206,8 +213,7 @@ def screen_subjects(
                 report["figures"]["community graph"] = f"{FIGURES_DIR}/communities.png"
         report["timings_s"] = timer.seconds
         write_run_tables(work, report)
-    rows = [ScoreRow(s["id"], s["score"], s["rank"], s.get("label")) for s in report["subjects"]]
-    return ScreenResult(output.out, rows, report)
+    return ScreenResult(output.out, report_rows(report), report)
 
 
 def _digest(obj: Any) -> str:
@@ -416,7 +422,7 @@ def _write_maps(work: Path, subjects: list[Subject], elements: RunElements, prep
             paths[subject.id] = [f"{MAPS_DIR}/{subject.id}.nii.gz"]
         else:
             image = load_image(subject.image)
-            native = resize(square, image_size(subject.image))
+            native = resize(square, image.shape[:2])
             names = [f"{subject.id}.tiff", f"{subject.id}_heat.png", f"{subject.id}_overlay.png"]
             write_float_map(native, maps_dir / names[0])
             write_map_pictures(image, native, maps_dir / names[1], maps_dir / names[2], low, high)

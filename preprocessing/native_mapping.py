@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from volumetric.atomic_files import atomic_write_bytes
+from volumetric.atomic_files import atomic_path, atomic_write_bytes
 from preprocessing.resample import ras_to_sitk_transform, resample_to_grid
 from volumetric.errors import InputFileError, VolscanError
 
@@ -91,10 +91,9 @@ class NativeMapping:
     def write_itk_transform(self, path: str | os.PathLike[str]) -> Path:
         """Export the template → input map as an ITK transform file (LPS; what ITK resamplers expect)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-        sitk.WriteTransform(ras_to_sitk_transform(self.template_to_native), str(tmp))
-        os.replace(tmp, path)
+        # The suffix tells ITK which transform file format to write.
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            sitk.WriteTransform(ras_to_sitk_transform(self.template_to_native), str(tmp))
         return path
 
     def _check(self, array: np.ndarray, shape: tuple[int, ...], what: str) -> None:

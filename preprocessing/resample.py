@@ -28,8 +28,6 @@ def ras_to_sitk_transform(world: np.ndarray) -> sitk.AffineTransform:
 
 def sitk_transform_to_ras(transform: sitk.Transform) -> np.ndarray:
     """(4, 4) RAS world → world matrix of a linear SimpleITK transform (any centre)."""
-    affine = sitk.AffineTransform(3)
-    affine.SetMatrix(np.eye(3).ravel().tolist())
     points = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
     mapped = np.array([transform.TransformPoint(p.tolist()) for p in points])
     lps = np.eye(4)

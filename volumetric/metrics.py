@@ -50,11 +50,17 @@ class F1Max:
     threshold: float
 
 
-def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pair(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Scores as flat float64 and labels as flat bool, of one size."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(bool).ravel()
     if scores.shape != labels.shape:
         raise VolscanError(f"{scores.size} scores but {labels.size} labels")
+    return scores, labels
+
+
+def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = _flat_pair(scores, labels)
     if not np.isfinite(scores).all():
         raise VolscanError("scores contain NaN or infinity; replace void elements by 0 first")
     if labels.all() or not labels.any():
@@ -110,10 +116,7 @@ class ScoreHistogram:
 
     def add(self, scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> None:
         """Count `scores` (any shape) with their binary `labels` (same shape)."""
-        scores = np.asarray(scores, dtype=np.float64).ravel()
-        labels = np.asarray(labels).astype(bool).ravel()
-        if scores.shape != labels.shape:
-            raise VolscanError(f"{scores.size} scores but {labels.size} labels")
+        scores, labels = _flat_pair(scores, labels)
         tolerance = 1e-6 * (self.high - self.low)
         if scores.size and (scores.min() < self.low - tolerance or scores.max() > self.high + tolerance):
             raise VolscanError(

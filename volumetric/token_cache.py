@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volumetric.backbones import file_sha256
 from volumetric.errors import VolscanError
 from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
 
@@ -30,15 +31,12 @@ log = logging.getLogger(__name__)
 
 def content_hash(source: str | os.PathLike[str] | np.ndarray | torch.Tensor, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes, or of an array's dtype, shape and values (C order)."""
-    digest = hashlib.sha256()
     if isinstance(source, (str, os.PathLike)):
         try:
-            with open(source, "rb") as fh:
-                while block := fh.read(chunk):
-                    digest.update(block)
+            return file_sha256(source, chunk)
         except OSError as exc:
             raise VolscanError(f"{source}: cannot read for hashing ({exc.strerror or exc})") from None
-        return digest.hexdigest()
+    digest = hashlib.sha256()
     array = np.ascontiguousarray(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source)
     digest.update(f"array:{array.dtype.str}:{array.shape};".encode())
     digest.update(array.tobytes())

@@ -43,27 +43,25 @@ def as_layers(features: Tensor | Sequence[Tensor], name: str = "features") -> li
     return layers
 
 
-def as_valid(valid: Tensor | None, n: int, m: int, name: str = "valid") -> Tensor:
+def as_valid(valid: Tensor | None, n: int, m: int) -> Tensor:
     """Check an (N, M) bool mask (None = all valid); every collection needs a valid element."""
     if valid is None:
         return torch.ones(n, m, dtype=torch.bool)
     if not isinstance(valid, Tensor):
-        raise VolscanError(f"{name}: expected a bool torch.Tensor, got {type(valid).__name__}")
+        raise VolscanError(f"valid: expected a bool torch.Tensor, got {type(valid).__name__}")
     if valid.dtype != torch.bool:
-        raise VolscanError(f"{name}: expected dtype torch.bool, got {valid.dtype}")
+        raise VolscanError(f"valid: expected dtype torch.bool, got {valid.dtype}")
     if tuple(valid.shape) != (n, m):
-        raise VolscanError(f"{name}: expected shape {(n, m)}, got {tuple(valid.shape)}")
+        raise VolscanError(f"valid: expected shape {(n, m)}, got {tuple(valid.shape)}")
     valid = valid.cpu()
     empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise VolscanError(f"{name}: collection(s) {empty[:10]} have no valid element")
+        raise VolscanError(f"valid: collection(s) {empty[:10]} have no valid element")
     return valid
 
 
-def check_fraction(name: str, value: float, *, allow_one: bool = True) -> float:
-    """Check a fraction in (0, 1] (or (0, 1) when `allow_one` is False)."""
-    ok = 0.0 < value <= 1.0 if allow_one else 0.0 < value < 1.0
-    if not ok:
-        bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise VolscanError(f"{name}: must be in {bound}, got {value!r}")
+def check_fraction(name: str, value: float) -> float:
+    """Check a fraction in (0, 1]."""
+    if not 0.0 < value <= 1.0:
+        raise VolscanError(f"{name}: must be in (0, 1], got {value!r}")
     return float(value)
