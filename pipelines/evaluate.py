@@ -34,7 +34,8 @@ from pipelines.figures import histogram_figure, roc_figure
 from pipelines.images2d import load_mask, resize
 from pipelines.inputs import check_label_grid, match_labels
 from pipelines.maps import score_range, upsample_scores
-from pipelines.report import REPORT_JSON, read_report_json, write_run_tables
+from pipelines.report import read_report_json, write_run_tables
+from pipelines.run_layout import FIGURES_DIR, RunLayout
 from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
 from volumetric.errors import InputFileError, VolscanError
@@ -42,10 +43,9 @@ from volumetric.metrics import ScoreHistogram, aupro, auroc, average_precision, 
 
 log = logging.getLogger(__name__)
 
-ELEMENTS_FILE = "elements.npz"
-MAPPINGS_DIR = "mappings"
-MAPS_DIR = "maps"
-FIGURES_DIR = "figures"
+# A label map holds a few integer classes (background, lesion, maybe sub-regions); an intensity
+# scan given by mistake has hundreds to thousands of distinct values.
+MAX_LABEL_VALUES = 32
 
 
 @dataclass
@@ -209,6 +209,21 @@ def image_metrics(
     return summary, [{"label": int(label)} for label in labels]
 
 
+def check_label_map(values: np.ndarray, path: Path) -> None:
+    """Refuse an array that is not a label map: non-integer values, or more than
+    `MAX_LABEL_VALUES` distinct values (e.g. an intensity scan in the labels folder)."""
+    data = np.asarray(values)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all() or not np.array_equal(data, np.round(data)):
+            raise InputFileError(path, "not a label map: it holds non-integer values (is this an intensity scan?)")
+    distinct = np.unique(data)
+    if distinct.size > MAX_LABEL_VALUES:
+        raise InputFileError(
+            path, f"not a label map: {distinct.size} distinct values (at most {MAX_LABEL_VALUES}; is this an intensity scan?)"
+        )
+
+
 def label_cube_loader(run_dir: Path, elements: RunElements, labels: Sequence[Path | None]) -> Callable[[int], tuple[bool, np.ndarray]]:
     """`i -> (has lesion, mask at model resolution)` for the run's subjects; None = healthy.
 
@@ -225,8 +240,10 @@ def label_cube_loader(run_dir: Path, elements: RunElements, labels: Sequence[Pat
         if elements.kind == "2d":
             native = load_mask(path)
             return bool(native.any()), resize(native, shape, nearest=True)
-        native = load_volume(path).array > 0
-        mapping = NativeMapping.load(run_dir / MAPPINGS_DIR / f"{elements.ids[i]}.json")
+        values = load_volume(path).array
+        check_label_map(values, path)
+        native = values > 0
+        mapping = NativeMapping.load(RunLayout(run_dir).mapping(elements.ids[i]))
         if native.shape != mapping.native_shape:
             raise InputFileError(path, f"mask grid {native.shape} does not match its image grid {mapping.native_shape}")
         return bool(native.any()), mapping.to_cube(native.astype(np.float32), order=0) > 0.5
@@ -276,16 +293,19 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
     run_dir = Path(out_dir)
     if not run_dir.is_dir():
         raise InputFileError(run_dir, "run folder does not exist")
-    report = read_report_json(run_dir / REPORT_JSON)
+    layout = RunLayout(run_dir)
+    report = read_report_json(layout.report_json)
     if report.get("metrics") and not force:
-        raise InputFileError(run_dir / REPORT_JSON, "already holds metrics; use --force to replace them")
-    elements = RunElements.load(run_dir / ELEMENTS_FILE)
+        raise InputFileError(layout.report_json, "already holds metrics; use --force to replace them")
+    elements = RunElements.load(layout.elements)
     matched = match_labels(labels_dir, elements.ids, elements.kind)
-    suffix = ".nii.gz" if elements.kind == "3d" else ".tiff"
     for sid, label in matched.items():
-        check_label_grid(run_dir / MAPS_DIR / f"{sid}{suffix}", label, elements.kind)
+        check_label_grid(layout.map_file(sid, elements.kind), label, elements.kind)
+        if elements.kind == "3d":
+            check_label_map(load_volume(label).array, label)
     bins = int(bins or report["settings"].get("histogram_bins", 65536))
+    # Every mask is read and checked (label map, grid) before anything in the run is rewritten.
     attach_metrics(run_dir, report, elements, [matched.get(i) for i in elements.ids], bins)
-    report["settings"]["labels"] = str(labels_dir)
+    report["settings"]["labels"] = str(Path(labels_dir).resolve())
     write_run_tables(run_dir, report)
     return report["metrics"]

@@ -2,10 +2,12 @@
 
 - `roc_figure`: ROC curve of the collection scores against labels.
 - `histogram_figure`: collection-score histogram, by class when labels are known.
-- `montage_figure`: three orthogonal slices through the hottest point of a 3D map (or the 2D
-  image) with the map overlaid and the mask outlined; one per top-ranked scan.
-- `community_figure`: the CoDeGraph collection graph, nodes coloured by Leiden community,
-  outlier (consistent-anomaly) communities drawn large with a red edge.
+- `native_panel_figure`: three orthogonal planes of a scan in its own space (reoriented to the
+  closest RAS axes, no resampling) through its hotspot, pixels drawn at the voxel spacing,
+  orientation letters, map overlaid, above-threshold region and mask outlined.
+- `montage_figure`: a 2D image with its map overlaid and the mask outlined.
+- `community_figure`: the CoDeGraph collection graph, nodes coloured by Leiden community and
+  named by scan id, outlier (consistent-anomaly) communities drawn large with a red edge.
 """
 
 from __future__ import annotations
@@ -64,11 +66,6 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray | None, path: Path) 
     return _save(figure, path)
 
 
-def _slices(volume: np.ndarray, point: Sequence[int]) -> list[np.ndarray]:
-    # Rotated so that the second/third array axes read as image rows going up.
-    return [np.rot90(volume[point[0], :, :]), np.rot90(volume[:, point[1], :]), np.rot90(volume[:, :, point[2]])]
-
-
 def montage_figure(
     image: np.ndarray,
     score_map: np.ndarray,
@@ -78,30 +75,98 @@ def montage_figure(
     mask: np.ndarray | None = None,
     low: float = 0.0,
     high: float = 1.0,
-    region: np.ndarray | None = None,
 ) -> Path:
-    """Scan (S,S,S) or (H,W[,3]) with `score_map` (same spatial shape) overlaid on the colour
-    scale `[low, high]`, mask outlined in cyan; 3D: three slices through the map's maximum
-    inside `region` (e.g. the brain mask; the whole volume when None or empty)."""
+    """2D image (H, W[, 3]) with `score_map` (H, W) overlaid on the colour scale `[low, high]`,
+    mask (H, W) outlined in cyan."""
     score_map = np.nan_to_num(np.asarray(score_map, dtype=np.float32))
-    if score_map.ndim == 3:
-        inside = score_map if region is None or not np.any(region) else np.where(region, score_map, -np.inf)
-        point = np.unravel_index(int(np.argmax(inside)), score_map.shape)
-        images, maps = _slices(image, point), _slices(score_map, point)
-        masks = _slices(mask, point) if mask is not None else [None] * 3
-        names = ["sagittal", "coronal", "axial"]
-    else:
-        images, maps, masks, names = [image], [score_map], [mask], [""]
-    figure = Figure(figsize=(3.2 * len(images), 3.4))
-    for i, (img, heat, outline, name) in enumerate(zip(images, maps, masks, names)):
-        ax = figure.add_subplot(1, len(images), i + 1)
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-        shown = ax.imshow(heat, cmap=OVERLAY_CMAP, vmin=low, vmax=high, alpha=0.45, interpolation="nearest")
-        if outline is not None and np.any(outline) and not np.all(outline):
-            ax.contour(outline.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+    figure = Figure(figsize=(4.2, 3.6))
+    ax = figure.add_subplot()
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+    shown = ax.imshow(score_map, cmap=OVERLAY_CMAP, vmin=low, vmax=high, alpha=0.45, interpolation="nearest")
+    if mask is not None and np.any(mask) and not np.all(mask):
+        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
+    ax.set_axis_off()
+    figure.colorbar(shown, ax=figure.axes, fraction=0.04, pad=0.02)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+# Plane name, the RAS axis held fixed, and (letters left/right/bottom/top) of the displayed
+# plane in the radiological convention ITK-SNAP and 3D Slicer use: patient's right on the
+# viewer's left in coronal and axial planes.
+_PLANES = (("sagittal", 0, ("P", "A", "I", "S")), ("coronal", 1, ("R", "L", "I", "S")), ("axial", 2, ("R", "L", "P", "A")))
+
+
+def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """(rows bottom-to-top, columns left-to-right) of the plane `axis` = `index` of a RAS-ordered
+    volume, for `imshow(origin="lower")`: vertical = the later axis; x (R->L) flipped so the
+    patient's right is on the left."""
+    plane = np.take(volume, index, axis=axis).T
+    return plane[:, ::-1] if axis != 0 else plane
+
+
+def native_panel_figure(
+    image: np.ndarray,
+    score_map: np.ndarray,
+    affine: np.ndarray,
+    hotspot: Sequence[int],
+    title: str,
+    path: Path,
+    *,
+    mask: np.ndarray | None = None,
+    low: float = 0.0,
+    high: float = 1.0,
+    threshold: float = float("inf"),
+) -> Path:
+    """Sagittal, coronal and axial planes of a scan (I, J, K) with its `affine` (4, 4, RAS mm)
+    through native voxel `hotspot`, in the scan's own grid: axes only permuted/flipped to the
+    closest RAS order, each pixel drawn at its voxel spacing (mm), orientation letters on
+    every side, `score_map` (I, J, K) overlaid on `[low, high]`, its above-`threshold` region
+    outlined in yellow, `mask` (I, J, K) outlined in cyan, crosshair on the hotspot."""
+    import nibabel.orientations as orientations
+
+    ornt = orientations.io_orientation(affine)
+    shape = np.asarray(image).shape[:3]
+    reorient = orientations.inv_ornt_aff(ornt, shape)  # RAS-ordered voxel -> native voxel
+
+    def ras(volume: np.ndarray) -> np.ndarray:
+        return orientations.apply_orientation(np.asarray(volume), ornt)
+
+    volumes = [ras(np.asarray(image, dtype=np.float32)), ras(np.nan_to_num(np.asarray(score_map, np.float32)))]
+    outline = ras(np.asarray(mask, dtype=bool)) if mask is not None else None
+    point = np.linalg.solve(reorient, np.r_[np.asarray(hotspot, dtype=float), 1.0])[:3].round().astype(int)
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))[np.argsort(ornt[:, 0])]
+    inside = volumes[0][volumes[0] > 0]
+    vmin, vmax = np.percentile(inside, [1, 99.5]) if inside.size else (0.0, 1.0)
+    figure = Figure(figsize=(11, 4.0))
+    shown = None
+    for column, (name, axis, letters) in enumerate(_PLANES):
+        ax = figure.add_subplot(1, 3, column + 1)
+        h_axis, v_axis = [a for a in range(3) if a != axis]
+        extent = (0, volumes[0].shape[h_axis] * spacing[h_axis], 0, volumes[0].shape[v_axis] * spacing[v_axis])
+        ax.imshow(_plane(volumes[0], axis, point[axis]), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  extent=extent, interpolation="nearest")
+        heat = _plane(volumes[1], axis, point[axis])
+        shown = ax.imshow(np.ma.masked_less_equal(heat, low), cmap=OVERLAY_CMAP, vmin=low, vmax=high, alpha=0.5,
+                          origin="lower", extent=extent, interpolation="nearest")
+        if np.isfinite(threshold) and (heat > threshold).any():
+            ax.contour(heat > threshold, levels=[0.5], colors="yellow", linewidths=0.9, origin="lower", extent=extent)
+        if outline is not None:
+            cut = _plane(outline, axis, point[axis])
+            if cut.any():
+                ax.contour(cut.astype(float), levels=[0.5], colors="cyan", linewidths=0.9, origin="lower", extent=extent)
+        # Crosshair through the hotspot (pixel centres; x is displayed flipped).
+        h_index = point[h_axis] if h_axis != 0 else volumes[0].shape[0] - 1 - point[0]
+        ax.axvline((h_index + 0.5) * spacing[h_axis], color="lime", lw=0.6, alpha=0.8)
+        ax.axhline((point[v_axis] + 0.5) * spacing[v_axis], color="lime", lw=0.6, alpha=0.8)
+        for text, xy, align in zip(letters, ((0.01, 0.5), (0.99, 0.5), (0.5, 0.01), (0.5, 0.99)),
+                                   (("left", "center"), ("right", "center"), ("center", "bottom"), ("center", "top"))):
+            ax.text(*xy, text, transform=ax.transAxes, color="white", fontsize=11, fontweight="bold",
+                    ha=align[0], va=align[1])
+        ax.set_aspect("equal")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    figure.colorbar(shown, ax=figure.axes, fraction=0.025, pad=0.02)
+    figure.colorbar(shown, ax=figure.axes, fraction=0.015, pad=0.01, label="anomaly score")
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
@@ -141,8 +206,9 @@ def community_figure(
     sizes = [140 if v in outliers else 50 for v in range(n)]
     edges = ["red" if v in outliers else "black" for v in range(n)]
     ax.scatter(coords[:, 0], coords[:, 1], s=sizes, c=colours, edgecolors=edges, linewidths=1.2, zorder=2)
-    for v in outliers:
-        ax.annotate(names[v], coords[v], fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for v in range(n):  # every node named: the reader looks for a scan id
+        ax.annotate(names[v], coords[v], fontsize=7 if v in outliers else 6, xytext=(4, 4), textcoords="offset points",
+                    color="darkred" if v in outliers else "black")
     ax.set_title(f"CoDeGraph: {len(communities)} communities, "
                  f"{len(outlier_communities)} outlier (large, red outline)")
     return _save(figure, path)

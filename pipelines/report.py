@@ -9,6 +9,7 @@ so the run folder can be moved or zipped as a whole.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import html
 import io
 import json
@@ -19,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.outputs import atomic_write_text
+from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
 from volumetric.errors import InputFileError
 
-SCORES_CSV = "scores.csv"
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
 RANDOM_WEIGHTS_WARNING = (
     "Backbone weights are RANDOM: scores and maps are meaningless on real data "
     "(use --weights PATH or the default pretrained DINOv2 weights)."
@@ -112,11 +111,68 @@ def read_report_json(path: Path) -> dict[str, Any]:
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}.warn{background:#fde2e1;border:2px solid #c0392b;padding:.8em;font-weight:bold}
 img{max-width:100%;margin:.3em 0}.num{text-align:right;font-variant-numeric:tabular-nums}
+.summary{background:#f4f8fb;border:1px solid #bcd;padding:.6em 1em}.flag{color:#b00;font-weight:bold}
+.small{font-size:.85em;color:#555}.vs-frame{width:100%;height:440px;background:#000}
+dt{font-weight:bold;margin-top:.4em}dd{margin-left:1.5em}
 """
+
+# Metric key -> (name shown, what it means). The Dice protocol is the paper's (pipelines.evaluate).
+GLOSSARY: dict[str, tuple[str, str]] = {
+    "n_scans": ("scans", "scans in the run"),
+    "n_lesion_scans": ("lesion scans", "scans whose mask has at least one positive voxel"),
+    "n_images": ("images", "images in the run"),
+    "n_anomalous_images": ("anomalous images", "images whose mask has at least one positive pixel"),
+    "patient_auroc": ("patient AUROC", "area under the ROC curve of the scan scores, lesion vs no-lesion scans "
+                      "(0.5 = chance, 1 = every lesion scan above every healthy one)"),
+    "patient_ap": ("patient AP", "average precision of the scan scores for finding the lesion scans"),
+    "patient_f1_max": ("patient F1-max", "best F1 over all score thresholds, lesion vs no-lesion scans"),
+    "patient_f1_threshold": ("patient F1 threshold", "the scan-score threshold giving patient F1-max"),
+    "image_auroc": ("image AUROC", "ROC area of the image scores, anomalous vs normal images"),
+    "image_ap": ("image AP", "average precision of the image scores"),
+    "image_f1_max": ("image F1-max", "best F1 over all image-score thresholds"),
+    "image_f1_threshold": ("image F1 threshold", "the image-score threshold giving image F1-max"),
+    "grid_f1_max": ("token-grid F1-max", "best F1 of token scores against the masks pooled to the token grid "
+                    "(a token is positive when any of its voxels is lesion), one threshold for every token of "
+                    "every scan"),
+    "dice_threshold": ("Dice threshold", "the token-score threshold of token-grid F1-max, used to binarise every "
+                       "map for Dice"),
+    "voxel_auroc": ("voxel AUROC", "ROC area of every voxel of every cube (template space, model resolution) "
+                    "against the masks; background voxels included, which flatters it"),
+    "voxel_auroc_error_bound": ("voxel AUROC error bound", "largest possible difference between the streamed "
+                                "(histogram) voxel AUROC and the exact one"),
+    "voxel_auroc_brain": ("voxel AUROC (brain)", "as voxel AUROC, inside the brain masks only"),
+    "dice_mean_all": ("mean Dice (all scans)", "mean Dice over every scan; see the Dice protocol below"),
+    "dice_mean_lesion": ("mean Dice (lesion scans)", "mean Dice over the scans with a lesion only"),
+    "pixel_auroc": ("pixel AUROC", "ROC area of every pixel against the masks at model resolution"),
+    "pixel_auroc_error_bound": ("pixel AUROC error bound", "largest difference between streamed and exact"),
+    "pixel_ap": ("pixel AP", "average precision of the pixels"),
+    "pixel_f1_max": ("pixel F1-max", "best F1 over pixel thresholds"),
+    "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate"),
+}
+
+DICE_PROTOCOL = (
+    "Dice is computed per scan in the preprocessed cube (template space): the map is binarised at the Dice "
+    "threshold (one number for the whole cohort, from token-grid F1-max) and compared with the mask brought "
+    "into the cube. A scan without lesion whose binarised map is empty has Dice 1 (both empty: perfect "
+    "agreement); a scan without lesion with any voxel above the threshold has Dice 0. That is why healthy "
+    "scans show 1 or 0 and why 'mean Dice (lesion scans)' is the number to compare between methods."
+)
+
+TERMS = (
+    ("score", "the scan's anomaly score: the highest token score of its map (the engine's collection score); "
+              "higher = more unusual compared with the rest of this cohort"),
+    ("percentile", "the scan's rank as a percentile of the cohort: 100 = most suspicious, 0 = least"),
+    ("flagged", "score above the flag threshold = median + z x 1.4826 x MAD of the cohort's scores (a robust "
+                "z-score); the same threshold outlines the above-threshold region in maps and panels"),
+    ("hotspot", "the maximum of the scan's anomaly map on its own grid: world millimetres in RAS (as ITK-SNAP "
+                "and 3D Slicer show them: x to the right, y anterior, z superior) and the voxel indices i, j, k "
+                "of the input file (0-based)"),
+    ("region", "voxels of the 26-connected above-threshold region holding the hotspot, and its volume"),
+)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
@@ -140,57 +196,121 @@ def _link(href: str, text: str) -> _Raw:
     return _Raw(f'<a href="{html.escape(href)}">{html.escape(text)}</a>')
 
 
+def _coords(values: Sequence[float] | None, digits: int = 1) -> str:
+    return "" if values is None else ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    esc = html.escape
+    summary = report["summary"]
+    features = summary["features"]
+    flagged = summary["flagged"]
+    names = ", ".join(esc(i) for i in flagged[:10]) + (" ..." if len(flagged) > 10 else "")
+    return [
+        "<div class='summary'>",
+        f"<p><b>Cohort</b>: {report['n_subjects']} {esc(str(report['kind']).upper())} scans from "
+        f"<code>{esc(str(report['input']))}</code>.</p>",
+        f"<p><b>Method</b>: {esc(summary['method'])} (training-free: each scan is compared with all the others).</p>",
+        f"<p><b>Features</b>: {esc(features['description'])}; cube "
+        f"{features['size']}<sup>{3 if report['kind'] == '3d' else 2}</sup>, token grid "
+        f"{' x '.join(map(str, features['grid']))}.</p>",
+        f"<p><b>Flagged</b>: <span class='flag'>{len(flagged)} of {report['n_subjects']}</span> scans "
+        f"(score &gt; {summary['flag_threshold']:.4g} = median + {summary['flag_z']:g} robust SD)"
+        + (f": {names}" if flagged else "") + ".</p>",
+        f"<p class='small'>Created {esc(str(report.get('created')))} by volscan {esc(str(report.get('volscan_version')))}; "
+        f"run folder <code>{esc(str(report.get('output')))}</code>.</p>",
+        "</div>",
+    ]
+
+
+def _ranking(report: dict[str, Any]) -> str:
+    subjects = report["subjects"]
+    extra = [key for key in ("label", "dice") if any(s.get(key) is not None for s in subjects)]
+    three_d = report["kind"] == "3d"
+    header = ["rank", "id", "score", "percentile", "flagged",
+              "hotspot RAS mm (x, y, z)" if three_d else "hotspot", "voxel (i, j, k)" if three_d else "pixel (row, col)",
+              "region voxels"] + (["region mm³"] if three_d else []) + extra + ["files"]
+    rows = []
+    for s in subjects:
+        spot = s.get("hotspot") or {}
+        files = [_link(s["map"], "map")] + ([_link(s["panel"], "panel")] if s.get("panel") else [])
+        rows.append(
+            [s["rank"], s["id"], float(s["score"]), f"{s.get('percentile', 0):.0f}", "yes" if s.get("flagged") else "",
+             _coords(spot.get("world_mm_ras")) if three_d else "", _coords(spot.get("voxel")),
+             spot.get("region_voxels", "")]
+            + ([spot.get("region_mm3") if spot.get("region_mm3") is not None else ""] if three_d else [])
+            + [s.get(key) if s.get(key) is not None else "" for key in extra]
+            + [_Raw(" ".join(files))]
+        )
+    return _table(rows, header)
+
+
+def _communities(graph: dict[str, Any]) -> list[str]:
+    outliers = {tuple(c) for c in graph["outlier_communities"]}
+    rows = [[i, len(c), "yes" if tuple(c) in outliers else "", ", ".join(c)] for i, c in enumerate(graph["communities"])]
+    return [
+        f"<p>{len(graph['communities'])} communities of scans linked by shared suspicious tokens; "
+        f"{len(graph['outlier_communities'])} outlier (consistent-anomaly) communities, whose members' "
+        f"tokens were excluded from each other's references; excluded elements: "
+        f"{100 * graph['excluded_fraction']:.3f} %.</p>",
+        _table(rows, ["community", "scans", "outlier", "members"]),
+    ]
+
+
 def report_html(report: dict[str, Any]) -> str:
-    """Self-contained HTML page for a report dictionary (as written to report.json)."""
+    """The page a reader opens, top-down: summary, ranking, viewer, scan panels, metrics,
+    CoDeGraph, settings as used, glossary (from a report dictionary as in report.json)."""
+    from pipelines.run_layout import RunLayout
+    from pipelines.viewer import ERROR_CAPTURE, viewer_html
+
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>volscan screen: {esc(str(report.get('input', '')))}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>volscan screen report</h1><p>{report.get('n_subjects')} {esc(str(report.get('kind')))} inputs from "
-        f"<code>{esc(str(report.get('input')))}</code>, method <b>{esc(str(report['settings']['method']))}</b>, "
-        f"created {esc(str(report.get('created')))}.</p>",
+        f"<title>volscan screen: {esc(str(report.get('input', '')))}</title><style>{_STYLE}</style>",
+        ERROR_CAPTURE if report.get("viewer") else "",
+        "</head><body>",
+        "<h1>volscan screen report</h1>",
     ]
     parts += [f"<p class='warn'>{esc(w)}</p>" for w in report.get("warnings", [])]
-    tokens = report.get("tokens")
-    if tokens:
-        parts.append(
-            f"<p>Token grid {' x '.join(map(str, report.get('token_grid', [])))}; tokens extracted for "
-            f"{tokens['computed']} input(s), {tokens['cached']} from the cache (<code>{esc(str(tokens['cache']))}</code>).</p>"
-        )
+    parts += _summary(report)
+    parts += ["<h2>Ranking</h2>", _ranking(report)]
+    if report.get("viewer"):
+        parts += ["<h2>Viewer</h2>", viewer_html(RunLayout(Path(".")))]
+    panels = [s for s in report["subjects"] if s.get("panel")]
+    if panels:
+        parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "
+                     "to the closest RAS orientation, pixels at the voxel spacing), through its hotspot (green "
+                     "crosshair); yellow: above-threshold region; cyan: mask.</p>")
+        parts += [f"<figure><img src='{esc(s['panel'])}' alt='{esc(s['id'])}'></figure>" for s in panels]
     metrics = report.get("metrics")
     if metrics:
         parts.append("<h2>Metrics</h2>")
-        parts.append(_table([[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list))], ["metric", "value"]))
+        parts.append(_table([[GLOSSARY.get(k, (k, ""))[0], v] for k, v in metrics.items()
+                             if not isinstance(v, (dict, list))], ["metric", "value"]))
+        parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
     figures = report.get("figures", {})
-    if figures:
-        parts.append("<h2>Figures</h2>")
-        parts += [
-            f"<figure><img src='{esc(p)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
-            for name, p in figures.items()
-        ]
-    parts.append("<h2>Ranking</h2>")
-    extra = [key for key in ("label", "dice") if any(s.get(key) is not None for s in report["subjects"])]
-    rows = [
-        [s["rank"], s["id"], float(s["score"])]
-        + [s.get(key) if s.get(key) is not None else "" for key in extra]
-        + [_link(s["map"], "map") if s.get("map") else ""]
-        for s in report["subjects"]
-    ]
-    parts.append(_table(rows, ["rank", "id", "score", *extra, "anomaly map"]))
+    plots = {k: v for k, v in figures.items() if k != "community graph"}
+    if plots:
+        parts += [f"<figure><img src='{esc(p)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
+                  for name, p in plots.items()]
     graph = report.get("codegraph")
     if graph:
-        parts.append("<h2>CoDeGraph</h2>")
-        parts.append(
-            f"<p>{len(graph['communities'])} communities; {len(graph['outlier_communities'])} outlier "
-            f"(consistent-anomaly) communities; excluded elements: {100 * graph['excluded_fraction']:.3f} %.</p>"
-        )
-        parts.append(
-            _table([[i, ", ".join(c)] for i, c in enumerate(graph["outlier_communities"])], ["outlier community", "members"])
-        )
+        parts.append("<h2>CoDeGraph communities</h2>")
+        if "community graph" in figures:
+            parts.append(f"<figure><img src='{esc(figures['community graph'])}' alt='community graph'></figure>")
+        parts += _communities(graph)
+    parts.append("<h2>Settings as used</h2>")
+    # None left after run-time resolution means the setting does not apply to this run
+    # (e.g. layers with classical features, template for 2D images).
+    parts.append(_table([[k, "(not used)" if v is None else json.dumps(_json_safe(v))]
+                         for k, v in report["settings"].items()], ["setting", "value"]))
     parts.append("<h2>Timings</h2>")
     parts.append(_table([[k, float(v)] for k, v in report.get("timings_s", {}).items()], ["stage", "seconds"]))
-    parts.append("<h2>Settings</h2>")
-    parts.append(_table([[k, json.dumps(_json_safe(v))] for k, v in report["settings"].items()], ["setting", "value"]))
+    parts.append("<h2>Glossary</h2><dl>")
+    parts += [f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in TERMS]
+    used = metrics or {}
+    parts += [f"<dt>{esc(name)}</dt><dd>{esc(text)}</dd>" for key, (name, text) in GLOSSARY.items() if key in used]
+    parts.append(f"<dt>Dice protocol</dt><dd>{esc(DICE_PROTOCOL)}</dd></dl>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -198,6 +318,109 @@ def report_html(report: dict[str, Any]) -> str:
 def write_report_html(path: Path, report: dict[str, Any]) -> None:
     """Atomically write report.html for `report`."""
     atomic_write_text(path, report_html(report))
+
+
+def build_report(
+    subjects: Sequence[Any],
+    kind: str,
+    config: Any,
+    *,
+    source: str,
+    out_dir: Path,
+    device: str,
+    cache_root: Path,
+    preprocess_info: dict[str, Any],
+    token_info: dict[str, Any],
+    scores: Any,
+    maps: Any,
+    threshold: float,
+) -> dict[str, Any]:
+    """The report dictionary of a screen run (what report.json holds), before metrics/figures.
+
+    `subjects`: `Subject`s; `config`: the `ScreenConfig`; `scores`: the score stage's `Scores`;
+    `maps`: the outputs stage's `MapFiles`; `threshold`: the flag threshold (`pipelines.hotspots`).
+    Settings are reported as used: defaults resolved at run time (layers, projection width,
+    device, cache, template) are written with their values, paths absolute."""
+    from pipelines.hotspots import rank_percentile
+    from pipelines.stages.score import plain
+
+    ids = [s.id for s in subjects]
+    by_id = {s.id: s for s in subjects}
+    rows = rank_scores(ids, scores.collection_scores)
+    entries = []
+    for row in rows:
+        entries.append({
+            "id": row.id, "rank": row.rank, "score": row.score,
+            "percentile": round(rank_percentile(row.rank, len(rows)), 1),
+            "flagged": bool(row.score > threshold),
+            "image": str(by_id[row.id].image.resolve()),
+            "label_file": str(by_id[row.id].label.resolve()) if by_id[row.id].label is not None else None,
+            "map": maps.files[row.id][0], "map_files": maps.files[row.id],
+            "hotspot": maps.hotspots[row.id].to_dict(),
+        })
+    token_settings = token_info["settings"]
+    settings = dict(
+        config.to_dict(),
+        layers=token_settings.get("layers"),
+        proj_dim=token_settings.get("proj_dim"),
+        device=device,
+        cache=str(cache_root),
+        template=preprocess_info.get("template", config.template),
+    )
+    settings["scoring"] = scores.settings
+    if kind == "3d":
+        settings["preprocess"] = plain(config.preprocess_settings())
+        settings["brain_mask"] = settings["preprocess"]["brain_mask"]
+    codegraph = None
+    if scores.graph is not None:
+        communities = [[ids[v] for v in members] for members in scores.communities]
+        codegraph = {
+            "communities": communities,
+            "outlier_communities": [communities[c] for c in scores.outlier_communities],
+            "excluded_fraction": scores.excluded_fraction,
+            "graph_edges": int(scores.graph.ecount()),
+            "details": scores.summary,
+        }
+    return {
+        "volscan_version": _version(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": source,
+        "output": str(Path(out_dir).resolve()),
+        "kind": kind,
+        "n_subjects": len(ids),
+        "summary": {
+            "method": config.method,
+            "features": {"backbone": config.backbone,
+                         "weights": config.weights or token_settings.get("weights", "none (no network)"),
+                         "layers": token_settings.get("layers"), "proj_dim": token_settings.get("proj_dim"),
+                         "size": config.size, "grid": token_info["grid"],
+                         "description": token_info.get("features", config.backbone)},
+            "flag_z": config.flag_z,
+            "flag_threshold": threshold,
+            "flagged": [e["id"] for e in entries if e["flagged"]],
+        },
+        "settings": settings,
+        "warnings": [RANDOM_WEIGHTS_WARNING] if token_info["random_weights"] else [],
+        "preprocess": preprocess_info,
+        "tokens": token_info,
+        "scoring": scores.settings,
+        "token_grid": token_info["grid"],
+        "codegraph": codegraph,
+        "excluded_fraction": codegraph["excluded_fraction"] if codegraph else 0.0,
+        "subjects": entries,
+        "metrics": None,
+        "figures": {},
+        "timings_s": {},
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("volscan")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def report_rows(report: dict[str, Any]) -> list[ScoreRow]:

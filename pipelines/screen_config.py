@@ -15,6 +15,14 @@ Defaults the paper does not pin down:
 - `histogram_bins = 65536` for the streaming voxel AUROC: its tie error bound is ~1e-5 on
   real maps while the counters stay at 1 MiB (see `volumetric.metrics.ScoreHistogram`).
 - `device = "auto"`: the first CUDA GPU when torch sees one, else the CPU.
+- `flag_z = 3.0`: a scan is flagged when its score is more than 3 robust standard deviations
+  (1.4826 * MAD) above the cohort median (`pipelines.hotspots`); the same number is the map
+  threshold of the hotspot regions, the report's panels and the viewer's slider start.
+
+Each stage gets its own typed settings from here, whole: `preprocess_settings()`
+(`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
+`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`), `tokenizer` options and
+`scoring` (`volumetric.engine.ScoringConfig`) in their stage modules, `outputs()`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from volumetric.errors import InputFileError, VolscanError
 METHODS = ("codegraph", "musc")
 # DINOv2 ViT-L/14 (the paper's backbone) as timm names it.
 DEFAULT_BACKBONE = "vit_large_patch14_dinov2.lvd142m"
+# The weights-free tokenizer (volumetric.classical_tokens.CLASSICAL_BACKBONE; not imported: no torch here).
+CLASSICAL_BACKBONE = "classical"
 PATCH = 14
 
 
@@ -48,11 +58,13 @@ class ScreenConfig:
     device: str = "auto"
     registered: bool = False
     skull_stripped: bool = False
+    brain_mask: str | None = None  # None = the `preprocess` table's, else "auto" (PreprocessSettings)
     template: str | None = None
     cache: str | None = None
     seed: int = 0
     top: int = 6
     histogram_bins: int = 65536
+    flag_z: float = 3.0
     scoring: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +75,13 @@ class ScreenConfig:
 
     def validate(self) -> None:
         """Raise `VolscanError` naming the first bad setting."""
+        if self.backbone == CLASSICAL_BACKBONE:
+            vit_only = [name for name, value in (("weights", self.weights), ("layers", self.layers),
+                                                 ("proj-dim", self.proj_dim), ("backbone_kwargs", self.backbone_kwargs))
+                        if value]
+            if vit_only:
+                raise VolscanError(f"--backbone classical has no neural network; {', '.join(vit_only)} "
+                                   "only apply to ViT backbones")
         if self.method not in METHODS:
             raise VolscanError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.size < PATCH or self.size % PATCH:
@@ -73,12 +92,40 @@ class ScreenConfig:
             raise VolscanError("layers must name at least one backbone layer")
         if self.top < 0:
             raise VolscanError(f"top must be >= 0, got {self.top}")
+        if self.brain_mask is not None and self.brain_mask not in ("auto", "hd-bet", "deepbet", "template", "nonzero"):
+            raise VolscanError(f"brain-mask must be auto, hd-bet, deepbet, template or nonzero, got {self.brain_mask!r}")
         if self.histogram_bins < 2:
             raise VolscanError(f"histogram-bins must be >= 2, got {self.histogram_bins}")
+        if not self.flag_z > 0:
+            raise VolscanError(f"flag-z must be > 0, got {self.flag_z}")
+
+    def preprocess_settings(self) -> Any:
+        """Every preprocessing option, typed and checked (`PreprocessSettings`): the config's
+        `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`."""
+        from preprocessing.settings import PreprocessSettings
+
+        fixed: dict[str, Any] = dict(size=self.size, registered=self.registered, skull_stripped=self.skull_stripped)
+        if self.brain_mask is not None:  # the flag wins over the table; else the table's or the default
+            fixed["brain_mask"] = self.brain_mask
+        return PreprocessSettings.from_mapping(self.preprocess, **fixed)
+
+    def outputs(self) -> "OutputSettings":
+        """What the outputs stage needs (report figures, flag rule, metric histogram)."""
+        return OutputSettings(top=self.top, flag_z=float(self.flag_z), histogram_bins=self.histogram_bins)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy of every setting (goes into report.json)."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """`top`: scans drawn as panels in the report; `flag_z`: robust z of the flag rule;
+    `histogram_bins`: bins of the streaming voxel AUROC."""
+
+    top: int = 6
+    flag_z: float = 3.0
+    histogram_bins: int = 65536
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ScreenConfig)}
@@ -112,11 +159,25 @@ def _check_type(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise VolscanError(f"'{name}' must be true or false, got {value!r}")
         return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and (isinstance(value, bool) or not isinstance(value, float)):
+        raise VolscanError(f"'{name}' must be a number, got {value!r}")
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise VolscanError(f"'{name}' must be an integer, got {value!r}")
     if expected is str and not isinstance(value, str):
         raise VolscanError(f"'{name}' must be a string, got {value!r}")
     return value
+
+
+def _parse_problem(exc: Exception) -> str:
+    """'line L, column C: problem' for a YAML error (its first line alone names neither);
+    TOML errors already say where."""
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.YAMLError) and mark is not None:
+        problem = " ".join(p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return str(exc).splitlines()[0]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -134,7 +195,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise InputFileError(path, "config file must end in .yaml, .yml or .toml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputFileError(path, f"cannot parse config file: {str(exc).splitlines()[0]}") from None
+        raise InputFileError(path, f"cannot parse config file: {_parse_problem(exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise InputFileError(path, "config file must hold a mapping of settings")

@@ -175,6 +175,7 @@ def test_report_json_fields(cohort: dict, labelled_run: dict) -> None:
     assert report["kind"] == "3d" and report["n_subjects"] == N_SUBJECTS
     settings = report["settings"]
     assert settings["method"] == "codegraph" and settings["size"] == 28 and settings["proj_dim"] == 8
+    assert settings["layers"] == report["tokens"]["settings"]["layers"] and settings["layers"]  # resolved, not null
     assert settings["registered"] is True and settings["skull_stripped"] is True
     assert settings["backbone_kwargs"] == {"depth": 3, "embed_dim": 48, "num_heads": 2}
     assert set(report["timings_s"]) >= {"inputs", "preprocess", "tokens", "scoring", "maps", "metrics", "figures"}
@@ -237,8 +238,9 @@ def test_html_and_figures(labelled_run: dict) -> None:
     page = (out / "report.html").read_text(encoding="utf-8")
     figures = report["figures"]
     assert {"ROC curve", "score histogram", "community graph"} <= set(figures)
-    assert sum(name.startswith("rank ") for name in figures) == 3
-    for relative in figures.values():
+    panels = [s["panel"] for s in report["subjects"] if s.get("panel")]
+    assert len(panels) == 3 and [s["rank"] for s in report["subjects"] if s.get("panel")] == [1, 2, 3]
+    for relative in [*figures.values(), *panels]:
         assert f"src='{relative}'" in page
         assert (out / relative).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "RANDOM" in page
@@ -294,3 +296,26 @@ def test_evaluate_refuses_masks_on_another_grid(labelled_run: dict, tmp_path: Pa
     assert err.startswith("volscan evaluate: error: ") and len(err.splitlines()) == 1
     assert str(labels / "case04.nii.gz") in err and "does not match" in err
     assert (out / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_evaluate_refuses_intensity_scans_as_labels(cohort: dict, labelled_run: dict, tmp_path: Path, capsys,
+                                                    dtype: type) -> None:
+    """Scans given as --labels (float: non-integer values; int16: hundreds of values) are
+    refused with one line naming the file, and the run's metrics stay as they were."""
+    out = labelled_run["out"]
+    before = {name: (out / name).read_bytes() for name in ("report.json", "report.html", "scores.csv")}
+    labels = tmp_path / "scans-as-labels"
+    labels.mkdir()
+    for source in sorted(cohort["images"].iterdir()):
+        image = nib.load(str(source))
+        data = np.asarray(image.dataobj)
+        if dtype is np.int16:
+            data = np.round(data * 10)
+        nib.save(nib.Nifti1Image(data.astype(dtype), image.affine), str(labels / source.name))
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--labels", str(labels), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("volscan evaluate: error: ") and len(err.splitlines()) == 1
+    assert "not a label map" in err and str(labels) in err
+    assert {name: (out / name).read_bytes() for name in before} == before

@@ -72,16 +72,16 @@ def test_discovery_matches_labels_and_ignores_other_files(tmp_path: Path) -> Non
     images.mkdir()
     labels.mkdir()
     for name in ("b.nii.gz", "a.nii"):
-        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1), np.float32), np.eye(4)), str(images / name))
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 1), np.float32), np.eye(4)), str(images / name))
     (images / "README.txt").write_text("ignored", encoding="utf-8")
     (images / ".hidden.nii.gz").write_text("ignored", encoding="utf-8")
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(labels / "b.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(labels / "b.nii.gz"))
     subjects, kind = discover_subjects(images, labels, registered=True)
     assert kind == "3d"
     assert [(s.id, s.label.name if s.label else None, s.registered) for s in subjects] == [
         ("a", None, True), ("b", "b.nii.gz", True)
     ]
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(images / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(images / "a.nii.gz"))
     with pytest.raises(InputFileError, match="share the id 'a'"):
         discover_subjects(images)
 
@@ -112,13 +112,14 @@ def test_atomic_output_dir(tmp_path: Path) -> None:
         AtomicOutputDir(out)
     with AtomicOutputDir(out, force=True) as work:
         (work / "report.json").write_text("2", encoding="utf-8")
-    assert sorted(p.name for p in out.iterdir()) == ["report.json"] and (out / "report.json").read_text(encoding="utf-8") == "2"
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "volscan-run.json"]
+    assert (out / "report.json").read_text(encoding="utf-8") == "2"
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
     # --force never replaces a folder that is not a volscan run.
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work", encoding="utf-8")
-    with pytest.raises(InputFileError, match="not a previous volscan output"):
+    with pytest.raises(InputFileError, match="not a previous volscan"):
         AtomicOutputDir(precious, force=True)
     assert (precious / "thesis.tex").read_text(encoding="utf-8") == "years of work"
 
@@ -136,11 +137,17 @@ def test_scores_csv_roundtrip_and_ties(tmp_path: Path) -> None:
 def test_html_escapes_ids() -> None:
     report = {
         "input": "in", "kind": "2d", "n_subjects": 1, "created": "now", "warnings": ["careful <b>"],
-        "settings": {"method": "musc"}, "subjects": [{"id": "<script>", "rank": 1, "score": 1.0, "map": "maps/x.tiff"}],
+        "summary": {"method": "musc", "flag_z": 3.0, "flag_threshold": 2.0, "flagged": ["<script>"],
+                    "features": {"backbone": "<b>", "description": "<b>", "weights": "random", "layers": [1], "proj_dim": 8, "size": 28,
+                                 "grid": [2, 2]}},
+        "settings": {"method": "musc"},
+        "subjects": [{"id": "<script>", "rank": 1, "score": 1.0, "map": "maps/x.tiff", "flagged": True,
+                      "hotspot": {"voxel": [3, 4], "world_mm_ras": None, "region_voxels": 5}}],
         "figures": {}, "timings_s": {"scoring": 1.5},
     }
     page = report_html(report)
     assert "<script>" not in page and "&lt;script&gt;" in page and "careful &lt;b&gt;" in page
+    assert "&lt;b&gt;" in page.split("<h2>")[0]  # the summary escapes too
 
 
 def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:

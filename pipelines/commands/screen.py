@@ -8,52 +8,95 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from pipelines.screen_config import DEFAULT_BACKBONE
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
-_OVERRIDES = (
+# SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
+SETTINGS = (
     "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "template", "cache", "seed", "top", "histogram_bins",
+    "skull_stripped", "brain_mask", "template", "seed",
 )
+OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z")
+
+
+def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The option groups of `--help`, created once per parser and reused."""
+    groups = getattr(parser, "_volscan_groups", None)
+    if groups is None:
+        groups = {title: parser.add_argument_group(title) for title in GROUPS}
+        parser._volscan_groups = groups  # type: ignore[attr-defined]
+    return groups
+
+
+GROUPS = ("inputs", "preprocessing", "features", "scoring", "outputs", "compute")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `volscan screen`."""
-    parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif)")
-    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--labels", metavar="DIR", help="masks with the inputs' file names (absent/empty = healthy)")
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML file with any setting below plus scoring, "
-                        "backbone_kwargs, tokenizer and preprocess tables; flags override it")
-    parser.add_argument("--method", choices=("codegraph", "musc"), help="scoring method (default codegraph)")
-    parser.add_argument("--backbone", metavar="NAME", help="timm ViT name (default vit_large_patch14_dinov2.lvd142m)")
-    parser.add_argument("--weights", metavar="PATH|random",
-                        help="local weights file, or 'random' for smoke tests (default: timm hub, needs internet once)")
-    parser.add_argument("--layers", type=int, nargs="+", metavar="N", help="backbone blocks to take tokens from")
-    parser.add_argument("--size", type=int, help="cube edge / square image side, multiple of 14 (default 224)")
-    parser.add_argument("--proj-dim", type=int, metavar="R", help="JL projection width per axis")
-    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--registered", action=argparse.BooleanOptionalAction, default=None,
-                        help="inputs are already in template (SRI-24) space: skip registration")
-    parser.add_argument("--skull-stripped", action=argparse.BooleanOptionalAction, default=None,
-                        help="inputs are already skull-stripped")
-    parser.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
-    parser.add_argument("--cache", metavar="DIR", help="cache of preprocessed cubes and tokens "
-                        "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")
-    parser.add_argument("--seed", type=int, help="seed of the JL projection and random weights (default 0)")
-    parser.add_argument("--top", type=int, help="number of top-ranked scans shown in the report (default 6)")
-    parser.add_argument("--histogram-bins", type=int, help="bins of the streaming voxel AUROC (default 65536)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    """Arguments of `volscan screen`, grouped as `--help` shows them."""
+    groups = _groups(parser)
+    groups["inputs"].add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images "
+                                  "(.png/.jpg/.tif)")
+    groups["inputs"].add_argument("--labels", metavar="DIR",
+                                  help="masks with the inputs' file names (absent/empty = healthy); adds metrics")
+    add_settings_arguments(parser)
+    out = groups["outputs"]
+    out.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
+    out.add_argument("--top", type=int, help="top-ranked scans drawn as panels in the report (default 6)")
+    out.add_argument("--flag-z", type=float, help="flag scans whose score is more than Z robust standard deviations "
+                     "above the cohort median; also the map threshold of hotspot regions (default 3)")
+    out.add_argument("--histogram-bins", type=int, help="bins of the streaming voxel AUROC (default 65536)")
+    out.add_argument("--force", action="store_true", help="replace a previous screen output folder")
+    groups["compute"].add_argument("--cache", metavar="DIR", help="cache of preprocessed cubes and tokens "
+                                   "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and preprocessing settings shared by `screen`, `extract` and `score`.
+
+    Defaults are shown in each help line; flags left unset take the `--config` file's value,
+    then the default."""
+    groups = _groups(parser)
+    groups["inputs"].add_argument("--config", metavar="FILE", help="YAML/TOML file with any setting below plus "
+                                  "scoring, backbone_kwargs, tokenizer and preprocess tables; flags override it")
+    pre = groups["preprocessing"]
+    pre.add_argument("--size", type=int, help="cube edge / square image side in voxels, multiple of 14 (default 224)")
+    pre.add_argument("--registered", action=argparse.BooleanOptionalAction, default=None,
+                     help="inputs are already in template (SRI-24) space: skip registration (default no)")
+    pre.add_argument("--skull-stripped", action=argparse.BooleanOptionalAction, default=None,
+                     help="inputs are already skull-stripped (default no)")
+    pre.add_argument("--brain-mask", choices=("auto", "hd-bet", "deepbet", "template", "nonzero"),
+                     help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
+                          "if its weights are local, else deepbet, else the template mask with a warning)")
+    pre.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
+    feat = groups["features"]
+    feat.add_argument("--backbone", metavar="NAME", help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    feat.add_argument("--weights", metavar="PATH|random",
+                      help="local weights file, or 'random' for smoke tests (default: timm hub, needs internet once)")
+    feat.add_argument("--layers", type=int, nargs="+", metavar="N",
+                      help="backbone blocks (0-based) to take tokens from (default: the blocks at 1/2 and 3/4 of "
+                           "the depth, e.g. 11 17 for ViT-L)")
+    feat.add_argument("--proj-dim", type=int, metavar="R", help="JL projection width per axis (default 128)")
+    feat.add_argument("--seed", type=int, help="seed of the JL projection and random weights (default 0)")
+    groups["scoring"].add_argument("--method", choices=("codegraph", "musc"), help="scoring method (default codegraph)")
+    groups["compute"].add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: the first GPU if any)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the screen and print where the results are."""
-    from pipelines.outputs import system_errors_as_input_errors
     from pipelines.screen import run_screen
     from pipelines.screen_config import resolve_config
 
-    config = resolve_config(args.config, **{name: getattr(args, name) for name in _OVERRIDES})
-    with system_errors_as_input_errors():
-        result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force)
-    print(f"screened {len(result.rows)} {result.report['kind'].upper()} inputs; most suspicious:")
+    config = resolve_config(args.config, **{name: getattr(args, name) for name in OVERRIDES})
+    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force)
+    return print_result(result)
+
+
+def print_result(result: Any) -> int:
+    """Print the top of a finished run's ranking, its metrics, warnings and report path; 0."""
+    flagged = result.report["summary"]["flagged"]
+    print(f"screened {len(result.rows)} {result.report['kind'].upper()} inputs; {len(flagged)} flagged; most suspicious:")
     for row in result.rows[: min(5, len(result.rows))]:
         print(f"  {row.rank:>3}  {row.id}  {row.score:.5g}")
     metrics = result.metrics

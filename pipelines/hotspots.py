@@ -1,0 +1,82 @@
+"""Where to look in a scan: the hottest point of its anomaly map and the region around it.
+
+A scan is *flagged* when its collection score stands out from the cohort:
+`score > median + z * 1.4826 * MAD` of all collection scores (a robust z-score; 1.4826 * MAD
+estimates the standard deviation of the normal majority without being pulled by the
+anomalies). The same number is the *map threshold*: a map voxel above it scores higher than a
+typical scan's hottest token (the collection score is the maximum of the map's tokens), so
+the above-threshold region of a flagged scan is the part that made it stand out.
+
+The hotspot is the map's maximum on the input's own grid: native voxel indices (i, j, k) as
+stored in the file, and world millimetres `affine @ (i, j, k, 1)`. NIfTI affines map to RAS+
+(x grows towards the patient's right, y anterior, z superior), the coordinates ITK-SNAP and
+3D Slicer display, so they can be typed into either viewer's cursor box unchanged (SimpleITK
+would give LPS: x and y negated; volscan never reports those). The region is
+the 26-connected component of above-threshold voxels holding the hotspot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Hotspot:
+    """`voxel`: native indices (3D: i, j, k; 2D: row, column); `world_mm`: RAS+ millimetres
+    (None for 2D); `value`: map value there; `region_voxels` / `region_mm3`: size of the
+    above-threshold region holding the hotspot (0 when the hotspot is below the threshold)."""
+
+    voxel: tuple[int, ...]
+    world_mm: tuple[float, float, float] | None
+    value: float
+    region_voxels: int
+    region_mm3: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields (the report's per-scan `hotspot`)."""
+        return {
+            "voxel": list(self.voxel),
+            "world_mm_ras": None if self.world_mm is None else [round(v, 2) for v in self.world_mm],
+            "value": self.value,
+            "region_voxels": self.region_voxels,
+            "region_mm3": None if self.region_mm3 is None else round(self.region_mm3, 1),
+        }
+
+
+def flag_threshold(collection_scores: np.ndarray, z: float) -> float:
+    """`median + z * 1.4826 * MAD` of the cohort's collection scores (N,); +inf when the
+    scores do not vary (nothing stands out)."""
+    scores = np.asarray(collection_scores, dtype=np.float64)
+    median = float(np.median(scores))
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(scores - median)))
+    if sigma == 0.0:
+        sigma = float(scores.std())
+    return median + z * sigma if sigma > 0.0 else float("inf")
+
+
+def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | None = None) -> Hotspot:
+    """Hotspot of a native-grid map (3D (I, J, K) with its (4, 4) RAS `affine`, or 2D (H, W)
+    without) and the size of the connected above-`threshold` region holding it."""
+    data = np.nan_to_num(np.asarray(score_map, dtype=np.float32), nan=0.0)
+    voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(data)), data.shape))
+    value = float(data[voxel])
+    region_voxels = 0
+    if value > threshold:
+        components, _ = ndimage.label(data > threshold, structure=np.ones((3,) * data.ndim, dtype=bool))
+        region_voxels = int(np.count_nonzero(components == components[voxel]))
+    world = region_mm3 = None
+    if affine is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        world = tuple(float(v) for v in affine[:3, :3] @ np.asarray(voxel, dtype=np.float64) + affine[:3, 3])
+        region_mm3 = region_voxels * abs(float(np.linalg.det(affine[:3, :3])))
+    return Hotspot(voxel, world, value, region_voxels, region_mm3)
+
+
+def rank_percentile(rank: int, n: int) -> float:
+    """100 for the most suspicious of `n` scans (rank 1), 0 for the least (rank n)."""
+    return 100.0 if n < 2 else 100.0 * (n - rank) / (n - 1)

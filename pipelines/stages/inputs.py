@@ -1,0 +1,36 @@
+"""Stage 1 of `volscan screen`: the output folder, the scans, their masks and every setting,
+checked before any heavy work (see `pipelines.inputs` for the per-file checks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipelines.inputs import Subject, discover_subjects
+from pipelines.outputs import check_output_dir
+from pipelines.screen_config import ScreenConfig
+from pipelines.validation import CheckedScreen
+
+
+def find_subjects(
+    input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool
+) -> list[Subject]:
+    """The subjects of `input_dir` (masks from `labels_dir`), after refusing a bad OUT."""
+    protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
+    check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
+    subjects, _ = discover_subjects(
+        input_dir, labels_dir, registered=config.registered, skull_stripped=config.skull_stripped
+    )
+    return subjects
+
+
+def check_run(subjects: Sequence[Subject], config: ScreenConfig) -> CheckedScreen:
+    """The one validation pass (`pipelines.validation.validate_screen`: subjects, options,
+    cohort size, template, backbone built with its weights loaded) plus every preprocessing
+    option, before minutes of preprocessing. Returns kind, device and the loaded backbone."""
+    from pipelines.validation import validate_screen
+
+    checked = validate_screen(subjects, config)
+    if checked.kind == "3d":
+        config.preprocess_settings()
+    return checked

@@ -1,0 +1,141 @@
+"""Stage 5 of `volscan screen`: scores to files a reader uses.
+
+- maps: token scores upsampled to the cube (void -> 0), then `NativeMapping.to_native` onto
+  each input's own grid, saved with the input's affine and qform/sform codes (float32);
+  2D: float TIFF + heat-map PNG + overlay PNG at the image's own size;
+- hotspots: each map's maximum in native voxels and RAS mm, the above-threshold region
+  (`pipelines.hotspots`);
+- figures: per-scan panels in the scan's own space through its hotspot (3D) or overlays (2D)
+  for the top-ranked scans, the CoDeGraph community graph;
+- the offline viewer (3D, `pipelines.viewer`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.evaluate import RunElements
+from pipelines.hotspots import Hotspot, find_hotspot
+from pipelines.inputs import Subject
+from pipelines.run_layout import RunLayout
+from pipelines.stages.preprocess import Prepared
+from pipelines.stages.score import Scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MapFiles:
+    """Per subject id: the map files written (run-relative) and the hotspot found."""
+
+    files: dict[str, list[str]]
+    hotspots: dict[str, Hotspot]
+
+
+def write_maps(
+    layout: RunLayout, subjects: list[Subject], elements: RunElements, prepared: Prepared, threshold: float
+) -> MapFiles:
+    """Native-grid anomaly maps of every subject and their hotspots (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from pipelines.images2d import load_image, resize, write_float_map, write_map_pictures
+    from pipelines.inputs import nifti_grid
+    from pipelines.maps import save_map_like, score_range, upsample_scores
+
+    files: dict[str, list[str]] = {}
+    hotspots: dict[str, Hotspot] = {}
+    low, high = score_range(elements.element_scores)
+    for i, subject in enumerate(tqdm(subjects, desc="maps", unit="map")):
+        square = upsample_scores(elements.element_scores[i], elements.size)
+        path = layout.map_file(subject.id, elements.kind)
+        path.parent.mkdir(exist_ok=True)
+        if elements.kind == "3d":
+            mapping = prepared.mappings[i]
+            native = mapping.to_native(square, order=1)
+            save_map_like(native, subject.image, path)
+            layout.mapping(subject.id).parent.mkdir(exist_ok=True)
+            mapping.save(layout.mapping(subject.id))
+            files[subject.id] = [layout.relative(path)]
+            # The affine the map was saved with (the input's own header), so the voxel indices
+            # and millimetres agree with what a viewer shows for the input file.
+            hotspots[subject.id] = find_hotspot(native, threshold, nifti_grid(subject.image)[1])
+        else:
+            image = load_image(subject.image)
+            native = resize(square, image.shape[:2])
+            heat, overlay = path.with_name(f"{subject.id}_heat.png"), path.with_name(f"{subject.id}_overlay.png")
+            write_float_map(native, path)
+            write_map_pictures(image, native, heat, overlay, low, high)
+            files[subject.id] = [layout.relative(p) for p in (path, heat, overlay)]
+            hotspots[subject.id] = find_hotspot(native, threshold)
+    return MapFiles(files, hotspots)
+
+
+def scan_panels(
+    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float,
+    top: int,
+) -> dict[str, str]:
+    """{subject id: run-relative PNG} for the `top` ranked entries of the report: native-space
+    panels through the hotspot (3D) or the image with its map (2D); masks outlined."""
+    import nibabel as nib
+
+    from pipelines.figures import montage_figure, native_panel_figure
+    from pipelines.images2d import load_image, load_mask, read_float_map
+    from pipelines.maps import score_range
+
+    by_id = {s.id: s for s in subjects}
+    low, high = score_range(elements.element_scores)
+    layout.figures.mkdir(exist_ok=True)
+    panels = {}
+    for entry in ranked[:top]:
+        subject = by_id[entry["id"]]
+        path = layout.figures / f"rank{entry['rank']:03d}_{subject.id}.png"
+        hotspot = entry["hotspot"]
+        where = (f"hotspot {', '.join(f'{v:.1f}' for v in hotspot['world_mm_ras'])} mm RAS, voxel "
+                 f"{tuple(hotspot['voxel'])}" if hotspot["world_mm_ras"] else f"hotspot pixel {tuple(hotspot['voxel'])}")
+        title = f"rank {entry['rank']}: {subject.id} (score {entry['score']:.4g}); {where}"
+        if elements.kind == "3d":
+            image = nib.load(str(subject.image))
+            volume = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
+            score_map = np.asarray(nib.load(str(layout.map_file(subject.id, "3d"))).dataobj, dtype=np.float32)
+            mask = (np.asarray(nib.load(str(subject.label)).dataobj).reshape(image.shape[:3]) > 0
+                    if subject.label is not None else None)
+            native_panel_figure(volume, score_map, image.affine, hotspot["voxel"], title, path, mask=mask,
+                                low=low, high=high, threshold=threshold)
+        else:
+            mask = load_mask(subject.label) if subject.label is not None else None
+            montage_figure(load_image(subject.image), read_float_map(layout.map_file(subject.id, "2d")), title, path,
+                           mask=mask, low=low, high=high)
+        panels[subject.id] = layout.relative(path)
+    return panels
+
+
+def community_graph(layout: RunLayout, scores: Scores, ids: list[str], seed: int) -> str | None:
+    """Run-relative PNG of the CoDeGraph collection graph, or None (MuSc has no graph)."""
+    if scores.graph is None:
+        return None
+    from pipelines.figures import community_figure
+
+    path = layout.figures / "communities.png"
+    layout.figures.mkdir(exist_ok=True)
+    community_figure(scores.graph, scores.communities, scores.outlier_communities, ids, path, seed=seed)
+    return layout.relative(path)
+
+
+def write_viewer_files(
+    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float
+) -> None:
+    """The offline viewer with every scan of a 3D run, in rank order."""
+    from pipelines.maps import score_range
+    from pipelines.viewer import ViewerScan, write_viewer
+
+    by_id = {s.id: s for s in subjects}
+    scans = [
+        ViewerScan(entry["id"], by_id[entry["id"]].image, layout.map_file(entry["id"], "3d"), by_id[entry["id"]].label,
+                   entry["rank"], entry["flagged"], tuple(entry["hotspot"]["world_mm_ras"]))
+        for entry in ranked
+    ]
+    write_viewer(layout, scans, *score_range(elements.element_scores), threshold)

@@ -1,0 +1,100 @@
+"""Stage 2 of `volscan screen`: scans to model inputs.
+
+3D: `preprocessing.cohort.preprocess_cohort` into the cache (`<cache>/preprocess/<digest>`,
+resumable, one set of Nyúl landmarks for the cohort, per-subject `registered` /
+`skull_stripped`). 2D: read and resize to `size`^2. Arrays are loaded lazily, one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.inputs import Subject
+from pipelines.screen_config import ScreenConfig
+from volumetric.errors import VolscanError
+
+
+@dataclass
+class Prepared:
+    """Per-subject model inputs: `load[i]()` -> (cube or image, brain mask or None);
+    `mappings[i]`: `NativeMapping` (3D); `info`: facts for the report."""
+
+    load: list[Callable[[], tuple[np.ndarray, np.ndarray | None]]]
+    mappings: list[Any] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def digest(obj: Any) -> str:
+    """Short content key of a JSON-able object (cache folder names)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[str], name: str) -> dict[str, Any]:
+    """Refuse keys of a config table that `target` does not accept (or that volscan sets itself)."""
+    accepted = set(inspect.signature(target).parameters) - fixed
+    for key in table:
+        if key not in accepted:
+            raise VolscanError(
+                f"config '{name}': unknown setting '{key}' (accepted: {', '.join(sorted(accepted)) or 'none'})"
+            )
+    return dict(table)
+
+
+def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
+    """The cohort's preprocessing store, `<cache>/preprocess/<digest>` (3D; used by `volscan extract` too).
+
+    One folder per cohort (its files) and spatial settings: other cohorts never evict it."""
+    cohort = digest({"inputs": sorted(str(s.image.resolve()) for s in subjects), "size": config.size,
+                     "template": config.template})
+    return cache_root / "preprocess" / cohort
+
+
+def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root: Path,
+            *, compute: bool = True) -> Prepared:
+    """Model inputs of every subject (see the module docstring); 3D settings come whole from
+    `config.preprocess_settings()`. `compute=False` (`volscan score`): 3D scans must already be
+    preprocessed (by `volscan extract`); missing ones are an error naming them."""
+    size = config.size
+    if kind == "2d":
+        if config.preprocess:
+            raise VolscanError("config 'preprocess' settings apply to 3D volumes only; remove them for 2D images")
+        from pipelines.images2d import load_image, resize
+
+        def image_loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:
+            return lambda: (resize(load_image(path), (size, size)), None)
+
+        for subject in subjects:  # fail on a corrupt image now, not after the model loaded
+            load_image(subject.image)
+        return Prepared(load=[image_loader(s.image) for s in subjects], info={"resized_to": [size, size]})
+
+    from preprocessing.cohort import SubjectSpec, preprocess_cohort
+    from preprocessing.template import find_template_folder
+
+    if not compute:
+        from pipelines.distributed.completeness import require_extracted
+
+        require_extracted(subjects, config, cache_root, kind)
+
+    specs = [SubjectSpec(s.image, s.registered, s.skull_stripped, s.id) for s in subjects]
+    folder = cohort_folder(subjects, config, cache_root)
+    result = preprocess_cohort(specs, folder, config.preprocess_settings(), template=config.template,
+                               stale="recompute")
+    loads = [lambda r=record: (r.load_image(), r.load_mask()) for record in result.records]
+    return Prepared(
+        load=loads,
+        mappings=[record.load_mapping() for record in result.records],
+        info={"cache": str(folder.resolve()), "preprocessed_now": len(result.computed),
+              "template": str(find_template_folder(config.template).resolve()),
+              "landmarks": str(Path(result.landmarks_path).resolve()),
+              # Per subject: the brain extractor used and any warning (template fallback) for the report.
+              "brain_mask": {r.id: r.brain_mask for r in result.records},
+              "warnings": {r.id: list(r.warnings) for r in result.records if r.warnings}},
+    )

@@ -1,0 +1,86 @@
+"""Stage 4 of `volscan screen`: token sets to element and collection scores
+(`volumetric.engine.score_collections` on the whole batch, 2D and 3D alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.screen_config import ScreenConfig
+from volumetric.errors import VolscanError
+
+
+@dataclass
+class Scores:
+    """`element_scores` (N, *grid) float32 (NaN = void), `collection_scores` (N,) float64,
+    `settings`: the scoring configuration as used (JSON-ready); `graph`, `communities`
+    (lists of subject indices), `outlier_communities` (community indices), `excluded_fraction`,
+    `summary`: CoDeGraph's results (None / empty for MuSc)."""
+
+    element_scores: np.ndarray
+    collection_scores: np.ndarray
+    settings: dict[str, Any]
+    graph: Any = None
+    communities: list[list[int]] | None = None
+    outlier_communities: list[int] | None = None
+    excluded_fraction: float = 0.0
+    summary: dict[str, Any] | None = None
+
+
+def scoring_options(config: ScreenConfig, device: str) -> Any:
+    """`volumetric.engine.ScoringConfig` from the config's `scoring` table (nested `codegraph`
+    table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
+    device and seed unless the `engine` table says otherwise."""
+    from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
+
+    settings = dict(config.scoring)
+    try:
+        engine = {"device": device, "seed": config.seed, **dict(settings.get("engine") or {})}
+        settings["engine"] = EngineOptions(**engine)
+        if isinstance(settings.get("codegraph"), dict):
+            settings["codegraph"] = CoDeGraph(**settings["codegraph"])
+        if isinstance(settings.get("lnamd_radii"), list):
+            settings["lnamd_radii"] = tuple(settings["lnamd_radii"])
+        return ScoringConfig(**settings)
+    except TypeError as exc:
+        raise VolscanError(f"config 'scoring': {exc}") from None
+
+
+def score_tokens(token_sets: list[Any], method: str, scoring_config: Any) -> Scores:
+    """Mutual scoring (+ CoDeGraph) of every token set against the others."""
+    import torch
+
+    from volumetric.classical_tokens import needs_batch_standardize, standardize_batch
+    from volumetric.engine import score_collections
+
+    layers = [torch.stack([t.layers[i] for t in token_sets]) for i in range(len(token_sets[0].layers))]
+    valid = ~torch.stack([t.void for t in token_sets])
+    if needs_batch_standardize(token_sets):  # classical tokens: per-channel z over the batch's valid tokens
+        layers = standardize_batch(layers, valid)
+    result = score_collections(layers, valid, method=method, config=scoring_config)
+    scores = Scores(
+        element_scores=np.asarray(torch.as_tensor(result.element_scores).float().cpu(), dtype=np.float32),
+        collection_scores=np.asarray(torch.as_tensor(result.collection_scores).double().cpu()),
+        settings=plain(scoring_config),
+    )
+    graph = result.codegraph
+    if graph is not None:
+        scores.graph = graph.graph
+        scores.communities = [list(map(int, c)) for c in graph.communities]
+        scores.outlier_communities = [int(c) for c in graph.outlier_communities]
+        scores.excluded_fraction = float(graph.excluded_fraction)
+        scores.summary = graph.summary()
+    return scores
+
+
+def plain(obj: Any) -> Any:
+    """JSON-ready copy of a dataclass config (other objects as their repr)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {name: plain(getattr(obj, name)) for name in obj.__dataclass_fields__}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)

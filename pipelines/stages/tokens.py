@@ -1,0 +1,135 @@
+"""Stage 3 of `volscan screen`: model inputs to token sets, through the token cache.
+
+`VolumeTokenizer` / `ImageTokenizer` results are cached in `<cache>/tokens`, keyed by the
+content hash of the preprocessed cube (and brain mask) plus every token setting, so a re-run
+with the same settings extracts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
+from pipelines.stages.preprocess import Prepared, checked_table
+from volumetric.errors import VolscanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    """`sets`: one `TokenSet` per subject; `brain_masks`: packed cube masks (N, S^3/8) uint8
+    (3D) or None; `info`: facts for the report (settings as used, cache hits, grid)."""
+
+    sets: list[Any]
+    brain_masks: np.ndarray | None
+    info: dict[str, Any]
+
+
+def tokenizer_options(config: ScreenConfig, kind: str) -> dict[str, Any]:
+    """Tokenizer arguments from the flags and the config's `tokenizer` table, checked."""
+    from volumetric.tokens import ImageTokenizer, VolumeTokenizer
+
+    if config.backbone == CLASSICAL_BACKBONE:
+        from volumetric.classical_tokens import ClassicalTokenizer
+
+        return checked_table(config.tokenizer, ClassicalTokenizer, set(), "tokenizer")
+    tokenizer_cls = VolumeTokenizer if kind == "3d" else ImageTokenizer
+    fixed = {"backbone", "layers", "proj_dim", "seed", "device"}
+    options = checked_table(config.tokenizer, tokenizer_cls, fixed, "tokenizer")
+    if config.layers is not None:
+        options["layers"] = list(config.layers)
+    if config.proj_dim is not None:
+        options["proj_dim"] = config.proj_dim
+    return options
+
+
+def make_tokenizer(
+    config: ScreenConfig, kind: str, device: str, options: dict[str, Any], backbone: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """(tokenizer, its settings as cached: every token setting plus the cube/image `size`);
+    `backbone`: the model the validation pass already loaded (built here when None)."""
+    from volumetric.backbones import create_backbone
+    from volumetric.tokens import ImageTokenizer, VolumeTokenizer
+
+    if config.backbone == CLASSICAL_BACKBONE:  # weights-free: no backbone, same grid, void rule and cache
+        from volumetric.classical_tokens import ClassicalTokenizer
+
+        tokenizer = ClassicalTokenizer(**options)
+        return tokenizer, dict(tokenizer.settings, size=config.size)
+    tokenizer_cls = VolumeTokenizer if kind == "3d" else ImageTokenizer
+    if backbone is None:
+        backbone = create_backbone(
+            config.backbone, config.weights, device, random_seed=config.seed, **config.backbone_kwargs
+        )
+    tokenizer = tokenizer_cls(backbone, seed=config.seed, device=device, **options)
+    return tokenizer, dict(tokenizer.settings, size=config.size)
+
+
+def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, settings: dict[str, Any]) -> str:
+    """The one cache-key recipe: content of the model input (and brain mask) + token settings."""
+    from volumetric.token_cache import content_hash
+
+    source = content_hash(array) + (content_hash(brain_mask) if brain_mask is not None else "")
+    return cache.key(hashlib.sha256(source.encode()).hexdigest(), settings)
+
+
+def extract_tokens(
+    ids: list[str], kind: str, prepared: Prepared, config: ScreenConfig, device: str, cache_root: Path,
+    options: dict[str, Any], *, compute: bool = True, backbone: Any = None,
+) -> Tokens:
+    """Token sets of every subject (cached or extracted); one grid for all, none all void.
+
+    `compute=False` extracts nothing: subjects whose tokens are not cached are an error naming them."""
+    from tqdm.auto import tqdm
+
+    from pipelines.evaluate import pack_mask
+    from volumetric.classical_tokens import describe_tokenizer
+    from volumetric.token_cache import TokenCache
+
+    tokenizer, settings = make_tokenizer(config, kind, device, options, backbone)
+    cache = TokenCache(cache_root / "tokens")
+    token_sets, packed_masks, computed, missing = [], [], 0, []
+    for sid, load in zip(ids, tqdm(prepared.load, desc="tokens", unit="vol" if kind == "3d" else "img")):
+        array, brain_mask = load()
+        if brain_mask is not None:
+            packed_masks.append(pack_mask(brain_mask))
+        key = token_key(cache, array, brain_mask, settings)
+        tokens = cache.load(key)
+        if tokens is None and not compute:
+            missing.append(sid)
+            continue
+        if tokens is None:
+            tokens = tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array)
+            cache.store(key, tokens)
+            computed += 1
+        token_sets.append(tokens)
+    if missing:
+        raise VolscanError(f"tokens of {len(missing)} scan(s) are not cached (e.g. {missing[0]}); extract them first")
+    grids = {tuple(t.grid) for t in token_sets}
+    if len(grids) != 1:
+        raise VolscanError(f"token grids differ between inputs: {sorted(grids)}")
+    empty = [sid for sid, t in zip(ids, token_sets) if bool(t.void.all())]
+    if empty:
+        raise VolscanError(
+            f"{len(empty)} input(s) have no usable token (e.g. {empty[0]}): every token of the "
+            f"{'x'.join(map(str, token_sets[0].grid))} grid is less than {tokenizer.void_fraction:.0%} brain; "
+            "use a larger --size or a lower tokenizer void_fraction in the config file"
+        )
+    info = {
+        "settings": settings,
+        "computed": computed,
+        "cached": len(token_sets) - computed,
+        "cache": str(cache.root.resolve()),
+        "grid": list(grids.pop()),
+        "random_weights": bool(tokenizer.identity.random_weights),
+        "features": describe_tokenizer(tokenizer),
+    }
+    log.info("tokens: %d computed, %d from cache", computed, info["cached"])
+    return Tokens(token_sets, np.stack(packed_masks) if packed_masks else None, info)

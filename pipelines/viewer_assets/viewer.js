@@ -1,0 +1,117 @@
+// volscan report viewer: one scan at a time in NiiVue (vendored UMD build, no network), its
+// anomaly map as a "warm" overlay above a threshold slider, mask outline in cyan, three
+// planes, crosshair on the hotspot. Scan data come as <script> files (viewer/data/*.js)
+// because browsers refuse fetch() of file:// URLs but allow classic scripts.
+(function () {
+  "use strict";
+  const scans = window.VOLSCAN_SCANS || [];
+  const status = document.getElementById("vs-status");
+  const select = document.getElementById("vs-scan");
+  const slider = document.getElementById("vs-threshold");
+  const shown = document.getElementById("vs-threshold-value");
+  const loaded = {};
+  const waiting = {};
+  let nv = null;
+  let overlay = null;
+
+  window.volscanViewer = {
+    register(index, data) {
+      loaded[index] = data;
+      if (waiting[index]) waiting[index](data);
+    },
+  };
+
+  function say(text, state) {
+    status.textContent = text;
+    if (state) status.dataset.state = state;
+    status.dataset.errors = JSON.stringify(window.volscanErrors || []);
+  }
+
+  function scanData(index) {
+    if (loaded[index]) return Promise.resolve(loaded[index]);
+    return new Promise((resolve, reject) => {
+      waiting[index] = resolve;
+      const tag = document.createElement("script");
+      tag.src = scans[index].file;
+      tag.onerror = () => reject(new Error("cannot load " + scans[index].file));
+      document.head.appendChild(tag);
+    });
+  }
+
+  // Distinct colours in the drawn frame, read back right after drawing (before the browser
+  // composites and may clear the buffer): a blank canvas has one.
+  function colourCount() {
+    const gl = nv.gl;
+    const w = gl.drawingBufferWidth, h = gl.drawingBufferHeight;
+    const pixels = new Uint8Array(4 * w * h);
+    gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, pixels);
+    const seen = new Set();
+    for (let i = 0; i < pixels.length; i += 4 * 7) seen.add((pixels[i] << 16) | (pixels[i + 1] << 8) | pixels[i + 2]);
+    return seen.size;
+  }
+
+  async function show(index) {
+    const scan = scans[index];
+    say("loading " + scan.id + " ...", "loading");
+    const data = await scanData(index);
+    while (nv.volumes.length) nv.removeVolume(nv.volumes[0]);
+    const base = await niivue.NVImage.loadFromBase64({ base64: data.image, name: scan.id + ".nii.gz", colorbarVisible: false });
+    nv.addVolume(base);
+    overlay = await niivue.NVImage.loadFromBase64({
+      base64: data.map, name: scan.id + "_map.nii.gz", colormap: "warm", opacity: 0.6,
+      cal_min: Number(slider.value), cal_max: scan.high,
+    });
+    nv.addVolume(overlay);
+    if (data.label) {
+      const label = await niivue.NVImage.loadFromBase64({
+        base64: data.label, name: scan.id + "_mask.nii.gz", colormap: "blue", opacity: 0.35, cal_min: 0.5, cal_max: 1,
+        colorbarVisible: false,
+      });
+      nv.addVolume(label);
+    }
+    if (scan.hotspot_mm) nv.scene.crosshairPos = nv.mm2frac(scan.hotspot_mm);
+    nv.setSliceType(nv.sliceTypeMultiplanar);
+    nv.updateGLVolume();
+    nv.drawScene();
+    status.dataset.colours = String(colourCount());
+    say(scan.id + ": rank " + scan.rank + ", hotspot " + (scan.hotspot_mm ? scan.hotspot_mm.join(", ") + " mm (RAS)" : "-"), "drawn");
+  }
+
+  function setThreshold() {
+    shown.textContent = Number(slider.value).toPrecision(4);
+    if (!overlay) return;
+    overlay.cal_min = Number(slider.value);
+    nv.updateGLVolume();
+  }
+
+  async function start() {
+    if (!scans.length) return say("no 3D scans to show", "empty");
+    if (!window.niivue) return say("viewer bundle viewer/niivue.umd.js did not load", "error");
+    const first = scans[0];
+    slider.min = String(first.low);
+    slider.max = String(first.high);
+    slider.step = String((first.high - first.low) / 500 || 1);
+    slider.value = String(first.threshold);
+    scans.forEach((scan, i) => {
+      const option = document.createElement("option");
+      option.value = String(i);
+      option.textContent = scan.rank + ". " + scan.id + (scan.flagged ? " (flagged)" : "");
+      select.appendChild(option);
+    });
+    nv = new niivue.Niivue({
+      backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: true, crosshairColor: [0, 1, 0, 0.8], crosshairWidth: 1,
+    });
+    await nv.attachTo("vs-canvas");
+    select.addEventListener("change", () => show(Number(select.value)).catch(fail));
+    slider.addEventListener("input", setThreshold);
+    setThreshold();
+    await show(0);
+  }
+
+  function fail(error) {
+    say("viewer error: " + error, "error");
+    console.error(error);
+  }
+
+  start().catch(fail);
+})();

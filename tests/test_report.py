@@ -1,0 +1,181 @@
+"""The screen report: hotspots (native voxels and RAS mm), flags, report.json/HTML contents,
+and the offline viewer in a real headless browser.
+
+The end-to-end run screens the tiny cohort of test_screen (ellipsoid brains, three with a
+bright sphere lesion, inputs stored flipped / on a shifted grid) with the weights-free
+classical features, which see a bright sphere; cube 56 = a 4^3 token grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_screen import LESIONS, make_cohort, make_template
+
+from pipelines.cli import main
+from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_threshold, rank_percentile
+
+CUBE = 56
+
+
+# ---------------------------------------------------------------- hotspot geometry (no model)
+
+
+def test_hotspot_voxel_and_ras_mm_on_a_flipped_anisotropic_grid() -> None:
+    """A map stored LPS-like (x and y flipped) with 2 x 3 x 1.5 mm voxels: the hotspot voxel is
+    the argmax in file order and its millimetres are affine @ voxel, with the sign of RAS."""
+    affine = np.array([[-2.0, 0, 0, 40.0], [0, -3.0, 0, 60.0], [0, 0, 1.5, -20.0], [0, 0, 0, 1]])
+    score_map = np.zeros((30, 25, 40), dtype=np.float32)
+    score_map[5, 20, 33] = 1.0
+    score_map[4:7, 19:22, 32:35] += 0.5  # 27-voxel plateau above 0.4 around the peak
+    score_map[20, 3, 5] = 0.45  # a separate, smaller bump: not part of the hotspot's region
+    spot = find_hotspot(score_map, threshold=0.4, affine=affine)
+    assert spot.voxel == (5, 20, 33) and spot.value == pytest.approx(1.5)
+    # x = -2*5 + 40 = 30 (patient's right), y = -3*20 + 60 = 0, z = 1.5*33 - 20 = 29.5
+    assert spot.world_mm == pytest.approx((30.0, 0.0, 29.5))
+    assert spot.region_voxels == 27 and spot.region_mm3 == pytest.approx(27 * 2 * 3 * 1.5)
+    below = find_hotspot(score_map, threshold=2.0, affine=affine)
+    assert below.region_voxels == 0 and below.region_mm3 == 0.0
+    flat = find_hotspot(np.zeros((4, 5)), threshold=0.1)
+    assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (0, 0)
+
+
+def test_flag_threshold_is_the_robust_z_rule() -> None:
+    scores = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 3.0])
+    median = np.median(scores)
+    mad = np.median(np.abs(scores - median))
+    assert flag_threshold(scores, 3.0) == pytest.approx(median + 3 * MAD_TO_SIGMA * mad)
+    assert (scores > flag_threshold(scores, 3.0)).tolist() == [False] * 5 + [True]
+    assert flag_threshold(np.ones(5), 3.0) == float("inf")
+    assert [rank_percentile(r, 5) for r in (1, 3, 5)] == [100.0, 50.0, 0.0]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def classical_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("report")
+    images, labels, truth = make_cohort(root)
+    template = make_template(root / "template")
+    out = root / "run"
+    code = main(["screen", str(images), "--labels", str(labels), "--template", str(template), "--registered",
+                 "--skull-stripped", "--backbone", "classical", "--size", str(CUBE), "--device", "cpu",
+                 "--cache", str(root / "cache"), "--top", "3", "-o", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return {"root": root, "images": images, "labels": labels, "truth": truth, "out": out, "report": report}
+
+
+def test_report_json_hotspots_match_each_input_grid(classical_run: dict) -> None:
+    report = classical_run["report"]
+    assert [s["rank"] for s in report["subjects"]] == list(range(1, len(classical_run["truth"]) + 1))
+    for entry in report["subjects"]:
+        image = nib.load(entry["image"])
+        assert Path(entry["image"]).is_absolute()
+        spot = entry["hotspot"]
+        voxel = np.array(spot["voxel"])
+        assert np.all(voxel >= 0) and np.all(voxel < image.shape)
+        expected = image.affine[:3, :3] @ voxel + image.affine[:3, 3]
+        assert spot["world_mm_ras"] == pytest.approx(expected.tolist(), abs=0.01)
+        stored = np.asarray(nib.load(str(classical_run["out"] / entry["map"])).dataobj)
+        assert stored[tuple(voxel)] == pytest.approx(stored.max())
+        assert spot["region_voxels"] >= 0 and 0.0 <= entry["percentile"] <= 100.0
+        assert entry["flagged"] == (entry["score"] > report["summary"]["flag_threshold"])
+
+
+def test_top_ranked_lesion_scan_hotspot_lies_in_or_next_to_its_lesion(classical_run: dict) -> None:
+    """Within one token cube (14 cube voxels, in mm along the cube's coarsest axis) of the lesion."""
+    out, report = classical_run["out"], classical_run["report"]
+    top = next(s for s in report["subjects"] if classical_run["truth"][s["id"]])
+    assert top["rank"] <= 2  # the bright sphere is seen
+    label = nib.load(str(classical_run["labels"] / f"{top['id']}.nii.gz"))
+    lesion = np.argwhere(np.asarray(label.dataobj) > 0)
+    lesion_mm = lesion @ label.affine[:3, :3].T + label.affine[:3, 3]
+    distance = np.linalg.norm(lesion_mm - np.array(top["hotspot"]["world_mm_ras"]), axis=1).min()
+    cube_affine = np.array(json.loads((out / "mappings" / f"{top['id']}.json").read_text())["cube_affine"])
+    one_cube_mm = 14 * np.sqrt((cube_affine[:3, :3] ** 2).sum(axis=0)).max()
+    assert distance <= one_cube_mm, (top["id"], distance, one_cube_mm, LESIONS[top["id"]])
+
+
+def test_report_settings_are_the_ones_used(classical_run: dict) -> None:
+    report = classical_run["report"]
+    settings = report["settings"]
+    assert settings["device"] == "cpu" and settings["size"] == CUBE
+    assert Path(settings["cache"]).is_absolute() and Path(settings["template"]).is_absolute()
+    assert settings["preprocess"]["margin_mm"] == 4.0 and settings["preprocess"]["cubic"] is False
+    assert settings["brain_mask"] == settings["preprocess"]["brain_mask"] and settings["brain_mask"] is not None
+    assert settings["scoring"]["lnamd_radii"] == [1, 3, 5]  # the resolved ScoringConfig, not the empty table
+    assert Path(report["input"]).is_absolute() and Path(report["output"]) == classical_run["out"].resolve()
+    summary = report["summary"]
+    assert summary["method"] == "codegraph" and summary["features"]["grid"] == [4, 4, 4]
+    assert summary["flagged"] == [s["id"] for s in report["subjects"] if s["flagged"]]
+
+
+def test_report_html_reads_top_down(classical_run: dict) -> None:
+    out, report = classical_run["out"], classical_run["report"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    order = [page.index(marker) for marker in
+             ("class='summary'", "<h2>Ranking</h2>", "<h2>Viewer</h2>", "<h2>Top-ranked scans</h2>",
+              "<h2>Metrics</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>", "<h2>Glossary</h2>")]
+    assert order == sorted(order)
+    assert f"{len(report['summary']['flagged'])} of {len(classical_run['truth'])}" in page
+    top = report["subjects"][0]
+    assert ", ".join(f"{v:.1f}" for v in top["hotspot"]["world_mm_ras"]) in page
+    assert "Dice protocol" in page and "token-grid F1-max" in page and "grid_f1_max" not in page
+    panels = [s["panel"] for s in report["subjects"] if s.get("panel")]
+    assert len(panels) == 3 and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in panels)
+    graph = report["codegraph"]
+    rows = re.findall(r"<tr><td>\d+</td><td>\d+</td><td>(?:yes)?</td><td>([^<]*)</td></tr>", page)
+    assert len(rows) == len(graph["communities"]) >= 1
+    assert sorted(i for row in rows for i in row.split(", ")) == sorted(classical_run["truth"])
+    settings_table = page.split("<h2>Settings as used</h2>")[1].split("<h2>")[0]
+    assert "<td>layers</td><td>(not used)</td>" in settings_table  # classical features have no layers
+    assert "<td>null</td>" not in settings_table
+
+
+# ---------------------------------------------------------------- the viewer in a real browser
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+                None)
+
+
+def _browse(page: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `page` (file://, no server, no network), software WebGL."""
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
+               "--enable-unsafe-swiftshader", "--no-first-run", "--disable-extensions", "--hide-scrollbars",
+               "--virtual-time-budget=30000", "--window-size=1280,2400", *extra, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_viewer_draws_offline_in_a_headless_browser(classical_run: dict, tmp_path: Path) -> None:
+    if _chromium() is None:
+        if os.environ.get("CI"):  # .ci/run installs Debian's chromium: missing there is a failure
+            pytest.fail("no Chromium in CI")
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    out = classical_run["out"]
+    copy = tmp_path / "moved run"  # the folder works wherever it is (relative links only)
+    shutil.copytree(out, copy)
+    result = _browse(copy / "report.html", "--dump-dom")
+    status = re.search(r'<p id="vs-status"([^>]*)>([^<]*)</p>', result.stdout)
+    assert status, result.stderr[-2000:]
+    attributes = dict(re.findall(r'data-(\w+)="([^"]*)"', status.group(1)))
+    assert attributes.get("state") == "drawn", (status.group(0), result.stderr[-2000:])
+    assert json.loads(attributes["errors"].replace("&quot;", '"')) == []
+    assert int(attributes["colours"]) > 20  # a drawn scan, not a blank canvas
+    top = classical_run["report"]["subjects"][0]["id"]
+    assert top in status.group(2)
+    assert "Uncaught" not in result.stderr
+    shot = tmp_path / "report.png"
+    _browse(copy / "report.html", f"--screenshot={shot}")
+    assert shot.read_bytes()[:4] == b"\x89PNG"
