@@ -1,143 +1,245 @@
-"""Benchmark: `mutual_scores` against the straightforward per-collection `torch.cdist` loop.
+"""Benchmark: the engine against MuSc's own formulation (fp32 / bf16 / fp16), and CoDeGraph memory.
 
-Prints, in one run, elements/s of both on the same features, peak extra memory (RSS on CPU,
-allocator peak on CUDA), the speed ratio, the largest relative score difference, and the
-projected time of the paper's N = 150 cohort (both scale with N^2 at fixed M).
+MuSc's formulation (its `models/modules/_MSM.py`, `compute_scores_fast`): for each image i ONE
+`torch.cdist` of its M patches against all other images' patches concatenated ((N - 1) M
+columns), reshaped to (M, N - 1, M), the per-image minimum, then the mean of the
+k = int(f (N - 1)) smallest (f = 0.3). Void partner patches are masked (+inf) before the minimum
+(the least change that gives MuSc a void mask; its query rows stay all M patches, as in MuSc).
+The query rows of one image go through `cdist` in chunks of `--reference-rows` so that the
+(rows, (N-1) M) matrix stays under ~1 GiB on this machine (same arithmetic).
 
-Cases: 2D-like N = 60, M = 1369 (37 x 37 patches), C = 1024; 3D-like N = 60, M = 4096 (16^3)
-with 30 % void, C = 192. The reference is the obvious formulation: for each collection I and
-each J != I, `torch.cdist(F_I, F_J).amin(1)` on the valid tokens, then sort and average the k
-smallest. It needs N (N - 1) cdist calls; to keep the run short it is timed on
-`--reference-collections` query collections (against all others; half before and half after
-the engine) and extrapolated linearly to N, which the output says.
+Both sides run in one process on the same features, side by side, in `--repeats` rounds whose
+order rotates (so load from other processes drifts into every side alike); the load average is
+printed per round and the speed-ups are per round, then their median.
 
-    python benchmarks/engine.py                 # both cases, CPU (all threads torch uses)
-    python benchmarks/engine.py --case 3d --device cuda --half
+Sampled timing (default `--queries 4`): MuSc's formulation is timed on 4 query images (4 cdist
+calls) and the engine on every pair of collections that touches one of them (each pair once),
+plus the scoring; both are extrapolated linearly in the pairs they compute (MuSc: x N / 4;
+engine: x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collections.
+`--queries 0` runs everything in full (MuSc: N cdist calls; engine: `mutual_scores`).
+
+Printed: seconds and valid elements/s per side, speed-up over MuSc (median of rounds), max relative
+score difference to MuSc (fp32) and, for bf16 / fp16, max relative score error, top-1 % element
+agreement against the fp32 engine; projected engine time for N = 150 and N = 1000 (pairs scale
+with N (N - 1)); CoDeGraph peak memory against N (`benchmarks/codegraph_memory.py` per size, in
+a fresh process each) with a quadratic fit projected to N = 1000.
+
+    python benchmarks/engine.py --case all --repeats 3                 # CPU, both shapes
+    python benchmarks/engine.py --case none --memory-sizes 50,150      # CoDeGraph memory only
+    bash benchmarks/engine_gpu.sh                                      # CUDA, <= 8 min on an H200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
-import threading
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from volumetric.engine import mutual_scores
+from volumetric.engine import EngineOptions, mutual_scores
+from volumetric.engine.distances import collection_minima
+from volumetric.engine.mutual import minima_scores, top_k_counts
 
 CASES = {
     "2d": dict(n=60, m=1369, c=1024, void=0.0),
-    "3d": dict(n=60, m=4096, c=192, void=0.3),
+    "3d": dict(n=60, m=4096, c=384, void=0.3),
 }
-COHORT = 150
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PROJECT_TO = (150, 1000)
+MUSC_FRACTION = 0.3
+MEMORY_SCRIPT = Path(__file__).with_name("codegraph_memory.py")
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, int]:
-    """Run fn once; return its result, wall seconds and peak extra memory in bytes."""
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
-    base = peak = rss_bytes()
-    done = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.005):
-            peak = max(peak, rss_bytes())
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return out, seconds, max(peak, rss_bytes()) - base
+    synchronize(device)
+    return out, time.perf_counter() - start
 
 
-def reference_scores(features: torch.Tensor, valid: torch.Tensor, queries: list[int], f: float) -> torch.Tensor:
-    """The straightforward formulation: for each query collection, cdist to every other one."""
-    n = features.shape[0]
-    k = max(1, int(f * (n - 1)))
-    banks = [features[j][valid[j]] for j in range(n)]
+def musc_scores(features: torch.Tensor, valid: torch.Tensor, i: int, f: float, rows: int) -> torch.Tensor:
+    """MuSc's `compute_scores_fast` for image i, void partners masked: (M,) scores (void rows too)."""
+    n, m, c = features.shape
+    others = torch.cat([features[:i], features[i + 1 :]]).reshape(-1, c)
+    void_others = ~torch.cat([valid[:i], valid[i + 1 :]])  # (N-1, M)
+    k = int((n - 1) * f)
     out = []
-    for i in queries:
-        minima = torch.stack([torch.cdist(banks[i], banks[j]).amin(1) for j in range(n) if j != i], 1)
-        out.append(minima.sort(1).values[:, :k].mean(1))
+    for r0 in range(0, m, rows):
+        d = torch.cdist(features[i, r0 : r0 + rows], others).view(-1, n - 1, m)
+        d.masked_fill_(void_others, torch.inf)
+        per_image = torch.min(d, -1)[0]
+        out.append(torch.topk(per_image, k, largest=False, sorted=True)[0].mean(1))
     return torch.cat(out)
 
 
+def query_partners(n: int, queries: list[int]) -> torch.Tensor:
+    """(N, N) pairs touching a query collection (symmetric, no diagonal)."""
+    partners = torch.zeros(n, n, dtype=torch.bool)
+    partners[queries] = True
+    partners[:, queries] = True
+    partners.fill_diagonal_(False)
+    return partners
+
+
+def agreement_top(reference: torch.Tensor, other: torch.Tensor, share: float = 0.01) -> float:
+    """Fraction of the top `share` elements by `reference` that are also top by `other`."""
+    count = max(1, round(share * reference.numel()))
+    top_ref = set(reference.topk(count).indices.tolist())
+    top_other = set(other.topk(count).indices.tolist())
+    return len(top_ref & top_other) / count
+
+
+def max_relative(values: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((values.double() - reference.double()).abs() / reference.double().abs()).max())
+
+
 def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
-    spec = CASES[name]
+    spec = dict(CASES[name])
+    if args.collections:
+        spec["n"] = args.collections
     n, m, c = spec["n"], spec["m"], spec["c"]
     g = torch.Generator().manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(n, m, c, generator=g), dim=-1)
     valid = torch.rand(n, m, generator=g) >= spec["void"]
+    valid[torch.arange(n), 0] = True
     elements = int(valid.sum())
     features_dev, valid_dev = features.to(device), valid.to(device)
+    full = args.queries == 0
+    queries = list(range(n)) if full else [round(q * n / args.queries) for q in range(args.queries)]
+    partners = None if full else query_partners(n, queries)
+    total_pairs = n * (n - 1) // 2
+    engine_pairs = total_pairs if full else int(torch.triu(partners, 1).sum())
+    ref_scale, engine_scale = n / len(queries), total_pairs / engine_pairs
+    k = top_k_counts(torch.tensor([n]), MUSC_FRACTION)
 
-    queries = list(range(min(n, args.reference_collections)))
-    half_way = len(queries) // 2
+    def reference() -> torch.Tensor:
+        return torch.cat([musc_scores(features_dev, valid_dev, i, MUSC_FRACTION, args.reference_rows)[valid_dev[i]]
+                          for i in queries]).cpu()
 
-    def reference(part: list[int]) -> tuple[torch.Tensor, float, int]:
-        return measure(lambda: reference_scores(features_dev, valid_dev, part, args.top_fraction).cpu(), device)
+    def engine(precision: str) -> Callable[[], torch.Tensor]:
+        options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb, progress=False)
+        if full:
+            return lambda: mutual_scores(features_dev, MUSC_FRACTION, valid, options=options)[valid]
+        # sampled: only the pairs that touch a query, then the queries' scores
+        return lambda: minima_scores(
+            collection_minima([features_dev], valid, partners=partners, options=options), k.expand(n)
+        )[queries][valid[queries]]
 
-    # The reference is timed half before and half after the engine, so that load from other
-    # processes on a shared machine drifts into both sides of the ratio alike.
-    first, first_s, first_mem = reference(queries[:half_way])
-    scores, engine_s, engine_mem = measure(
-        lambda: mutual_scores(
-            features_dev, args.top_fraction, valid, device=device, half=args.half,
-            block_mb=args.block_mb, progress=False,
-        ),
-        device,
-    )
-    second, second_s, second_mem = reference(queries[half_way:])
-    reference_values = torch.cat([first, second])
-    ref_s, ref_mem = first_s + second_s, max(first_mem, second_mem)
-    ref_full_s = ref_s * n / len(queries)
-    ours = scores[queries][valid[queries]].double()
-    diff = float(((ours - reference_values.double()).abs() / reference_values.double().abs()).max())
-    scale = (COHORT / n) ** 2
-    print(f"\n[{name}] N={n} M={m} C={c} void={spec['void']:.0%} valid elements={elements} device={device}"
-          f"{' half' if args.half else ''} threads={torch.get_num_threads()}")
-    print(f"  engine    : {engine_s:8.2f} s  {elements / engine_s:12,.0f} elements/s  peak +{engine_mem / 2**20:7.0f} MiB")
-    print(f"  reference : {ref_full_s:8.2f} s  {elements / ref_full_s:12,.0f} elements/s  peak +{ref_mem / 2**20:7.0f} MiB"
-          f"  (timed {ref_s:.2f} s on {len(queries)}/{n} query collections, extrapolated x{n / len(queries):.1f})")
-    print(f"  speed-up  : {ref_full_s / engine_s:8.2f} x   max relative score difference {diff:.2e}")
-    print(f"  N={COHORT} projection (x{scale:.2f}): engine {engine_s * scale:8.1f} s, reference {ref_full_s * scale:8.1f} s")
+    sides: dict[str, Callable[[], torch.Tensor]] = {"musc": reference}
+    sides.update({p: engine(p) for p in args.precisions})
+    scale = {"musc": ref_scale, **{p: engine_scale for p in args.precisions}}
+    order = list(sides)
+    seconds: dict[str, list[float]] = {s: [] for s in order}
+    results: dict[str, torch.Tensor] = {}
+    print(f"\n[{name}] N={n} M={m} C={c} void={spec['void']:.0%} valid elements={elements} device={device} "
+          f"threads={torch.get_num_threads()} block_mb={args.block_mb} "
+          + ("full run" if full else f"timed on {len(queries)} query collections {queries}, extrapolated: "
+             f"MuSc x{ref_scale:.1f}, engine x{engine_scale:.1f} ({engine_pairs} of {total_pairs} pairs)"), flush=True)
+    for round_ in range(args.repeats):
+        load = os.getloadavg()[0]
+        rotated = order[round_ % len(order):] + order[: round_ % len(order)]
+        for side in rotated:
+            out, s = timed(sides[side], device)
+            seconds[side].append(s * scale[side])
+            results.setdefault(side, out.float().cpu())
+        line = "  ".join(f"{s} {seconds[s][-1]:8.1f} s" for s in order)
+        ratios = "  ".join(f"{p} {seconds['musc'][-1] / seconds[p][-1]:6.2f}x" for p in args.precisions)
+        print(f"  round {round_ + 1}: load {load:5.1f} -> {os.getloadavg()[0]:5.1f}   {line}   speed-up {ratios}",
+              flush=True)
+
+    musc = results["musc"]
+    print(f"  {'side':5s} {'median s':>10s} {'elements/s':>12s} {'speed-up (median, min-max)':>30s}  accuracy")
+    for side in order:
+        med = statistics.median(seconds[side])
+        text = f"  {side:5s} {med:10.1f} {elements / med:12,.0f}"
+        if side == "musc":
+            print(text + f"  {'1.00x':>30s}  (reference)")
+            continue
+        per_round = [a / b for a, b in zip(seconds["musc"], seconds[side])]
+        text += f"  {statistics.median(per_round):12.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        text += f"  max rel. diff to MuSc {max_relative(results[side], musc):.2e}"
+        if side != "fp32" and "fp32" in results:
+            text += (f"; vs fp32: max rel. error {max_relative(results[side], results['fp32']):.2e}, "
+                     f"top-1 % agreement {agreement_top(results['fp32'], results[side]):.3f}")
+        print(text)
+    for side in args.precisions:
+        med = statistics.median(seconds[side])
+        projected = ", ".join(f"N={p}: {med * p * (p - 1) / (n * (n - 1)):,.0f} s" for p in PROJECT_TO)
+        print(f"  {side} projected (pairs ~ N^2, same M): {projected}")
 
 
-def main() -> None:
+def memory_section(args: argparse.Namespace) -> None:
+    """CoDeGraph peak memory against N, one fresh process per size (benchmarks/codegraph_memory.py)."""
+    sizes = [int(s) for s in args.memory_sizes.split(",") if s]
+    if not sizes:
+        return
+    print(f"\n[CoDeGraph memory] M={args.memory_m} valid tokens, C={args.memory_c}, views={args.memory_views}, "
+          f"precision={args.memory_precision} (peak = process VmHWM incl. the input views)", flush=True)
+    rows = []
+    for n in sizes:
+        command = [sys.executable, str(MEMORY_SCRIPT), "--child", "--sizes", str(n), "--m", str(args.memory_m),
+                   "--c", str(args.memory_c), "--views", str(args.memory_views), "--graph-views", "1",
+                   "--precision", args.memory_precision]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        row = json.loads(done.stdout.splitlines()[-1])
+        rows.append(row)
+        print(f"  N={n:5d}  peak {row['peak_mib']:8.0f} MiB  (inputs {row['inputs_mib']:6.0f} MiB, "
+              f"kept lists {row['kept_mib']:6.0f} MiB)  {row['seconds']:7.1f} s", flush=True)
+    if len(rows) >= 2:
+        ns = torch.tensor([float(r["n"]) for r in rows], dtype=torch.float64)
+        peaks = torch.tensor([r["peak_mib"] for r in rows], dtype=torch.float64)
+        basis = [torch.ones_like(ns), ns, ns**2][: min(3, len(rows))]
+        if len(rows) == 2:
+            basis = [torch.ones_like(ns), ns**2]
+        coef = torch.linalg.lstsq(torch.stack(basis, 1), peaks[:, None]).solution.flatten()
+        for target in sorted({300, 1000} - set(int(r["n"]) for r in rows)):
+            x = [1.0, float(target), float(target) ** 2] if len(rows) >= 3 else [1.0, float(target) ** 2]
+            value = float(torch.tensor(x, dtype=torch.float64) @ coef)
+            print(f"  N={target:5d}  peak {value:8.0f} MiB  (projected: fit over {[r['n'] for r in rows]})")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", choices=[*CASES, "all"], default="all")
+    parser.add_argument("--case", choices=[*CASES, "all", "none"], default="all")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--half", action="store_true", help="float16 products (CUDA only)")
-    parser.add_argument("--block-mb", type=float, default=256.0)
-    parser.add_argument("--top-fraction", type=float, default=0.1)
-    parser.add_argument("--reference-collections", type=int, default=6,
-                        help="query collections the reference is timed on (then extrapolated to N)")
+    parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16; "
+                        "plus fp16 on CUDA)")
+    parser.add_argument("--block-mb", type=float, default=EngineOptions().block_mb)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=4, help="query collections timed (0 = full runs)")
+    parser.add_argument("--collections", type=int, default=0, help="override N of the cases")
+    parser.add_argument("--reference-rows", type=int, default=1024, help="MuSc query rows per cdist chunk")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--memory-sizes", default="", help="CoDeGraph memory: comma list of N (e.g. 50,150,300)")
+    parser.add_argument("--memory-m", type=int, default=2900)
+    parser.add_argument("--memory-c", type=int, default=384)
+    parser.add_argument("--memory-views", type=int, default=2)
+    parser.add_argument("--memory-precision", default="fp32")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    for name in CASES if args.case == "all" else [args.case]:
-        run_case(name, args, device)
+    default = "fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16"
+    args.precisions = (args.precisions or default).split(",")
+    if args.case != "none":
+        for name in CASES if args.case == "all" else [args.case]:
+            run_case(name, args, device)
+    memory_section(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

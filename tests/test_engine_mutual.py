@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from volumetric.engine import MutualDistances, mutual_scores
+from volumetric import devices
+from volumetric.engine import CoDeGraph, EngineOptions, MutualDistances, mutual_scores
 from volumetric.engine.partners import global_features, plan_pairs
+from volumetric.engine.synthetic import synthetic_batch
 from volumetric.errors import VolscanError
 
 
@@ -77,7 +79,7 @@ def test_tiny_blocks_give_the_same_result():
     feats, valid = random_batch(6, 40, 8, seed=3, void=0.25)
     full = mutual_scores(feats, 0.4, valid, return_vectors=True)
     # 0.0005 MiB = 131 floats: forces row blocks of a few elements and one collection per block.
-    tiny = mutual_scores(feats, 0.4, valid, return_vectors=True, block_mb=0.0005)
+    tiny = mutual_scores(feats, 0.4, valid, return_vectors=True, options=EngineOptions(block_mb=0.0005))
     torch.testing.assert_close(tiny.scores, full.scores, equal_nan=True)
     torch.testing.assert_close(tiny.sorted_distances, full.sorted_distances, equal_nan=True)
     assert torch.equal(tiny.nearest, full.nearest)
@@ -125,7 +127,7 @@ def test_subsets_score_each_subset_alone():
     feats, valid = random_batch(10, 8, 4, seed=9, void=0.2)
     plan = plan_pairs(10, subsets=3, seed=4)
     expected = reference_scores(feats, valid, 0.5, plan.partners, plan.batch_size)
-    result = mutual_scores(feats, 0.5, valid, subsets=3, seed=4, return_vectors=True)
+    result = mutual_scores(feats, 0.5, valid, options=EngineOptions(subsets=3, seed=4), return_vectors=True)
     assert_scores_match(result.scores, expected)
     assert sorted(plan.batch_size.tolist()) == [3] * 6 + [4] * 4
     # entries of other subsets were never computed
@@ -135,7 +137,7 @@ def test_subsets_score_each_subset_alone():
 def test_preselection_keeps_the_most_similar_collections():
     feats, valid = random_batch(9, 6, 5, seed=13, void=0.2)
     full = mutual_scores(feats, 0.3, valid)
-    torch.testing.assert_close(mutual_scores(feats, 0.3, valid, preselect_fraction=1.0), full, equal_nan=True)
+    torch.testing.assert_close(mutual_scores(feats, 0.3, valid, options=EngineOptions(preselect_fraction=1.0)), full, equal_nan=True)
     globals_ = global_features(feats, valid)
     plan = plan_pairs(9, preselect_fraction=0.5, globals_=globals_, min_partners=2)
     assert torch.equal(plan.partners, plan.partners.T) and not plan.partners.diagonal().any()
@@ -144,7 +146,7 @@ def test_preselection_keeps_the_most_similar_collections():
         kept = plan.partners[i].nonzero().flatten()
         best = similarity[i].masked_fill(torch.eye(9, dtype=torch.bool)[i], -2).topk(4).indices
         assert set(best.tolist()) <= set(kept.tolist())
-    result = mutual_scores(feats, 0.3, valid, preselect_fraction=0.5)
+    result = mutual_scores(feats, 0.3, valid, options=EngineOptions(preselect_fraction=0.5))
     assert_scores_match(result, reference_scores(feats, valid, 0.3, plan.partners))
     assert bool((result[valid] >= full[valid] - 1e-6).all())
 
@@ -172,17 +174,81 @@ def test_bad_input_is_a_clear_value_error(make, message):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "make, message",
     [
-        (dict(top_fraction=0.0), "top_fraction"),
-        (dict(top_fraction=1.5), "top_fraction"),
-        (dict(subsets=3), "fewer than 2 per subset"),
-        (dict(preselect_fraction=0.0), "preselect_fraction"),
-        (dict(preselect_fraction=0.5, global_features=torch.randn(3, 4)), "global_features"),
-        (dict(device="cuda:99"), "device"),
-        (dict(device="nonsense"), "device"),
+        (lambda: dict(top_fraction=0.0), "top_fraction"),
+        (lambda: dict(top_fraction=1.5), "top_fraction"),
+        (lambda: dict(options=EngineOptions(subsets=3)), "fewer than 2 per subset"),
+        (lambda: dict(options=EngineOptions(preselect_fraction=0.0)), "preselect_fraction"),
+        (
+            lambda: dict(options=EngineOptions(preselect_fraction=0.5), global_features=torch.randn(3, 4)),
+            "global_features",
+        ),
+        (lambda: dict(options=EngineOptions(device="cuda:99")), "device"),
+        (lambda: dict(options=EngineOptions(device="nonsense")), "device"),
+        (lambda: dict(options=EngineOptions(precision="fp8")), "precision"),
+        (lambda: dict(options=EngineOptions(block_mb=0)), "block_mb"),
+        (lambda: dict(options=EngineOptions(subsets=0)), "subsets"),
+        (lambda: dict(options=EngineOptions(memory_mb=-1)), "memory_mb"),
     ],
 )
-def test_bad_options_are_refused(kwargs, message):
-    with pytest.raises(VolscanError, match=message):
-        mutual_scores(torch.randn(5, 4, 3), **kwargs)
+def test_bad_options_are_refused(make, message):
+    with pytest.raises(VolscanError, match=message) as caught:
+        mutual_scores(torch.randn(5, 4, 3), **make())
+    assert "\n" not in str(caught.value)
+
+
+def test_very_uneven_collections_are_padded_correctly():
+    feats, _ = random_batch(5, 12, 6, seed=17)
+    valid = torch.zeros(5, 12, dtype=torch.bool)
+    valid[0] = True  # the widest collection sets the padded width
+    valid[1, 3] = valid[2, [0, 11]] = valid[3, ::2] = valid[4, 5:9] = True
+    expected = reference_scores(feats, valid, 0.5)
+    for block_mb in (256.0, 0.0002):  # one block, and row/collection chunks of a few elements
+        result = mutual_scores(feats, 0.5, valid, return_vectors=True, options=EngineOptions(block_mb=block_mb))
+        assert_scores_match(result.scores, expected)
+        nearest = result.nearest[valid]
+        assert bool(((nearest == -1) | valid[result.collections[valid].clamp_min(0), nearest.clamp_min(0)]).all())
+
+
+def test_bf16_is_close_to_fp32():
+    feats, valid = random_batch(8, 60, 48, seed=21, void=0.3)
+    exact = mutual_scores(feats, 0.3, valid)
+    approx = mutual_scores(feats, 0.3, valid, options=EngineOptions(precision="bf16"))
+    assert torch.equal(approx.isnan(), exact.isnan())
+    relative = ((approx[valid] - exact[valid]).abs() / exact[valid]).max()
+    assert 0 < relative < 2e-3  # reduced precision really used, and still close
+
+
+def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(caplog):
+    feats, valid = random_batch(5, 9, 6, seed=23, void=0.2)
+    with caplog.at_level("WARNING"):
+        fallback = mutual_scores(feats, 0.3, valid, options=EngineOptions(device="cpu", precision="fp16"))
+    assert "fp16 needs CUDA" in caplog.text
+    exact = mutual_scores(feats, 0.3, valid, options=EngineOptions(device="cpu"))
+    torch.testing.assert_close(fallback, exact, rtol=0, atol=0, equal_nan=True)
+
+
+def test_bf16_without_native_support_warns(monkeypatch, caplog, tmp_path):
+    native = tmp_path / "native"
+    native.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n", encoding="utf-8")
+    plain = tmp_path / "plain"
+    plain.write_text("processor : 0\nflags : fpu avx2 avx512f\n", encoding="utf-8")
+    assert devices.cpu_has_native_bf16(str(native)) and not devices.cpu_has_native_bf16(str(plain))
+    assert not devices.cpu_has_native_bf16(str(tmp_path / "missing"))
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert devices.effective_precision("bf16", torch.device("cpu")) == "bf16"
+    assert "slower than fp32" in caplog.text
+
+
+def test_bf16_keeps_codegraph_outliers_and_exclusions():
+    batch = synthetic_batch(m=96, per_collection=10, seed=0)
+    exact = CoDeGraph()(batch.features, options=EngineOptions(progress=False))
+    approx = CoDeGraph()(batch.features, options=EngineOptions(precision="bf16", progress=False))
+    flagged = [[r.communities[c] for c in r.outlier_communities] for r in (exact, approx)]
+    assert flagged[0] == flagged[1] == [batch.consistent]
+    assert float((approx.excluded == exact.excluded).float().mean()) >= 0.99
+    top = max(1, round(0.01 * exact.scores.numel()))
+    same = set(exact.scores.flatten().topk(top).indices.tolist()) & set(approx.scores.flatten().topk(top).indices.tolist())
+    assert len(same) >= 0.99 * top

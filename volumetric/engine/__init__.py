@@ -6,11 +6,13 @@ Contracts: docs/architecture.md; choices and measurements: docs/engine.md.
 from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
 from volumetric.engine.lnamd import lnamd
 from volumetric.engine.mutual import MutualDistances, mutual_scores
+from volumetric.engine.options import EngineOptions
 from volumetric.engine.scoring import ScoringConfig, ScoringResult, score_collections
 
 __all__ = [
     "CoDeGraph",
     "CoDeGraphResult",
+    "EngineOptions",
     "MutualDistances",
     "ScoringConfig",
     "ScoringResult",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from volumetric.engine.distances import CollectionMinima, collection_minima
+from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
@@ -65,52 +66,39 @@ def mutual_scores(
     valid: Tensor | None = None,
     *,
     return_vectors: bool = False,
-    subsets: int = 1,
-    preselect_fraction: float | None = None,
     global_features: Tensor | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    half: bool = False,
-    block_mb: float = 256.0,
-    progress: bool = True,
+    options: EngineOptions | None = None,
 ) -> Tensor | MutualDistances:
     """Mutual scores of every element of a batch.
 
     `features`: (N, M, C) float tensor, or a sequence of them (one per layer; the distances
     `d(x, J)` are averaged over layers before sorting). `top_fraction` f in (0, 1].
     `valid`: (N, M) bool; invalid elements are neither scored (NaN) nor anyone's neighbour.
-    `subsets` / `preselect_fraction` / `global_features` (N, D): the paper's scale options
-    (see `volumetric.engine.partners`; the default global feature is the mean valid token).
-    `device`: "cpu", "cuda" or None (auto); `half`: float16 products on CUDA; `block_mb`:
-    memory of one distance block. Returns (N, M) float32 scores, or `MutualDistances` when
-    `return_vectors` is True.
+    `global_features` (N, D): for pre-selection (default: the mean valid token).
+    `options`: device, precision, block size, progress and the pair plan (`subsets`,
+    `preselect_fraction`, `seed`; see `volumetric.engine.partners`). Returns (N, M) float32
+    scores, or `MutualDistances` when `return_vectors` is True.
     """
     layers = as_layers(features)
     n, m = layers[0].shape[:2]
     valid = as_valid(valid, n, m)
     check_fraction("top_fraction", top_fraction)
-    batch_size = plan_pairs(n, subsets=subsets, seed=seed).batch_size
+    options = EngineOptions() if options is None else options
+    batch_size = plan_pairs(n, subsets=options.subsets, seed=options.seed).batch_size
     k = top_k_counts(batch_size, top_fraction)
     globals_ = None
-    if preselect_fraction is not None:
+    if options.preselect_fraction is not None:
         globals_ = mean_token_features(layers, valid) if global_features is None else global_features
     plan = plan_pairs(
         n,
-        subsets=subsets,
-        preselect_fraction=preselect_fraction,
+        subsets=options.subsets,
+        preselect_fraction=options.preselect_fraction,
         globals_=globals_,
         min_partners=int(k.max()),
-        seed=seed,
+        seed=options.seed,
     )
     minima = collection_minima(
-        layers,
-        valid,
-        partners=plan.partners,
-        nearest=return_vectors and len(layers) == 1,
-        device=device,
-        half=half,
-        block_mb=block_mb,
-        progress=progress,
+        layers, valid, partners=plan.partners, nearest=return_vectors and len(layers) == 1, options=options
     )
     scores = minima_scores(minima, k)
     if not return_vectors:

@@ -1,0 +1,54 @@
+"""`EngineOptions`: how the engine computes (not what it computes), passed down whole.
+
+One frozen object travels from `score_collections` / `CoDeGraph` / `mutual_scores` to
+`collection_minima`, instead of `device`, `precision`, `block_mb`, `progress` and the pair plan
+being re-listed at every layer. Results depend on `subsets`, `preselect_fraction` and `seed`
+(which pairs are compared) and, slightly, on `precision`; the rest only changes speed/memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from volumetric.engine.validation import check_fraction
+from volumetric.errors import VolscanError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings shared by every entry point.
+
+    `device`: "cpu", "cuda", "cuda:N" or None / "auto" (GPU when there is one); checked when used.
+    `precision`: "fp32" (default, results equal to a float64 reference to 1e-5), "bf16" (matrix
+    products in bfloat16 with float32 norms and accumulation: fast on CPUs with AVX512-BF16/AMX
+    and on CUDA) or "fp16" (CUDA only). `block_mb`: MiB of one float32 block of distances
+    (bigger on GPUs). `memory_mb`: budget for what a batch keeps (CoDeGraph), None = no limit.
+    `progress`: tqdm bars. Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
+    into s independent subsets), `preselect_fraction` (compare each collection with that share
+    of its most similar collections, None = all) and `seed` (subset split).
+    """
+
+    device: str | None = None
+    precision: str = "fp32"
+    block_mb: float = 32.0
+    memory_mb: float | None = None
+    progress: bool = True
+    subsets: int = 1
+    preselect_fraction: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise VolscanError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if not (isinstance(self.block_mb, (int, float)) and self.block_mb > 0):
+            raise VolscanError(f"block_mb: must be a number > 0, got {self.block_mb!r}")
+        if self.memory_mb is not None and not (isinstance(self.memory_mb, (int, float)) and self.memory_mb > 0):
+            raise VolscanError(f"memory_mb: must be a number > 0 or None, got {self.memory_mb!r}")
+        if isinstance(self.subsets, bool) or not isinstance(self.subsets, int) or self.subsets < 1:
+            raise VolscanError(f"subsets: must be a positive integer, got {self.subsets!r}")
+        if self.preselect_fraction is not None:
+            check_fraction("preselect_fraction", self.preselect_fraction)
+        if self.device is not None and not isinstance(self.device, str):
+            raise VolscanError(f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}")
