@@ -24,10 +24,12 @@ from scipy.spatial.transform import Rotation
 
 from preprocessing.intensity import learn_landmarks, standardize
 from preprocessing.io import Volume, load_volume, save_volume
-from preprocessing.pipeline import VolumePreprocessor, preprocess_cohort
+from preprocessing.cohort import preprocess_cohort
 from preprocessing.registration import prepare_image, register_affine
 from preprocessing.resample import resample_to_grid
+from preprocessing.settings import PreprocessSettings
 from preprocessing.template import load_template
+from preprocessing.volume import VolumePreprocessor
 
 ATLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sri24"
 
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--template", type=Path, default=ATLAS)
     parser.add_argument("--workers", type=int, default=1, help="parallel processes for the cohort run")
+    parser.add_argument("--brain-mask", default="template", help="brain extractor (see benchmarks/brain_mask.py)")
     args = parser.parse_args(argv)
+    settings = PreprocessSettings(size=args.size, brain_mask=args.brain_mask)
     template = load_template(args.template)
     centre = template.image.affine @ np.r_[(np.array(template.image.array.shape) - 1) / 2, 1]
     with tempfile.TemporaryDirectory(prefix="volscan-bench-") as tmp:
@@ -79,22 +83,22 @@ def main(argv: list[str] | None = None) -> int:
             truths[f"scan_{i:02d}"] = world
         paths = sorted((tmp / "in").iterdir())
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = preprocess_cohort(paths, tmp / "out", template=template, size=args.size, workers=args.workers)
+        result = preprocess_cohort(paths, tmp / "out", settings, template=template, workers=args.workers)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         errors = {
             r.id: corner_error_mm(r.load_mapping().template_to_native @ truths[r.id], centre[:3]) for r in result.records
         }
         # Stage breakdown on the first scan.
-        pre = VolumePreprocessor(template, size=args.size)
+        pre = VolumePreprocessor(settings, template)
         stages = {}
         t = time.perf_counter()
         volume = load_volume(paths[0])
         stages["load"] = time.perf_counter() - t
         t = time.perf_counter()
-        fixed = prepare_image(template.image.array, template.image.affine, pre.registration)
+        fixed = prepare_image(template.image.array, template.image.affine, settings.registration)
         stages["prepare_template (once per cohort)"] = time.perf_counter() - t
         t = time.perf_counter()
-        register_affine(prepare_image(volume.array, volume.affine, pre.registration), fixed, pre.registration)
+        register_affine(prepare_image(volume.array, volume.affine, settings.registration), fixed, settings.registration)
         stages["register"] = time.perf_counter() - t
         t = time.perf_counter()
         spatial = pre(Volume(volume.array, volume.affine))
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "volumes": args.n,
         "workers": args.workers,
         "size": args.size,
+        "brain_mask": args.brain_mask,
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "seconds_per_volume_full_chain": total / args.n,

@@ -8,10 +8,14 @@ from test_preprocessing_data import dice, known_affine, small_template, warped_c
 
 from pipelines.cli import main
 from preprocessing.io import load_volume, save_volume
-from preprocessing.pipeline import SubjectSpec, VolumePreprocessor, preprocess_cohort
+from preprocessing.cohort import SubjectSpec, preprocess_cohort
+from preprocessing.settings import PreprocessSettings
+from preprocessing.volume import VolumePreprocessor
 from volumetric.errors import InputFileError, VolscanError
 
 SIZE = 28
+# The template mask keeps these tests fast; learned extractors: tests/test_preprocessing_masks.py.
+SETTINGS = PreprocessSettings(size=SIZE, brain_mask="template")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def _specs(inputs):
 
 def test_mixed_cohort_outputs_and_resume(template_dir, inputs, tmp_path):
     out = tmp_path / "out"
-    result = preprocess_cohort(_specs(inputs), out, template=template_dir, size=SIZE, progress=False)
+    result = preprocess_cohort(_specs(inputs), out, SETTINGS, template=template_dir, progress=False)
     assert [r.id for r in result.records] == ["raw_01", "brats_01", "brats_02"]
     assert result.computed == ["raw_01", "brats_01", "brats_02"]
     cubes = {r.id: r.load_image() for r in result.records}
@@ -62,23 +66,22 @@ def test_mixed_cohort_outputs_and_resume(template_dir, inputs, tmp_path):
     assert dice(masks["raw_01"], masks["brats_01"]) > 0.85
     assert result.landmarks_path.is_file() and result.landmarks_path.with_suffix(".json").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = preprocess_cohort(_specs(inputs), out, template=template_dir, size=SIZE, progress=False)
+    again = preprocess_cohort(_specs(inputs), out, SETTINGS, template=template_dir, progress=False)
     assert again.computed == []
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     # Other settings over the same folder: refused unless forced, or recomputed for caches.
     with pytest.raises(VolscanError, match="--force"):
-        preprocess_cohort(_specs(inputs)[1:], out, template=template_dir, size=SIZE, registered=True,
-                          skull_stripped=True, mask_method="template", progress=False)
-    forced = preprocess_cohort(_specs(inputs)[1:], out, template=template_dir, size=SIZE, force=True, progress=False)
+        preprocess_cohort(_specs(inputs)[1:], out, SETTINGS.replace(margin_mm=8.0), template=template_dir, progress=False)
+    forced = preprocess_cohort(_specs(inputs)[1:], out, SETTINGS, template=template_dir, force=True, progress=False)
     assert forced.computed == ["brats_01", "brats_02"]
 
 
 def test_reusing_landmarks_for_new_scans(template_dir, inputs, tmp_path):
-    first = preprocess_cohort(_specs(inputs)[1:2], tmp_path / "a", template=template_dir, size=SIZE, progress=False)
+    first = preprocess_cohort(_specs(inputs)[1:2], tmp_path / "a", SETTINGS, template=template_dir, progress=False)
     second = preprocess_cohort(
-        _specs(inputs)[2:], tmp_path / "b", template=template_dir, size=SIZE,
-        landmarks=first.landmarks_path, progress=False,
+        _specs(inputs)[2:], tmp_path / "b", SETTINGS.replace(landmarks=str(first.landmarks_path)),
+        template=template_dir, progress=False,
     )
     assert second.landmarks.digest == first.landmarks.digest
     np.testing.assert_allclose(second.records[0].load_image(), first.records[0].load_image(), atol=1e-2)
@@ -86,15 +89,15 @@ def test_reusing_landmarks_for_new_scans(template_dir, inputs, tmp_path):
 
 def test_parallel_workers_match_serial_run(template_dir, inputs, tmp_path):
     specs = _specs(inputs)[1:]
-    serial = preprocess_cohort(specs, tmp_path / "serial", template=template_dir, size=SIZE, progress=False)
-    parallel = preprocess_cohort(specs, tmp_path / "parallel", template=template_dir, size=SIZE, workers=2, progress=False)
+    serial = preprocess_cohort(specs, tmp_path / "serial", SETTINGS, template=template_dir, progress=False)
+    parallel = preprocess_cohort(specs, tmp_path / "parallel", SETTINGS, template=template_dir, workers=2, progress=False)
     assert parallel.computed == ["brats_01", "brats_02"]
     for a, b in zip(serial.records, parallel.records):
         np.testing.assert_array_equal(a.load_image(), b.load_image())
     bad = tmp_path / "zero.nii.gz"
     save_volume(np.zeros((8, 8, 8), np.float32), np.eye(4), bad)
     with pytest.raises(InputFileError, match="zero.nii.gz: has one constant intensity"):
-        preprocess_cohort([*specs, bad], tmp_path / "p2", template=template_dir, size=SIZE, workers=2, progress=False)
+        preprocess_cohort([*specs, bad], tmp_path / "p2", SETTINGS, template=template_dir, workers=2, progress=False)
     with pytest.raises(VolscanError, match="workers"):
         preprocess_cohort(specs, tmp_path / "p3", template=template_dir, workers=0)
 
@@ -105,7 +108,7 @@ def test_duplicate_ids_and_bad_files(template_dir, inputs, tmp_path):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"\x1f\x8b broken")
     with pytest.raises(InputFileError, match="bad.nii.gz: not a readable NIfTI"):
-        preprocess_cohort([bad], tmp_path / "o2", template=template_dir, size=SIZE, registered=True, progress=False)
+        preprocess_cohort([bad], tmp_path / "o2", SETTINGS.replace(registered=True), template=template_dir, progress=False)
     assert not (tmp_path / "o2" / "images").exists()
 
 
@@ -138,5 +141,5 @@ def test_cli_preprocess(template_dir, inputs, tmp_path, capsys):
 
 
 def test_preprocessor_reads_from_paths(template_dir, inputs):
-    result = VolumePreprocessor(template_dir, size=SIZE, registered=True, skull_stripped=True)(inputs / "brats_02.nii")
+    result = VolumePreprocessor(SETTINGS.replace(registered=True, skull_stripped=True), template_dir)(inputs / "brats_02.nii")
     assert result.cube.shape == (SIZE,) * 3 and result.brain_mask.any()

@@ -7,7 +7,8 @@ import pytest
 from test_preprocessing_data import dice, known_affine, small_template, warped_copy
 
 from preprocessing.io import Volume
-from preprocessing.pipeline import VolumePreprocessor
+from preprocessing.settings import PreprocessSettings
+from preprocessing.volume import VolumePreprocessor
 from preprocessing.registration import RegistrationSettings, prepare_image, register_affine
 from preprocessing.resample import resample_to_grid
 from volumetric.errors import VolscanError
@@ -52,7 +53,7 @@ def test_registration_across_contrasts(template):
     image, mask, affine = warped_copy(template, truth, codes="LPS")
     head = image > 0.05 * image.max()
     t2_like = np.where(head, 1.2 * image.max() - image, 0).astype(np.float32)
-    pre = VolumePreprocessor(template, size=28)
+    pre = VolumePreprocessor(PreprocessSettings(size=28, brain_mask="template"), template)
     found = pre(Volume(t2_like, affine)).mapping.template_to_native
     assert _corner_error_mm(found @ truth, _centre(template)) < 4.0
     back = resample_to_grid(mask, affine, template.brain_mask.shape, template.image.affine, world=found, order=0)

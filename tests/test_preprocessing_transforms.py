@@ -13,6 +13,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from test_preprocessing_data import reoriented, small_template
 
 from preprocessing.intensity import learn_landmarks
+from preprocessing.settings import PreprocessSettings
 from preprocessing.io import save_volume
 from preprocessing.transforms import HistogramStandardize, ToTemplateCubed, VolscanPreprocessd
 from volumetric.errors import InputFileError, VolscanError
@@ -43,8 +44,9 @@ def _chain(template_dir, landmarks):
         LoadImaged(keys=["image", "label"]),
         EnsureChannelFirstd(keys=["image", "label"]),
         VolscanPreprocessd(
-            keys=["image", "label"], template=template_dir, size=SIZE, registered=True, skull_stripped=True,
-            landmarks=landmarks, mode=("bilinear", "nearest"),
+            keys=["image", "label"],
+            settings=PreprocessSettings(size=SIZE, registered=True, skull_stripped=True, landmarks=str(landmarks)),
+            template=template_dir, mode=("bilinear", "nearest"),
         ),
     ])
 
@@ -98,17 +100,17 @@ def test_plain_arrays_bad_modes_and_mismatched_grids_are_refused(setup):
     loaded = Compose(chain.transforms[:2])(mixed)
     with pytest.raises(InputFileError, match="s1_label.nii.gz: its grid does not match"):
         chain.transforms[2](loaded)  # (inside Compose, MONAI wraps it in a RuntimeError)
-    transform = ToTemplateCubed(keys="image", template=template_dir, size=SIZE, registered=True)
+    transform = ToTemplateCubed(keys="image", settings=PreprocessSettings(size=SIZE, registered=True), template=template_dir)
     with pytest.raises(VolscanError, match="MetaTensor"):
         transform({"image": np.zeros((1, 4, 4, 4), np.float32)})
     with pytest.raises(VolscanError, match="interpolation mode"):
-        ToTemplateCubed(keys="image", template=template_dir, size=SIZE, mode="cubic")
+        ToTemplateCubed(keys="image", settings=PreprocessSettings(size=SIZE), template=template_dir, mode="cubic")
 
 
 def test_import_has_no_heavy_side_effects(tmp_path):
     code = (
         "import os, sys; os.environ['VOLSCAN_CACHE_DIR'] = sys.argv[1]; os.environ.pop('VOLSCAN_TEMPLATE', None);"
-        "import preprocessing.transforms, preprocessing.pipeline; print(sorted(os.listdir(sys.argv[1])))"
+        "import preprocessing.transforms, preprocessing.cohort; print(sorted(os.listdir(sys.argv[1])))"
     )
     (tmp_path / "cache").mkdir()
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True, check=True)

@@ -10,16 +10,26 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of .nii/.nii.gz volumes (or DICOM series folders)")
     parser.add_argument("-o", "--out", dest="out_dir", required=True, metavar="OUT_DIR", help="output folder")
     parser.add_argument("--template", metavar="PATH", help="template folder (default: $VOLSCAN_TEMPLATE, then the cache)")
-    parser.add_argument("--size", type=int, default=224, help="cube edge in voxels, a multiple of 14 (default 224)")
+    parser.add_argument("--size", type=int, help="cube edge in voxels, a multiple of 14 (default 224)")
     parser.add_argument("--skull-stripped", action="store_true", help="inputs are skull-stripped (brain mask = non-zero voxels)")
     parser.add_argument("--registered", action="store_true", help="inputs are already in template space (skip registration)")
     parser.add_argument(
-        "--mask-method", default="auto", choices=("auto", "nonzero", "template", "hd-bet"),
-        help="brain mask: auto = nonzero if --skull-stripped else template (default auto)",
+        "--brain-mask", choices=("auto", "hd-bet", "deepbet", "template", "nonzero"),
+        help="brain extractor (default auto: nonzero if --skull-stripped, else HD-BET if its weights are local, "
+             "else deepbet, else the registered template mask with a warning)",
     )
+    parser.add_argument(
+        "--contrast", choices=("auto", "t1", "t1c", "t2", "flair", "pd", "other"),
+        help="scan contrast for --brain-mask auto (default: guessed from each file name)",
+    )
+    parser.add_argument("--hdbet-weights", metavar="DIR",
+                        help="local HD-BET weights folder (offline); default: volscan's cache, downloaded once")
+    parser.add_argument("--mask-device", help="device of the learned extractors: cpu (default), cuda, cuda:N")
+    parser.add_argument("--margin-mm", type=float, help="crop margin around the template brain (mm, default 4)")
+    parser.add_argument("--cubic", action="store_true", help="cubic crop box (same extent on every axis)")
     parser.add_argument("--landmarks", metavar="FILE", help="reuse Nyúl landmarks (.npy) instead of learning them")
     parser.add_argument(
-        "--cutoff", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.01, 0.99),
+        "--cutoff", type=float, nargs=2, metavar=("LOW", "HIGH"),
         help="Nyúl cutoff quantiles when learning landmarks (default 0.01 0.99)",
     )
     parser.add_argument("--workers", type=int, default=1, help="volumes processed in parallel processes (default 1)")
@@ -31,30 +41,33 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from preprocessing.io import find_volumes
-    from preprocessing.pipeline import preprocess_cohort
+    from preprocessing.cohort import preprocess_cohort
+    from preprocessing.settings import PreprocessSettings
 
+    from pipelines.outputs import check_output_dir, resumable_output
+    from pipelines.validation import validate_preprocess
+
+    # The validation pass: OUT overlaps no input (equal, parent or child) and is new or a previous
+    # preprocess output (resumed); every header is sane; then the settings, all before any work.
+    out = check_output_dir(args.out_dir, args.force, (args.input_dir,), command="preprocess", resume=True)
     paths = find_volumes(args.input_dir)
-    out = Path(args.out_dir)
-    if out.resolve() == Path(args.input_dir).resolve():
-        from volumetric.errors import VolscanError
-
-        raise VolscanError(f"{out}: the output folder must differ from the input folder")
-    result = preprocess_cohort(
-        paths,
-        out,
-        template=args.template,
-        size=args.size,
-        registered=args.registered,
-        skull_stripped=args.skull_stripped,
-        mask_method=args.mask_method,
-        landmarks=args.landmarks,
-        cutoff=tuple(args.cutoff),
-        force=args.force,
-        workers=args.workers,
-    )
+    validate_preprocess(paths, args.workers, args.landmarks)
+    # Flags left unset keep PreprocessSettings' defaults (listed there once).
+    names = ("size", "registered", "skull_stripped", "brain_mask", "contrast", "hdbet_weights", "mask_device",
+             "margin_mm", "cubic", "cutoff", "landmarks")
+    settings = PreprocessSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    with resumable_output(out, "preprocess"):  # marked as volscan's own, so later runs may resume into it
+        result = preprocess_cohort(paths, out, settings, template=args.template, force=args.force,
+                                   workers=args.workers)
+    methods = sorted({r.brain_mask for r in result.records})
     skipped = len(result.records) - len(result.computed)
     print(
         f"preprocessed {len(result.records)} volume(s) into {out} "
-        f"({len(result.computed)} computed, {skipped} already done); landmarks: {result.landmarks_path}"
+        f"({len(result.computed)} computed, {skipped} already done; brain mask: {', '.join(methods)}); "
+        f"landmarks: {result.landmarks_path}"
     )
+    warned = [r for r in result.records if r.warnings]
+    if warned:
+        names = ", ".join(r.id for r in warned)
+        print(f"warning: brain mask of {len(warned)} scan(s) ({names}): {warned[0].warnings[0]}")
     return 0

@@ -1,6 +1,6 @@
 """`ToTemplateCube` / `ToTemplateCubed`: register, brain-mask, crop and resize into the template cube.
 
-The array transform wraps `preprocessing.pipeline.VolumePreprocessor` (one resampling per input)
+The array transform wraps `preprocessing.volume.VolumePreprocessor` (one resampling per input)
 and records the `NativeMapping` in the MetaTensor's history, so `inverse` puts a cube-space array
 (an anomaly map, the mask) back on the input's own grid. The dictionary wrapper registers the
 first key and carries every other key (co-registered modalities, labels) with the same mapping.
@@ -18,9 +18,10 @@ from monai.transforms import InvertibleTransform, MapTransform, Transform
 from monai.utils import TraceKeys, ensure_tuple_rep
 
 from preprocessing.native_mapping import NativeMapping
-from preprocessing.pipeline import VolumePreprocessor
+from preprocessing.settings import PreprocessSettings
 from preprocessing.template import Template
 from preprocessing.transforms._meta import to_meta, to_volume
+from preprocessing.volume import VolumePreprocessor
 from volumetric.errors import InputFileError, VolscanError
 
 _ORDERS = {"nearest": 0, "bilinear": 1, "trilinear": 1, "bicubic": 3}
@@ -34,16 +35,10 @@ class ToTemplateCube(InvertibleTransform, Transform):
 
     def __init__(
         self,
+        settings: PreprocessSettings = PreprocessSettings(),
         template: Template | str | os.PathLike[str] | None = None,
-        size: int = 224,
-        registered: bool = False,
-        skull_stripped: bool = False,
-        mask_method: str = "auto",
-        **preprocessor_kwargs,
     ) -> None:
-        self.preprocessor = VolumePreprocessor(
-            template, size, registered, skull_stripped, mask_method, **preprocessor_kwargs
-        )
+        self.preprocessor = VolumePreprocessor(settings, template)
 
     def __call__(self, img: MetaTensor) -> tuple[MetaTensor, MetaTensor]:
         result = self.preprocessor(to_volume(img))
@@ -89,25 +84,21 @@ class ToTemplateCube(InvertibleTransform, Transform):
 class ToTemplateCubed(MapTransform, InvertibleTransform):
     """Dictionary wrapper: `keys[0]` is registered; other keys follow with the same mapping.
 
-    `mask_key` receives the brain mask; `mode`: interpolation per key ("bilinear" for images,
-    "nearest" for labels), a string or one per key.
+    `settings`, `template`: see `ToTemplateCube`; `mask_key` receives the brain mask; `mode`:
+    interpolation per key ("bilinear" for images, "nearest" for labels), a string or one per key.
     """
 
     def __init__(
         self,
         keys: KeysCollection,
+        settings: PreprocessSettings = PreprocessSettings(),
         template: Template | str | os.PathLike[str] | None = None,
-        size: int = 224,
-        registered: bool = False,
-        skull_stripped: bool = False,
-        mask_method: str = "auto",
         mask_key: str = "brain_mask",
         mode: Sequence[str] | str = "bilinear",
         allow_missing_keys: bool = False,
-        **preprocessor_kwargs,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transform = ToTemplateCube(template, size, registered, skull_stripped, mask_method, **preprocessor_kwargs)
+        self.transform = ToTemplateCube(settings, template)
         self.mask_key = mask_key
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         for m in self.mode:

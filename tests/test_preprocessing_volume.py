@@ -9,7 +9,8 @@ from test_preprocessing_data import dice, known_affine, reoriented, small_templa
 from preprocessing.crop_resize import brain_crop_box, check_cube_size, crop_and_resize, cube_affine
 from preprocessing.io import Volume, save_volume
 from preprocessing.native_mapping import NativeMapping
-from preprocessing.pipeline import VolumePreprocessor
+from preprocessing.settings import PreprocessSettings
+from preprocessing.volume import VolumePreprocessor
 from volumetric.errors import InputFileError, VolscanError
 
 SIZE = 28
@@ -22,7 +23,7 @@ def template(sri24_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(template):
-    return VolumePreprocessor(template, size=SIZE, registered=True)
+    return VolumePreprocessor(PreprocessSettings(size=SIZE, registered=True, brain_mask="template"), template)
 
 
 @pytest.mark.parametrize("codes", ["LPS", "PIR"])
@@ -35,7 +36,7 @@ def test_same_image_in_other_voxel_orders_gives_same_cube(template, registered, 
 
 
 def test_orientation_invariance_through_registration(template):
-    pre = VolumePreprocessor(template, size=SIZE)
+    pre = VolumePreprocessor(PreprocessSettings(size=SIZE, brain_mask="template"), template)
     centre = template.image.affine @ np.r_[(np.array(template.image.array.shape) - 1) / 2, 1]
     image, _, affine = warped_copy(template, known_affine(centre=centre[:3]), codes="RAS")
     a = pre(Volume(image, affine))
@@ -97,7 +98,7 @@ def test_mapping_round_trip_and_persistence(template, registered, tmp_path):
 
 
 def test_skull_stripped_input_uses_nonzero_mask(template):
-    pre = VolumePreprocessor(template, size=SIZE, registered=True, skull_stripped=True)
+    pre = VolumePreprocessor(PreprocessSettings(size=SIZE, registered=True, skull_stripped=True), template)
     result = pre(Volume(template.brain, template.image.affine))
     np.testing.assert_array_equal(result.brain_mask, result.mapping.to_cube(template.brain != 0, order=0))
     assert dice(result.brain_mask, pre.template_cube_mask()) > 0.99
@@ -116,15 +117,6 @@ def test_empty_and_misplaced_inputs_are_refused(template, registered, tmp_path):
     far = np.eye(4)
     far[:3, 3] = 5000.0
     elsewhere = save_volume(template.image.array, far, tmp_path / "far.nii.gz")
-    pre = VolumePreprocessor(template, size=SIZE, registered=True, skull_stripped=True)
-    with pytest.raises(InputFileError, match="brain mask is empty.*template space"):
+    pre = VolumePreprocessor(PreprocessSettings(size=SIZE, registered=True, skull_stripped=True), template)
+    with pytest.raises(InputFileError, match=r"brain mask \(nonzero\) is empty.*template space"):
         pre(elsewhere)
-
-
-def test_hdbet_backend_explains_how_to_install(template, tmp_path):
-    pre = VolumePreprocessor(template, size=SIZE, registered=True, mask_method="hd-bet")
-    path = save_volume(template.image.array, template.image.affine, tmp_path / "t.nii.gz")
-    with pytest.raises(VolscanError, match="pip install hd-bet"):
-        pre(path)
-    with pytest.raises(VolscanError, match="unknown brain mask method"):
-        VolumePreprocessor(template, size=SIZE, mask_method="bet")

@@ -1,0 +1,149 @@
+"""Dice and CPU time per volume of each brain extractor on the SRI-24 head with skull and on phantoms built from it.
+
+Reference: SRI-24's own brain mask (non-zero voxels of `sri24_t1_brats_skullstripped.nii.gz`),
+carried onto each scan's grid through the affines (the two files store their voxels in different
+orders, RAS and LAS; only world coordinates agree). Scans, all built from `sri24_t1_brats.nii.gz`:
+- `head`: the file as is (1 mm, RAS order);
+- `warped-lps`: rotated (8, -6, 10) degrees, scaled 1.05, shifted, on a 1.2 mm LPS-ordered grid;
+- `t2-like`: tissue contrast inverted inside the head (CSF bright, white matter dark), x7 scale;
+- `bias-noise`: smooth multiplicative bias field (+-20 %) and Gaussian noise (3 % of the maximum).
+
+Per method two measurements: `extractor` = the learned model alone on the scan's own grid (what
+HD-BET/deepbet are benchmarked on); `chain` = `VolumePreprocessor` (register, mask, crop, 224^3)
+with its cube mask carried back onto the scan's grid, i.e. what volscan actually uses. Seconds are
+wall and CPU seconds per volume with `--threads` torch/ITK threads (median of `--repeats`); on a
+shared machine trust CPU seconds (the load average is printed with the table).
+
+    python benchmarks/brain_mask.py --threads 2 --repeats 3 [--methods deepbet template nonzero hd-bet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from preprocessing.io import Volume, load_volume
+from preprocessing.learned_masks import deepbet_available, deepbet_mask, hdbet_available, hdbet_mask
+from preprocessing.registration import RegistrationSettings
+from preprocessing.resample import resample_to_grid
+from preprocessing.settings import PreprocessSettings
+from preprocessing.template import load_template
+from preprocessing.volume import VolumePreprocessor
+from volumetric.errors import VolscanError
+
+ATLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sri24"
+METHODS = ("deepbet", "hd-bet", "template", "nonzero")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays of one shape."""
+    return float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def reference_on(ref: Volume, shape: tuple[int, ...], affine: np.ndarray, world: np.ndarray | None = None) -> np.ndarray:
+    """SRI-24's brain mask (non-zero voxels of the stripped twin) on a scan grid, through the affines."""
+    return resample_to_grid((ref.array != 0).astype(np.float32), ref.affine, shape, affine, world=world, order=0) > 0
+
+
+def phantoms(head: Volume, ref: Volume) -> dict[str, tuple[Volume, np.ndarray]]:
+    """name -> (scan, reference brain mask on the scan's grid)."""
+    out = {"head": (head, reference_on(ref, head.array.shape, head.affine))}
+    centre = head.affine[:3, :3] @ ((np.array(head.array.shape) - 1) / 2) + head.affine[:3, 3]
+    world = np.eye(4)
+    world[:3, :3] = Rotation.from_euler("xyz", (8.0, -6.0, 10.0), degrees=True).as_matrix() * 1.05
+    world[:3, 3] = centre - world[:3, :3] @ centre + np.array([6.0, -5.0, 4.0])
+    spacing = 1.2
+    affine = np.diag([-spacing, -spacing, spacing, 1.0])  # LPS voxel order
+    shape = tuple(int(np.ceil(s / spacing)) for s in (240, 240, 155))
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    warped = resample_to_grid(head.array, head.affine, shape, affine, world=world, order=1).astype(np.float32)
+    out["warped-lps"] = (Volume(warped, affine), reference_on(ref, shape, affine, world))
+    array = head.array
+    tissue = ndimage.binary_fill_holes(array > 0.1 * array.max())
+    t2_like = np.where(tissue, 1.2 * array.max() - array, 0.0) * 7.0
+    out["t2-like"] = (Volume(t2_like.astype(np.float32), head.affine), out["head"][1])
+    rng = np.random.default_rng(0)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in array.shape], indexing="ij")
+    bias = 1.0 + 0.2 * np.sin(1.3 * grid[0] + 0.4) * np.cos(1.1 * grid[1] - 0.3) * np.cos(0.9 * grid[2])
+    noisy = array * bias + rng.normal(0.0, 0.03 * array.max(), array.shape)
+    out["bias-noise"] = (Volume(np.clip(noisy, 0, None).astype(np.float32), head.affine), out["head"][1])
+    return out
+
+
+def timed(fn, repeats: int):
+    """(last result, {"s": median wall seconds, "cpu_s": median CPU seconds of this process}) of `repeats` calls.
+
+    CPU seconds (all threads) stay meaningful when other jobs share the machine; wall seconds do not.
+    """
+    wall, cpu, result = [], [], None
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return result, {"s": round(statistics.median(wall), 2), "cpu_s": round(statistics.median(cpu), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--atlas", type=Path, default=ATLAS, help="folder with the two SRI-24 T1 files")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ITK threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--size", type=int, default=224, help="cube edge of the chain")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--scans", nargs="+", default=["head", "warped-lps", "t2-like", "bias-noise"])
+    parser.add_argument("--hdbet-weights", help="local HD-BET weights folder")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    head = load_volume(args.atlas / "sri24_t1_brats.nii.gz")
+    ref = load_volume(args.atlas / "sri24_t1_brats_skullstripped.nii.gz")
+    template = load_template(args.atlas)
+    scans = {k: v for k, v in phantoms(head, ref).items() if k in args.scans}
+    registration = RegistrationSettings(threads=args.threads)
+    rows = []
+    for method in args.methods:
+        if method == "deepbet" and not deepbet_available():
+            rows.append({"method": method, "status": "not run: deepbet not installed"})
+            continue
+        if method == "hd-bet" and not hdbet_available(args.hdbet_weights):
+            rows.append({"method": method, "status": "not run: HD-BET not installed or no local weights (offline)"})
+            continue
+        settings = PreprocessSettings(size=args.size, brain_mask=method, hdbet_weights=args.hdbet_weights,
+                                      registration=registration)
+        pre = VolumePreprocessor(settings, template)
+        for name, (scan, truth) in scans.items():
+            row = {"method": method, "scan": name, "shape": list(scan.array.shape)}
+            if method in ("deepbet", "hd-bet"):
+                alone = (lambda: deepbet_mask(scan)) if method == "deepbet" else (
+                    lambda: hdbet_mask(scan, args.hdbet_weights))
+                mask, seconds = timed(alone, args.repeats)
+                row.update(extractor_dice=round(dice(mask, truth), 4), **{f"extractor_{k}": v for k, v in seconds.items()})
+            try:
+                result, seconds = timed(lambda: pre(scan), args.repeats)
+            except VolscanError as exc:
+                row["chain_error"] = str(exc)
+            else:
+                native = result.mapping.to_native(result.brain_mask.astype(np.float32), order=0) > 0.5
+                row.update(chain_dice=round(dice(native, truth), 4), **{f"chain_{k}": v for k, v in seconds.items()})
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    report = {"cpu_count": os.cpu_count(), "threads": args.threads, "repeats": args.repeats,
+              "load_average_1min": os.getloadavg()[0], "rows": rows}
+    json.dump(report, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""A cohort → files on disk (`preprocessing.store` layout) + one set of Nyúl landmarks; resumable.
+
+Each subject runs the one-volume chain (`preprocessing.volume`) unless its record shows the
+same input content and settings and every output still matches its checksum; then landmarks are
+learned on the whole cohort (or the fixed `settings.landmarks` are applied) and every cube is
+standardised. Damaged outputs (checksum mismatch, unreadable or non-monotone landmarks) are
+rebuilt with a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from preprocessing.brain_mask import MaskChoice
+from preprocessing.intensity import Landmarks, learn_landmarks, standardize
+from preprocessing.io import load_volume, save_volume, subject_id
+from preprocessing.settings import PreprocessSettings
+from preprocessing.store import (
+    SubjectRecord,
+    content_hash,
+    digest,
+    file_checksums,
+    read_record,
+    subject_record,
+    verified_files,
+    write_record,
+)
+from preprocessing.template import Template, resolve_template
+from preprocessing.volume import VolumePreprocessor
+from volumetric.errors import InputFileError, VolscanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """One cohort input with optional per-subject overrides (None = the cohort-wide setting)."""
+
+    path: Path
+    registered: bool | None = None
+    skull_stripped: bool | None = None
+    id: str | None = None
+
+
+@dataclass
+class CohortResult:
+    """Per-subject `records` (input order), the `landmarks` used and where they are saved;
+    `computed`: ids whose spatial chain ran in this call (landmarks None after `until="spatial"`)."""
+
+    records: list[SubjectRecord]
+    landmarks: Landmarks | None
+    landmarks_path: Path | None
+    computed: list[str] = field(default_factory=list)
+
+
+def preprocess_cohort(
+    paths: Sequence[str | os.PathLike[str] | SubjectSpec],
+    out_dir: str | os.PathLike[str],
+    settings: PreprocessSettings = PreprocessSettings(),
+    *,
+    template: Template | str | os.PathLike[str] | None = None,
+    force: bool = False,
+    stale: Literal["error", "recompute"] = "error",
+    workers: int = 1,
+    progress: bool = True,
+    until: Literal["spatial", "landmarks"] | None = None,
+) -> CohortResult:
+    """Preprocess every input into `out_dir` with `settings`; learn (or apply fixed) Nyúl landmarks.
+
+    `until` stops early for the per-scan stage of `volscan extract` (pipelines.distributed):
+    "spatial" after the spatial chain (landmarks and landmarks_path None), "landmarks" once the
+    landmarks are learned (or applied) and saved, before standardising.
+
+    Resumable: a subject whose record matches its input's content hash and the settings, with
+    intact outputs, is skipped. Outputs made with other settings raise `VolscanError` unless
+    `force` (recompute everything) or `stale="recompute"` (recompute what is stale; for cache
+    folders). `workers` > 1 runs the spatial chain of several subjects in parallel processes.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise VolscanError(f"workers must be an integer >= 1, got {workers!r}")
+    if stale not in ("error", "recompute"):
+        raise VolscanError(f"stale must be 'error' or 'recompute', got {stale!r}")
+    if not isinstance(settings, PreprocessSettings):
+        raise VolscanError(f"settings must be a PreprocessSettings, got {type(settings).__name__}")
+    out = Path(out_dir)
+    specs = [p if isinstance(p, SubjectSpec) else SubjectSpec(Path(p)) for p in paths]
+    if not specs:
+        raise VolscanError("no input volumes given")
+    ids = [spec.id or subject_id(spec.path) for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise VolscanError(f"several inputs share the subject id(s) {', '.join(duplicates)}; rename them")
+    fixed_landmarks = Landmarks.load(settings.landmarks) if settings.landmarks else None
+    if not isinstance(template, Template):
+        template = resolve_template(template)
+    preprocessors: dict[tuple[bool, bool], VolumePreprocessor] = {}
+
+    def preprocessor(spec: SubjectSpec) -> VolumePreprocessor:
+        reg = settings.registered if spec.registered is None else spec.registered
+        stripped = settings.skull_stripped if spec.skull_stripped is None else spec.skull_stripped
+        if (reg, stripped) not in preprocessors:
+            preprocessors[reg, stripped] = VolumePreprocessor(
+                settings.replace(registered=reg, skull_stripped=stripped), template
+            )
+        return preprocessors[reg, stripped]
+
+    records, spatial_keys, todo = [], [], []
+    for sid, spec in zip(ids, specs):
+        pre = preprocessor(spec)
+        choice = pre.mask_choice(spec.path)
+        record = subject_record(out, sid, spec.path, choice.method, (choice.warning,) if choice.warning else ())
+        settings_key = pre.settings_key(spec.path)
+        key = digest({"input": content_hash(spec.path), "settings": settings_key})
+        spatial_keys.append(key)
+        records.append(record)
+        done = read_record(out, sid)
+        if not force and done.get("spatial_key") == key:
+            if verified_files(out, record.spatial_files, done.get("spatial_files")):
+                continue
+        elif not force and stale == "error" and done.get("spatial_key") is not None:
+            raise _stale_error(out / "records" / f"{sid}.json")
+        todo.append((pre, record, {"spatial_key": key, "settings": settings_key, "mask": _mask_entry(choice)}))
+    computed = _run_spatial(todo, out, workers, progress)
+    if until == "spatial":
+        return CohortResult(records=records, landmarks=None, landmarks_path=None, computed=computed)
+
+    landmarks, landmarks_path = _cohort_landmarks(out, records, spatial_keys, fixed_landmarks, settings.cutoff, force, stale)
+    if until == "landmarks":
+        return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
+    for record, key in tqdm(list(zip(records, spatial_keys)), desc="standardise", unit="vol", disable=not progress):
+        final_key = digest({"spatial": key, "landmarks": landmarks.digest})
+        done = read_record(out, record.id)
+        if not force and done.get("final_key") == final_key:
+            if verified_files(out, (record.image_path,), done.get("final_files")):
+                continue
+        elif not force and stale == "error" and done.get("final_key") is not None:
+            raise _stale_error(record.image_path)
+        cube = load_volume(record.spatial_path)
+        standardised = standardize(cube.array, load_volume(record.mask_path).array > 0, landmarks)
+        save_volume(standardised, cube.affine, record.image_path, dtype=np.float32)
+        final = {"final_key": final_key, "final_files": file_checksums(out, (record.image_path,))}
+        write_record(out, record.id, {**done, **final})
+    return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
+
+
+def _mask_entry(choice: MaskChoice) -> dict:
+    return {"method": choice.method, "contrast": choice.contrast, "warning": choice.warning}
+
+
+def _run_spatial(todo: list[tuple[VolumePreprocessor, SubjectRecord, dict]], out: Path, workers: int, progress: bool) -> list[str]:
+    """Run the spatial chain for `todo` (in `workers` processes when > 1); returns the ids done."""
+    bar = tqdm(total=len(todo), desc="preprocess", unit="vol", disable=not progress)
+    computed = []
+
+    def finish(record: SubjectRecord, entry: dict, failure: tuple[str, str] | None) -> None:
+        if failure is not None:
+            # Exceptions with custom constructors do not survive pickling; rebuild them here.
+            path, problem = failure
+            raise InputFileError(path, problem) if path else VolscanError(problem)
+        files = file_checksums(out, record.spatial_files)
+        write_record(out, record.id, {"source": str(record.source), **entry, "spatial_files": files, "final_key": None})
+        computed.append(record.id)
+        bar.set_postfix_str(record.id)
+        bar.update()
+
+    with bar:
+        if workers <= 1 or len(todo) <= 1:
+            for pre, record, entry in todo:
+                finish(record, entry, _spatial_job(pre, record))
+            return computed
+        # "spawn": a clean interpreter per worker; forking a process that already runs ITK and
+        # torch thread pools is not guaranteed to be safe.
+        context = multiprocessing.get_context("spawn")
+        # Each worker receives the preprocessors once, so its prepared template (`_fixed`, the
+        # template cube mask) is built once per worker rather than once per subject.
+        distinct = list({id(pre): pre for pre, _, _ in todo}.values())
+        index = {id(pre): i for i, pre in enumerate(distinct)}
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(distinct,)
+        ) as pool:
+            futures = {pool.submit(_worker_job, index[id(pre)], record): (record, entry) for pre, record, entry in todo}
+            try:
+                for future in as_completed(futures):
+                    finish(*futures[future], future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    order = {record.id: i for i, (_, record, _) in enumerate(todo)}
+    return sorted(computed, key=order.__getitem__)
+
+
+_worker_preprocessors: list[VolumePreprocessor] = []
+
+
+def _init_worker(preprocessors: list[VolumePreprocessor]) -> None:
+    _worker_preprocessors[:] = preprocessors
+
+
+def _worker_job(index: int, record: SubjectRecord) -> tuple[str, str] | None:
+    return _spatial_job(_worker_preprocessors[index], record)
+
+
+def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, str] | None:
+    """Preprocess one subject and write its spatial outputs; a bad input comes back as (path, problem)."""
+    try:
+        result = pre(record.source)
+    except InputFileError as exc:
+        return exc.path, exc.problem
+    except VolscanError as exc:
+        return "", str(exc)
+    save_volume(result.cube, result.mapping.cube_affine, record.spatial_path, dtype=np.float32)
+    save_volume(result.brain_mask, result.mapping.cube_affine, record.mask_path, dtype=np.uint8)
+    result.mapping.save(record.mapping_path)
+    result.mapping.write_itk_transform(record.transform_path)
+    return None
+
+
+def _cohort_landmarks(
+    out: Path,
+    records: list[SubjectRecord],
+    spatial_keys: list[str],
+    given: Landmarks | None,
+    cutoff: tuple[float, float],
+    force: bool,
+    stale: str,
+) -> tuple[Landmarks, Path]:
+    """Fixed landmarks (copied into `out`) or the cohort's learned ones (reused when intact and current)."""
+    path = out / "landmarks.npy"
+    stored, info = _stored_landmarks(path)
+    if given is not None:
+        if stored is None or stored.digest != given.digest:
+            if stored is not None and not force and stale == "error":
+                raise _stale_error(path)
+            given.save(path, extra={"digest": given.digest})
+        return given, path
+    cohort_key = digest({"subjects": sorted(zip([r.id for r in records], spatial_keys)), "cutoff": list(cutoff)})
+    if stored is not None and not force:
+        if info.get("cohort_key") == cohort_key:
+            return stored, path
+        if stale == "error":
+            raise VolscanError(
+                f"{path}: learned on a different cohort or settings; pass --force to relearn, "
+                "or --landmarks FILE to reuse fixed landmarks"
+            )
+    pairs = ((load_volume(r.spatial_path).array, load_volume(r.mask_path).array > 0) for r in records)
+    learned = learn_landmarks(tqdm(pairs, total=len(records), desc="landmarks", leave=False), cutoff)
+    learned.save(path, extra={"cohort_key": cohort_key, "subjects": len(records), "digest": learned.digest})
+    return learned, path
+
+
+def _stored_landmarks(path: Path) -> tuple[Landmarks | None, dict]:
+    """The landmarks stored at `path` and their sidecar, or (None, {}) when absent or damaged (warning)."""
+    sidecar = path.with_suffix(".json")
+    if not path.exists() and not sidecar.exists():
+        return None, {}
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        landmarks = Landmarks.load(path)
+        intact = isinstance(info, dict) and info.get("digest") == landmarks.digest
+    except (OSError, ValueError, InputFileError, VolscanError):
+        intact = False
+    if not intact:
+        log.warning("%s: stored landmarks are corrupt or were changed (checksum mismatch); rebuilding them", path)
+        return None, {}
+    return landmarks, info
+
+
+def _stale_error(path: Path) -> VolscanError:
+    return VolscanError(
+        f"{path}: existing output made from other inputs or settings; "
+        "pass --force to overwrite or choose another output folder"
+    )
