@@ -9,12 +9,12 @@ range), so a clean image looks cold instead of being stretched to full colour.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from volumetric.errors import InputFileError
@@ -24,35 +24,61 @@ COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Image file -> (H, W, 3) float32 in [0, 1] (grey images are repeated to three channels)."""
+@contextmanager
+def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
+    """`Image.open` held to volscan's rules, each failure one `InputFileError` naming the file:
+    unreadable, larger than Pillow's decompression-bomb limit, or holding several pages/frames
+    (a multi-page TIFF would otherwise silently give its first page)."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I", "I;16", "I;16B", "F"):
-                array = np.asarray(image, dtype=np.float32)
-                span = float(array.max() - array.min())
-                array = (array - array.min()) / span if span > 0 else np.zeros_like(array)
-                return np.repeat(array[..., None], 3, axis=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                frames = int(getattr(image, "n_frames", 1))
+                if frames > 1:
+                    raise InputFileError(path, f"holds {frames} pages/frames; volscan reads single-page images "
+                                               "(split the pages, or save a 3D stack as NIfTI)")
+                yield image
+    except InputFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputFileError(path, f"{what} is larger than {Image.MAX_IMAGE_PIXELS} pixels "
+                                   "(Pillow's decompression-bomb limit); refusing to read it") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise InputFileError(path, f"not a readable {what} ({exc})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Image file -> (H, W, 3) float32 in [0, 1] (grey images are repeated to three channels).
+
+    Float images with NaN/Inf pixels are refused (as NaN voxels are in 3D)."""
+    path = Path(path)
+    with open_image(path) as image:
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "F"):
+            array = np.asarray(image, dtype=np.float32)
+        else:
             return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputFileError(path, f"not a readable image ({exc})") from None
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputFileError(path, f"contains {bad} NaN/Inf pixels")
+    span = float(array.max() - array.min())
+    array = (array - array.min()) / span if span > 0 else np.zeros_like(array)
+    return np.repeat(array[..., None], 3, axis=2)
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Mask image -> (H, W) bool; any non-zero pixel is anomalous."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputFileError(path, f"not a readable mask image ({exc})") from None
+    with open_image(path, "mask image") as image:
+        array = np.asarray(image)
     return (array.max(axis=2) if array.ndim == 3 else array) > 0
 
 
 def resize(array: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
     """Resize (H, W) or (H, W, C) to `shape` (bilinear, or nearest for masks); float32 or bool."""
+    import torch  # here, not at import: input checks (pipelines.inputs imports this module) stay fast
+    import torch.nn.functional as F
+
     tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
     channels_last = tensor.ndim == 3
     tensor = tensor.permute(2, 0, 1)[None] if channels_last else tensor[None, None]
@@ -78,6 +104,8 @@ def read_float_map(path: str | Path) -> np.ndarray:
 
 def heat_rgb(scores: np.ndarray, low: float, high: float) -> np.ndarray:
     """(H, W) scores -> (H, W, 3) uint8 colours on the fixed scale `[low, high]`."""
+    import matplotlib
+
     span = high - low if high > low else 1.0
     normalised = np.clip((np.asarray(scores, dtype=np.float64) - low) / span, 0.0, 1.0)
     return (matplotlib.colormaps[COLORMAP](normalised)[..., :3] * 255).astype(np.uint8)

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from preprocessing.io import NIFTI_SUFFIXES, Volume, check_same_grid
+from pipelines.images2d import open_image
+from preprocessing.io import NIFTI_SUFFIXES, Volume, check_header, check_same_grid
 from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Smallest usable volume edge: registration pyramids and a token grid need several voxels.
+MIN_EDGE = 8
+
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ def supported_files(folder: Path, what: str) -> dict[str, Path]:
 
 
 def nifti_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """(3D shape, affine) from a NIfTI header; a trailing singleton 4th dim counts as 3D."""
+    """(3D shape, affine) from a NIfTI header, checked without reading the data: a trailing
+    singleton 4th dim counts as 3D; a grid under `MIN_EDGE` voxels along an axis, complex or RGB
+    voxels and a header claiming more data than the file holds (`preprocessing.io.check_header`)
+    are refused."""
     try:
         header = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for non-NIfTI content
@@ -101,17 +107,20 @@ def nifti_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         shape = shape[:-1]
     if len(shape) != 3:
         raise InputFileError(path, f"expected a 3D volume, got shape {tuple(header.shape)}")
+    check_header(path, header)
+    if min(shape) < MIN_EDGE:
+        raise InputFileError(path, f"volume of {shape} voxels is too small (need at least {MIN_EDGE} along each axis)")
     return shape, np.asarray(header.affine, dtype=np.float64)
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a 2D image file, read from its header."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
+    """(height, width) of a 2D image file, read from its header (see `images2d.open_image`)."""
+    with open_image(path) as image:
+        width, height = image.size
+        try:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputFileError(path, f"not a readable image ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputFileError(path, f"not a readable image ({exc})") from None
     return height, width
 
 

@@ -177,7 +177,7 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
 
     methods = method_list(methods)
     output = AtomicOutputDir(out_dir, force, protected=(Path(brats_dir), Path(ixi_dir)),
-                             marker="table.json")  # fails before any work
+                             command="reproduce")  # fails before any work
     ixi = choose(find_ixi_t2(ixi_dir), n_ixi, seed, "IXI T2")
     brats = choose(find_brats_mets(brats_dir, brats_timepoints, brats_cases), n_brats, seed, "BraTS-METS")
     scans = ixi + brats

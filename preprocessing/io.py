@@ -27,6 +27,8 @@ from volumetric.errors import InputFileError
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# deflate cannot compress more than ~1032:1, so a .nii.gz never expands beyond this factor.
+MAX_GZIP_RATIO = 1100
 # nibabel's RAS+ world vs ITK's LPS+ world differ by a flip of the first two axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -75,7 +77,10 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
         raise InputFileError(path, "not a NIfTI file (expected a .nii or .nii.gz name)")
     try:
         image = nib.load(str(path))
+        check_header(path, image)
         data = np.asarray(image.dataobj, dtype=np.float32)
+    except InputFileError:
+        raise
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
         raise InputFileError(path, f"not a readable NIfTI file ({_short(exc)})") from None
     array = _as_3d(path, data)
@@ -83,6 +88,24 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
     _check_affine(path, affine)
     _check_finite(path, array)
     return Volume(array=array, affine=affine, path=path, header=image.header)
+
+
+def check_header(path: str | os.PathLike[str], image: nib.Nifti1Image) -> None:
+    """Refuse, before reading any voxel, complex or RGB voxel types (numpy would silently keep the
+    real part) and a header claiming more data than the file can hold (a MemoryError otherwise):
+    a .nii must hold offset + data bytes, a .nii.gz cannot expand more than `MAX_GZIP_RATIO`-fold."""
+    path = Path(path)
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputFileError(path, f"voxel type {dtype} is not a real scalar (complex or RGB data); "
+                                   "convert it to one real-valued volume (e.g. the magnitude)")
+    need = int(np.prod(image.shape, dtype=np.float64)) * dtype.itemsize
+    size = path.stat().st_size
+    gz = path.name.lower().endswith(".gz")
+    if (gz and need > MAX_GZIP_RATIO * size) or (not gz and int(image.dataobj.offset) + need > size):
+        grid = "x".join(str(s) for s in image.shape)
+        raise InputFileError(path, f"header claims {grid} voxels ({need / 2**20:.1f} MiB) but the file has only "
+                                   f"{size} bytes; truncated file or corrupt header")
 
 
 def load_label(path: str | os.PathLike[str], image: Volume) -> Volume:

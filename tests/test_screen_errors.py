@@ -38,9 +38,10 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
-    # Progress bars (tqdm, carriage-return frames) may precede the error; nothing else may.
+    # Progress bars (tqdm, carriage-return frames) and log lines may precede the error; nothing else may.
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", captured.err)  # cursor moves of nested bars
-    lines = [line for line in re.split(r"[\r\n]+", text) if line.strip() and "%|" not in line]
+    lines = [line for line in re.split(r"[\r\n]+", text) if line.strip() and "%|" not in line
+             and not line.startswith(("WARNING ", "INFO ", "DEBUG "))]
     assert len(lines) == 1, captured.err
     err = lines[0]
     assert err.startswith(f"volscan {argv[0]}: error: ")
@@ -114,8 +115,9 @@ def test_unwritable_output(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
     blocker.write_text("x", encoding="utf-8")
     _fails(_screen(setup, inputs, blocker / "out"), capsys, "not a folder")
     _fails(_screen(setup, inputs, Path("/proc/volscan-out")), capsys, "not writable")
-    _fails(_screen(setup, inputs, inputs, "--force"), capsys, "would replace the input folder")
-    _fails(_screen(setup, inputs, tmp_path, "--force"), capsys, "would replace the input folder")
+    _fails(_screen(setup, inputs, inputs, "--force"), capsys, "would replace the input")
+    _fails(_screen(setup, inputs, tmp_path, "--force"), capsys, "would replace the input")
+    _fails(_screen(setup, inputs, inputs / "run"), capsys, "inside the input folder")
     assert sorted(p.name for p in inputs.iterdir()) == ["case00.nii.gz", "case01.nii.gz", "case02.nii.gz"]
 
 
@@ -143,7 +145,7 @@ def test_bad_settings(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_evaluate_errors(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _fails(["evaluate", str(tmp_path / "nothing"), "--labels", str(setup["labels"])], capsys, "does not exist")
     (tmp_path / "notarun").mkdir()
-    _fails(["evaluate", str(tmp_path / "notarun"), "--labels", str(setup["labels"])], capsys, "report.json")
+    _fails(["evaluate", str(tmp_path / "notarun"), "--labels", str(setup["labels"])], capsys, "volscan-run.json")
 
 
 def test_all_void_tokens_explain_the_fix(setup: dict, tmp_path: Path, tiny_vit_spec: dict,

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,38 @@ def _build(name: str, model_kwargs: dict, **timm_kwargs) -> nn.Module:
         raise VolscanError(f"backbone {name!r}: invalid model option ({exc})") from None
 
 
+def load_failure(exc: BaseException) -> str:
+    """One line saying why a weights file did not load: for a state-dict mismatch the counts and
+    first names of missing / unexpected / wrongly shaped keys (torch's message puts them on later
+    lines), else what the reader said, and for an unpickling crash that it is no checkpoint."""
+    text = str(exc).strip()
+    if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in text:
+        parts = []
+        for label, pattern in (("missing", r'Missing key\(s\) in state_dict: (.*?)\.\s*$'),
+                               ("unexpected", r'Unexpected key\(s\) in state_dict: (.*?)\.\s*$')):
+            match = re.search(pattern, text, re.M)
+            if match:
+                keys = re.findall(r'"([^"]+)"', match.group(1))
+                parts.append(f"{len(keys)} {label} key(s) (e.g. {keys[0]})")
+        shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", text)
+        if shapes:
+            key, got, want = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {key}: file {got}, model {want})")
+        return ("the file's keys do not match the model: " + "; ".join(parts)
+                + " (is it a checkpoint of another model? check --backbone and backbone_kwargs)")
+    if isinstance(exc, OSError) and exc.strerror:  # torch's zip reader says EINVAL for a cut-off file
+        return f"cannot read it ({exc.strerror}{'; truncated or not a checkpoint' if exc.errno == 22 else ''})"
+    first = text.splitlines()[0] if text else ""
+    if type(exc).__name__ == "SafetensorError":
+        return f"not a complete safetensors file ({first})"
+    if "weights_only" in text:
+        return "not a plain weights checkpoint (it holds pickled Python objects, which volscan does not load)"
+    if isinstance(exc, (IndexError, KeyError, EOFError)) or type(exc).__name__ == "UnpicklingError":
+        return f"not a PyTorch or safetensors checkpoint (unpickling failed: {type(exc).__name__} {first})".rstrip()
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 # Names of the weight file inside a downloaded timm / Hugging Face model folder, preferred first.
 _FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
@@ -142,8 +175,7 @@ def create_backbone(
         except VolscanError:
             raise
         except Exception as exc:  # unpickling garbage raises anything (IndexError, UnpicklingError, ...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputFileError(path, f"cannot load as {name} weights ({first})") from None
+            raise InputFileError(path, f"cannot load as {name} weights: {load_failure(exc)}") from None
         identity = BackboneIdentity(name, f"file:{file_sha256(path)}", False)
     else:
         try:

@@ -21,13 +21,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute, store and print the metrics."""
     from pipelines.evaluate import evaluate_run
-    from pipelines.outputs import system_errors_as_input_errors
-    from volumetric.errors import VolscanError
+    from pipelines.outputs import verify_run, write_run_marker
+    from pipelines.run_layout import ELEMENTS_FILE, MAPPINGS_DIR, MAPS_DIR
+    from pipelines.validation import MAX_HISTOGRAM_BINS, check_int
 
-    if args.histogram_bins is not None and args.histogram_bins < 2:
-        raise VolscanError(f"--histogram-bins must be >= 2, got {args.histogram_bins}")
-    with system_errors_as_input_errors():
-        metrics = evaluate_run(args.run, args.labels, force=args.force, bins=args.histogram_bins)
+    # The validation pass: options in range, and the run is a finished screen output whose
+    # files read here (scores, mappings, maps) are byte for byte what the screen wrote.
+    if args.histogram_bins is not None:
+        check_int("--histogram-bins", args.histogram_bins, 2, MAX_HISTOGRAM_BINS)
+    verify_run(args.run, "screen", (ELEMENTS_FILE, f"{MAPPINGS_DIR}/", f"{MAPS_DIR}/"))
+    metrics = evaluate_run(args.run, args.labels, force=args.force, bins=args.histogram_bins)
+    write_run_marker(args.run, "screen")  # the rewritten report files get their new checksums
     for key, value in metrics.items():
         if key == "notes":
             for note in value:

@@ -1,0 +1,159 @@
+"""The one validation pass every command runs before any work.
+
+What `volscan screen` (and `reproduce`, `demo`, which screen too) checks, in this order, each
+failure one `VolscanError` line naming the file or option:
+
+1. the subjects: supported, existing, unique, one kind, headers readable and sane against the
+   file size, big enough, not complex, masks on their image's grid (`pipelines.inputs`); 2D
+   images decoded (NaN/Inf pixels, several pages, decompression bombs refused);
+2. options in range: `seed`, `histogram_bins`, `top`, the `backbone_kwargs` shape numbers
+   (the `preprocess` table, Nyúl cutoff included, is checked by `PreprocessSettings` right
+   after this pass, still before any spatial work);
+3. enough inputs for the method (CoDeGraph needs 3, MuSc 2), before any token is extracted;
+4. the template resolved and loaded (3D);
+5. the backbone BUILT and its weights LOADED (hub, file or random), so a broken, mismatched
+   or unreadable weights file fails in seconds rather than after the cohort is preprocessed.
+   The loaded model is returned so the tokens stage does not load it again.
+
+`volscan preprocess` runs the same file checks on its inputs (`validate_preprocess`).
+The output location (no overlap with any input, writable, only volscan's own previous output
+replaced) is checked by `pipelines.outputs.check_output_dir`, which every command calls first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.inputs import Subject, nifti_grid, validate_subjects
+from volumetric.errors import InputFileError, VolscanError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipelines.screen_config import ScreenConfig
+
+log = logging.getLogger(__name__)
+
+# Seeds feed numpy, torch and the JL projection generator; 32 bits is what all of them accept.
+MAX_SEED = 2**32 - 1
+# The streaming voxel AUROC keeps two int64 counters per bin: 2^24 bins is already 256 MiB,
+# and beyond 65536 bins the tie error bound is below what real maps resolve.
+MAX_HISTOGRAM_BINS = 2**24
+# Inputs each scoring method needs: MuSc compares every scan with the others (>= 2); CoDeGraph
+# also needs a reference rank beyond its nearest links (>= 3).
+MIN_INPUTS = {"musc": 2, "codegraph": 3}
+
+
+@dataclass(frozen=True)
+class CheckedScreen:
+    """What the validation pass established: input `kind` ("3d"/"2d"), resolved `device`, and
+    the built `backbone` with its weights loaded (hand it to the tokenizer; None for the
+    weights-free classical features)."""
+
+    kind: str
+    device: str
+    backbone: "nn.Module | None"  # None for the weights-free classical tokenizer
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int within [low, high], else `VolscanError` naming the option `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise VolscanError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise VolscanError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def check_backbone_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse the ViT shape options timm would crash on (depth < 1, a width not divisible by the heads)."""
+    for name in ("depth", "embed_dim", "num_heads"):
+        if name in kwargs:
+            check_int(f"backbone_kwargs {name}", kwargs[name], 1, 1 << 16)
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise VolscanError(f"backbone_kwargs embed_dim {dim} is not divisible by num_heads {heads}")
+
+
+def check_screen_options(config: "ScreenConfig") -> None:
+    """Every numeric screen option in range, before any file is read."""
+    check_int("seed", config.seed, 0, MAX_SEED)
+    check_int("histogram-bins", config.histogram_bins, 2, MAX_HISTOGRAM_BINS)
+    check_int("top", config.top, 0, 1 << 20)
+    check_backbone_kwargs(config.backbone_kwargs)
+
+
+def check_cohort_size(n_inputs: int, method: str) -> None:
+    """Refuse a cohort too small for `method` (before token extraction)."""
+    needed = MIN_INPUTS.get(method, 2)
+    if n_inputs < needed:
+        raise VolscanError(f"method {method} needs at least {needed} inputs, got {n_inputs}")
+
+
+def load_backbone(config: "ScreenConfig", device: str) -> "nn.Module | None":
+    """Build the configured backbone and load its weights, or one line saying why not.
+
+    `--backbone classical` has no network: its tokenizer settings are checked instead, and None returned.
+    """
+    from pipelines.screen_config import CLASSICAL_BACKBONE
+    from volumetric.backbones import create_backbone
+
+    if config.backbone == CLASSICAL_BACKBONE:
+        from volumetric.classical_tokens import ClassicalTokenizer
+
+        try:
+            ClassicalTokenizer(**config.tokenizer)
+        except TypeError as exc:
+            raise VolscanError(f"config 'tokenizer' for the classical tokenizer: {exc}") from None
+        return None
+    try:
+        return create_backbone(config.backbone, config.weights, device, random_seed=config.seed,
+                               **config.backbone_kwargs)
+    except VolscanError:
+        raise
+    except Exception as exc:  # timm model constructors assert/raise on odd option values
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VolscanError(f"backbone {config.backbone} with backbone_kwargs {config.backbone_kwargs}: "
+                           f"cannot be built ({first})") from None
+
+
+def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> CheckedScreen:
+    """The validation pass of a screen run (see the module docstring); returns what it built."""
+    from volumetric.devices import resolve_device
+
+    check_screen_options(config)
+    kind = validate_subjects(subjects)
+    check_cohort_size(len(subjects), config.method)
+    if kind == "3d":
+        from preprocessing.template import resolve_template
+
+        resolve_template(config.template)
+    else:  # 2D images are small: decode each now, so NaN/Inf pixels fail before the model loads
+        from pipelines.images2d import load_image
+
+        for subject in subjects:
+            load_image(subject.image)
+    device = str(resolve_device(config.device))
+    return CheckedScreen(kind=kind, device=device, backbone=load_backbone(config, device))
+
+
+def validate_preprocess(paths: Sequence[Path], workers: int, template: str | None = None,
+                        landmarks: str | None = None) -> None:
+    """The validation pass of `volscan preprocess`, before any volume is processed: the worker
+    count, the template resolved, a reused landmarks file read, every NIfTI header checked
+    (DICOM series are read in full later). Its settings are checked by `PreprocessSettings`."""
+    from preprocessing.intensity import Landmarks
+    from preprocessing.template import resolve_template
+
+    check_int("--workers", workers, 1, 1024)
+    resolve_template(template)
+    if landmarks is not None:
+        if not Path(landmarks).is_file():
+            raise InputFileError(landmarks, "landmarks file not found")
+        Landmarks.load(landmarks)
+    for path in paths:
+        if path.is_file():
+            nifti_grid(path)
