@@ -111,8 +111,8 @@ def read_report_json(path: Path) -> dict[str, Any]:
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.92em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3}.warn{background:#fde2e1;border:2px solid #c0392b;padding:.8em;font-weight:bold}
 img{max-width:100%;margin:.3em 0}.num{text-align:right;font-variant-numeric:tabular-nums}
 .summary{background:#f4f8fb;border:1px solid #bcd;padding:.6em 1em}.flag{color:#b00;font-weight:bold}
@@ -228,17 +228,17 @@ def _ranking(report: dict[str, Any]) -> str:
     extra = [key for key in ("label", "dice") if any(s.get(key) is not None for s in subjects)]
     three_d = report["kind"] == "3d"
     header = ["rank", "id", "score", "percentile", "flagged",
-              "hotspot RAS mm (x, y, z)" if three_d else "hotspot", "voxel (i, j, k)" if three_d else "pixel (row, col)",
-              "region voxels"] + (["region mm³"] if three_d else []) + extra + ["files"]
+              *(["hotspot RAS mm (x, y, z)", "voxel (i, j, k)"] if three_d else ["hotspot pixel (row, col)"]),
+              "region (voxels" + (" / mm³)" if three_d else ")")] + extra + ["files"]
     rows = []
     for s in subjects:
         spot = s.get("hotspot") or {}
         files = [_link(s["map"], "map")] + ([_link(s["panel"], "panel")] if s.get("panel") else [])
         rows.append(
             [s["rank"], s["id"], float(s["score"]), f"{s.get('percentile', 0):.0f}", "yes" if s.get("flagged") else "",
-             _coords(spot.get("world_mm_ras")) if three_d else "", _coords(spot.get("voxel")),
-             spot.get("region_voxels", "")]
-            + ([spot.get("region_mm3") if spot.get("region_mm3") is not None else ""] if three_d else [])
+             *([_coords(spot.get("world_mm_ras"))] if three_d else []), _coords(spot.get("voxel")),
+             f"{spot.get('region_voxels', '')}" + (f" / {spot['region_mm3']:g}" if spot.get("region_mm3") is not None
+                                                   else "")]
             + [s.get(key) if s.get(key) is not None else "" for key in extra]
             + [_Raw(" ".join(files))]
         )
@@ -274,6 +274,10 @@ def report_html(report: dict[str, Any]) -> str:
     parts += [f"<p class='warn'>{esc(w)}</p>" for w in report.get("warnings", [])]
     parts += _summary(report)
     parts += ["<h2>Ranking</h2>", _ranking(report)]
+    if report["kind"] == "3d":
+        parts.append("<p class='small'>To look in ITK-SNAP or 3D Slicer: open the scan, add its map "
+                     "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
+                     "millimetres into the cursor box (or go to the voxel i, j, k).</p>")
     if report.get("viewer"):
         parts += ["<h2>Viewer</h2>", viewer_html(RunLayout(Path(".")))]
     panels = [s for s in report["subjects"] if s.get("panel")]

@@ -81,12 +81,14 @@ def _b64(data: bytes) -> str:
 def write_viewer(layout: RunLayout, scans: list[ViewerScan], low: float, high: float, threshold: float) -> None:
     """Static assets + per-scan data scripts + `viewer/scans.js` (the list) under `layout.viewer`.
 
-    `low`/`high`: the cohort's map range (slider bounds); `threshold`: the slider's start."""
+    `low`/`high`: the cohort's map range (slider bounds); `threshold`: the flag threshold."""
     folder = layout.viewer
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for name in STATIC_FILES:
         shutil.copyfile(ASSETS / name, folder / name)
-    start = min(max(threshold, low), high) if np.isfinite(threshold) else high
+    # The slider starts at the flag threshold; when nothing reaches it (no scan flagged), at 60 %
+    # of the cohort's range, so the hottest parts still show.
+    start = threshold if low <= threshold < high else low + 0.6 * (high - low)
     manifest = []
     for index, scan in enumerate(scans):
         data = {

@@ -62,6 +62,10 @@
       cal_min: Number(slider.value), cal_max: scan.high,
     });
     nv.addVolume(overlay);
+    // NiiVue computes its own display range on load; the slider's threshold and the cohort's
+    // maximum are what this map must be shown with (values below the threshold transparent).
+    overlay.cal_min = Number(slider.value);
+    overlay.cal_max = scan.high;
     if (data.label) {
       const label = await niivue.NVImage.loadFromBase64({
         base64: data.label, name: scan.id + "_mask.nii.gz", colormap: "blue", opacity: 0.35, cal_min: 0.5, cal_max: 1,
@@ -99,7 +103,8 @@
       select.appendChild(option);
     });
     nv = new niivue.Niivue({
-      backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: true, crosshairColor: [0, 1, 0, 0.8], crosshairWidth: 1,
+      backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: true, crosshairColor: [0, 1, 0, 0.7], crosshairWidth: 0.5,
+      isRadiologicalConvention: true, // patient's right on the screen's left, as in the report's panels
     });
     await nv.attachTo("vs-canvas");
     select.addEventListener("change", () => show(Number(select.value)).catch(fail));
