@@ -151,9 +151,10 @@ def check_output_dir(
 
 @contextmanager
 def resumable_output(out: Path, command: str) -> Iterator[Path]:
-    """An output written in place and resumed by later runs (`volscan preprocess`, `demo`), OUT
-    already checked by `check_output_dir(..., resume=True)`: created with its marker on entry;
-    if the command fails before writing anything else, a folder it created is removed again."""
+    """An output written in place and resumed by later runs (`volscan preprocess`), OUT already
+    checked by `check_output_dir(..., resume=True)`: created with its marker on entry. If the
+    command fails before finishing any file (a bad template, a full disk at the first cube), a
+    folder it created is removed again; finished files stay for the next run to resume from."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if read_run_marker(out) is None:
@@ -161,7 +162,7 @@ def resumable_output(out: Path, command: str) -> Iterator[Path]:
     try:
         yield out
     except BaseException:
-        if created and [p.name for p in out.iterdir()] == [RUN_MARKER]:
+        if created and not any(p.is_file() and p.name != RUN_MARKER for p in out.rglob("*")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

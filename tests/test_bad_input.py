@@ -489,6 +489,19 @@ def _preprocess_foreign_folder(c: Ctx) -> Run:
                (c.tmp / "cohort", out))
 
 
+def _preprocess_disk_full(c: Ctx) -> Run:
+    """ENOSPC at the first cube: one line naming the file, and the new OUT is not left behind."""
+    import preprocessing.io
+
+    def full(path: Path, suffix: str = ".tmp") -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    c.monkeypatch.setattr(preprocessing.io, "atomic_path", full)
+    out = c.tmp / "prep"
+    return Run(c.preprocess(c.inputs(), out), (f"error: {out}/", ".nii.gz", "No space left on device"),
+               (c.tmp / "cohort",), out)
+
+
 def _preprocess_cutoff(c: Ctx) -> Run:
     return Run(c.preprocess(c.inputs(), c.tmp / "prep", "--cutoff", "0.5", "0.6"), ("cutoff", "0.5"),
                (c.tmp / "cohort",), c.tmp / "prep")
