@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
+from test_bad_input import _one_error_line
 from test_screen import make_cohort, make_template, write_config
 
 
@@ -38,12 +38,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
-    # Progress bars (tqdm, carriage-return frames) and log lines may precede the error; nothing else may.
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", captured.err)  # cursor moves of nested bars
-    lines = [line for line in re.split(r"[\r\n]+", text) if line.strip() and "%|" not in line
-             and not line.startswith(("WARNING ", "INFO ", "DEBUG "))]
-    assert len(lines) == 1, captured.err
-    err = lines[0]
+    err = _one_error_line(captured.err)  # progress bars and log lines may precede it; nothing else
     assert err.startswith(f"volscan {argv[0]}: error: ")
     for needle in needles:
         assert needle in err, (needle, err)
