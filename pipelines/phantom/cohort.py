@@ -188,7 +188,7 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     """
     config.validate()
     out_dir = Path(out_dir)
-    output = AtomicOutputDir(out_dir, force, marker="cohort.json")  # checks OUT before any work
+    output = AtomicOutputDir(out_dir, force, command="phantom")  # checks OUT before any work
     anatomy = build_anatomy(config)
     seeds = np.random.SeedSequence(config.seed).spawn(1 + config.n_normal + config.n_lesion + config.n_consistent)
     cohort_rng = np.random.default_rng(seeds[0])
