@@ -119,6 +119,9 @@ def configure_logging(verbose: int) -> None:
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    # Re-installed each time: something else in this process (a test harness, a notebook) may
+    # have replaced warnings.showwarning since an earlier main().
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
 
 

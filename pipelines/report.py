@@ -367,6 +367,8 @@ def build_report(
         config.to_dict(),
         layers=token_settings.get("layers"),
         proj_dim=token_settings.get("proj_dim"),
+        precision=token_settings.get("precision"),
+        slices_per_block=token_settings.get("slices_per_block"),
         device=device,
         cache=str(cache_root),
         template=preprocess_info.get("template", config.template),

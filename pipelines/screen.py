@@ -117,7 +117,7 @@ def screen_subjects(
     with timer.stage("inputs"):
         checked = inputs_stage.check_run(subjects, config)
         kind, device = checked.kind, checked.device
-        token_options = tokens.tokenizer_options(config, kind)
+        token_options = tokens.tokenizer_options(config, kind, device)
         scoring_config = score.scoring_options(config, device)
     if labels_given is None:
         labels_given = any(s.label is not None for s in subjects)

@@ -21,8 +21,11 @@ Defaults the paper does not pin down:
 
 Each stage gets its own typed settings from here, whole: `preprocess_settings()`
 (`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
-`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`), `tokenizer` options and
-`scoring` (`volumetric.engine.ScoringConfig`) in their stage modules, `outputs()`.
+`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`), `token_settings()`
+(`volumetric.tokens.TokenSettings`: the model flags + the `tokenizer` table; the classical
+tokenizer takes the table as its own arguments), `scoring` (`volumetric.engine.ScoringConfig`
+with `EngineOptions`, built in `pipelines.stages.score`) and `outputs()`. Each derives its own
+cache key (`PreprocessSettings.spatial_key`, the tokenizer's `settings`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class ScreenConfig:
     top: int = 6
     histogram_bins: int = 65536
     flag_z: float = 3.0
+    precision: str | None = None  # None = TokenSettings' default ("auto")
+    slices_per_block: int | None = None  # None = all 14 slices of each block
     scoring: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +113,30 @@ class ScreenConfig:
         if self.brain_mask is not None:  # the flag wins over the table; else the table's or the default
             fixed["brain_mask"] = self.brain_mask
         return PreprocessSettings.from_mapping(self.preprocess, **fixed)
+
+    def token_settings(self, device: str | None = None) -> Any:
+        """Every token setting, typed and checked (`volumetric.tokens.TokenSettings`, ViT
+        backbones): the top-level backbone/weights/backbone_kwargs/layers/proj-dim/seed/device
+        plus the config's `tokenizer` table (void_fraction, percentiles, value_range, precision,
+        slices_per_block, final_norm, slice_batch). `device`: the resolved one (default: the setting)."""
+        from volumetric.tokens import TokenSettings
+
+        own = {"backbone", "weights", "backbone_kwargs", "layers", "proj_dim", "seed", "device"}
+        accepted = {f.name for f in dataclasses.fields(TokenSettings)} - own
+        unknown = sorted(set(self.tokenizer) - accepted)
+        if unknown:
+            raise VolscanError(f"config 'tokenizer': unknown setting '{unknown[0]}' (accepted: {', '.join(sorted(accepted))})")
+        table = {k: tuple(v) if isinstance(v, list) else v for k, v in self.tokenizer.items()}
+        top: dict[str, Any] = dict(backbone=self.backbone, weights=self.weights, backbone_kwargs=dict(self.backbone_kwargs),
+                                   seed=self.seed, device=device or self.device)
+        if self.layers is not None:
+            top["layers"] = tuple(self.layers)
+        if self.proj_dim is not None:
+            top["proj_dim"] = self.proj_dim
+        for name in ("precision", "slices_per_block"):  # flags win over the table
+            if getattr(self, name) is not None:
+                table[name] = getattr(self, name)
+        return TokenSettings(**top, **table)
 
     def outputs(self) -> "OutputSettings":
         """What the outputs stage needs (report figures, flag rule, metric histogram)."""
@@ -153,7 +182,7 @@ def _check_type(name: str, value: Any) -> Any:
         return value
     if name in _PATHS:
         return str(value)
-    if name == "proj_dim":
+    if name in ("proj_dim", "slices_per_block"):
         expected = int
     if expected is bool:
         if not isinstance(value, bool):

@@ -159,3 +159,28 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert config.template == str(folder / "atlas")
     assert config.cache == "/abs/cache" and config.weights == "random"
     assert resolve_config(path, template="cli/atlas").template == "cli/atlas"
+
+
+def test_stage_settings_are_typed_and_composed(tmp_path: Path) -> None:
+    """Each stage gets its own frozen settings from the screen config, whole: every preprocessing
+    option (margin_mm, cubic, registration) and every token option is reachable from a file."""
+    from preprocessing.settings import PreprocessSettings
+    from volumetric.tokens import TokenSettings
+
+    path = tmp_path / "c.yaml"
+    path.write_text("size: 42\nregistered: true\nlayers: [1, 2]\nproj-dim: 16\nprecision: fp32\n"
+                    "preprocess: {margin_mm: 6, cubic: true, registration: {rigid_iterations: 5}}\n"
+                    "tokenizer: {void_fraction: 0.2, slices_per_block: 3}\n", encoding="utf-8")
+    config = resolve_config(path, seed=7)
+    pre = config.preprocess_settings()
+    assert isinstance(pre, PreprocessSettings) and pre.size == 42 and pre.registered is True
+    assert pre.margin_mm == 6 and pre.cubic is True and pre.registration.rigid_iterations == 5
+    tokens = config.token_settings("cpu")
+    assert isinstance(tokens, TokenSettings) and tokens.layers == (1, 2) and tokens.proj_dim == 16
+    assert tokens.seed == 7 and tokens.device == "cpu" and tokens.precision == "fp32"
+    assert tokens.void_fraction == 0.2 and tokens.slices_per_block == 3
+    assert config.outputs().flag_z == 3.0
+    with pytest.raises(VolscanError, match="config 'tokenizer': unknown setting 'slice_per_block'"):
+        ScreenConfig(tokenizer={"slice_per_block": 3}).token_settings()
+    with pytest.raises(VolscanError, match="margn_mm"):
+        ScreenConfig(preprocess={"margn_mm": 3}).preprocess_settings()

@@ -16,7 +16,7 @@ from pipelines.screen_config import DEFAULT_BACKBONE
 # SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
 SETTINGS = (
     "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "template", "seed",
+    "skull_stripped", "brain_mask", "template", "seed", "precision", "slices_per_block",
 )
 OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z")
 
@@ -79,8 +79,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                            "the depth, e.g. 11 17 for ViT-L)")
     feat.add_argument("--proj-dim", type=int, metavar="R", help="JL projection width per axis (default 128)")
     feat.add_argument("--seed", type=int, help="seed of the JL projection and random weights (default 0)")
+    feat.add_argument("--slices-per-block", type=int, metavar="K",
+                      help="slices per 14-voxel block through the ViT, evenly spaced (default all 14; fewer = faster)")
     groups["scoring"].add_argument("--method", choices=("codegraph", "musc"), help="scoring method (default codegraph)")
     groups["compute"].add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: the first GPU if any)")
+    groups["compute"].add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                                   help="ViT arithmetic (default auto: bf16 on CUDA and on CPUs with native bf16, "
+                                        "else fp32)")
 
 
 def run(args: argparse.Namespace) -> int:

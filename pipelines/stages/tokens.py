@@ -7,6 +7,7 @@ with the same settings extracts nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -32,43 +33,28 @@ class Tokens:
     info: dict[str, Any]
 
 
-def tokenizer_options(config: ScreenConfig, kind: str) -> dict[str, Any]:
-    """Tokenizer arguments from the flags and the config's `tokenizer` table, checked."""
-    from volumetric.tokens import ImageTokenizer, VolumeTokenizer
-
+def tokenizer_options(config: ScreenConfig, kind: str, device: str | None = None) -> Any:
+    """The tokens stage's settings, checked before any work: `TokenSettings` for a ViT (the model
+    flags + the config's `tokenizer` table), the checked table for the classical tokenizer."""
     if config.backbone == CLASSICAL_BACKBONE:
         from volumetric.classical_tokens import ClassicalTokenizer
 
         return checked_table(config.tokenizer, ClassicalTokenizer, set(), "tokenizer")
-    tokenizer_cls = VolumeTokenizer if kind == "3d" else ImageTokenizer
-    fixed = {"backbone", "layers", "proj_dim", "seed", "device"}
-    options = checked_table(config.tokenizer, tokenizer_cls, fixed, "tokenizer")
-    if config.layers is not None:
-        options["layers"] = list(config.layers)
-    if config.proj_dim is not None:
-        options["proj_dim"] = config.proj_dim
-    return options
+    return config.token_settings(device)
 
 
 def make_tokenizer(
-    config: ScreenConfig, kind: str, device: str, options: dict[str, Any], backbone: Any = None
+    config: ScreenConfig, kind: str, device: str, options: Any, backbone: Any = None
 ) -> tuple[Any, dict[str, Any]]:
     """(tokenizer, its settings as cached: every token setting plus the cube/image `size`);
-    `backbone`: the model the validation pass already loaded (built here when None)."""
-    from volumetric.backbones import create_backbone
-    from volumetric.tokens import ImageTokenizer, VolumeTokenizer
-
+    `options`: from `tokenizer_options`; `backbone`: the model the validation pass already
+    loaded (built here when None)."""
     if config.backbone == CLASSICAL_BACKBONE:  # weights-free: no backbone, same grid, void rule and cache
         from volumetric.classical_tokens import ClassicalTokenizer
 
         tokenizer = ClassicalTokenizer(**options)
-        return tokenizer, dict(tokenizer.settings, size=config.size)
-    tokenizer_cls = VolumeTokenizer if kind == "3d" else ImageTokenizer
-    if backbone is None:
-        backbone = create_backbone(
-            config.backbone, config.weights, device, random_seed=config.seed, **config.backbone_kwargs
-        )
-    tokenizer = tokenizer_cls(backbone, seed=config.seed, device=device, **options)
+    else:
+        tokenizer = dataclasses.replace(options, device=device).build(kind, model=backbone)
     return tokenizer, dict(tokenizer.settings, size=config.size)
 
 
@@ -82,7 +68,7 @@ def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, sett
 
 def extract_tokens(
     ids: list[str], kind: str, prepared: Prepared, config: ScreenConfig, device: str, cache_root: Path,
-    options: dict[str, Any], *, compute: bool = True, backbone: Any = None,
+    options: Any, *, compute: bool = True, backbone: Any = None,
 ) -> Tokens:
     """Token sets of every subject (cached or extracted); one grid for all, none all void.
 
