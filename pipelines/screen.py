@@ -156,10 +156,10 @@ def screen_subjects(
             graph = outputs.community_graph(layout, scores, ids, config.seed)
             if graph is not None:
                 report["figures"]["community graph"] = graph
-        if kind == "3d":
+        if kind == "3d" and settings.viewer_scans:
             with timer.stage("viewer"):
-                outputs.write_viewer_files(layout, report["subjects"], subjects, elements, threshold)
-            report["viewer"] = True
+                report["viewer"] = outputs.write_viewer_files(layout, report["subjects"], subjects, elements,
+                                                              threshold, settings.viewer_scans)
         report["timings_s"] = timer.seconds
         write_run_tables(work, report)
     return ScreenResult(output.out, report_rows(report), report)

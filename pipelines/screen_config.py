@@ -18,6 +18,9 @@ Defaults the paper does not pin down:
 - `flag_z = 3.0`: a scan is flagged when its score is more than 3 robust standard deviations
   (1.4826 * MAD) above the cohort median (`pipelines.hotspots`); the same number is the map
   threshold of the hotspot regions, the report's panels and the viewer's slider start.
+- `viewer_scans = 20`: the report's viewer embeds each scan it shows (its .nii.gz bytes, the map
+  as uint8) in the run folder; 20 top-ranked scans (plus any flagged one) keep a large cohort's
+  run folder from doubling the cohort's size, and cover what a reader opens.
 
 Each stage gets its own typed settings from here, whole: `preprocess_settings()`
 (`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
@@ -68,6 +71,7 @@ class ScreenConfig:
     top: int = 6
     histogram_bins: int = 65536
     flag_z: float = 3.0
+    viewer_scans: int = 20
     precision: str | None = None  # None = TokenSettings' default ("auto")
     slices_per_block: int | None = None  # None = all 14 slices of each block
     scoring: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +105,8 @@ class ScreenConfig:
             raise VolscanError(f"brain-mask must be auto, hd-bet, deepbet, template or nonzero, got {self.brain_mask!r}")
         if self.histogram_bins < 2:
             raise VolscanError(f"histogram-bins must be >= 2, got {self.histogram_bins}")
+        if self.viewer_scans < 0:
+            raise VolscanError(f"viewer-scans must be >= 0, got {self.viewer_scans}")
         if not self.flag_z > 0:
             raise VolscanError(f"flag-z must be > 0, got {self.flag_z}")
 
@@ -140,7 +146,8 @@ class ScreenConfig:
 
     def outputs(self) -> "OutputSettings":
         """What the outputs stage needs (report figures, flag rule, metric histogram)."""
-        return OutputSettings(top=self.top, flag_z=float(self.flag_z), histogram_bins=self.histogram_bins)
+        return OutputSettings(top=self.top, flag_z=float(self.flag_z), histogram_bins=self.histogram_bins,
+                              viewer_scans=self.viewer_scans)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy of every setting (goes into report.json)."""
@@ -150,11 +157,13 @@ class ScreenConfig:
 @dataclass(frozen=True)
 class OutputSettings:
     """`top`: scans drawn as panels in the report; `flag_z`: robust z of the flag rule;
-    `histogram_bins`: bins of the streaming voxel AUROC."""
+    `histogram_bins`: bins of the streaming voxel AUROC; `viewer_scans`: scans in the report's
+    viewer (the top-ranked ones, plus every flagged one; 0 = no viewer)."""
 
     top: int = 6
     flag_z: float = 3.0
     histogram_bins: int = 65536
+    viewer_scans: int = 20
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ScreenConfig)}

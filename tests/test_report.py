@@ -118,6 +118,7 @@ def test_report_settings_are_the_ones_used(classical_run: dict) -> None:
     summary = report["summary"]
     assert summary["method"] == "codegraph" and summary["features"]["grid"] == [4, 4, 4]
     assert summary["flagged"] == [s["id"] for s in report["subjects"] if s["flagged"]]
+    assert report["viewer"] == [s["id"] for s in report["subjects"]]  # default 20 >= 8 scans: all, rank order
 
 
 def test_report_html_reads_top_down(classical_run: dict) -> None:

@@ -18,7 +18,7 @@ SETTINGS = (
     "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
     "skull_stripped", "brain_mask", "template", "seed", "precision", "slices_per_block",
 )
-OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z")
+OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
 
 
 def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -47,6 +47,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--flag-z", type=float, help="flag scans whose score is more than Z robust standard deviations "
                      "above the cohort median; also the map threshold of hotspot regions (default 3)")
     out.add_argument("--histogram-bins", type=int, help="bins of the streaming voxel AUROC (default 65536)")
+    out.add_argument("--viewer-scans", type=int, metavar="N", help="scans in the report's interactive viewer: the N "
+                     "top-ranked plus every flagged one (default 20; 0 = no viewer)")
     out.add_argument("--force", action="store_true", help="replace a previous screen output folder")
     groups["compute"].add_argument("--cache", metavar="DIR", help="cache of preprocessed cubes and tokens "
                                    "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")

@@ -126,16 +126,20 @@ def community_graph(layout: RunLayout, scores: Scores, ids: list[str], seed: int
 
 
 def write_viewer_files(
-    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float
-) -> None:
-    """The offline viewer with every scan of a 3D run, in rank order."""
+    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float,
+    limit: int,
+) -> list[str]:
+    """The offline viewer (3D) with the `limit` top-ranked scans plus every flagged one, in rank
+    order; returns their ids."""
     from pipelines.maps import score_range
     from pipelines.viewer import ViewerScan, write_viewer
 
     by_id = {s.id: s for s in subjects}
+    shown = [entry for entry in ranked if entry["rank"] <= limit or entry["flagged"]]
     scans = [
         ViewerScan(entry["id"], by_id[entry["id"]].image, layout.map_file(entry["id"], "3d"), by_id[entry["id"]].label,
                    entry["rank"], entry["flagged"], tuple(entry["hotspot"]["world_mm_ras"]))
-        for entry in ranked
+        for entry in shown
     ]
     write_viewer(layout, scans, *score_range(elements.element_scores), threshold)
+    return [scan.id for scan in scans]
