@@ -135,7 +135,7 @@ def check_output_dir(
         marker = read_run_marker(out)
         if any(out.iterdir()) and (marker is None or marker["command"] != command):
             # --force replaces a previous output, never an arbitrary folder (a typo could be $HOME).
-            found = f"it is a volscan {marker['command']} output" if marker else f"no {RUN_MARKER}"
+            found = f"it is a volscan {marker['command']} output" if marker else f"no valid {RUN_MARKER}"
             raise InputFileError(out, f"exists and is not a previous volscan {command} output ({found}); "
                                       "refusing to write into or replace it")
         if resume:

@@ -229,7 +229,7 @@ def _screen_force_other_command(c: Ctx) -> Run:
 def _screen_force_forged_marker(c: Ctx) -> Run:
     folder = c.folder_with("mine", volscan__run__json='{"command": "screen"}', notes__txt="x")
     (folder / "volscan.run.json").rename(folder / "volscan-run.json")
-    return Run(c.screen(c.inputs(), folder, "--force"), ("no volscan-run.json",), (c.tmp / "cohort", folder))
+    return Run(c.screen(c.inputs(), folder, "--force"), ("no valid volscan-run.json",), (c.tmp / "cohort", folder))
 
 
 def _screen_out_exists(c: Ctx) -> Run:
@@ -631,11 +631,13 @@ def test_the_table_has_every_command_and_enough_cases() -> None:
 
 @pytest.fixture(scope="module")
 def finished(base: dict, tiny_vit_spec: dict) -> dict:
-    """`base` plus a finished labelled screen run (for evaluate) and weights files (good and bad)."""
+    """`base` with `images` narrowed to three scans, a finished labelled screen run of them (for
+    evaluate; its cache is the config's) and weights files (good and bad)."""
     from volumetric.backbones import create_backbone, save_backbone_weights
 
+    images = _cohort(base, base["root"] / "small")  # three scans keep the fixture quick
     run = base["root"] / "run"
-    assert main(["screen", str(base["images"]), "-o", str(run), "--config", str(base["config"]), "--labels",
+    assert main(["screen", str(images), "-o", str(run), "--config", str(base["config"]), "--labels",
                  str(base["labels"]), "--template", str(base["template"]), "--registered", "--skull-stripped"]) == 0
     spec = dict(tiny_vit_spec)
     name = spec.pop("name")
@@ -649,7 +651,7 @@ def finished(base: dict, tiny_vit_spec: dict) -> dict:
     (weights / "garbage.pth").write_bytes(np.random.default_rng(0).bytes(2000))
     files = {"deeper": weights / "deeper.safetensors", "truncated": weights / "truncated.safetensors",
              "garbage": weights / "garbage.pth"}
-    return dict(base, run=run, weights=files)
+    return dict(base, images=images, run=run, weights=files)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
