@@ -12,14 +12,17 @@ Speed comes from few, large operations per block:
   is ONE reduction over the middle axis, instead of one reduction per partner collection (which
   cost 80 % of the time on busy machines: many small calls). Padding costs `P / mean count - 1`
   extra products (a few % for 30 % random void).
-- Blocks are small enough to stay in the CPU's last-level cache between the product that writes
-  them and the two reductions that read them (`EngineOptions.block_mb`, default 32 MiB; use
-  larger blocks on GPUs), and live in one reused buffer (no page faults of fresh allocations).
+- Blocks are bounded by `EngineOptions.block_mb` (default 128 MiB of float32; on CUDA at least
+  `GPU_BLOCK_MB`) and live in one reused buffer (no page faults of fresh allocations). Smaller,
+  cache-sized blocks (8-32 MiB for this CPU's 32 MiB L3) were not faster on the shared machine we
+  measured on: there, every extra call costs more than a cache miss (docs/engine.md).
 - Void (invalid) elements are dropped before any product: never anyone's neighbour, no cost.
 - `precision="bf16"` / `"fp16"`: operands in reduced precision, the squared norms split in a
   high and a low part (so they keep ~16 bits), products accumulated in fp32 by the GEMM, minima
-  returned as fp32. The block itself is stored in the reduced type, i.e. each squared distance is
-  rounded to 8 (bf16) or 11 (fp16) significant bits, ~0.2 % / 0.03 % relative on a distance.
+  returned as fp32. The block itself is stored in the reduced type (torch's CPU GEMM returns it),
+  so blocks hold `d^2 - offset`, with `offset` the typical nearest squared distance of the batch:
+  near each minimum the stored values are small and their rounding (8 / 11 significant bits)
+  costs little absolute precision (measured: 10x smaller score errors than storing `d^2`).
 
 Features are centred on their mean (distances unchanged, norms smaller: less cancellation in the
 expanded formula) and divided by a power of two that brings every norm to <= 1 (exact in binary
@@ -43,6 +46,7 @@ from volumetric.engine.options import EngineOptions
 logger = logging.getLogger(__name__)
 
 BYTES_PER_MB = 2**20
+GPU_BLOCK_MB = 1024.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Squared distance to a pad token: far above any real one (features are scaled to norms <= 1, so
 # real squared distances are <= 4), and representable in fp16.
@@ -100,7 +104,9 @@ def collection_minima(
     counts = valid.sum(1)
     owner = torch.repeat_interleave(torch.arange(n), counts)
     bank = _PaddedBank.build(valid, dev)
-    block_elements = max(1, int(options.block_mb * BYTES_PER_MB / 4))
+    # GPUs need large blocks to be busy (and have the memory): same code, at least GPU_BLOCK_MB.
+    block_mb = options.block_mb if dev.type == "cpu" else max(options.block_mb, GPU_BLOCK_MB)
+    block_elements = max(1, int(block_mb * BYTES_PER_MB / 4))
 
     total: Tensor | None = None
     arg: Tensor | None = None
@@ -119,14 +125,12 @@ def collection_minima(
 class _PaddedBank:
     """Where each valid token lives in the padded layout (collection j: slots j*P .. j*P+P-1).
 
-    `width` P; `slots` (T,) int64 slot of each valid token; `row_of_slot` (N*P,) int64 token
-    index of each slot, T (a dummy row) for pads; `positions` (N, P) int32 position in the grid
+    `width` P; `slots` (T,) int64 slot of each valid token; `positions` (N, P) int32 position in the grid
     of each slot, -1 for pads; `offsets` token index where each collection starts (N + 1).
     """
 
     width: int
     slots: Tensor
-    row_of_slot: Tensor
     positions: Tensor
     offsets: list[int]
 
@@ -140,8 +144,6 @@ class _PaddedBank:
         owner = torch.repeat_interleave(torch.arange(n), counts)
         rank = torch.arange(t) - torch.tensor(offsets[:-1])[owner]
         slots = owner * width + rank
-        row_of_slot = torch.full((n * width,), t, dtype=torch.int64)
-        row_of_slot[slots] = torch.arange(t)
         positions = torch.full((n * width,), -1, dtype=torch.int32)
         positions[slots] = valid.nonzero()[:, 1].to(torch.int32)
         if width * n > t:
@@ -150,7 +152,6 @@ class _PaddedBank:
         return _PaddedBank(
             width=width,
             slots=slots.to(device),
-            row_of_slot=row_of_slot.to(device),
             positions=positions.view(n, width).to(device),
             offsets=offsets,
         )
@@ -201,21 +202,17 @@ def _split(values: Tensor, dtype: torch.dtype) -> list[Tensor]:
 
 
 def _typical_nearest_square(x: Tensor, sq: Tensor, offsets: list[int], samples: int = 256) -> float:
-    """Median squared distance from sampled tokens to their nearest token in the next collection.
+    """Median squared distance from tokens sampled in collections 1.. to their nearest token in
+    collection 0 (one small product).
 
     Blocks hold `d^2 - offset`: values near each minimum are then small, so rounding them (to the
     block's type, and inside the product) costs little absolute precision where it matters."""
-    n, t = len(offsets) - 1, offsets[-1]
-    picks = torch.linspace(0, t - 1, min(samples, t), device=x.device).long()
-    owners = torch.bucketize(picks, torch.tensor(offsets[1:], device=x.device), right=True)
-    nearest = []
-    for j in range(n):
-        mine = picks[owners == (j - 1) % n]  # tokens of the previous collection meet collection j
-        lo, hi = offsets[j], offsets[j + 1]
-        if len(mine) and hi > lo and n > 1:
-            d2 = sq[mine, None] + sq[None, lo:hi] - 2 * x[mine] @ x[lo:hi].T
-            nearest.append(d2.amin(1))
-    return float(torch.cat(nearest).median().clamp_min(0)) if nearest else 0.0
+    lo, hi, t = offsets[0], offsets[1], offsets[-1]
+    if t - hi < 1 or hi == lo:
+        return 0.0
+    picks = torch.linspace(hi, t - 1, min(samples, t - hi), device=x.device).long()
+    d2 = sq[picks, None] + sq[None, lo:hi] - 2 * (x[picks] @ x[lo:hi].T)
+    return float(d2.amin(1).median().clamp_min(0))
 
 
 def _layer_minima(
@@ -233,9 +230,9 @@ def _layer_minima(
     dtype = DTYPES[precision]
     rows_op, cols_op, offset, sq_scale = _operands(x, bank, n, dtype)
     del x
-    # One extra (dummy) row receives the column minima of pad tokens.
-    out = torch.full((t + 1, n), torch.inf, device=rows_op.device)
-    arg = torch.full((t + 1, n), -1, dtype=torch.int32, device=rows_op.device) if nearest else None
+    # Results are kept per slot (pads included), so that every block writes plain slices.
+    out = torch.full((n * width, n), torch.inf, device=rows_op.device)
+    arg = torch.full((n * width, n), -1, dtype=torch.int32, device=rows_op.device) if nearest else None
     buffer = torch.empty(block_elements, dtype=dtype, device=rows_op.device)
 
     pairs = int(torch.triu(partners, 1).sum())
@@ -261,7 +258,8 @@ def _layer_minima(
         out[:, empty] = torch.inf
         if arg is not None:
             arg[:, empty] = -1
-    return out[:t].add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_(), None if arg is None else arg[:t]
+    out = out[bank.slots].add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_()
+    return out, None if arg is None else arg[bank.slots]
 
 
 def _reduce_block(
@@ -269,26 +267,29 @@ def _reduce_block(
     i: int, r0: int, r1: int, j0: int, j1: int, c0: int, c1: int,
 ) -> None:
     """Fold one block (partner slots c0:c1 of collections j0:j1, x tokens r0:r1 of collection i)
-    into `out` / `arg`: one reduction per direction."""
+    into `out` / `arg` (per slot): one reduction per direction."""
+    s0 = i * bank.width + r0 - bank.offsets[i]
+    s1 = s0 + r1 - r0
     # d(b, I) for every partner slot b, combined over the row blocks of I.
-    target = bank.row_of_slot[c0:c1]
+    current = out[c0:c1, i]
     if arg is None:
-        out[target, i] = torch.minimum(out[target, i], dist.amin(1).float())
+        torch.minimum(current, dist.amin(1).float(), out=current)
     else:
         values, where = dist.min(1)
         values = values.float()
-        better = values < out[target, i]
-        out[target, i] = torch.where(better, values, out[target, i])
+        better = values < current
+        current.copy_(torch.where(better, values, current))
         found = bank.positions[i, r0 - bank.offsets[i] + where]
-        arg[target, i] = torch.where(better, found, arg[target, i])
+        nearest_so_far = arg[c0:c1, i]
+        nearest_so_far.copy_(torch.where(better, found, nearest_so_far))
     # d(a, J) for every token a of the row block and every J of the block: one reduction.
     grouped = dist.view(j1 - j0, bank.width, r1 - r0)
     if arg is None:
-        out[r0:r1, j0:j1] = grouped.amin(1).T.float()
+        out[s0:s1, j0:j1] = grouped.amin(1).T
     else:
         values, where = grouped.min(1)
-        out[r0:r1, j0:j1] = values.T.float()
-        arg[r0:r1, j0:j1] = torch.gather(bank.positions[j0:j1], 1, where).T
+        out[s0:s1, j0:j1] = values.T
+        arg[s0:s1, j0:j1] = torch.gather(bank.positions[j0:j1], 1, where).T
 
 
 def _even_chunks(start: int, stop: int, most: int) -> list[tuple[int, int]]:

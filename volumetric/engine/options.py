@@ -32,7 +32,7 @@ class EngineOptions:
 
     device: str | None = None
     precision: str = "fp32"
-    block_mb: float = 32.0
+    block_mb: float = 128.0
     memory_mb: float | None = None
     progress: bool = True
     subsets: int = 1
