@@ -6,7 +6,10 @@ orders, RAS and LAS; only world coordinates agree). Scans, all built from `sri24
 - `head`: the file as is (1 mm, RAS order);
 - `warped-lps`: rotated (8, -6, 10) degrees, scaled 1.05, shifted, on a 1.2 mm LPS-ordered grid;
 - `t2-like`: tissue contrast inverted inside the head (CSF bright, white matter dark), x7 scale;
-- `bias-noise`: smooth multiplicative bias field (+-20 %) and Gaussian noise (3 % of the maximum).
+- `bias-noise`: smooth multiplicative bias field (+-20 %) and Gaussian noise (3 % of the maximum);
+- `elastic`: a smooth non-linear deformation (displacements up to `--elastic-mm`) of the head and
+  its reference mask: a different anatomy, which no affine registration of the template can
+  follow. On the other scans the anatomy *is* the template's, which flatters the template mask.
 
 Per method two measurements: `extractor` = the learned model alone on the scan's own grid (what
 HD-BET/deepbet are benchmarked on); `chain` = `VolumePreprocessor` (register, mask, crop, 224^3)
@@ -79,6 +82,20 @@ def phantoms(head: Volume, ref: Volume) -> dict[str, tuple[Volume, np.ndarray]]:
     return out
 
 
+def elastic(head: Volume, truth: np.ndarray, amplitude_mm: float, seed: int = 0) -> tuple[Volume, np.ndarray]:
+    """The head and its reference mask deformed by one smooth random displacement field (max `amplitude_mm`)."""
+    rng = np.random.default_rng(seed)
+    shape = head.array.shape
+    spacing = np.linalg.norm(head.affine[:3, :3], axis=0)
+    coarse = rng.standard_normal((3, 5, 5, 4))
+    field = np.stack([ndimage.zoom(c, np.array(shape) / np.array(c.shape), order=3) for c in coarse])
+    field *= amplitude_mm / np.abs(field).max()
+    coords = np.indices(shape, dtype=np.float32) + field / spacing[:, None, None, None]
+    image = ndimage.map_coordinates(head.array, coords, order=1, cval=0.0).astype(np.float32)
+    mask = ndimage.map_coordinates(truth.astype(np.float32), coords, order=0, cval=0.0) > 0.5
+    return Volume(image, head.affine), mask
+
+
 def timed(fn, repeats: int):
     """(last result, {"s": median wall seconds, "cpu_s": median CPU seconds of this process}) of `repeats` calls.
 
@@ -100,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--size", type=int, default=224, help="cube edge of the chain")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--scans", nargs="+", default=["head", "warped-lps", "t2-like", "bias-noise"])
+    parser.add_argument("--scans", nargs="+", default=["head", "warped-lps", "t2-like", "bias-noise", "elastic"])
+    parser.add_argument("--elastic-mm", type=float, default=8.0, help="largest displacement of the elastic phantom")
     parser.add_argument("--hdbet-weights", help="local HD-BET weights folder")
     args = parser.parse_args(argv)
     import torch
@@ -109,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     head = load_volume(args.atlas / "sri24_t1_brats.nii.gz")
     ref = load_volume(args.atlas / "sri24_t1_brats_skullstripped.nii.gz")
     template = load_template(args.atlas)
-    scans = {k: v for k, v in phantoms(head, ref).items() if k in args.scans}
+    scans = phantoms(head, ref)
+    scans["elastic"] = elastic(head, scans["head"][1], args.elastic_mm)
+    scans = {k: v for k, v in scans.items() if k in args.scans}
     registration = RegistrationSettings(threads=args.threads)
     rows = []
     for method in args.methods:

@@ -97,7 +97,7 @@ class PreprocessSettings:
                 accepted = sorted(names - set(fixed))
                 raise VolscanError(f"config 'preprocess': unknown setting '{key}' (accepted: {', '.join(accepted)})")
         if isinstance(table.get("registration"), dict):
-            registration = table["registration"]
+            registration = dict(table["registration"])  # never modify the caller's config
             try:
                 if "shrink_factors" in registration:
                     registration["shrink_factors"] = tuple(registration["shrink_factors"])

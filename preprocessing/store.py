@@ -92,6 +92,9 @@ def read_record(out: Path, sid: str) -> dict[str, Any]:
     except (OSError, ValueError):
         log.warning("%s is unreadable; rebuilding that subject", path)
         return {"corrupt": True}
+    if isinstance(record, dict) and record.get("format") != RECORD_FORMAT and "checksum" not in record:
+        log.info("%s was written by an older volscan; rebuilding that subject", path)
+        return {}
     if not isinstance(record, dict) or record.pop("checksum", None) != _checksum(record):
         log.warning("%s was changed after volscan wrote it (checksum mismatch); rebuilding that subject", path)
         return {"corrupt": True}
