@@ -1,0 +1,27 @@
+"""`volscan score INPUT --cache CACHE -o OUT`: the group stage of a screen, from cached tokens.
+
+Same arguments and outputs as `volscan screen`, but nothing per scan is computed: every scan's
+preprocessing and tokens must already be in CACHE (from `volscan extract`, possibly run as
+many `--part`s or on Ray), with the same settings; otherwise one error names the missing scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.commands import screen as screen_command
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `volscan score` (those of `volscan screen`)."""
+    screen_command.add_parser(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score the cohort from the cache and print where the results are."""
+    from pipelines.screen import run_screen
+    from pipelines.screen_config import resolve_config
+
+    config = resolve_config(args.config, **{name: getattr(args, name) for name in screen_command.OVERRIDES})
+    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force, compute=False)
+    return screen_command.print_result(result)

@@ -1,0 +1,164 @@
+"""`volscan extract` + `volscan score` (no Ray): same scores.csv as `volscan screen`, `--part`
+shards merged, resumability, the error log, and refusals that name the missing scans.
+
+The cohort is test_screen's: eight 32^3 volumes in the world space of a procedural template,
+tiny random ViT, cube 28, `--registered --skull-stripped` (no registration, so it is fast).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import json
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_screen import WORLD, make_cohort, make_template, write_config
+
+from pipelines.cli import main
+from pipelines.distributed.extract import ExtractSettings, run_extract
+from pipelines.distributed.sharding import Part
+from pipelines.inputs import discover_subjects
+from pipelines.screen_config import resolve_config
+from volumetric.errors import VolscanError
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
+    """The cohort, its settings as CLI arguments, and the reference scores.csv of `volscan screen`."""
+    root = tmp_path_factory.mktemp("extract")
+    images, _, truth = make_cohort(root)
+    template = make_template(root / "template")
+    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache-screen")
+    settings = [str(images), "--config", str(config), "--template", str(template), "--registered", "--skull-stripped"]
+    assert main(["screen", *settings, "-o", str(root / "screen")]) == 0
+    return {"root": root, "images": images, "template": template, "config": config, "settings": settings,
+            "ids": sorted(truth), "reference": (root / "screen" / "scores.csv").read_bytes()}
+
+
+def score(cohort: dict, cache: Path, name: str) -> bytes:
+    """`volscan score` from `cache` into a new run folder; its scores.csv bytes."""
+    out = cohort["root"] / name
+    assert main(["score", *cohort["settings"], "--cache", str(cache), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["tokens"]["computed"] == 0  # the group stage extracted nothing
+    return (out / "scores.csv").read_bytes()
+
+
+def config_for(cohort: dict, cache: Path):
+    """The `ScreenConfig` the CLI arguments give, with `cache`."""
+    return resolve_config(cohort["config"], template=str(cohort["template"]), registered=True,
+                          skull_stripped=True, cache=str(cache))
+
+
+def subjects_of(cohort: dict) -> list:
+    return discover_subjects(cohort["images"], None, registered=True, skull_stripped=True)[0]
+
+
+class _NoRay(importlib.abc.MetaPathFinder):
+    """Records (and refuses) every import of `ray` while installed."""
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "ray" or name.startswith("ray."):
+            self.attempts.append(name)
+            raise ImportError(f"{name} imported by a plain local run")
+        return None
+
+
+def test_extract_then_score_matches_screen_and_never_imports_ray(cohort: dict, monkeypatch) -> None:
+    # `ray` is installed (and may already be imported by test_ray.py): hide it and refuse imports.
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    blocker = _NoRay()
+    monkeypatch.setattr(sys, "meta_path", [blocker, *sys.meta_path])
+    cache, out = cohort["root"] / "cache-local", cohort["root"] / "local"
+    assert main(["extract", *cohort["settings"], "-o", str(cache)]) == 0
+    assert main(["score", *cohort["settings"], "--cache", str(cache), "-o", str(out)]) == 0
+    assert blocker.attempts == [] and "ray" not in sys.modules
+    assert (out / "scores.csv").read_bytes() == cohort["reference"]
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["tokens"]["computed"] == 0
+    log = next((cache / "extract").glob("*/errors-all.jsonl"))
+    assert log.read_text(encoding="utf-8") == ""  # no scan failed
+
+
+def test_parts_merged_match_screen(cohort: dict) -> None:
+    cache = cohort["root"] / "cache-parts"
+    config, subjects = config_for(cohort, cache), subjects_of(cohort)
+    seen: list[str] = []
+    for i in (1, 2, 3):
+        result = run_extract(subjects, config, ExtractSettings(part=Part(i, 3), stage="spatial", progress=False))
+        assert result.scans == cohort["ids"][i - 1 :: 3] and not result.failed
+        seen += result.scans
+    assert sorted(seen) == cohort["ids"]
+    run_extract(subjects, config, ExtractSettings(stage="landmarks", progress=False))
+    computed = 0
+    for i in (1, 2, 3):
+        result = run_extract(subjects, config, ExtractSettings(part=Part(i, 3), stage="tokens", progress=False))
+        assert not result.failed and list(result.workers) == [os.getpid()]  # local: this process
+        computed += result.computed
+    assert computed == len(cohort["ids"])
+    assert score(cohort, cache, "parts") == cohort["reference"]
+    # Resumable: a second run of a part finds everything cached.
+    again = run_extract(subjects, config, ExtractSettings(part=Part(2, 3), stage="tokens", progress=False))
+    assert again.computed == 0 and not again.failed
+
+
+def test_part_order_of_stages_is_enforced(cohort: dict, capsys: pytest.CaptureFixture) -> None:
+    cache = cohort["root"] / "cache-order"
+    config, subjects = config_for(cohort, cache), subjects_of(cohort)
+    assert main(["extract", *cohort["settings"], "-o", str(cache), "--part", "1/2"]) == 2
+    assert "--stage spatial" in capsys.readouterr().err
+    run_extract(subjects, config, ExtractSettings(part=Part(1, 2), stage="spatial", progress=False))
+    with pytest.raises(VolscanError, match=r"spatial stage of 4 scan\(s\) has not run \(e\.g\. case01\)"):
+        run_extract(subjects, config, ExtractSettings(stage="landmarks", progress=False))
+    with pytest.raises(VolscanError, match="run --stage landmarks first"):
+        run_extract(subjects, config, ExtractSettings(part=Part(1, 2), stage="tokens", progress=False))
+
+
+def test_failed_scan_is_logged_and_the_cohort_goes_on(cohort: dict, tmp_path: Path, capsys) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(cohort["images"].iterdir())[:4]:
+        (images / path.name).write_bytes(path.read_bytes())
+    # A readable header but no content: the spatial phase refuses this scan only.
+    nib.save(nib.Nifti1Image(np.full((32, 32, 32), 5.0, np.float32), WORLD), str(images / "case99.nii.gz"))
+    settings = [str(images), *cohort["settings"][1:]]
+    cache = tmp_path / "cache"
+    assert main(["extract", *settings, "-o", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "case99" in err and "errors-all.jsonl" in err
+    log = next((cache / "extract").glob("*/errors-all.jsonl"))
+    lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    assert [(e["id"], e["phase"]) for e in lines] == [("case99", "spatial")]
+    assert "constant" in lines[0]["error"] and lines[0]["input"].endswith("case99.nii.gz")
+    # The other four were extracted; score names the one that is missing and why.
+    assert len(list((cache / "tokens").rglob("*.safetensors"))) == 4
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "1 scan(s) is missing: case99" in err and "constant" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_score_refuses_an_empty_cache_naming_scans(cohort: dict, tmp_path: Path, capsys) -> None:
+    assert main(["score", *cohort["settings"], "--cache", str(tmp_path / "empty"), "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "per-scan stage of 8 scan(s) is missing: case00, case01" in err and "volscan extract" in err
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "-1/2"])
+def test_part_parse_refuses(text: str) -> None:
+    with pytest.raises(VolscanError, match="--part"):
+        Part.parse(text)
+
+
+def test_parts_cover_sorted_ids_once() -> None:
+    ids = [f"s{i:03d}" for i in range(23)][::-1]  # listing order must not matter
+    parts = [Part.parse(f"{i}/5").select(ids) for i in range(1, 6)]
+    assert sorted(sum(parts, [])) == sorted(ids)
+    assert parts[0] == ["s000", "s005", "s010", "s015", "s020"]
+    assert Part.parse(" 2 / 5 ") == Part(2, 5) and Part(2, 5).label == "part-2-of-5" and Part().label == "all"
