@@ -93,7 +93,9 @@ class PreprocessSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         table = {str(k).replace("-", "_"): v for k, v in values.items()}
         for key in table:
-            if key not in names or key in fixed:
+            if key in fixed:
+                raise VolscanError(f"config 'preprocess': '{key}' is a top-level setting; set it outside this table")
+            if key not in names:
                 accepted = sorted(names - set(fixed))
                 raise VolscanError(f"config 'preprocess': unknown setting '{key}' (accepted: {', '.join(accepted)})")
         if isinstance(table.get("registration"), dict):

@@ -40,7 +40,7 @@ def head(sri24_dir):
 def test_settings_are_checked_before_any_work():
     with pytest.raises(VolscanError, match="unknown setting 'mask_method'"):
         PreprocessSettings.from_mapping({"mask_method": "template"})
-    with pytest.raises(VolscanError, match="unknown setting 'size'"):
+    with pytest.raises(VolscanError, match="'size' is a top-level setting"):
         PreprocessSettings.from_mapping({"size": 28}, size=28)
     with pytest.raises(VolscanError, match="Nyúl cutoff"):
         PreprocessSettings(cutoff=(0.5, 0.6))
