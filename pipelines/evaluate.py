@@ -34,7 +34,7 @@ from pipelines.figures import histogram_figure, roc_figure
 from pipelines.images2d import load_mask, resize
 from pipelines.inputs import check_label_grid, match_labels
 from pipelines.maps import score_range, upsample_scores
-from pipelines.report import read_report_json, write_run_tables
+from pipelines.report import Report, read_report_json, write_run_tables
 from pipelines.run_layout import FIGURES_DIR, RunLayout
 from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
@@ -251,22 +251,21 @@ def label_cube_loader(run_dir: Path, elements: RunElements, labels: Sequence[Pat
     return load
 
 
-def score_figures(run_dir: Path, report: dict[str, Any], scores: np.ndarray, labels: np.ndarray | None) -> None:
+def score_figures(run_dir: Path, report: Report, scores: np.ndarray, labels: np.ndarray | None) -> None:
     """Score histogram (by class with labels) and, with both classes, the ROC curve."""
     figures_dir = run_dir / FIGURES_DIR
     figures_dir.mkdir(exist_ok=True)
-    report.setdefault("figures", {})
     histogram_figure(scores, labels, figures_dir / "score_histogram.png")
-    report["figures"]["score histogram"] = f"{FIGURES_DIR}/score_histogram.png"
-    metrics = report.get("metrics") or {}
-    key = "patient_auroc" if report.get("kind") == "3d" else "image_auroc"
+    report.figures["score histogram"] = f"{FIGURES_DIR}/score_histogram.png"
+    metrics = report.metrics or {}
+    key = "patient_auroc" if report.kind == "3d" else "image_auroc"
     if labels is not None and metrics.get(key) is not None:
         roc_figure(scores, labels, metrics[key], figures_dir / "roc.png")
-        report["figures"]["ROC curve"] = f"{FIGURES_DIR}/roc.png"
+        report.figures["ROC curve"] = f"{FIGURES_DIR}/roc.png"
 
 
 def attach_metrics(
-    run_dir: Path, report: dict[str, Any], elements: RunElements, labels: Sequence[Path | None], bins: int
+    run_dir: Path, report: Report, elements: RunElements, labels: Sequence[Path | None], bins: int
 ) -> dict[str, Any]:
     """Compute metrics against `labels` (one mask path or None per subject, elements order),
     store them in `report` (summary + per-subject label/dice) and draw the score figures."""
@@ -278,10 +277,11 @@ def attach_metrics(
         summary, per_subject = image_metrics(elements, masks, bins)
     for note in summary["notes"]:
         log.warning("metrics: %s", note)
-    report["metrics"] = summary
+    report.metrics = summary
     by_id = dict(zip(elements.ids, per_subject))
-    for subject in report["subjects"]:
-        subject.update(by_id[subject["id"]])
+    for entry in report.subjects:
+        for key, value in by_id[entry.id].items():  # label, dice, lesion_voxels_cube
+            setattr(entry, key, value)
     patient = np.array([by_id[i]["label"] for i in elements.ids], dtype=bool)
     score_figures(run_dir, report, elements.collection_scores, patient)
     return summary
@@ -295,7 +295,7 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
         raise InputFileError(run_dir, "run folder does not exist")
     layout = RunLayout(run_dir)
     report = read_report_json(layout.report_json)
-    if report.get("metrics") and not force:
+    if report.metrics and not force:
         raise InputFileError(layout.report_json, "already holds metrics; use --force to replace them")
     elements = RunElements.load(layout.elements)
     matched = match_labels(labels_dir, elements.ids, elements.kind)
@@ -303,9 +303,9 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
         check_label_grid(layout.map_file(sid, elements.kind), label, elements.kind)
         if elements.kind == "3d":
             check_label_map(load_volume(label).array, label)
-    bins = int(bins or report["settings"].get("histogram_bins", 65536))
+    bins = int(bins or report.settings.get("histogram_bins", 65536))
     # Every mask is read and checked (label map, grid) before anything in the run is rewritten.
     attach_metrics(run_dir, report, elements, [matched.get(i) for i in elements.ids], bins)
-    report["settings"]["labels"] = str(Path(labels_dir).resolve())
+    report.settings["labels"] = str(Path(labels_dir).resolve())
     write_run_tables(run_dir, report)
-    return report["metrics"]
+    return report.metrics

@@ -15,7 +15,8 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,74 @@ class ScoreRow:
     score: float
     rank: int
     label: int | None = None
+
+
+@dataclass
+class ScanEntry:
+    """One scan of the ranking in the report (see docs/screen.md for every field): `image`
+    absolute; `map`, `map_files`, `panel` relative to the run folder; `hotspot` as
+    `pipelines.hotspots.Hotspot.to_dict`; `label`, `dice`, `lesion_voxels_cube` once metrics exist."""
+
+    id: str
+    rank: int
+    score: float
+    percentile: float
+    flagged: bool
+    image: str
+    map: str
+    map_files: list[str]
+    hotspot: dict[str, Any]
+    label_file: str | None = None
+    panel: str | None = None
+    label: int | None = None
+    dice: float | None = None
+    lesion_voxels_cube: int | None = None
+
+
+@dataclass
+class Report:
+    """The record of a screen run: built by `build_report`, completed by the later stages
+    (metrics, figures, viewer, timings) and `volscan evaluate`, rendered to report.json
+    (`to_dict`) and report.html (`report_html`)."""
+
+    volscan_version: str = "unknown"
+    created: str = ""
+    input: str = ""
+    output: str = ""
+    kind: str = "3d"
+    n_subjects: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
+    token_grid: list[int] = field(default_factory=list)
+    codegraph: dict[str, Any] | None = None
+    excluded_fraction: float = 0.0
+    subjects: list[ScanEntry] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    figures: dict[str, str] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    viewer: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (what report.json holds)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "report") -> "Report":
+        """Inverse of `to_dict`; an unknown or malformed field is an `InputFileError` naming `source`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputFileError(source, f"unknown report field '{unknown[0]}' (written by another volscan version?)")
+        try:
+            values = dict(data)
+            values["subjects"] = [ScanEntry(**entry) for entry in data.get("subjects", [])]
+            return cls(**values)
+        except TypeError as exc:
+            raise InputFileError(source, f"malformed report ({exc})") from None
 
 
 def rank_scores(ids: Sequence[str], scores: Sequence[float], labels: Sequence[int] | None = None) -> list[ScoreRow]:
@@ -95,19 +164,22 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report_json(path: Path, report: dict[str, Any]) -> None:
-    """Atomically write the report dictionary as indented JSON (NaN/inf become null)."""
-    atomic_write_text(path, json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+def write_report_json(path: Path, report: Report) -> None:
+    """Atomically write the report as indented JSON (NaN/inf become null)."""
+    atomic_write_text(path, json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n")
 
 
-def read_report_json(path: Path) -> dict[str, Any]:
-    """Load report.json of an existing run."""
+def read_report_json(path: Path) -> Report:
+    """The report of an existing run (report.json)."""
     if not path.is_file():
         raise InputFileError(path, "not found; is this a volscan screen output folder?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputFileError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(path, "not a volscan report (expected a JSON object)")
+    return Report.from_dict(data, path)
 
 
 _STYLE = """
@@ -200,46 +272,46 @@ def _coords(values: Sequence[float] | None, digits: int = 1) -> str:
     return "" if values is None else ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _summary(report: dict[str, Any]) -> list[str]:
+def _summary(report: Report) -> list[str]:
     esc = html.escape
-    summary = report["summary"]
+    summary = report.summary
     features = summary["features"]
     flagged = summary["flagged"]
     names = ", ".join(esc(i) for i in flagged[:10]) + (" ..." if len(flagged) > 10 else "")
     return [
         "<div class='summary'>",
-        f"<p><b>Cohort</b>: {report['n_subjects']} {esc(str(report['kind']).upper())} scans from "
-        f"<code>{esc(str(report['input']))}</code>.</p>",
+        f"<p><b>Cohort</b>: {report.n_subjects} {esc(report.kind.upper())} scans from "
+        f"<code>{esc(report.input)}</code>.</p>",
         f"<p><b>Method</b>: {esc(summary['method'])} (training-free: each scan is compared with all the others).</p>",
         f"<p><b>Features</b>: {esc(features['description'])}; cube "
-        f"{features['size']}<sup>{3 if report['kind'] == '3d' else 2}</sup>, token grid "
+        f"{features['size']}<sup>{3 if report.kind == '3d' else 2}</sup>, token grid "
         f"{' x '.join(map(str, features['grid']))}.</p>",
-        f"<p><b>Flagged</b>: <span class='flag'>{len(flagged)} of {report['n_subjects']}</span> scans "
+        f"<p><b>Flagged</b>: <span class='flag'>{len(flagged)} of {report.n_subjects}</span> scans "
         f"(score &gt; {summary['flag_threshold']:.4g} = median + {summary['flag_z']:g} robust SD)"
         + (f": {names}" if flagged else "") + ".</p>",
-        f"<p class='small'>Created {esc(str(report.get('created')))} by volscan {esc(str(report.get('volscan_version')))}; "
-        f"run folder <code>{esc(str(report.get('output')))}</code>.</p>",
+        f"<p class='small'>Created {esc(report.created)} by volscan {esc(report.volscan_version)}; "
+        f"run folder <code>{esc(report.output)}</code>.</p>",
         "</div>",
     ]
 
 
-def _ranking(report: dict[str, Any]) -> str:
-    subjects = report["subjects"]
-    extra = [key for key in ("label", "dice") if any(s.get(key) is not None for s in subjects)]
-    three_d = report["kind"] == "3d"
+def _ranking(report: Report) -> str:
+    subjects = report.subjects
+    extra = [key for key in ("label", "dice") if any(getattr(s, key) is not None for s in subjects)]
+    three_d = report.kind == "3d"
     header = ["rank", "id", "score", "percentile", "flagged",
               *(["hotspot RAS mm (x, y, z)", "voxel (i, j, k)"] if three_d else ["hotspot pixel (row, col)"]),
               "region (voxels" + (" / mm³)" if three_d else ")")] + extra + ["files"]
     rows = []
     for s in subjects:
-        spot = s.get("hotspot") or {}
-        files = [_link(s["map"], "map")] + ([_link(s["panel"], "panel")] if s.get("panel") else [])
+        spot = s.hotspot
+        files = [_link(s.map, "map")] + ([_link(s.panel, "panel")] if s.panel else [])
         rows.append(
-            [s["rank"], s["id"], float(s["score"]), f"{s.get('percentile', 0):.0f}", "yes" if s.get("flagged") else "",
+            [s.rank, s.id, float(s.score), f"{s.percentile:.0f}", "yes" if s.flagged else "",
              *([_coords(spot.get("world_mm_ras"))] if three_d else []), _coords(spot.get("voxel")),
              f"{spot.get('region_voxels', '')}" + (f" / {spot['region_mm3']:g}" if spot.get("region_mm3") is not None
                                                    else "")]
-            + [s.get(key) if s.get(key) is not None else "" for key in extra]
+            + [getattr(s, key) if getattr(s, key) is not None else "" for key in extra]
             + [_Raw(" ".join(files))]
         )
     return _table(rows, header)
@@ -257,47 +329,47 @@ def _communities(graph: dict[str, Any]) -> list[str]:
     ]
 
 
-def report_html(report: dict[str, Any]) -> str:
+def report_html(report: Report) -> str:
     """The page a reader opens, top-down: summary, ranking, viewer, scan panels, metrics,
-    CoDeGraph, settings as used, glossary (from a report dictionary as in report.json)."""
+    CoDeGraph, settings as used, glossary."""
     from pipelines.run_layout import RunLayout
     from pipelines.viewer import ERROR_CAPTURE, viewer_html
 
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>volscan screen: {esc(str(report.get('input', '')))}</title><style>{_STYLE}</style>",
-        ERROR_CAPTURE if report.get("viewer") else "",
+        f"<title>volscan screen: {esc(report.input)}</title><style>{_STYLE}</style>",
+        ERROR_CAPTURE if report.viewer else "",
         "</head><body>",
         "<h1>volscan screen report</h1>",
     ]
-    parts += [f"<p class='warn'>{esc(w)}</p>" for w in report.get("warnings", [])]
+    parts += [f"<p class='warn'>{esc(w)}</p>" for w in report.warnings]
     parts += _summary(report)
     parts += ["<h2>Ranking</h2>", _ranking(report)]
-    if report["kind"] == "3d":
+    if report.kind == "3d":
         parts.append("<p class='small'>To look in ITK-SNAP or 3D Slicer: open the scan, add its map "
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
                      "millimetres into the cursor box (or go to the voxel i, j, k).</p>")
-    if report.get("viewer"):
+    if report.viewer:
         parts += ["<h2>Viewer</h2>", viewer_html(RunLayout(Path(".")))]
-    panels = [s for s in report["subjects"] if s.get("panel")]
+    panels = [s for s in report.subjects if s.panel]
     if panels:
         parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "
                      "to the closest RAS orientation, pixels at the voxel spacing), through its hotspot (green "
                      "crosshair); yellow: above-threshold region; cyan: mask.</p>")
-        parts += [f"<figure><img src='{esc(s['panel'])}' alt='{esc(s['id'])}'></figure>" for s in panels]
-    metrics = report.get("metrics")
+        parts += [f"<figure><img src='{esc(s.panel)}' alt='{esc(s.id)}'></figure>" for s in panels]
+    metrics = report.metrics
     if metrics:
         parts.append("<h2>Metrics</h2>")
         parts.append(_table([[GLOSSARY.get(k, (k, ""))[0], v] for k, v in metrics.items()
                              if not isinstance(v, (dict, list))], ["metric", "value"]))
         parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
-    figures = report.get("figures", {})
+    figures = report.figures
     plots = {k: v for k, v in figures.items() if k != "community graph"}
     if plots:
         parts += [f"<figure><img src='{esc(p)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
                   for name, p in plots.items()]
-    graph = report.get("codegraph")
+    graph = report.codegraph
     if graph:
         parts.append("<h2>CoDeGraph communities</h2>")
         if "community graph" in figures:
@@ -307,9 +379,9 @@ def report_html(report: dict[str, Any]) -> str:
     # None left after run-time resolution means the setting does not apply to this run
     # (e.g. layers with classical features, template for 2D images).
     parts.append(_table([[k, "(not used)" if v is None else json.dumps(_json_safe(v))]
-                         for k, v in report["settings"].items()], ["setting", "value"]))
+                         for k, v in report.settings.items()], ["setting", "value"]))
     parts.append("<h2>Timings</h2>")
-    parts.append(_table([[k, float(v)] for k, v in report.get("timings_s", {}).items()], ["stage", "seconds"]))
+    parts.append(_table([[k, float(v)] for k, v in report.timings_s.items()], ["stage", "seconds"]))
     parts.append("<h2>Glossary</h2><dl>")
     parts += [f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in TERMS]
     used = metrics or {}
@@ -319,7 +391,7 @@ def report_html(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report_html(path: Path, report: dict[str, Any]) -> None:
+def write_report_html(path: Path, report: Report) -> None:
     """Atomically write report.html for `report`."""
     atomic_write_text(path, report_html(report))
 
@@ -338,8 +410,8 @@ def build_report(
     scores: Any,
     maps: Any,
     threshold: float,
-) -> dict[str, Any]:
-    """The report dictionary of a screen run (what report.json holds), before metrics/figures.
+) -> Report:
+    """The report of a screen run, before metrics, figures and viewer.
 
     `subjects`: `Subject`s; `config`: the `ScreenConfig`; `scores`: the score stage's `Scores`;
     `maps`: the outputs stage's `MapFiles`; `threshold`: the flag threshold (`pipelines.hotspots`).
@@ -351,17 +423,15 @@ def build_report(
     ids = [s.id for s in subjects]
     by_id = {s.id: s for s in subjects}
     rows = rank_scores(ids, scores.collection_scores)
-    entries = []
-    for row in rows:
-        entries.append({
-            "id": row.id, "rank": row.rank, "score": row.score,
-            "percentile": round(rank_percentile(row.rank, len(rows)), 1),
-            "flagged": bool(row.score > threshold),
-            "image": str(by_id[row.id].image.resolve()),
-            "label_file": str(by_id[row.id].label.resolve()) if by_id[row.id].label is not None else None,
-            "map": maps.files[row.id][0], "map_files": maps.files[row.id],
-            "hotspot": maps.hotspots[row.id].to_dict(),
-        })
+    entries = [
+        ScanEntry(
+            id=row.id, rank=row.rank, score=row.score, percentile=round(rank_percentile(row.rank, len(rows)), 1),
+            flagged=bool(row.score > threshold), image=str(by_id[row.id].image.resolve()),
+            label_file=str(by_id[row.id].label.resolve()) if by_id[row.id].label is not None else None,
+            map=maps.files[row.id][0], map_files=maps.files[row.id], hotspot=maps.hotspots[row.id].to_dict(),
+        )
+        for row in rows
+    ]
     token_settings = token_info["settings"]
     settings = dict(
         config.to_dict(),
@@ -387,14 +457,14 @@ def build_report(
             "graph_edges": int(scores.graph.ecount()),
             "details": scores.summary,
         }
-    return {
-        "volscan_version": _version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": source,
-        "output": str(Path(out_dir).resolve()),
-        "kind": kind,
-        "n_subjects": len(ids),
-        "summary": {
+    return Report(
+        volscan_version=_version(),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        input=source,
+        output=str(Path(out_dir).resolve()),
+        kind=kind,
+        n_subjects=len(ids),
+        summary={
             "method": config.method,
             "features": {"backbone": config.backbone,
                          "weights": config.weights or token_settings.get("weights", "none (no network)"),
@@ -403,21 +473,18 @@ def build_report(
                          "description": token_info.get("features", config.backbone)},
             "flag_z": config.flag_z,
             "flag_threshold": threshold,
-            "flagged": [e["id"] for e in entries if e["flagged"]],
+            "flagged": [e.id for e in entries if e.flagged],
         },
-        "settings": settings,
-        "warnings": [RANDOM_WEIGHTS_WARNING] if token_info["random_weights"] else [],
-        "preprocess": preprocess_info,
-        "tokens": token_info,
-        "scoring": scores.settings,
-        "token_grid": token_info["grid"],
-        "codegraph": codegraph,
-        "excluded_fraction": codegraph["excluded_fraction"] if codegraph else 0.0,
-        "subjects": entries,
-        "metrics": None,
-        "figures": {},
-        "timings_s": {},
-    }
+        settings=settings,
+        warnings=[RANDOM_WEIGHTS_WARNING] if token_info["random_weights"] else [],
+        preprocess=preprocess_info,
+        tokens=token_info,
+        scoring=scores.settings,
+        token_grid=token_info["grid"],
+        codegraph=codegraph,
+        excluded_fraction=codegraph["excluded_fraction"] if codegraph else 0.0,
+        subjects=entries,
+    )
 
 
 def _version() -> str:
@@ -429,13 +496,13 @@ def _version() -> str:
         return "unknown"
 
 
-def report_rows(report: dict[str, Any]) -> list[ScoreRow]:
+def report_rows(report: Report) -> list[ScoreRow]:
     """The ranking of a report dictionary as `ScoreRow`s, in report order."""
-    return [ScoreRow(s["id"], s["score"], s["rank"], s.get("label")) for s in report["subjects"]]
+    return [ScoreRow(s.id, s.score, s.rank, s.label) for s in report.subjects]
 
 
-def write_run_tables(run_dir: Path, report: dict[str, Any]) -> None:
-    """scores.csv, report.json and report.html of a run from its report dictionary."""
+def write_run_tables(run_dir: Path, report: Report) -> None:
+    """scores.csv, report.json and report.html of a run from its report."""
     write_scores_csv(run_dir / SCORES_CSV, report_rows(report))
     write_report_json(run_dir / REPORT_JSON, report)
     write_report_html(run_dir / REPORT_HTML, report)

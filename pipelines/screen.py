@@ -31,11 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScreenResult:
-    """A finished run: `out_dir`, ranked `rows` (rank 1 first), the `report` dictionary."""
+    """A finished run: `out_dir`, ranked `rows` (rank 1 first), the typed `record`
+    (`pipelines.report.Report`); `report` is its dictionary (what report.json holds)."""
 
     out_dir: Path
     rows: list[Any]
-    report: dict[str, Any]
+    record: Any
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The report as report.json holds it."""
+        return self.record.to_dict()
 
     @property
     def report_html(self) -> Path:
@@ -45,7 +51,7 @@ class ScreenResult:
     @property
     def metrics(self) -> dict[str, Any] | None:
         """Metrics against the masks, or None without labels."""
-        return self.report.get("metrics")
+        return self.record.metrics
 
 
 class _Timer:
@@ -150,16 +156,16 @@ def screen_subjects(
         with timer.stage("figures"):
             if not labels_given:
                 score_figures(work, report, elements.collection_scores, None)
-            panels = outputs.scan_panels(layout, report["subjects"], subjects, elements, threshold, settings.top)
-            for entry in report["subjects"]:
-                entry["panel"] = panels.get(entry["id"])
+            panels = outputs.scan_panels(layout, report.subjects, subjects, elements, threshold, settings.top)
+            for entry in report.subjects:
+                entry.panel = panels.get(entry.id)
             graph = outputs.community_graph(layout, scores, ids, config.seed)
             if graph is not None:
-                report["figures"]["community graph"] = graph
+                report.figures["community graph"] = graph
         if kind == "3d" and settings.viewer_scans:
             with timer.stage("viewer"):
-                report["viewer"] = outputs.write_viewer_files(layout, report["subjects"], subjects, elements,
+                report.viewer = outputs.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)
-        report["timings_s"] = timer.seconds
+        report.timings_s = timer.seconds
         write_run_tables(work, report)
     return ScreenResult(output.out, report_rows(report), report)

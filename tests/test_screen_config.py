@@ -12,7 +12,15 @@ from PIL import Image
 
 from pipelines.inputs import discover_subjects
 from pipelines.outputs import AtomicOutputDir
-from pipelines.report import rank_scores, read_scores_csv, report_html, scores_csv_text, write_scores_csv
+from pipelines.report import (
+    Report,
+    ScanEntry,
+    rank_scores,
+    read_scores_csv,
+    report_html,
+    scores_csv_text,
+    write_scores_csv,
+)
 from pipelines.screen_config import ScreenConfig, read_config_file, resolve_config
 from volumetric.errors import InputFileError, VolscanError
 
@@ -135,19 +143,22 @@ def test_scores_csv_roundtrip_and_ties(tmp_path: Path) -> None:
 
 
 def test_html_escapes_ids() -> None:
-    report = {
-        "input": "in", "kind": "2d", "n_subjects": 1, "created": "now", "warnings": ["careful <b>"],
-        "summary": {"method": "musc", "flag_z": 3.0, "flag_threshold": 2.0, "flagged": ["<script>"],
-                    "features": {"backbone": "<b>", "description": "<b>", "weights": "random", "layers": [1], "proj_dim": 8, "size": 28,
-                                 "grid": [2, 2]}},
-        "settings": {"method": "musc"},
-        "subjects": [{"id": "<script>", "rank": 1, "score": 1.0, "map": "maps/x.tiff", "flagged": True,
-                      "hotspot": {"voxel": [3, 4], "world_mm_ras": None, "region_voxels": 5}}],
-        "figures": {}, "timings_s": {"scoring": 1.5},
-    }
+    entry = ScanEntry(id="<script>", rank=1, score=1.0, percentile=100.0, flagged=True, image="/in/x.png",
+                      map="maps/x.tiff", map_files=["maps/x.tiff"],
+                      hotspot={"voxel": [3, 4], "world_mm_ras": None, "region_voxels": 5})
+    report = Report(
+        input="in", kind="2d", n_subjects=1, created="now", warnings=["careful <b>"],
+        summary={"method": "musc", "flag_z": 3.0, "flag_threshold": 2.0, "flagged": ["<script>"],
+                 "features": {"backbone": "<b>", "description": "<b>", "weights": "random", "layers": [1],
+                              "proj_dim": 8, "size": 28, "grid": [2, 2]}},
+        settings={"method": "musc"}, subjects=[entry], timings_s={"scoring": 1.5},
+    )
     page = report_html(report)
     assert "<script>" not in page and "&lt;script&gt;" in page and "careful &lt;b&gt;" in page
     assert "&lt;b&gt;" in page.split("<h2>")[0]  # the summary escapes too
+    assert Report.from_dict(report.to_dict()) == report
+    with pytest.raises(InputFileError, match="unknown report field 'colour'"):
+        Report.from_dict({**report.to_dict(), "colour": 1}, "r.json")
 
 
 def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from pipelines.evaluate import RunElements
 from pipelines.hotspots import Hotspot, find_hotspot
 from pipelines.inputs import Subject
+from pipelines.report import ScanEntry
 from pipelines.run_layout import RunLayout
 from pipelines.stages.preprocess import Prepared
 from pipelines.stages.score import Scores
@@ -75,7 +75,7 @@ def write_maps(
 
 
 def scan_panels(
-    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float,
+    layout: RunLayout, ranked: list[ScanEntry], subjects: list[Subject], elements: RunElements, threshold: float,
     top: int,
 ) -> dict[str, str]:
     """{subject id: run-relative PNG} for the `top` ranked entries of the report: native-space
@@ -91,12 +91,12 @@ def scan_panels(
     layout.figures.mkdir(exist_ok=True)
     panels = {}
     for entry in ranked[:top]:
-        subject = by_id[entry["id"]]
-        path = layout.figures / f"rank{entry['rank']:03d}_{subject.id}.png"
-        hotspot = entry["hotspot"]
+        subject = by_id[entry.id]
+        path = layout.figures / f"rank{entry.rank:03d}_{subject.id}.png"
+        hotspot = entry.hotspot
         where = (f"hotspot {', '.join(f'{v:.1f}' for v in hotspot['world_mm_ras'])} mm RAS, voxel "
                  f"{tuple(hotspot['voxel'])}" if hotspot["world_mm_ras"] else f"hotspot pixel {tuple(hotspot['voxel'])}")
-        title = f"rank {entry['rank']}: {subject.id} (score {entry['score']:.4g}); {where}"
+        title = f"rank {entry.rank}: {subject.id} (score {entry.score:.4g}); {where}"
         if elements.kind == "3d":
             image = nib.load(str(subject.image))
             volume = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
@@ -126,7 +126,7 @@ def community_graph(layout: RunLayout, scores: Scores, ids: list[str], seed: int
 
 
 def write_viewer_files(
-    layout: RunLayout, ranked: list[dict[str, Any]], subjects: list[Subject], elements: RunElements, threshold: float,
+    layout: RunLayout, ranked: list[ScanEntry], subjects: list[Subject], elements: RunElements, threshold: float,
     limit: int,
 ) -> list[str]:
     """The offline viewer (3D) with the `limit` top-ranked scans plus every flagged one, in rank
@@ -135,10 +135,10 @@ def write_viewer_files(
     from pipelines.viewer import ViewerScan, write_viewer
 
     by_id = {s.id: s for s in subjects}
-    shown = [entry for entry in ranked if entry["rank"] <= limit or entry["flagged"]]
+    shown = [entry for entry in ranked if entry.rank <= limit or entry.flagged]
     scans = [
-        ViewerScan(entry["id"], by_id[entry["id"]].image, layout.map_file(entry["id"], "3d"), by_id[entry["id"]].label,
-                   entry["rank"], entry["flagged"], tuple(entry["hotspot"]["world_mm_ras"]))
+        ViewerScan(entry.id, by_id[entry.id].image, layout.map_file(entry.id, "3d"), by_id[entry.id].label,
+                   entry.rank, entry.flagged, tuple(entry.hotspot["world_mm_ras"]))
         for entry in shown
     ]
     write_viewer(layout, scans, *score_range(elements.element_scores), threshold)
