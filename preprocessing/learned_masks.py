@@ -124,7 +124,8 @@ def hdbet_mask(volume: Volume, weights: str | Path | None = None, device: str = 
     predictor = _model("hd-bet", str(folder), device)
     with tempfile.TemporaryDirectory(prefix="volscan-hdbet-") as tmp:
         source = save_volume(volume.array, volume.affine, Path(tmp) / "scan_0000.nii.gz", dtype=np.float32)
-        predictor.predict_from_files_sequential([[str(source)]], [str(Path(tmp) / "mask")], False, True, None)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net reports progress with print()
+            predictor.predict_from_files_sequential([[str(source)]], [str(Path(tmp) / "mask")], False, True, None)
         mask = load_volume(Path(tmp) / "mask.nii.gz")
     return _on_grid(mask, volume, "HD-BET")
 
@@ -156,15 +157,17 @@ def _model(kind: str, weights: str, device: str) -> Any:
             extractor.bbox_model.to(torch_device)
             _models[key] = extractor
         else:
-            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints notes about its env variables
+            # nnU-Net print()s notes (its env variables, CPU use) on stdout, where the CLI's own output goes.
+            with contextlib.redirect_stdout(io.StringIO()):
                 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-            # HD-BET 2's own predictor settings (`get_hdbet_predictor`), without test-time mirroring.
-            predictor = nnUNetPredictor(
-                tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=True,
-                device=torch_device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-            )
-            predictor.initialize_from_trained_model_folder(weights, ("all",))
+                # HD-BET 2's own predictor settings (`get_hdbet_predictor`), without test-time mirroring.
+                predictor = nnUNetPredictor(
+                    tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                    perform_everything_on_device=torch_device.type == "cuda",  # nnU-Net supports it on CUDA only
+                    device=torch_device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+                )
+                predictor.initialize_from_trained_model_folder(weights, ("all",))
             _models[key] = predictor
     return _models[key]
 
