@@ -9,9 +9,10 @@ landmarks -> tokens) with a random-weight ViT, each time into a fresh cache:
   workers. `cold` = first run on a new cluster (workers start, import torch and build the
   model); `warm` = a second run on the same cluster (workers and model already there).
 
-Ray's overhead per scan = (ray-1 warm - local) / scans: scheduling, shipping the plan and the
-outcome, and the per-phase barrier, with the same single-threaded compute on both sides. The
-speed-up of two workers = ray-1 warm / ray-2 warm. Repeated `--reps` times, alternating the
+Ray's overhead per scan, two ways: (ray-1 warm - local) / scans, the same single-threaded
+compute on both sides (on a loaded machine this is within the noise), and the round trip of a
+job that does nothing (`round trip`: the same arguments, plan reference and outcome as a scan's
+job, on the warm cluster; per scan, 2 phases). The speed-up of two workers = ray-1 warm / ray-2 warm. Repeated `--reps` times, alternating the
 cluster sizes so load drifts into both; the load average is printed (shared machines).
 
     python benchmarks/extract_ray.py --scans 8 --reps 2
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             settings = ExtractSettings(ray=RaySettings(), progress=False)
             rows.setdefault(f"ray-{workers} cold", []).append(timed(settings))
             rows.setdefault(f"ray-{workers} warm", []).append(timed(settings))
+            rows.setdefault(f"ray-{workers} round trip per scan", []).append(_round_trip(ray, subjects))
             ray.shutdown()
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rows.items()) + f"; load {_load()}")
     median = {k: statistics.median(v) for k, v in rows.items()}
@@ -103,8 +105,25 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"speed-up of 2 workers over 1 (warm, per rep): {', '.join(f'{r:.2f}x' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}x")
     print(f"Ray overhead per scan, ray-1 warm vs local (per rep): {', '.join(f'{o * 1000:.0f} ms' for o in overhead)}; "
+          f"round trip of empty jobs: {median['ray-1 round trip per scan'] * 1000:.1f} ms (1 worker), "
+          f"{median['ray-2 round trip per scan'] * 1000:.1f} ms (2 workers); "
           f"local compute per scan {median['local'] / args.scans:.2f} s")
     print(f"load average after: {_load()}")
+
+
+def _round_trip(ray: object, subjects: list) -> float:
+    """Seconds per scan for both phases' jobs that do nothing, submitted as `RayRunner` does."""
+    from pipelines.distributed.per_scan import ScanOutcome
+
+    def nothing(plan: object, subject: object, phase: str) -> ScanOutcome:
+        return ScanOutcome(subject.id, str(subject.image), phase)
+
+    task = ray.remote(nothing).options(num_cpus=1, max_retries=3, retry_exceptions=False)
+    plan = ray.put({"size": "like a ScanPlan: small"})
+    start = time.perf_counter()
+    for phase in ("spatial", "tokens"):
+        ray.get([task.remote(plan, subject, phase) for subject in subjects])
+    return (time.perf_counter() - start) / len(subjects)
 
 
 def _load() -> str:

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from test_screen import WORLD, make_cohort, make_template, write_config
+from test_screen_2d import make_images
 
 from pipelines.cli import main
 from pipelines.distributed.extract import ExtractSettings, run_extract
@@ -108,6 +109,24 @@ def test_parts_merged_match_screen(cohort: dict) -> None:
     assert again.computed == 0 and not again.failed
 
 
+def test_parts_with_fixed_landmarks_run_in_one_pass(cohort: dict, tiny_vit_spec: dict) -> None:
+    """With landmarks fixed in the config (here: the ones the screen learned), each part runs
+    `--stage all` alone, no barrier; the merged parts score as the screen did."""
+    learned = next((cohort["root"] / "cache-screen" / "preprocess").glob("*/landmarks.npy"))
+    fixed = cohort["root"] / "fixed-landmarks.npy"
+    fixed.write_bytes(learned.read_bytes())
+    fixed.with_suffix(".json").write_bytes(learned.with_suffix(".json").read_bytes())
+    config = write_config(cohort["root"] / "fixed.yaml", tiny_vit_spec, cohort["root"] / "unused",
+                          preprocess={"landmarks": str(fixed)})
+    settings = [cohort["settings"][0], "--config", str(config), *cohort["settings"][3:]]
+    cache = cohort["root"] / "cache-fixed"
+    for part in ("1/2", "2/2"):
+        assert main(["extract", *settings, "-o", str(cache), "--part", part]) == 0
+    out = cohort["root"] / "fixed"
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(out)]) == 0
+    assert (out / "scores.csv").read_bytes() == cohort["reference"]
+
+
 def test_part_order_of_stages_is_enforced(cohort: dict, capsys: pytest.CaptureFixture) -> None:
     cache = cohort["root"] / "cache-order"
     config, subjects = config_for(cohort, cache), subjects_of(cohort)
@@ -148,6 +167,20 @@ def test_score_refuses_an_empty_cache_naming_scans(cohort: dict, tmp_path: Path,
     assert main(["score", *cohort["settings"], "--cache", str(tmp_path / "empty"), "-o", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "per-scan stage of 8 scan(s) is missing: case00, case01" in err and "volscan extract" in err
+
+
+def test_2d_images_extract_in_parts_and_score_as_screen(tmp_path: Path, tiny_vit_spec: dict) -> None:
+    """2D has no spatial phase and no landmarks: `--part` runs `--stage all` directly."""
+    images, _ = make_images(tmp_path)
+    spec = dict(tiny_vit_spec)
+    config = write_config(tmp_path / "config.yaml", spec, tmp_path / "cache-screen")
+    config.write_text(config.read_text(encoding="utf-8").replace("size: 28", "size: 42"), encoding="utf-8")
+    settings = [str(images), "--config", str(config), "--method", "musc"]
+    assert main(["screen", *settings, "-o", str(tmp_path / "screen")]) == 0
+    for part in ("1/2", "2/2"):
+        assert main(["extract", *settings, "-o", str(tmp_path / "cache"), "--part", part]) == 0
+    assert main(["score", *settings, "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "scores.csv").read_bytes() == (tmp_path / "screen" / "scores.csv").read_bytes()
 
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "-1/2"])
