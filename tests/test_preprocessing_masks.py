@@ -21,7 +21,6 @@ from preprocessing.cohort import SubjectSpec, preprocess_cohort
 from preprocessing.io import load_volume, save_volume
 from preprocessing.resample import resample_to_grid
 from preprocessing.settings import PreprocessSettings
-from preprocessing.volume import VolumePreprocessor
 from volumetric.errors import VolscanError
 
 SIZE = 28

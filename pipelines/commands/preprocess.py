@@ -38,10 +38,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Preprocess every volume of INPUT_DIR into OUT_DIR; print a one-line summary."""
-    from pathlib import Path
-
-    from preprocessing.io import find_volumes
     from preprocessing.cohort import preprocess_cohort
+    from preprocessing.io import find_volumes
     from preprocessing.settings import PreprocessSettings
 
     from pipelines.outputs import check_output_dir, resumable_output
