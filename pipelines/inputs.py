@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from pipelines.images2d import open_image
@@ -98,6 +97,8 @@ def nifti_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     singleton 4th dim counts as 3D; a grid under `MIN_EDGE` voxels along an axis, complex or RGB
     voxels and a header claiming more data than the file holds (`preprocessing.io.check_header`)
     are refused."""
+    import nibabel as nib  # here: a missing input folder is answered before loading it
+
     try:
         header = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for non-NIfTI content

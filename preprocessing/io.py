@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from volumetric.atomic_files import atomic_path
 from volumetric.errors import InputFileError
+
+if TYPE_CHECKING:  # annotations only; both are imported where used (slow to import)
+    import nibabel as nib
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
         return _load_dicom_series(path)
     if not is_nifti_path(path):
         raise InputFileError(path, "not a NIfTI file (expected a .nii or .nii.gz name)")
+    import nibabel as nib  # here, like SimpleITK: `volscan` answers input errors before loading them
+
     try:
         image = nib.load(str(path))
         check_header(path, image)
@@ -142,6 +147,8 @@ def save_volume(
     if dtype is not None:
         data = data.astype(dtype)
     affine = np.asarray(affine, dtype=np.float64)
+    import nibabel as nib
+
     image = nib.Nifti1Image(data, affine)
     # Both qform and sform, code 1: ITK (ITK-SNAP, 3D Slicer) and nibabel then agree on the geometry.
     image.set_qform(affine, code=1)
@@ -155,6 +162,8 @@ def save_volume(
 
 def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """SimpleITK image (LPS world) for `array` (X, Y, Z) in voxel order with RAS `affine`."""
+    import SimpleITK as sitk  # here: `volscan` answers input errors before loading it
+
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
     image.SetSpacing(spacing.tolist())
@@ -165,6 +174,8 @@ def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 def from_sitk(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """(array (X, Y, Z), RAS affine (4, 4)) of a SimpleITK image; inverse of `to_sitk`."""
+    import SimpleITK as sitk
+
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     affine = np.eye(4)
@@ -185,6 +196,8 @@ def _locale_kept() -> Iterator[None]:
 
 
 def _dicom_series_ids(folder: Path) -> tuple[str, ...]:
+    import SimpleITK as sitk
+
     with _locale_kept():
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
@@ -195,6 +208,8 @@ def _load_dicom_series(folder: Path) -> Volume:
 
 
 def _read_dicom_series(folder: Path) -> Volume:
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     series = _dicom_series_ids(folder)
     if not series:
