@@ -72,13 +72,13 @@ def test_third_party_info_is_quiet_unless_verbose_and_messages_print_once(capsys
 
 
 def test_input_error_before_any_heavy_import(tmp_path) -> None:
-    """A missing input folder is answered without importing torch, timm, monai or matplotlib
-    (what makes `volscan screen /no/such/folder -o out` answer at once)."""
+    """A missing input folder is answered without importing torch, timm, monai, matplotlib,
+    SimpleITK or nibabel (what makes `volscan screen /no/such/folder -o out` answer at once)."""
     code = (
         "import sys\n"
         "from pipelines.cli import main\n"
         f"code = main(['screen', {str(tmp_path / 'missing')!r}, '-o', {str(tmp_path / 'out')!r}])\n"
-        "heavy = [m for m in ('torch', 'timm', 'monai', 'matplotlib') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'timm', 'monai', 'matplotlib', 'SimpleITK', 'nibabel') if m in sys.modules]\n"
         "print(code, heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
