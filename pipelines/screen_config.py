@@ -115,10 +115,12 @@ class ScreenConfig:
         `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`."""
         from preprocessing.settings import PreprocessSettings
 
-        fixed: dict[str, Any] = dict(size=self.size, registered=self.registered, skull_stripped=self.skull_stripped)
+        table = dict(self.preprocess)
         if self.brain_mask is not None:  # the flag wins over the table; else the table's or the default
-            fixed["brain_mask"] = self.brain_mask
-        return PreprocessSettings.from_mapping(self.preprocess, **fixed)
+            table["brain_mask"] = self.brain_mask
+        return PreprocessSettings.from_mapping(
+            table, size=self.size, registered=self.registered, skull_stripped=self.skull_stripped
+        )
 
     def token_settings(self, device: str | None = None) -> Any:
         """Every token setting, typed and checked (`volumetric.tokens.TokenSettings`, ViT

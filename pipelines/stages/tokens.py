@@ -97,7 +97,9 @@ def extract_tokens(
             computed += 1
         token_sets.append(tokens)
     if missing:
-        raise VolscanError(f"tokens of {len(missing)} scan(s) are not cached (e.g. {missing[0]}); extract them first")
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise VolscanError(f"tokens of {len(missing)} scan(s) are not cached: {shown}; "
+                           "run volscan extract with the same settings first")
     grids = {tuple(t.grid) for t in token_sets}
     if len(grids) != 1:
         raise VolscanError(f"token grids differ between inputs: {sorted(grids)}")
