@@ -1,4 +1,4 @@
-"""`volscan demo`: offline end to end on a shrunken cohort, loud about random weights, safe outputs."""
+"""`volscan demo`: offline, detects its lesions on classical features and says so; ViT one option away; safe outputs."""
 
 from __future__ import annotations
 
@@ -12,28 +12,53 @@ from pipelines.cli import main
 
 
 @pytest.fixture()
-def small_demo(monkeypatch):
-    """The demo's own code path with fewer, smaller subjects and a 42^3 cube (test budget)."""
-    monkeypatch.setattr(demo, "DEMO_COHORT", replace(demo.DEMO_COHORT, n_normal=3, n_lesion=1, n_consistent=2, size=40))
-    monkeypatch.setattr(demo, "DEMO_CUBE", 42)
-
-
-def test_demo_runs_offline_and_points_at_the_report(small_demo, tmp_path, capsys, monkeypatch):
+def small_demo(monkeypatch, tmp_path):
+    """The demo's own code path and regime (a third with look-alike lesions) on fewer, smaller subjects."""
+    monkeypatch.setattr(demo, "DEMO_COHORT", replace(demo.DEMO_COHORT, n_normal=6, n_lookalike=3))
     monkeypatch.setenv("VOLSCAN_CACHE_DIR", str(tmp_path / "user-cache"))  # must stay unused
     monkeypatch.delenv("VOLSCAN_TEMPLATE", raising=False)
+
+
+def _pairwise_auroc(lesion: list[float], healthy: list[float]) -> float:
+    """Plain reference: the fraction of (lesion, healthy) pairs ranked the right way (ties count half)."""
+    pairs = [(a > b) + 0.5 * (a == b) for a in lesion for b in healthy]
+    return sum(pairs) / len(pairs)
+
+
+def test_demo_ranks_lesion_scans_first_and_names_its_features(small_demo, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    report = out / "screen" / "report.html"
-    assert printed.rstrip().endswith(str(report)) and report.is_file()
-    assert "RANDOM" in printed
+    report_html = out / "screen" / "report.html"
+    assert printed.rstrip().endswith(str(report_html)) and report_html.is_file()
+    assert "RANDOM" not in printed.upper()
     data = json.loads((out / "screen" / "report.json").read_text(encoding="utf-8"))
-    assert data["n_subjects"] == 6 and any("RANDOM" in w.upper() for w in data["warnings"])
-    assert data["metrics"]["patient_auroc"] is not None
-    assert "RANDOM" in report.read_text(encoding="utf-8").upper()
+    features = data["summary"]["features"]["description"]
+    assert features.startswith("classical features (no neural network, no weights)")
+    assert f"features: {features}" in printed and features in report_html.read_text(encoding="utf-8")
+    assert data["warnings"] == [] and data["tokens"]["settings"]["backbone"] == "classical"
     cohort = json.loads((out / "cohort" / "cohort.json").read_text(encoding="utf-8"))
-    assert {s["id"] for s in data["subjects"]} == set(cohort["subjects"])
+    groups = {sid: meta["group"] for sid, meta in cohort["subjects"].items()}
+    scores = {s["id"]: s["score"] for s in data["subjects"]}
+    assert set(scores) == set(groups) and sorted(set(groups.values())) == ["lookalike", "normal"]
+    lesion = [scores[s] for s, g in groups.items() if g != "normal"]
+    healthy = [scores[s] for s, g in groups.items() if g == "normal"]
+    auroc = _pairwise_auroc(lesion, healthy)
+    assert auroc >= 0.9, (auroc, sorted(scores.items(), key=lambda kv: -kv[1]))
+    assert data["metrics"]["patient_auroc"] == pytest.approx(auroc)
     assert not (tmp_path / "user-cache").exists() and (out / "cache").is_dir()
+
+
+def test_demo_vit_path_is_one_option_away_and_loud_about_random_weights(small_demo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(demo, "DEMO_COHORT", replace(demo.DEMO_COHORT, n_normal=3, n_lookalike=1, size=40))
+    monkeypatch.setattr(demo, "DEMO_CUBE", 42)
+    out = tmp_path / "vit"
+    assert main(["demo", "-o", str(out), "--device", "cpu", "--vit"]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM" in printed and "features: ViT tokens of vit_small_patch14_dinov2" in printed
+    data = json.loads((out / "screen" / "report.json").read_text(encoding="utf-8"))
+    assert any("RANDOM" in w.upper() for w in data["warnings"])
+    assert "RANDOM" in (out / "screen" / "report.html").read_text(encoding="utf-8").upper()
     # A second run refuses to overwrite; --force replaces only a previous demo.
     assert main(["demo", "-o", str(out), "--device", "cpu"]) == 2
     assert "--force" in capsys.readouterr().err
@@ -42,3 +67,9 @@ def test_demo_runs_offline_and_points_at_the_report(small_demo, tmp_path, capsys
     (other / "thesis.tex").write_text("keep", encoding="utf-8")
     assert main(["demo", "-o", str(other), "--force"]) == 2
     assert (other / "thesis.tex").read_text(encoding="utf-8") == "keep"
+
+
+def test_classical_demo_refuses_vit_options_before_any_work(small_demo, tmp_path, capsys):
+    out = tmp_path / "refused"
+    assert main(["demo", "-o", str(out), "--backbone", "classical", "--weights", str(tmp_path / "w.pth")]) == 2
+    assert "classical" in capsys.readouterr().err and not out.exists()

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, WarpSettings, generate_cohort
+from pipelines.outputs import RUN_MARKER
+from pipelines.phantom import (
+    CONTRASTS,
+    Cohort,
+    LesionSettings,
+    PhantomConfig,
+    WarpSettings,
+    generate_cohort,
+    lookalike_config,
+)
 from pipelines.phantom.anatomy import procedural_head
 from pipelines.phantom.lesions import LABEL_CORE, LABEL_EDEMA, LABEL_RIM, render_lesion, sample_lesion
 from preprocessing.template import load_template
@@ -35,7 +44,7 @@ def test_same_seed_same_bytes_and_different_seed_differs(cohort, tmp_path):
     again = generate_cohort(tmp_path / "b", SMALL, progress=False)
     files = sorted(p.relative_to(cohort.root) for p in cohort.root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again.root) for p in again.root.rglob("*") if p.is_file())
-    for rel in files:
+    for rel in (f for f in files if f.name != RUN_MARKER):  # the run marker records its creation time
         assert (cohort.root / rel).read_bytes() == (again.root / rel).read_bytes(), rel
     other = generate_cohort(tmp_path / "c", replace(SMALL, seed=6), progress=False)
     ours, theirs = _arrays(cohort.images_dir), _arrays(other.images_dir)
@@ -49,7 +58,8 @@ def test_same_seed_same_bytes_and_different_seed_differs(cohort, tmp_path):
 def test_layout_groups_and_label_grids(cohort):
     info = json.loads((cohort.root / "cohort.json").read_text(encoding="utf-8"))
     assert info["seed"] == 5 and info["anatomy"] == "procedural"
-    assert {g: len(v) for g, v in info["groups"].items()} == {"normal": 2, "lesion": 2, "consistent": 2}
+    assert {g: len(v) for g, v in info["groups"].items()} == {"normal": 2, "lesion": 2, "consistent": 2,
+                                                                    "lookalike": 0}
     orientations, spacings = set(), set()
     for subject in cohort.subjects:
         image, label = nib.load(cohort.image(subject)), nib.load(cohort.label(subject))
@@ -127,7 +137,7 @@ def test_render_lesion_matches_a_pointwise_reference():
 
 def test_cli_refuses_to_overwrite_and_validates(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["phantom", str(out), "--normal", "2", "--lesion", "1", "--consistent", "0", "--size", "32",
+    args = ["phantom", "-o", str(out), "--normal", "2", "--lesion", "1", "--consistent", "0", "--size", "32",
             "--template", "procedural"]
     assert main(args) == 0
     assert "volscan screen" in capsys.readouterr().out
@@ -137,10 +147,17 @@ def test_cli_refuses_to_overwrite_and_validates(tmp_path, capsys):
     stranger = tmp_path / "mine"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me", encoding="utf-8")
-    assert main(["phantom", str(stranger), "--force", "--size", "32", "--template", "procedural"]) == 2
+    assert main(["phantom", "-o", str(stranger), "--force", "--size", "32", "--template", "procedural"]) == 2
     assert (stranger / "notes.txt").read_text(encoding="utf-8") == "keep me"
-    assert main(["phantom", str(tmp_path / "x"), "--consistent", "1"]) == 2
+    assert main(["phantom", "-o", str(tmp_path / "x"), "--consistent", "1"]) == 2
     assert "consistent" in capsys.readouterr().err
+    # The output folder is an option now (as for every command); the old positional form says so.
+    assert main(["phantom", str(tmp_path / "y"), "--size", "32"]) == 2
+    assert f"-o {tmp_path / 'y'}" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["phantom", "--size", "32"]) == 2
+    assert "-o OUT" in capsys.readouterr().err
+    assert main(["phantom", "-o", str(tmp_path / "z"), "--contrast", "loud"]) == 2
+    assert "subtle" in capsys.readouterr().err and not (tmp_path / "z").exists()
     with pytest.raises(VolscanError):
         PhantomConfig(size=8).validate()
 
@@ -169,3 +186,53 @@ def test_auto_anatomy_uses_sri24_only_when_resolvable(sri24_dir, tmp_path, monke
     monkeypatch.setenv("VOLSCAN_TEMPLATE", str(sri24_dir))
     anatomy = build_anatomy(PhantomConfig(size=32, template="auto"))
     assert anatomy.source.startswith("atlas:") and anatomy.skull_stripped
+
+
+def test_lookalike_regime_shares_one_appearance_at_random_places(tmp_path, capsys):
+    """A third of the cohort carries 1-3 lesions each, all with one appearance, each at its own place."""
+    config = replace(lookalike_config(9, radius_mm=(12.0, 16.0), seed=3, size=40), n_consistent=2)
+    cohort = generate_cohort(tmp_path / "look", config, progress=False)
+    assert {g: len(cohort.members(g)) for g in ("normal", "lookalike", "consistent")} == {
+        "normal": 6, "lookalike": 3, "consistent": 2}
+    look = cohort.info["lookalike_appearance"]
+    centres, counts = [], []
+    for subject in cohort.members("lookalike"):
+        meta = cohort.info["subjects"][subject]
+        counts.append(len(meta["lesions"]))
+        assert 1 <= counts[-1] <= 3 and meta["lesion_voxels"] > 0
+        for lesion in meta["lesions"]:
+            assert lesion["levels"] == look["levels"] and lesion["core_fraction"] == look["core_fraction"]
+            assert lesion["rim_fraction"] == look["rim_fraction"] and 12.0 <= lesion["radius_mm"] <= 16.0
+            centres.append(tuple(lesion["centre_mm"]))
+    assert len(set(centres)) == len(centres) == sum(counts)
+    assert tuple(cohort.info["consistent_lesion"]["centre_mm"]) not in centres
+    assert main(["phantom", "-o", str(tmp_path / "cli"), "--normal", "2", "--lesion", "0", "--consistent", "0",
+                 "--lookalike", "2", "--size", "32", "--template", "procedural", "--contrast", "bright"]) == 0
+    assert "2 lookalike" in capsys.readouterr().out
+    levels = Cohort.load(tmp_path / "cli").info["lookalike_appearance"]["levels"]
+    assert levels["core"] > 1.4  # 'bright' = 1.5 x the T2-like core (0.95-1.1; CSF = 1)
+
+
+@pytest.mark.parametrize("name", ["subtle", "bright"])
+def test_contrast_scales_the_rendered_lesion(tmp_path, name):
+    """Same seed, other contrast: the lesion levels scale by the multiplier, and so do the rendered
+    lesion voxels (no noise/bias/warp, so image / site scale is the tissue level itself)."""
+    flat = dict(noise=0.0, bias_strength=0.0, warps=NO_WARP, n_normal=0, n_consistent=0, n_lookalike=0, n_lesion=1,
+                size=64)
+    base = generate_cohort(tmp_path / "t2", replace(SMALL, **flat), progress=False)
+    other = generate_cohort(tmp_path / name, replace(SMALL, **flat, lesions=replace(SMALL.lesions,
+                                                                                    contrast=CONTRASTS[name])),
+                            progress=False)
+    (subject,) = base.subjects
+    ours, theirs = base.info["subjects"][subject], other.info["subjects"][subject]
+    for key, level in ours["lesions"][0]["levels"].items():
+        assert theirs["lesions"][0]["levels"][key] == pytest.approx(level * CONTRASTS[name], abs=1e-4)
+    core = np.asarray(nib.load(base.label(subject)).dataobj) == LABEL_CORE
+    assert core.sum() > 5
+    means = [np.asarray(nib.load(c.image(subject)).dataobj)[core].mean() / c.info["subjects"][subject]["intensity_scale"]
+             for c in (base, other)]
+    assert means[1] / means[0] == pytest.approx(CONTRASTS[name], rel=0.05)
+    if name == "bright":
+        assert means[1] > 1.3  # clearly brighter than CSF (1.0)
+    with pytest.raises(VolscanError, match="contrast"):
+        PhantomConfig(lesions=LesionSettings(contrast=0.0)).validate()

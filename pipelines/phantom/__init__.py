@@ -5,9 +5,9 @@ and `cohort.json`; `Cohort.load(out_dir)` reads one back. See `cohort.py` for th
 """
 
 from .anatomy import Anatomy, procedural_head
-from .cohort import GROUPS, Cohort, PhantomConfig, generate_cohort
+from .cohort import CONTRASTS, GROUPS, Cohort, PhantomConfig, generate_cohort, lookalike_config
 from .lesions import Lesion, LesionSettings
 from .warps import WarpSettings
 
-__all__ = ["GROUPS", "Anatomy", "Cohort", "Lesion", "LesionSettings", "PhantomConfig", "WarpSettings",
-           "generate_cohort", "procedural_head"]
+__all__ = ["CONTRASTS", "GROUPS", "Anatomy", "Cohort", "Lesion", "LesionSettings", "PhantomConfig", "WarpSettings",
+           "generate_cohort", "lookalike_config", "procedural_head"]

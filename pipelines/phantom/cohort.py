@@ -9,7 +9,11 @@ Layout written (the one `volscan screen --labels` and `resolve_template` read)::
 
 Groups: `normal` (no lesion), `lesion` (own random lesions), `consistent` (one shared lesion
 pattern at one template location, each subject seeing it through its own warp: the case
-CoDeGraph targets). Subject ids are shuffled across groups so the order says nothing.
+CoDeGraph targets), `lookalike` (1-3 lesions each at random places, all sharing one appearance:
+levels and core / rim fractions; the BraTS-METS vs IXI shape, where metastases look alike across
+patients wherever they grow, so a third of a cohort carrying them vouch for each other in mutual
+scoring). `lookalike_config` is that regime's preset. Subject ids are shuffled across groups so
+the order says nothing.
 
 Randomness: `SeedSequence(seed)` spawns one stream for cohort-level draws and one per subject,
 so a subject depends only on (seed, its index, settings); the same seed gives identical files.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +44,10 @@ from .warps import SubjectGeometry, WarpSettings, bias_field, sample_geometry, t
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("normal", "lesion", "consistent")
+GROUPS = ("normal", "lesion", "consistent", "lookalike")
 LABEL_NAMES = {0: "background", 1: "necrotic core", 2: "edema", 3: "enhancing rim"}
+# Named lesion contrasts (`LesionSettings.contrast`; see lesions.py for the levels they give).
+CONTRASTS = {"subtle": 0.7, "t2": 1.0, "bright": 1.5}
 FORMAT = "volscan-phantom/1"
 
 
@@ -51,7 +57,11 @@ class PhantomConfig:
 
     `template`: "auto" (default: the resolved SRI-24 template if one is found, else the
     procedural head), "procedural" (built-in head, same on every machine) or a template folder. `size`: template grid edge in voxels
-    (field of view 200 mm). `lesions_per_subject`: inclusive range for the `lesion` group.
+    (field of view 200 mm). `lesions_per_subject`: inclusive range for the `lesion` group;
+    `lookalike_lesions`: the same for the `lookalike` group. `lesions` (radius, levels,
+    `contrast`) applies to every group. `skull_stripped`: the procedural head without scalp, skull
+    and background (subjects are zero outside their brain, as BraTS releases are); atlas anatomy
+    is always skull-stripped.
     """
 
     n_normal: int = 20
@@ -67,17 +77,23 @@ class PhantomConfig:
     site_scale: tuple[float, float] = (400.0, 3000.0)
     warps: WarpSettings = field(default_factory=WarpSettings)
     lesions: LesionSettings = field(default_factory=LesionSettings)
+    n_lookalike: int = 0
+    lookalike_lesions: tuple[int, int] = (1, 3)
+    skull_stripped: bool = False
 
     def validate(self) -> None:
         """Raise VolscanError on settings that cannot make a cohort."""
-        counts = (self.n_normal, self.n_lesion, self.n_consistent)
+        counts = (self.n_normal, self.n_lesion, self.n_consistent, self.n_lookalike)
         if min(counts) < 0 or sum(counts) == 0:
-            raise VolscanError(f"subject counts must be >= 0 and not all zero, got normal/lesion/consistent = {counts}")
+            raise VolscanError("subject counts must be >= 0 and not all zero, got "
+                               f"normal/lesion/consistent/lookalike = {counts}")
         if self.n_consistent == 1:
             raise VolscanError("a consistent group needs at least 2 subjects (or 0)")
-        lo, hi = self.lesions_per_subject
-        if not 1 <= lo <= hi:
-            raise VolscanError(f"lesions per subject must satisfy 1 <= min <= max, got {lo}..{hi}")
+        for what, (lo, hi) in (("lesions per subject", self.lesions_per_subject),
+                               ("look-alike lesions per subject", self.lookalike_lesions)):
+            if not 1 <= lo <= hi:
+                raise VolscanError(f"{what} must satisfy 1 <= min <= max, got {lo}..{hi}")
+        self.lesions.validate()
         if self.size < 32 or self.size > 512:
             raise VolscanError(f"--size must be in 32..512 voxels, got {self.size}")
         if self.noise < 0 or self.bias_strength < 0 or self.n_sites < 1:
@@ -121,7 +137,7 @@ class Cohort:
         return self.labels_dir / f"{subject}.nii.gz"
 
     def members(self, group: str) -> list[str]:
-        """Sorted ids of one group ("normal", "lesion" or "consistent")."""
+        """Sorted ids of one group ("normal", "lesion", "consistent" or "lookalike")."""
         return sorted(s for s, g in self.groups.items() if g == group)
 
     @classmethod
@@ -138,16 +154,34 @@ class Cohort:
         return cls(Path(root), groups, info)
 
 
+def lookalike_config(n_subjects: int = 60, *, contrast: float = 1.0, radius_mm: tuple[float, float] = (12.0, 20.0),
+                     lesions_per_subject: tuple[int, int] = (1, 3), seed: int = 0, size: int = 96,
+                     template: str = "procedural") -> PhantomConfig:
+    """The look-alike regime: `n_subjects // 3` scans with 1-3 look-alike lesions at random places, the rest healthy.
+
+    `contrast` multiplies the lesion levels (`CONTRASTS`: 0.7 subtle, 1.0 T2-like, 1.5 brighter than
+    CSF); `radius_mm` is the outer radius range (12-20 mm fills whole 14^3 cubes at 112^3-224^3).
+    """
+    n_lookalike = n_subjects // 3
+    return PhantomConfig(n_normal=n_subjects - n_lookalike, n_lesion=0, n_consistent=0, n_lookalike=n_lookalike,
+                         seed=seed, size=size, template=template, lookalike_lesions=tuple(lesions_per_subject),
+                         lesions=LesionSettings(radius_mm=tuple(radius_mm), contrast=contrast))
+
+
 def build_anatomy(config: PhantomConfig) -> Anatomy:
     """The cohort's template anatomy for `config.template` ("procedural", "auto" or a folder)."""
     if config.template == "procedural":
-        return procedural_head(config.size)
+        head = procedural_head(config.size)
+        if not config.skull_stripped:
+            return head
+        return Anatomy(np.where(head.brain_mask, head.image, 0.0).astype(np.float32), head.brain_mask, head.affine,
+                       "procedural, skull-stripped", skull_stripped=True)
     if config.template == "auto":
         try:
             return load_atlas_anatomy(None, config.size)
         except (VolscanError, ImportError) as exc:
             log.info("no SRI-24 template resolved (%s); using the procedural head", exc)
-            return procedural_head(config.size)
+            return build_anatomy(replace(config, template="procedural"))
     return load_atlas_anatomy(config.template, config.size)
 
 
@@ -190,14 +224,16 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     out_dir = Path(out_dir)
     output = AtomicOutputDir(out_dir, force, command="phantom")  # checks OUT before any work
     anatomy = build_anatomy(config)
-    seeds = np.random.SeedSequence(config.seed).spawn(1 + config.n_normal + config.n_lesion + config.n_consistent)
-    cohort_rng = np.random.default_rng(seeds[0])
     group_list = np.array(["normal"] * config.n_normal + ["lesion"] * config.n_lesion
-                          + ["consistent"] * config.n_consistent)
+                          + ["consistent"] * config.n_consistent + ["lookalike"] * config.n_lookalike)
+    seeds = np.random.SeedSequence(config.seed).spawn(1 + len(group_list))
+    cohort_rng = np.random.default_rng(seeds[0])
     group_list = group_list[cohort_rng.permutation(len(group_list))]
     site_scales = np.exp(cohort_rng.uniform(*np.log(config.site_scale), config.n_sites))
     depth = brain_depth(anatomy)
     shared = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_consistent else None
+    # Drawn after the consistent lesion, so cohorts without look-alikes keep their old random streams.
+    look = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_lookalike else None
 
     with output as tmp:
         save_volume((anatomy.image * 1000.0).astype(np.float32), anatomy.affine, tmp / "template" / "template.nii.gz")
@@ -207,19 +243,23 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
         for index, group in enumerate(tqdm(group_list, desc="phantom subjects", disable=not progress)):
             subject = f"sub-{index:0{width}d}"
             rng = np.random.default_rng(seeds[1 + index])
-            subjects[subject] = _write_subject(tmp, subject, str(group), rng, anatomy, config, shared, depth,
-                                               site_scales)
+            subjects[subject] = _write_subject(tmp, subject, str(group), rng, anatomy, config, shared, look,
+                                               depth, site_scales)
         info = {"format": FORMAT, "seed": config.seed, "anatomy": anatomy.source, "config": _jsonable(config),
                 "label_names": LABEL_NAMES, "groups": {g: sorted(s for s, m in subjects.items() if m["group"] == g)
                                                       for g in GROUPS},
-                "consistent_lesion": shared.to_dict() if shared else None, "subjects": subjects}
+                "consistent_lesion": shared.to_dict() if shared else None,
+                "lookalike_appearance": ({"levels": look.levels, "core_fraction": look.core_fraction,
+                                          "rim_fraction": look.rim_fraction} if look else None),
+                "subjects": subjects}
         atomic_write_text(tmp / "cohort.json", json.dumps(info, indent=1))
     log.info("phantom cohort: %d subjects in %s", len(subjects), out_dir)
     return Cohort.load(out_dir)
 
 
 def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Generator, anatomy: Anatomy,
-                   config: PhantomConfig, shared: Lesion | None, depth: np.ndarray, site_scales: np.ndarray) -> dict:
+                   config: PhantomConfig, shared: Lesion | None, look: Lesion | None, depth: np.ndarray,
+                   site_scales: np.ndarray) -> dict:
     """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry."""
     geometry = sample_geometry(rng, anatomy, config.warps)
     site = int(rng.integers(config.n_sites))
@@ -227,6 +267,9 @@ def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Genera
     if group == "lesion":
         count = int(rng.integers(config.lesions_per_subject[0], config.lesions_per_subject[1] + 1))
         lesions = [sample_lesion(rng, anatomy, config.lesions, depth) for _ in range(count)]
+    elif group == "lookalike":
+        count = int(rng.integers(config.lookalike_lesions[0], config.lookalike_lesions[1] + 1))
+        lesions = [sample_lesion(rng, anatomy, config.lesions, depth, appearance=look) for _ in range(count)]
     else:
         lesions = [shared] if group == "consistent" and shared is not None else []
     image, labels = render_subject(anatomy, geometry, lesions, rng, scale, config)

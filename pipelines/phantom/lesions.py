@@ -10,11 +10,19 @@ Defaults (chosen; T2-like appearance of a metastasis relative to the phantom's t
 outer (edema) radius 7-16 mm, axis ratios 0.75-1.25, core at 25-40 % and rim at 45-60 % of the
 outer radius, edema 0.78-0.92, rim 0.28-0.42, core 0.95-1.1 (CSF = 1, white matter 0.36), a
 1.5 mm soft edge, centre at least 0.7 radii inside the brain.
+
+Contrast (`LesionSettings.contrast`, a multiplier of the three levels; CSF = 1):
+- 0.7, subtle: edema 0.55-0.64 (grey matter is 0.55), core 0.67-0.77 (below CSF);
+- 1.0, T2-like (default): edema between grey matter and CSF, core about as bright as CSF;
+- 1.5, clearly brighter than CSF: edema 1.17-1.38, core 1.43-1.65.
+Look-alike lesions (`sample_lesion(..., appearance=...)`) share one appearance (the three
+levels and the core / rim fractions) and differ in place, size, elongation, rotation and outline,
+as metastases of one primary tumour look alike in one modality wherever they grow.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -41,6 +49,17 @@ class LesionSettings:
     harmonics: int = 4
     irregularity: float = 0.12
     edge_mm: float = 1.5
+    contrast: float = 1.0
+
+    def validate(self) -> None:
+        """Raise VolscanError on ranges that cannot draw a lesion."""
+        for name in ("radius_mm", "axis_ratio", "core_fraction", "rim_fraction", "edema_level", "rim_level",
+                     "core_level"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise VolscanError(f"lesion {name.replace('_', ' ')} must satisfy 0 < min <= max, got {lo}..{hi}")
+        if not self.contrast > 0:
+            raise VolscanError(f"lesion contrast must be > 0, got {self.contrast}")
 
 
 @dataclass(frozen=True)
@@ -65,11 +84,12 @@ class Lesion:
 
 
 def sample_lesion(rng: np.random.Generator, anatomy: Anatomy, settings: LesionSettings,
-                  inner_distance_mm: np.ndarray | None = None) -> Lesion:
+                  inner_distance_mm: np.ndarray | None = None, appearance: Lesion | None = None) -> Lesion:
     """Draw one lesion placed inside `anatomy`'s brain.
 
     `inner_distance_mm` (size^3) is the distance to the brain border; pass it when drawing many
-    lesions so it is computed once.
+    lesions so it is computed once. `appearance`: a lesion whose levels and core / rim fractions
+    the new one copies (a look-alike); everything else is drawn (the same random draws either way).
     """
     if inner_distance_mm is None:
         inner_distance_mm = brain_depth(anatomy)
@@ -82,22 +102,26 @@ def sample_lesion(rng: np.random.Generator, anatomy: Anatomy, settings: LesionSe
     centre = anatomy.affine[:3, :3] @ voxel + anatomy.affine[:3, 3]
     directions = rng.normal(size=(settings.harmonics, 3))
     directions *= rng.uniform(1.0, 3.0, (settings.harmonics, 1)) / np.linalg.norm(directions, axis=1, keepdims=True)
-    return Lesion(
+    lesion = Lesion(
         centre_mm=centre.round(4).tolist(),
         radius_mm=round(radius, 4),
         axes=rng.uniform(*settings.axis_ratio, 3).round(4).tolist(),
         rotation=Rotation.random(random_state=rng).as_matrix().round(6).tolist(),
         core_fraction=round(float(rng.uniform(*settings.core_fraction)), 4),
         rim_fraction=round(float(rng.uniform(*settings.rim_fraction)), 4),
-        levels={"edema": round(float(rng.uniform(*settings.edema_level)), 4),
-                "rim": round(float(rng.uniform(*settings.rim_level)), 4),
-                "core": round(float(rng.uniform(*settings.core_level)), 4)},
+        levels={"edema": round(float(rng.uniform(*settings.edema_level)) * settings.contrast, 4),
+                "rim": round(float(rng.uniform(*settings.rim_level)) * settings.contrast, 4),
+                "core": round(float(rng.uniform(*settings.core_level)) * settings.contrast, 4)},
         harmonic_vectors=directions.round(4).tolist(),
         harmonic_amplitudes=(rng.uniform(0.3, 1.0, settings.harmonics) * settings.irregularity
                              / np.sqrt(settings.harmonics)).round(4).tolist(),
         harmonic_phases=rng.uniform(0, 2 * np.pi, settings.harmonics).round(4).tolist(),
         edge_mm=settings.edge_mm,
     )
+    if appearance is None:
+        return lesion
+    return replace(lesion, levels=dict(appearance.levels), core_fraction=appearance.core_fraction,
+                   rim_fraction=appearance.rim_fraction)
 
 
 def brain_depth(anatomy: Anatomy) -> np.ndarray:
