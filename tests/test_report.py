@@ -106,6 +106,36 @@ def test_top_ranked_lesion_scan_hotspot_lies_in_or_next_to_its_lesion(classical_
     assert distance <= one_cube_mm, (top["id"], distance, one_cube_mm, LESIONS[top["id"]])
 
 
+def test_phantom_lesion_scan_hotspot_lies_in_or_next_to_its_lesion(tmp_path: Path) -> None:
+    """pipelines.phantom cohort (procedural head, random lesions 14-18 mm, subjects on their own
+    grids in RAS/LPS/ASL/... voxel orders and anisotropic voxels, no warp so `--registered`
+    holds), classical features, MuSc: the top-ranked lesion scan's hotspot is within one token
+    cube of its lesion. (CoDeGraph currently puts it 33-53 mm away on such cohorts: reported.)"""
+    from pipelines.phantom import LesionSettings, PhantomConfig, generate_cohort
+    from pipelines.phantom.warps import WarpSettings
+
+    config = PhantomConfig(n_normal=8, n_lesion=3, n_consistent=0, seed=0, size=48, template="procedural",
+                           n_sites=1, bias_strength=0.0, lesions=LesionSettings(radius_mm=(14.0, 18.0), contrast=1.5),
+                           warps=WarpSettings(rotation_deg=0.0, scale_range=(1.0, 1.0), shift_mm=0.0, elastic_mm=0.0))
+    cohort = generate_cohort(tmp_path / "cohort", config, progress=False)
+    out = tmp_path / "run"
+    assert main(["screen", str(cohort.images_dir), "--labels", str(cohort.labels_dir), "--template",
+                 str(cohort.template_dir), "--registered", "--brain-mask", "template", "--backbone", "classical",
+                 "--method", "musc", "--size", str(CUBE), "--device", "cpu", "--cache", str(tmp_path / "cache"),
+                 "--top", "1", "--viewer-scans", "0", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert not (out / "viewer").exists() and report["viewer"] == []
+    top = next(s for s in report["subjects"] if cohort.groups[s["id"]] == "lesion")
+    assert top["rank"] == 1
+    label = nib.load(str(cohort.label(top["id"])))
+    lesion = np.argwhere(np.asarray(label.dataobj) > 0)
+    lesion_mm = lesion @ label.affine[:3, :3].T + label.affine[:3, 3]
+    distance = np.linalg.norm(lesion_mm - np.array(top["hotspot"]["world_mm_ras"]), axis=1).min()
+    cube_affine = np.array(json.loads((out / "mappings" / f"{top['id']}.json").read_text())["cube_affine"])
+    one_cube_mm = 14 * np.sqrt((cube_affine[:3, :3] ** 2).sum(axis=0)).max()
+    assert distance <= one_cube_mm, (top["id"], distance, one_cube_mm)
+
+
 def test_report_settings_are_the_ones_used(classical_run: dict) -> None:
     report = classical_run["report"]
     settings = report["settings"]
