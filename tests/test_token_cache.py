@@ -107,6 +107,11 @@ def test_tokenizer_settings_key_the_cache(tokenizer, tmp_path):
     assert cache.key("h", tokenizer.settings) != cache.key("h", other.settings)
     assert cache.key("h", tokenizer.settings) == cache.key("h", VolumeTokenizer(
         tokenizer.backbone, proj_dim=16, progress=False).settings)
+    # every setting that changes tokens changes the key: bf16 tokens differ slightly from fp32 ones
+    keys = {cache.key("h", VolumeTokenizer(tokenizer.backbone, proj_dim=16, progress=False, **change).settings)
+            for change in (dict(precision="fp32"), dict(precision="bf16"), dict(precision="fp32", final_norm=False),
+                           dict(precision="fp32", slices_per_block=7))}
+    assert len(keys) == 4
 
 
 def test_miss_store_hit(tokens, tmp_path):

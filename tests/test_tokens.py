@@ -14,7 +14,16 @@ from scipy.stats import chi2
 from volumetric.backbones import create_backbone
 from volumetric.errors import VolscanError
 from volumetric.projection import jl_matrix
-from volumetric.tokens import ImageTokenizer, VolumeTokenizer, unit_intensities
+from volumetric import tokens as tokens_module
+from volumetric.prefetch import prefetch
+from volumetric.tokens import (
+    ImageTokenizer,
+    TokenSettings,
+    VolumeTokenizer,
+    block_offsets,
+    resolve_precision,
+    unit_intensities,
+)
 
 R = 16  # projection width used in most tests
 
@@ -35,7 +44,7 @@ def _naive_features(model: torch.nn.Module, image01: np.ndarray, layers: list[in
     x = torch.from_numpy(np.repeat(image01[None, None], 3, axis=1).astype(np.float32))
     x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     with torch.inference_mode():
-        feats = model.forward_intermediates(x, indices=layers, intermediates_only=True)
+        feats = model.forward_intermediates(x, indices=layers, intermediates_only=True, norm=True)
     return [f[0].numpy() for f in feats]
 
 
@@ -53,7 +62,7 @@ def test_grid_width_and_meta(tiny):
 
 def test_pooling_equals_naive_per_block_mean_on_every_axis(tiny):
     # slice_batch 5 does not divide 14: batches straddle blocks, as they will on real data
-    tok = VolumeTokenizer(tiny, proj_dim=R, slice_batch=5, progress=False)
+    tok = VolumeTokenizer(tiny, proj_dim=R, slice_batch=5, precision="fp32", progress=False)
     unit = np.random.default_rng(1).random((28, 28, 28)).astype(np.float32)
     pooled = tok.pooled(torch.from_numpy(unit))
     for axis in range(3):
@@ -70,7 +79,7 @@ def test_pooling_equals_naive_per_block_mean_on_every_axis(tiny):
 
 
 def test_tokens_are_normalised_projected_pooled_features(tiny):
-    tok = VolumeTokenizer(tiny, proj_dim=R, seed=3, progress=False)
+    tok = VolumeTokenizer(tiny, proj_dim=R, seed=3, precision="fp32", progress=False)
     volume = _volume(28, seed=2)
     tokens = tok(volume)
     unit = unit_intensities(torch.from_numpy(volume), torch.from_numpy(volume != 0))
@@ -209,14 +218,15 @@ def test_bad_volumes_and_settings_raise_clear_errors(tiny):
             tok(volume, mask)
     for kwargs, message in [(dict(proj_dim=0), "out_dim"), (dict(layers=[5]), "out of range"),
                             (dict(void_fraction=1.5), "void_fraction"), (dict(slice_batch=0), "slice_batch"),
-                            (dict(amp=True), "CUDA"), (dict(percentiles=(5, 5)), "percentiles"),
+                            (dict(precision="fp16"), "CUDA"), (dict(precision="half"), "precision must be"),
+                            (dict(slices_per_block=15), "slices_per_block"), (dict(final_norm=1), "final_norm"), (dict(percentiles=(5, 5)), "percentiles"),
                             (dict(value_range=(1, 0)), "value_range"), (dict(percentiles=(1, 2, 3)), "pairs")]:
         with pytest.raises(VolscanError, match=message):
             VolumeTokenizer(tiny, **kwargs)
 
 
 def test_image_tokens_match_a_single_naive_pass(tiny):
-    tok = ImageTokenizer(tiny, proj_dim=R, seed=2)
+    tok = ImageTokenizer(tiny, proj_dim=R, seed=2, precision="fp32")
     image = np.random.default_rng(7).integers(0, 256, (42, 56), dtype=np.uint8)
     tokens = tok(image)
     assert tokens.grid == (3, 4) and not tokens.void.any()
@@ -246,3 +256,153 @@ def test_image_resize_policy_mask_and_errors(tiny):
         tok(np.zeros((28, 28, 4), np.float32))
     with pytest.raises(VolscanError, match="image mask has shape"):
         tok(image, mask[:, :20])
+
+
+def _naive_pooled(model: torch.nn.Module, unit: np.ndarray, layers: list[int], offsets: list[int]) -> list[np.ndarray]:
+    """Per layer (3, g, g, g, C): every chosen slice through the model alone (blank ones too),
+    averaged per block of 14, the sliced axis put back in place."""
+    g = unit.shape[0] // 14
+    out = [np.zeros((3, g, g, g, model.embed_dim)) for _ in layers]
+    for axis in range(3):
+        slices = np.moveaxis(unit, axis, 0)
+        for block in range(g):
+            feats = [_naive_features(model, slices[14 * block + o], layers) for o in offsets]
+            for li in range(len(layers)):
+                mean = np.mean([f[li] for f in feats], axis=0).transpose(1, 2, 0)  # (g, g, C)
+                index = [axis, slice(None), slice(None), slice(None)]
+                index[1 + axis] = block
+                out[li][tuple(index)] = mean
+    return out
+
+
+def test_blank_slices_are_not_run_and_tokens_are_unchanged(tiny):
+    # brain in a box: many whole slices on every axis hold no brain voxel (all zero)
+    volume = np.zeros((28, 28, 28), np.float32)
+    volume[3:20, 16:28, 9:25] = np.random.default_rng(9).normal(100, 20, (17, 12, 16))
+    tok = VolumeTokenizer(tiny, proj_dim=R, slice_batch=7, precision="fp32", progress=False)
+    unit = unit_intensities(torch.from_numpy(volume), torch.from_numpy(volume != 0))
+    pooled = tok.pooled(unit)
+    expected = _naive_pooled(tiny, unit.numpy(), tok.layers, list(range(14)))
+    for got, want in zip(pooled, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    counts = tok.timer.totals()
+    blank = (28 - 17) + (28 - 12) + (28 - 16)
+    assert counts["skipped_slices"] == blank
+    assert counts["slices"] == 3 * 28 - blank + 1  # + the one blank image run once
+    # and the tokens (void and non-void cubes) equal the projected reference
+    tokens = tok(volume)
+    matrix = jl_matrix(48, R, 0).numpy()
+    for layer, want in zip(tokens.layers, expected):
+        unit_feats = want / np.linalg.norm(want, axis=-1, keepdims=True)
+        np.testing.assert_allclose(layer.numpy(), np.concatenate([unit_feats[a] @ matrix for a in range(3)], -1),
+                                   rtol=1e-4, atol=1e-5)
+    assert not tokens.void.all() and tokens.void.any()
+
+
+def test_block_offsets_are_evenly_spaced():
+    assert block_offsets(14, None) == list(range(14))
+    assert block_offsets(14, 1) == [7]
+    assert block_offsets(14, 2) == [3, 10]
+    assert block_offsets(14, 4) == [1, 5, 8, 12]
+    assert block_offsets(14, 7) == [1, 3, 5, 7, 9, 11, 13]
+    assert block_offsets(14, 14) == list(range(14))
+    for bad in (0, 15, 2.0, True):
+        with pytest.raises(VolscanError, match="slices_per_block"):
+            block_offsets(14, bad)
+
+
+def test_slices_per_block_pools_only_the_chosen_slices(tiny):
+    tok = VolumeTokenizer(tiny, proj_dim=R, slices_per_block=2, precision="fp32", progress=False)
+    unit = np.random.default_rng(10).random((28, 28, 28)).astype(np.float32)
+    pooled = tok.pooled(torch.from_numpy(unit))
+    for got, want in zip(pooled, _naive_pooled(tiny, unit, tok.layers, [3, 10])):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    assert tok.timer.totals()["slices"] == 3 * 2 * 2  # 3 axes x 2 blocks x 2 slices
+    full = VolumeTokenizer(tiny, proj_dim=R, precision="fp32", progress=False)
+    assert tok.settings["slices_per_block"] == 2 and full.settings["slices_per_block"] is None
+
+
+def _per_token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=1)
+
+
+def test_bf16_tokens_agree_with_fp32(tiny):
+    volume = _volume(42, seed=11)
+    fp32 = VolumeTokenizer(tiny, proj_dim=R, precision="fp32", progress=False)
+    bf16 = VolumeTokenizer(tiny, proj_dim=R, precision="bf16", progress=False)
+    a, b = fp32(volume), bf16(volume)
+    assert a.meta["precision"] == "float32" and b.meta["precision"] == "bfloat16"
+    for la, lb in zip(a.layers, b.layers):
+        assert not torch.equal(la, lb)  # bf16 really ran
+        assert float(_per_token_cosine(la, lb).min()) >= 0.999
+    image = np.random.default_rng(12).random((42, 56)).astype(np.float32)
+    for la, lb in zip(ImageTokenizer(tiny, proj_dim=R, precision="fp32")(image).layers,
+                      ImageTokenizer(tiny, proj_dim=R, precision="bf16")(image).layers):
+        assert float(_per_token_cosine(la, lb).min()) >= 0.999
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tokens_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(tokens_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16  # forced: honoured (with a warning)
+    assert resolve_precision("fp32", cpu) == torch.float32
+
+
+def test_final_norm_setting(tiny):
+    x = torch.rand(1, 3, 28, 28)
+    with torch.inference_mode():
+        raw = tiny.forward_intermediates(x, indices=[1], intermediates_only=True, norm=False)[0]
+        normed = tiny.forward_intermediates(x, indices=[1], intermediates_only=True, norm=True)[0]
+        expected = tiny.norm(raw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(normed, expected)  # timm's norm=True is the final LayerNorm per token
+    with_norm = VolumeTokenizer(tiny, proj_dim=R, layers=[1], precision="fp32", progress=False)
+    without = VolumeTokenizer(tiny, proj_dim=R, layers=[1], precision="fp32", final_norm=False, progress=False)
+    unit = x[0, 0].expand(28, 28, 28).contiguous()
+    assert not torch.allclose(with_norm.pooled(unit)[0], without.pooled(unit)[0])
+    assert with_norm.settings["final_norm"] and not without.settings["final_norm"]
+
+
+def test_prepare_then_extract_equals_call_and_settings_build(tiny_vit_spec):
+    spec = dict(tiny_vit_spec)
+    settings = TokenSettings(backbone=spec.pop("name"), weights="random", backbone_kwargs=spec, proj_dim=R,
+                             precision="fp32", device="cpu", slices_per_block=7)
+    tok = settings.build("3d")
+    assert isinstance(tok, VolumeTokenizer) and tok.slices_per_block == 7 and tok.dtype == torch.float32
+    assert isinstance(settings.build("2d"), ImageTokenizer)
+    volumes = [_volume(28, seed=s) for s in range(3)]
+    direct = [tok(v) for v in volumes]
+    via = [tok.extract(p) for p in prefetch([lambda v=v: tok.prepare(v) for v in volumes], depth=2)]
+    for a, b in zip(direct, via):
+        assert all(torch.equal(x, y) for x, y in zip(a.layers, b.layers)) and torch.equal(a.void, b.void)
+    for bad, message in ((dict(precision="double"), "precision"), (dict(slices_per_block=0), "slices_per_block")):
+        with pytest.raises(VolscanError, match=message):
+            TokenSettings(**bad)
+    with pytest.raises(VolscanError, match="kind"):
+        settings.build("4d")
+
+
+def test_prefetch_runs_ahead_in_order_and_reraises_at_the_failing_item():
+    import threading
+
+    started = [threading.Event() for _ in range(4)]
+
+    def job(i: int):
+        def run():
+            started[i].set()
+            if i == 2:
+                raise VolscanError("job 2 failed")
+            return i
+        return run
+
+    results = prefetch([job(i) for i in range(4)], depth=2)
+    assert next(results) == 0
+    # while the caller holds item 0, the next two jobs run in the background
+    assert started[1].wait(5) and started[2].wait(5)
+    assert next(results) == 1
+    with pytest.raises(VolscanError, match="job 2 failed"):
+        next(results)
+    with pytest.raises(VolscanError, match="depth"):
+        next(prefetch([], depth=0))

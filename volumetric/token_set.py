@@ -21,7 +21,8 @@ from volumetric.atomic_files import atomic_path
 from volumetric.errors import InputFileError, VolscanError
 
 # Bump whenever token construction or the file layout changes: cache keys include it.
-TOKEN_FORMAT_VERSION = 1
+# 2: intermediate tokens through the backbone's final norm (issue 15 / 12).
+TOKEN_FORMAT_VERSION = 2
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

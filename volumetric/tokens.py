@@ -1,17 +1,19 @@
 """Element tokens from a frozen 2D ViT: one per p^3 cube of a volume, or one per p^2 patch of an image.
 
 Volume (`VolumeTokenizer`, cube S^3, S a multiple of the patch size p = 14):
-for each axis, all S slices go through the backbone in batches (grayscale repeated to 3
-channels, the backbone's own mean/std); each chosen layer's (S/p, S/p) patch grid is averaged
-over every block of p consecutive slices, giving one C-dim feature per p^3 cube; the features are
-L2-normalised, projected by one Gaussian JL matrix (C -> r, fixed by `seed`), the three grids
-are permuted to the cube's own axis order and concatenated: (g, g, g, 3r), g = S/p, per layer.
-The three axes share one code path (the volume is permuted, not the code).
+for each axis, the S slices go through the backbone in batches (grayscale repeated to 3
+channels, the backbone's own mean/std); each chosen layer's (S/p, S/p) patch grid, passed
+through the backbone's final norm, is averaged over every block of p consecutive slices,
+giving one C-dim feature per p^3 cube; the features are L2-normalised, projected by one
+Gaussian JL matrix (C -> r, fixed by `seed`), the three grids are permuted to the cube's own
+axis order and concatenated: (g, g, g, 3r), g = S/p, per layer. The three axes share one code
+path (the volume is permuted, not the code).
 
 Image (`ImageTokenizer`): one pass, its (H/p, W/p) grid, the same normalisation and projection:
 (h, w, r) per layer, so the engine sees the same kind of input.
 
-Choices the method leaves open (all exposed as parameters):
+`TokenSettings` holds every token setting as one frozen value; `settings.build()` makes the
+backbone and the tokenizer. Choices the method leaves open (all exposed as settings):
 - Intensities -> [0, 1]: inputs are Nyul-standardised but on an arbitrary scale, so each volume
   is mapped linearly from its brain voxels' 1st..99th percentiles to [0, 1] and clipped,
   background (outside the brain mask) set to 0, as the skull-stripped slices the backbone
@@ -27,18 +29,33 @@ Choices the method leaves open (all exposed as parameters):
   nearest-collection distance distortion versus r; 128 keeps the median relative error of
   d(x, J) at 2.8 % (p95 7 %; r = 64: 3.7 %, p95 11 %) while the engine's N^2 M^2 distance
   cost stays 8x below the 3 x 1024 raw ViT-L width. Raptor (a related embedding) uses 100.
+- `final_norm = True`: intermediate tokens go through the backbone's final LayerNorm, as
+  DINOv2's `get_intermediate_layers` (norm=True) does in MuSc's extraction; see docs/tokens.md.
 - Images whose sides are not multiples of p are resized (bilinear, antialiased) to the nearest
   multiple (at least p): the grid then covers the whole image, with no padded void border.
-- Speed: `torch.inference_mode`, batches of slices (`slice_batch`, 16 on CPU, 128 on GPU) and
-  bf16 autocast on GPU (fp16 where bf16 is unsupported); block means accumulate in float32.
+
+Speed (docs/tokens.md has the measurements):
+- `precision="auto"`: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs that
+  multiply bf16 natively (AVX512-BF16 / AMX), float32 elsewhere; block means always
+  accumulate in float32. bf16 changes tokens slightly (cosine >= 0.999 to fp32), so the
+  precision is part of `settings` and of every cache key.
+- All-zero slices (no brain voxel: background is 0) are never run through the backbone: every
+  one of them is the same image, so its features are computed once per slice size and added
+  to the block sums; tokens equal those of running every slice.
+- `slices_per_block=K` (off by default): only K evenly spaced slices of each p-slice block are
+  extracted, p/K times less work, at the token distortion measured in docs/tokens.md.
+- `prepare` (CPU: checks, intensity map, void) and `extract` (the device work) are separate
+  so a loader (`volumetric.prefetch.prefetch`) can prepare the next volumes meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,7 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from volumetric.backbones import RANDOM_WEIGHTS_WARNING, backbone_identity, patch_size, resolve_layers
+from volumetric.backbones import (
+    DEFAULT_BACKBONE,
+    RANDOM_WEIGHTS_WARNING,
+    backbone_identity,
+    create_backbone,
+    patch_size,
+    resolve_layers,
+)
+from volumetric.devices import cpu_has_native_bf16, resolve_device
 from volumetric.errors import VolscanError
 from volumetric.projection import jl_matrix, matrix_fingerprint, normalize_project
 from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
@@ -57,10 +82,101 @@ log = logging.getLogger(__name__)
 DEFAULT_PROJ_DIM = 128
 DEFAULT_VOID_FRACTION = 0.5
 DEFAULT_PERCENTILES = (1.0, 99.0)
+# Slices per backbone call. CPU: measured in docs/tokens.md (ViT-L bf16, 2 cores); GPU: large
+# enough to fill an H100/H200 with ViT-L at 224^2 (benchmarks/tokens.py gpu measures others).
 CPU_SLICE_BATCH = 16
 GPU_SLICE_BATCH = 128
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 ArrayLike = np.ndarray | torch.Tensor
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `precision` on `device` ("auto": bf16 on CUDA (fp16 if the GPU has
+    no bf16) and on CPUs with native bf16, else float32); `VolscanError` where impossible."""
+    if precision not in PRECISIONS:
+        raise VolscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return torch.bfloat16 if bf16 else torch.float16
+        if precision == "bf16" and not bf16:
+            raise VolscanError(f"precision bf16: {device} does not support bfloat16; use fp16 or fp32")
+        return _DTYPES[precision]
+    if precision == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if precision == "fp16":
+        raise VolscanError("precision fp16 is for CUDA devices; on CPU use bf16 or fp32")
+    if precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("precision bf16 on a CPU without AVX512-BF16/AMX: emulated, likely slower than fp32")
+    return _DTYPES[precision]
+
+
+def block_offsets(patch: int, slices_per_block: int | None) -> list[int]:
+    """Offsets within a block of `patch` slices of the K evenly spaced slices used (all if None).
+
+    Slice i of K sits at the centre of the i-th of K equal parts of the block: K = 1 -> [7],
+    K = 2 -> [3, 10], K = 7 -> [1, 3, ..., 13] for p = 14.
+    """
+    if slices_per_block is None:
+        return list(range(patch))
+    k = slices_per_block
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= patch:
+        raise VolscanError(f"slices_per_block must be an integer within 1..{patch}, got {k!r}")
+    return [(2 * i + 1) * patch // (2 * k) for i in range(k)]
+
+
+class StageTimer:
+    """Seconds spent per stage, and counters. Device stages on CUDA are timed with CUDA events
+    (read when `totals()` is called), so timing never makes the host wait for the GPU; host
+    stages use the wall clock. Thread-safe (a prefetching loader times `prepare` meanwhile)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything measured so far."""
+        with self._lock:
+            self._seconds: dict[str, float] = {}
+            self._counts: dict[str, int] = {}
+            self._events: list[tuple[str, Any, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str, host: bool = False) -> Iterator[None]:
+        """Time the block as stage `name`; `host=True` for CPU-only work on any device."""
+        if self.device.type == "cuda" and not host:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            with self._lock:
+                self._events.append((name, start, end))
+            return
+        t0 = time.perf_counter()
+        yield
+        self._add(name, time.perf_counter() - t0)
+
+    def _add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+
+    def count(self, name: str, n: int) -> None:
+        """Add `n` to counter `name` (e.g. slices run, slices skipped)."""
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + int(n)
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per stage (`<name>_s`) and the counters; waits for pending CUDA events."""
+        with self._lock:
+            events, self._events = self._events, []
+        for name, start, end in events:
+            end.synchronize()
+            self._add(name, start.elapsed_time(end) / 1000.0)
+        with self._lock:
+            return {**{f"{k}_s": v for k, v in self._seconds.items()}, **self._counts}
 
 
 def _numpy(array: ArrayLike) -> np.ndarray:
@@ -141,6 +257,20 @@ def void_from_mask(mask: torch.Tensor, patch: int, void_fraction: float) -> torc
     return fraction < void_fraction
 
 
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A cube after the host-side work of `VolumeTokenizer.prepare`: `unit` (S, S, S) float32 in
+    [0, 1] (pinned memory when the tokenizer runs on CUDA), `void` (g, g, g) bool."""
+
+    unit: torch.Tensor
+    void: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        """Cube edge S in voxels."""
+        return int(self.unit.shape[0])
+
+
 class _Tokenizer:
     """Backbone, layers, projection and the batched slice encoder shared by 2D and 3D."""
 
@@ -153,7 +283,8 @@ class _Tokenizer:
         slice_batch: int | None,
         void_fraction: float,
         device: str | torch.device | None,
-        amp: bool | None,
+        precision: str,
+        final_norm: bool,
         progress: bool,
         percentiles: tuple[float, float],
         value_range: tuple[float, float] | None,
@@ -170,19 +301,16 @@ class _Tokenizer:
             raise VolscanError(f"void_fraction must be a number within [0, 1], got {void_fraction!r}")
         self.void_fraction = float(void_fraction)
         self.percentiles, self.value_range = check_intensity_map(percentiles, value_range)
+        if not isinstance(final_norm, bool):
+            raise VolscanError(f"final_norm must be true or false, got {final_norm!r}")
+        self.final_norm = final_norm
         if device is not None:
             try:
-                self.backbone.to(device)
+                self.backbone.to(resolve_device(device))
             except (RuntimeError, TypeError) as exc:
                 raise VolscanError(f"cannot use device {device!r}: {exc}") from None
         self.device = next(backbone.parameters()).device
-        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
-        if self.amp and self.device.type != "cuda":
-            raise VolscanError("amp (autocast) is only supported on a CUDA device here")
-        if self.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.amp_dtype = torch.float32
+        self.dtype = resolve_precision(precision, self.device)
         default_batch = GPU_SLICE_BATCH if self.device.type == "cuda" else CPU_SLICE_BATCH
         self.slice_batch = default_batch if slice_batch is None else slice_batch
         if isinstance(self.slice_batch, bool) or not isinstance(self.slice_batch, int) or self.slice_batch < 1:
@@ -191,7 +319,9 @@ class _Tokenizer:
         self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=self.device).view(1, 3, 1, 1)
         self.progress = progress
-        self.timing = {"backbone_s": 0.0, "pool_s": 0.0, "project_s": 0.0, "slices": 0}
+        self.timer = StageTimer(self.device)
+        self._intermediates: Callable[..., list[torch.Tensor]] = backbone.forward_intermediates
+        self._blank: dict[tuple[int, int], list[torch.Tensor]] = {}
         if self.identity.random_weights:
             log.warning("tokenizer uses a backbone with %s", RANDOM_WEIGHTS_WARNING)
 
@@ -207,7 +337,8 @@ class _Tokenizer:
             "seed": self.seed,
             "projection": matrix_fingerprint(self.matrix),
             "void_fraction": self.void_fraction,
-            "precision": str(self.amp_dtype).removeprefix("torch."),
+            "precision": str(self.dtype).removeprefix("torch."),
+            "final_norm": self.final_norm,
             "intensity": ({"value_range": list(self.value_range)} if self.value_range
                           else {"percentiles": list(self.percentiles)}),
             "tokenizer": type(self).__name__,
@@ -218,50 +349,72 @@ class _Tokenizer:
         meta.update(extra)
         return meta
 
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def compile(self, **options: Any) -> None:
+        """Run the backbone through `torch.compile(**options)` from now on (same tokens up to
+        float rounding; off by default: benchmarks/tokens.py gpu measures whether it pays)."""
+        self._intermediates = torch.compile(self.backbone.forward_intermediates, **options)
 
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, block: int = 1, bar: tqdm | None = None) -> list[torch.Tensor]:
-        """Backbone patch features of n images in [0, 1], averaged over blocks of `block` consecutive images.
-
-        `images`: (n, H, W) grayscale or (n, 3, H, W), H and W multiples of the patch size,
-        n a multiple of `block`. Returns per layer a float32 tensor (n / block, C, H/p, W/p)
-        on the tokenizer's device.
-        """
-        n, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-        grid = (height // self.patch, width // self.patch)
-        sums = [torch.zeros(n // block, int(self.backbone.embed_dim), *grid, device=self.device)
-                for _ in self.layers]
-        for start in range(0, n, self.slice_batch):
-            t0 = self._clock()
-            x = images[start:start + self.slice_batch].to(self.device, torch.float32)
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(b, H, W) or (b, 3, H, W) images in [0, 1] -> per layer (b, C, H/p, W/p) features."""
+        with self.timer.stage("slice"):
+            x = images.to(self.device, torch.float32, non_blocking=True)
             if x.ndim == 3:
                 x = x[:, None].expand(-1, 3, -1, -1)
             x = (x - self.mean) / self.std
-            with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else nullcontext():
-                feats = self.backbone.forward_intermediates(
-                    x, indices=self.layers, intermediates_only=True, norm=False, output_fmt="NCHW")
-            t1 = self._clock()
-            blocks = torch.arange(start, start + x.shape[0], device=self.device) // block
-            for acc, feat in zip(sums, feats):
-                acc.index_add_(0, blocks, feat.float())
-            t2 = self._clock()
-            self.timing["backbone_s"] += t1 - t0
-            self.timing["pool_s"] += t2 - t1
-            self.timing["slices"] += x.shape[0]
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        with self.timer.stage("backbone"), autocast:
+            # stop_early: blocks after the last chosen layer cannot change it (ViT-L [11, 17]: 18 of 24 run)
+            feats = self._intermediates(x, indices=self.layers, intermediates_only=True, norm=self.final_norm,
+                                        stop_early=True, output_fmt="NCHW")
+        self.timer.count("slices", x.shape[0])
+        return feats
+
+    def blank_features(self, height: int, width: int) -> list[torch.Tensor]:
+        """Per layer (C, H/p, W/p) float32 features of an all-zero image, computed once per size."""
+        if (height, width) not in self._blank:
+            zeros = torch.zeros(1, height, width)
+            self._blank[height, width] = [f[0].float() for f in self._forward(zeros)]
+        return self._blank[height, width]
+
+    @torch.inference_mode()
+    def encode(
+        self, images: torch.Tensor, groups: torch.Tensor, n_groups: int, bar: tqdm | None = None
+    ) -> list[torch.Tensor]:
+        """Backbone patch features of images in [0, 1], summed per group.
+
+        `images`: (n, H, W) grayscale or (n, 3, H, W), H and W multiples of the patch size;
+        `groups`: (n,) int, the group of each image (< n_groups). Images that are all zero are
+        not run: the features of one blank image stand in for each. Returns per layer a float32
+        tensor (n_groups, C, H/p, W/p) of feature sums on the tokenizer's device.
+        """
+        height, width = images.shape[-2:]
+        grid = (height // self.patch, width // self.patch)
+        sums = [torch.zeros(n_groups, int(self.backbone.embed_dim), *grid, device=self.device)
+                for _ in self.layers]
+        groups = groups.to(self.device)
+        blank = ~images.reshape(images.shape[0], -1).any(dim=1).to(self.device)
+        if blank.any():
+            per_group = torch.bincount(groups[blank], minlength=n_groups).float()
+            for acc, feat in zip(sums, self.blank_features(height, width)):
+                acc.add_(per_group.view(-1, 1, 1, 1) * feat)
+            self.timer.count("skipped_slices", int(blank.sum()))
+        run = torch.nonzero(~blank).flatten()
+        for start in range(0, len(run), self.slice_batch):
+            index = run[start:start + self.slice_batch]
+            feats = self._forward(images[index.to(images.device)])
+            with self.timer.stage("pool"):
+                for acc, feat in zip(sums, feats):
+                    acc.index_add_(0, groups[index], feat.float())
             if bar is not None:
-                bar.update(x.shape[0])
-        return [acc / block for acc in sums]
+                bar.update(len(index))
+        if bar is not None:
+            bar.update(int(blank.sum()))
+        return sums
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(..., C) backbone features -> (..., r) float32: L2-normalise, then the JL projection."""
-        t0 = self._clock()
-        out = normalize_project(features, self.matrix)
-        self.timing["project_s"] += self._clock() - t0
-        return out
+        with self.timer.stage("project"):
+            return normalize_project(features, self.matrix)
 
 
 class VolumeTokenizer(_Tokenizer):
@@ -271,7 +424,9 @@ class VolumeTokenizer(_Tokenizer):
     matrix; `slice_batch`: slices per backbone call (None = 16 on CPU, 128 on GPU);
     `void_fraction`: minimum brain fraction of a non-void cube; `device`: moves the backbone
     there (None = where it is); `percentiles` / `value_range`: the [0, 1] intensity map;
-    `amp`: autocast (None = on for CUDA); `progress`: a tqdm bar over the 3 S slices.
+    `precision`: "auto" | "fp32" | "bf16" | "fp16" (see `resolve_precision`);
+    `slices_per_block`: K evenly spaced slices per block (None = all p); `final_norm`: pass
+    intermediate tokens through the backbone's final norm; `progress`: a tqdm bar over the 3 S slices.
     """
 
     def __init__(
@@ -286,23 +441,38 @@ class VolumeTokenizer(_Tokenizer):
         *,
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         value_range: tuple[float, float] | None = None,
-        amp: bool | None = None,
+        precision: str = "auto",
+        slices_per_block: int | None = None,
+        final_norm: bool = True,
         progress: bool = True,
     ) -> None:
-        super().__init__(backbone, layers, proj_dim, seed, slice_batch, void_fraction, device, amp, progress,
-                         percentiles, value_range)
+        super().__init__(backbone, layers, proj_dim, seed, slice_batch, void_fraction, device, precision,
+                         final_norm, progress, percentiles, value_range)
+        self.slices_per_block = slices_per_block
+        self.offsets = torch.tensor(block_offsets(self.patch, slices_per_block))
 
-    def _check(self, volume: ArrayLike, brain_mask: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
-        values = _as_float_tensor(volume, "volume")
-        shape = tuple(values.shape)
-        if values.ndim != 3 or len(set(shape)) != 1:
-            raise VolscanError(f"volume must be a cube (S, S, S), got shape {shape}")
-        if shape[0] % self.patch or shape[0] < self.patch:
-            raise VolscanError(f"cube edge {shape[0]} is not a positive multiple of the patch size {self.patch}")
-        brain = values != 0 if brain_mask is None else _as_mask(brain_mask, shape, "brain mask")
-        if not brain.any():
-            raise VolscanError("volume has no brain voxels (empty brain mask, or all zero)")
-        return values, brain
+    @property
+    def settings(self) -> dict[str, Any]:
+        """As `_Tokenizer.settings`, plus the slices used per block (None = all)."""
+        return dict(super().settings, slices_per_block=self.slices_per_block)
+
+    def prepare(self, volume: ArrayLike, brain_mask: ArrayLike | None = None) -> PreparedVolume:
+        """Host-side work for one cube (checks, [0, 1] map, void grid); safe to run in another
+        thread while `extract` runs. Brain = voxels != 0 when no mask is given."""
+        with self.timer.stage("prepare", host=True):
+            values = _as_float_tensor(volume, "volume")
+            shape = tuple(values.shape)
+            if values.ndim != 3 or len(set(shape)) != 1:
+                raise VolscanError(f"volume must be a cube (S, S, S), got shape {shape}")
+            if shape[0] % self.patch or shape[0] < self.patch:
+                raise VolscanError(f"cube edge {shape[0]} is not a positive multiple of the patch size {self.patch}")
+            brain = values != 0 if brain_mask is None else _as_mask(brain_mask, shape, "brain mask")
+            if not brain.any():
+                raise VolscanError("volume has no brain voxels (empty brain mask, or all zero)")
+            unit = unit_intensities(values, brain, self.percentiles, self.value_range)
+            if self.device.type == "cuda":
+                unit = unit.pin_memory()
+            return PreparedVolume(unit, void_from_mask(brain, self.patch, self.void_fraction))
 
     def pooled(self, unit_volume: torch.Tensor) -> list[torch.Tensor]:
         """Per layer (3, g, g, g, C): block-averaged backbone features of each axis's slices.
@@ -311,32 +481,38 @@ class VolumeTokenizer(_Tokenizer):
         taken along; the grid axes are the cube's own, whichever axis was sliced.
         """
         size = unit_volume.shape[0]
+        blocks = size // self.patch
+        # the slices used: offsets within each block, and the block each belongs to
+        chosen = (torch.arange(blocks)[:, None] * self.patch + self.offsets[None]).flatten()
+        groups = chosen // self.patch
+        unit_volume = unit_volume.to(self.device, non_blocking=True)
         per_axis: list[list[torch.Tensor]] = []
-        with tqdm(total=3 * size, unit="slice", desc="tokens", leave=False, disable=not self.progress) as bar:
+        with tqdm(total=3 * len(chosen), unit="slice", desc="tokens", leave=False, disable=not self.progress) as bar:
             for axis in range(3):
-                encoded = self.encode(unit_volume.movedim(axis, 0), block=self.patch, bar=bar)
+                slices = unit_volume.movedim(axis, 0)[chosen.to(self.device)]
+                sums = self.encode(slices, groups, blocks, bar=bar)
                 # (g_axis, C, g_b, g_c) -> (g_axis, g_b, g_c, C) -> the sliced axis back to its place
-                per_axis.append([feat.movedim(1, -1).movedim(0, axis) for feat in encoded])
+                per_axis.append([(acc / len(self.offsets)).movedim(1, -1).movedim(0, axis) for acc in sums])
         return [torch.stack([axis_feats[i] for axis_feats in per_axis]) for i in range(len(self.layers))]
+
+    def extract(self, prepared: PreparedVolume) -> TokenSet:
+        """Tokens of a prepared cube (the device work)."""
+        layers = []
+        for feats in self.pooled(prepared.unit):
+            projected = self.project(feats)  # (3, g, g, g, r)
+            layers.append(torch.cat(list(projected), dim=-1).cpu())
+        return TokenSet(layers, prepared.void, tuple(prepared.void.shape), self._meta(size=prepared.size))
 
     def __call__(self, volume: ArrayLike, brain_mask: ArrayLike | None = None) -> TokenSet:
         """Tokens of a cube volume (S, S, S), arbitrary intensities; brain = voxels != 0 if no mask."""
-        values, brain = self._check(volume, brain_mask)
-        unit = unit_intensities(values, brain, self.percentiles, self.value_range).to(self.device)
-        layers = []
-        for feats in self.pooled(unit):
-            projected = self.project(feats)  # (3, g, g, g, r)
-            layers.append(torch.cat(list(projected), dim=-1).cpu())
-        void = void_from_mask(brain, self.patch, self.void_fraction)
-        grid = tuple(void.shape)
-        return TokenSet(layers, void, grid, self._meta(size=int(values.shape[0])))
+        return self.extract(self.prepare(volume, brain_mask))
 
 
 class ImageTokenizer(_Tokenizer):
     """Image (H, W) or (H, W, 3) -> `TokenSet` with per layer (h, w, r) tokens, h = H/p, w = W/p.
 
-    Same settings as `VolumeTokenizer`; sides that are not multiples of p are resized to the
-    nearest multiple first (recorded in `meta`).
+    Same settings as `VolumeTokenizer` (no slices); sides that are not multiples of p are
+    resized to the nearest multiple first (recorded in `meta`).
     """
 
     def __init__(
@@ -350,10 +526,11 @@ class ImageTokenizer(_Tokenizer):
         *,
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         value_range: tuple[float, float] | None = None,
-        amp: bool | None = None,
+        precision: str = "auto",
+        final_norm: bool = True,
     ) -> None:
-        super().__init__(backbone, layers, proj_dim, seed, None, void_fraction, device, amp, False,
-                         percentiles, value_range)
+        super().__init__(backbone, layers, proj_dim, seed, None, void_fraction, device, precision, final_norm,
+                         False, percentiles, value_range)
 
     def _unit_image(self, image: ArrayLike) -> torch.Tensor:
         """(H, W) or (3, H, W) float32 in [0, 1]."""
@@ -382,8 +559,9 @@ class ImageTokenizer(_Tokenizer):
             batch = unit.reshape(1, -1, *size)
             unit = F.interpolate(batch, size=target, mode="bilinear", antialias=True,
                                  align_corners=False).clamp_(0.0, 1.0).reshape(*unit.shape[:-2], *target)
-        # one image, block of 1: per layer (1, C, h, w) -> (h, w, C) -> (h, w, r)
-        layers = [self.project(feat[0].movedim(0, -1)).cpu() for feat in self.encode(unit[None])]
+        # one image in one group: per layer (1, C, h, w) -> (h, w, C) -> (h, w, r)
+        encoded = self.encode(unit[None], torch.zeros(1, dtype=torch.long), 1)
+        layers = [self.project(feat[0].movedim(0, -1)).cpu() for feat in encoded]
         grid = tuple(layers[0].shape[:2])
         if mask is None:
             void = torch.zeros(grid, dtype=torch.bool)
@@ -392,3 +570,54 @@ class ImageTokenizer(_Tokenizer):
             region = F.interpolate(region[None, None], size=target, mode="nearest")[0, 0] > 0.5
             void = void_from_mask(region, self.patch, self.void_fraction)
         return TokenSet(layers, void, grid, self._meta(input_size=list(size), resized_to=list(target)))
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """Every setting of token extraction, passed whole (CLI flags and config files map onto it).
+
+    `backbone`, `weights` (None = hub, a path, or "random"), `backbone_kwargs` (timm options)
+    choose the model; the rest are the `VolumeTokenizer` / `ImageTokenizer` arguments of the
+    same names (`seed` also seeds random weights). `device`: "auto", "cpu", "cuda", "cuda:N".
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    backbone_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None
+    proj_dim: int = DEFAULT_PROJ_DIM
+    seed: int = 0
+    void_fraction: float = DEFAULT_VOID_FRACTION
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    value_range: tuple[float, float] | None = None
+    precision: str = "auto"
+    slices_per_block: int | None = None
+    final_norm: bool = True
+    slice_batch: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise VolscanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        k = self.slices_per_block
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise VolscanError(f"slices_per_block must be a positive integer (at most the patch size), got {k!r}")
+
+    def build(self, kind: str = "3d", model: nn.Module | None = None) -> VolumeTokenizer | ImageTokenizer:
+        """The backbone (on `device`) and its tokenizer for volumes ("3d") or images ("2d");
+        `model`: the backbone already built from these settings (e.g. by `volscan screen`'s
+        validation pass, which loads the weights before any work), else built here."""
+        if kind not in ("3d", "2d"):
+            raise VolscanError(f"kind must be '3d' or '2d', got {kind!r}")
+        if model is None:
+            device = resolve_device(self.device)
+            model = create_backbone(self.backbone, self.weights, device, random_seed=self.seed,
+                                    **self.backbone_kwargs)
+        layers = None if self.layers is None else list(self.layers)
+        common = dict(layers=layers, proj_dim=self.proj_dim, seed=self.seed, void_fraction=self.void_fraction,
+                      percentiles=self.percentiles, value_range=self.value_range, precision=self.precision,
+                      final_norm=self.final_norm)
+        if kind == "2d":
+            return ImageTokenizer(model, **common)
+        return VolumeTokenizer(model, slice_batch=self.slice_batch, slices_per_block=self.slices_per_block,
+                               **common)
