@@ -56,6 +56,7 @@ class ScanEntry:
     map_files: list[str]
     hotspot: dict[str, Any]
     label_file: str | None = None
+    brain_mask: str | None = None  # the extractor used for this scan (3D; what `auto` resolved to)
     panel: str | None = None
     label: int | None = None
     dice: float | None = None
@@ -297,11 +298,11 @@ def _summary(report: Report) -> list[str]:
 
 def _ranking(report: Report) -> str:
     subjects = report.subjects
-    extra = [key for key in ("label", "dice") if any(getattr(s, key) is not None for s in subjects)]
+    extra = [key for key in ("brain_mask", "label", "dice") if any(getattr(s, key) is not None for s in subjects)]
     three_d = report.kind == "3d"
     header = ["rank", "id", "score", "percentile", "flagged",
               *(["hotspot RAS mm (x, y, z)", "voxel (i, j, k)"] if three_d else ["hotspot pixel (row, col)"]),
-              "region (voxels" + (" / mm³)" if three_d else ")")] + extra + ["files"]
+              "region (voxels" + (" / mm³)" if three_d else ")")] + [k.replace("_", " ") for k in extra] + ["files"]
     rows = []
     for s in subjects:
         spot = s.hotspot
@@ -391,6 +392,15 @@ def report_html(report: Report) -> str:
     return "\n".join(parts)
 
 
+def _mask_warnings(preprocess_info: dict[str, Any]) -> list[str]:
+    """One line per distinct brain-mask warning (the template fallback), naming its scans."""
+    scans: dict[str, list[str]] = {}
+    for sid, messages in preprocess_info.get("warnings", {}).items():
+        for message in messages:
+            scans.setdefault(message, []).append(sid)
+    return [f"brain mask of {len(ids)} scan(s) ({', '.join(ids)}): {message}" for message, ids in scans.items()]
+
+
 def write_report_html(path: Path, report: Report) -> None:
     """Atomically write report.html for `report`."""
     atomic_write_text(path, report_html(report))
@@ -429,6 +439,7 @@ def build_report(
             flagged=bool(row.score > threshold), image=str(by_id[row.id].image.resolve()),
             label_file=str(by_id[row.id].label.resolve()) if by_id[row.id].label is not None else None,
             map=maps.files[row.id][0], map_files=maps.files[row.id], hotspot=maps.hotspots[row.id].to_dict(),
+            brain_mask=preprocess_info.get("brain_mask", {}).get(row.id),
         )
         for row in rows
     ]
@@ -447,6 +458,9 @@ def build_report(
     if kind == "3d":
         settings["preprocess"] = plain(config.preprocess_settings())
         settings["brain_mask"] = settings["preprocess"]["brain_mask"]
+        # What `auto` resolved to, per scan (H10): {extractor: [scan ids]}.
+        used = preprocess_info.get("brain_mask", {})
+        settings["brain_mask_used"] = {m: [i for i, v in used.items() if v == m] for m in sorted(set(used.values()))}
     codegraph = None
     if scores.graph is not None:
         communities = [[ids[v] for v in members] for members in scores.communities]
@@ -476,7 +490,7 @@ def build_report(
             "flagged": [e.id for e in entries if e.flagged],
         },
         settings=settings,
-        warnings=[RANDOM_WEIGHTS_WARNING] if token_info["random_weights"] else [],
+        warnings=([RANDOM_WEIGHTS_WARNING] if token_info["random_weights"] else []) + _mask_warnings(preprocess_info),
         preprocess=preprocess_info,
         tokens=token_info,
         scoring=scores.settings,

@@ -148,6 +148,8 @@ def test_report_settings_are_the_ones_used(classical_run: dict) -> None:
     summary = report["summary"]
     assert summary["method"] == "codegraph" and summary["features"]["grid"] == [4, 4, 4]
     assert summary["flagged"] == [s["id"] for s in report["subjects"] if s["flagged"]]
+    assert {s["brain_mask"] for s in report["subjects"]} == {"nonzero"}  # --skull-stripped: auto -> nonzero
+    assert settings["brain_mask_used"] == {"nonzero": sorted(classical_run["truth"])}
     assert report["viewer"] == [s["id"] for s in report["subjects"]]  # default 20 >= 8 scans: all, rank order
 
 
