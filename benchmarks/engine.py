@@ -20,11 +20,13 @@ engine: x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 co
 
 Printed: seconds and valid elements/s per side, speed-up over MuSc (median of rounds), max relative
 score difference to MuSc (fp32) and, for bf16 / fp16, max relative score error, top-1 % element
-agreement against the fp32 engine; projected engine time for N = 150 and N = 1000 (pairs scale
+agreement against the fp32 engine; CoDeGraph's communities, exclusions and scores in reduced
+precision against fp32 on the engine tests' synthetic batches; projected engine time for N = 150 and N = 1000 (pairs scale
 with N (N - 1)); CoDeGraph peak memory against N (`benchmarks/codegraph_memory.py` per size, in
 a fresh process each) with a quadratic fit projected to N = 1000.
 
     python benchmarks/engine.py --case all --repeats 3                 # CPU, both shapes
+    python benchmarks/engine.py --case none --codegraph-seeds 0,1,2,3  # bf16 vs fp32 in CoDeGraph
     python benchmarks/engine.py --case none --memory-sizes 50,150      # CoDeGraph memory only
     bash benchmarks/engine_gpu.sh                                      # CUDA, <= 8 min on an H200
 """
@@ -44,9 +46,10 @@ from pathlib import Path
 
 import torch
 
-from volumetric.engine import EngineOptions, mutual_scores
+from volumetric.engine import CoDeGraph, EngineOptions, mutual_scores
 from volumetric.engine.distances import collection_minima
 from volumetric.engine.mutual import minima_scores, top_k_counts
+from volumetric.engine.synthetic import synthetic_batch
 
 CASES = {
     "2d": dict(n=60, m=1369, c=1024, void=0.0),
@@ -75,7 +78,7 @@ def musc_scores(features: torch.Tensor, valid: torch.Tensor, i: int, f: float, r
     n, m, c = features.shape
     others = torch.cat([features[:i], features[i + 1 :]]).reshape(-1, c)
     void_others = ~torch.cat([valid[:i], valid[i + 1 :]])  # (N-1, M)
-    k = int((n - 1) * f)
+    k = max(1, int((n - 1) * f))  # MuSc's int(f (N-1)), which is 0 (a NaN mean) below N = 5
     out = []
     for r0 in range(0, m, rows):
         d = torch.cdist(features[i, r0 : r0 + rows], others).view(-1, n - 1, m)
@@ -181,6 +184,29 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
         print(f"  {side} projected (pairs ~ N^2, same M): {projected}")
 
 
+def codegraph_section(args: argparse.Namespace, device: torch.device) -> None:
+    """Reduced precision against fp32 on the engine tests' synthetic CoDeGraph batches."""
+    seeds = [int(s) for s in args.codegraph_seeds.split(",") if s]
+    reduced = [p for p in args.precisions if p != "fp32"]
+    if not seeds or not reduced:
+        return
+    print(f"\n[CoDeGraph, reduced precision] synthetic_batch(m=96, per_collection=10, seed) as in "
+          f"tests/test_engine_codegraph.py, device={device}", flush=True)
+    for seed in seeds:
+        batch = synthetic_batch(m=96, per_collection=10, seed=seed)
+        runs = {p: CoDeGraph()(batch.features, options=EngineOptions(device=str(device), precision=p, progress=False))
+                for p in ["fp32", *reduced]}
+        exact = runs["fp32"]
+        for p in reduced:
+            other = runs[p]
+            flagged = [[r.communities[c] for c in r.outlier_communities] for r in (exact, other)]
+            print(f"  seed {seed} {p}: all communities equal {other.communities == exact.communities}, "
+                  f"outlier communities equal {flagged[0] == flagged[1]} {flagged[0]}, "
+                  f"excluded agree {float((other.excluded == exact.excluded).float().mean()):.4f}, "
+                  f"max rel. score error {max_relative(other.scores.flatten(), exact.scores.flatten()):.2e}, "
+                  f"top-1 % agreement {agreement_top(exact.scores.flatten(), other.scores.flatten()):.3f}", flush=True)
+
+
 def memory_section(args: argparse.Namespace) -> None:
     """CoDeGraph peak memory against N, one fresh process per size (benchmarks/codegraph_memory.py)."""
     sizes = [int(s) for s in args.memory_sizes.split(",") if s]
@@ -223,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collections", type=int, default=0, help="override N of the cases")
     parser.add_argument("--reference-rows", type=int, default=1024, help="MuSc query rows per cdist chunk")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--codegraph-seeds", default="", help="CoDeGraph fp32 vs reduced precision on "
+                        "synthetic batches with these seeds (e.g. 0,1,2,3)")
     parser.add_argument("--memory-sizes", default="", help="CoDeGraph memory: comma list of N (e.g. 50,150,300)")
     parser.add_argument("--memory-m", type=int, default=2900)
     parser.add_argument("--memory-c", type=int, default=384)
@@ -237,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.case != "none":
         for name in CASES if args.case == "all" else [args.case]:
             run_case(name, args, device)
+    codegraph_section(args, device)
     memory_section(args)
     return 0
 
