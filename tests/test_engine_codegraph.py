@@ -1,5 +1,6 @@
 """CoDeGraph on synthetic batches with random and consistent anomalies, plus reference checks of
-its graph growth, targeted exclusion and masked final scoring."""
+its layer-wise graph, Tukey fence, sequential targeted filtering, exact final scoring and the
+T x r_ref neighbour lists behind them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from volumetric.engine import CoDeGraph, mutual_scores
-from volumetric.engine.distances import collection_minima
+from volumetric.engine.options import EngineOptions
+from volumetric.engine.ranked import ranked_minima
 from volumetric.engine.synthetic import CONSISTENT_ANOMALY, NORMAL, RANDOM_ANOMALY, synthetic_batch
 from volumetric.errors import VolscanError
+
+QUIET = EngineOptions(progress=False)
 
 
 def auroc(scores: torch.Tensor, kind: torch.Tensor, positive: int) -> float:
@@ -20,15 +24,28 @@ def auroc(scores: torch.Tensor, kind: torch.Tensor, positive: int) -> float:
     return roc_auc_score((kind[keep] == positive).numpy(), scores[keep].numpy())
 
 
+def brute_vectors(x: torch.Tensor, base: torch.Tensor):
+    """(N, M, N) float64 d(x, J ∩ base) (inf for J = own) by plain cdist, and nearest positions."""
+    n, m, _ = x.shape
+    d = torch.full((n, m, n), math.inf, dtype=torch.float64)
+    where = torch.full((n, m, n), -1, dtype=torch.int64)
+    for i in range(n):
+        for j in range(n):
+            if i != j and base[j].any():
+                block = torch.cdist(x[i].double(), x[j].double()).masked_fill(~base[j], math.inf)
+                d[i, :, j], where[i, :, j] = block.min(1)
+    return d, where
+
+
 @pytest.fixture(scope="module", params=[0, 2])
 def consistent_run(request):
     batch = synthetic_batch(m=96, per_collection=10, seed=request.param)
-    return batch, CoDeGraph()(batch.features, progress=False)
+    return batch, CoDeGraph()(batch.features, options=QUIET)
 
 
 def test_mutual_scoring_misses_consistent_but_not_random_anomalies(consistent_run):
     batch, result = consistent_run
-    musc = mutual_scores(batch.features, 0.1)
+    musc = mutual_scores(batch.features, 0.1, options=QUIET)
     assert auroc(musc, batch.kind, RANDOM_ANOMALY) > 0.95
     assert auroc(musc, batch.kind, CONSISTENT_ANOMALY) < 0.6
     torch.testing.assert_close(result.mutual_scores, musc)
@@ -38,6 +55,7 @@ def test_codegraph_flags_the_consistent_group(consistent_run):
     batch, result = consistent_run
     flagged = [result.communities[c] for c in result.outlier_communities]
     assert flagged == [batch.consistent]
+    assert result.reference_rank == round(0.3 * 30)
     assert result.densities[result.outlier_communities[0]] > result.density_fences[result.outlier_communities[0]]
 
 
@@ -45,7 +63,6 @@ def test_codegraph_excludes_mostly_anomalous_elements_and_fixes_the_ranking(cons
     batch, result = consistent_run
     anomalous = batch.kind == CONSISTENT_ANOMALY
     excluded = result.excluded
-    assert int(excluded.sum()) > 0
     assert float((excluded & anomalous).sum() / excluded.sum()) >= 0.8
     assert float((excluded & anomalous).sum() / anomalous.sum()) >= 0.8
     musc_auc = auroc(result.mutual_scores, batch.kind, CONSISTENT_ANOMALY)
@@ -56,98 +73,148 @@ def test_codegraph_excludes_mostly_anomalous_elements_and_fixes_the_ranking(cons
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3])
-def test_without_consistent_anomalies_codegraph_is_mutual_scoring(seed):
+def test_lesion_free_batch_flags_nothing_and_equals_mutual_scoring(seed):
     batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=seed)
-    result = CoDeGraph()(batch.features, progress=False)
-    assert result.excluded_fraction <= 0.005
-    same = (result.scores - mutual_scores(batch.features, 0.1)).abs() <= 1e-6
-    assert float(same.float().mean()) >= 0.99
+    result = CoDeGraph()(batch.features, options=QUIET)
+    assert result.outlier_communities == [] and not result.excluded.any()
+    assert torch.equal(result.scores, mutual_scores(batch.features, 0.1, options=QUIET))
 
 
-def test_graph_growth_matches_the_batch_loop():
+def test_layerwise_graph_matches_the_literal_batch_loop_and_weighs_links_times_layers():
     batch = synthetic_batch(n=16, m=40, per_collection=6, consistent=4, seed=5)
+    other = batch.features + 0.3 * torch.randn(batch.features.shape, generator=torch.Generator().manual_seed(0))
+    views = [batch.features, other]
     method = CoDeGraph(link_batch=7, coverage=0.9, eps=0.2)
-    result = method(batch.features, progress=False)
-    vectors = mutual_scores(batch.features, 0.1, return_vectors=True)
-    n, m = 16, 40
-    r_ref = method.reference_rank(n)
+    result = method(views, options=QUIET)
+    n, m, r_ref = 16, 40, method.reference_rank(16)
+    assert r_ref == 5
+    sorted_views = []
+    for v in views:
+        d, _ = brute_vectors(v, torch.ones(n, m, dtype=torch.bool))
+        sorted_views.append(d.sort(-1))
     links = []
     for i in range(n):
         for e in range(m):
-            d = vectors.sorted_distances[i, e].double()
+            averaged = sum(s.values[i, e] for s in sorted_views) / 2  # layer-wise sorted, then averaged
             for rank in range(r_ref - 1):
-                ratio = (d[rank] / d[r_ref - 1]) * d[rank] ** -0.2
-                links.append((float(ratio), i, int(vectors.collections[i, e, rank])))
-    links.sort()
+                ratio = averaged[rank] ** 0.8 / averaged[r_ref - 1]
+                targets = [int(s.indices[i, e, rank]) for s in sorted_views]
+                links.append((float(ratio), i, targets))
+    links.sort(key=lambda link: link[0])
     weights, touched, used = {}, set(), 0
     while len(touched) < math.ceil(0.9 * n):
-        for _, a, b in links[used : used + 7]:
-            weights[(min(a, b), max(a, b))] = weights.get((min(a, b), max(a, b)), 0) + 1
-            touched |= {a, b}
+        for _, a, targets in links[used : used + 7]:
+            for b in targets:  # one connection per layer
+                weights[(min(a, b), max(a, b))] = weights.get((min(a, b), max(a, b)), 0) + 1
+                touched |= {a, b}
         used += 7
-    assert result.suspicious_links == used
+    assert result.suspicious_links == used and result.graph_views == 2
     assert {(a, b): w for a, b, w in result.edges} == weights
-    degrees = result.graph.strength(weights="weight")
-    assert sum(d > 0 for d in degrees) >= math.ceil(0.9 * n)
+    assert sum(w for _, _, w in result.edges) == result.suspicious_links * 2
 
 
-def test_exclusion_and_masked_scores_match_brute_force():
-    batch = synthetic_batch(n=20, m=48, per_collection=8, consistent=4, seed=7)
+def test_plain_tukey_fence_flags_the_dense_community():
+    communities = [[2 * i, 2 * i + 1] for i in range(7)] + [[14]]
+    densities = [2.0] * 6 + [6.0] + [0.0]
+    for method in (CoDeGraph(), CoDeGraph(min_spread=0.0)):
+        outliers, fences = method._outliers(communities, densities)
+        assert outliers == [6] and math.isinf(fences[7])
+    assert CoDeGraph()._outliers(communities, densities)[1][0] == 2.0 + 1.5 * 1.0
+    # one link denser than identical others: flagged by the plain fence, not by the floored one
+    assert CoDeGraph(min_spread=0.0)._outliers(communities[:7], [2.0] * 6 + [3.0])[0] == [6]
+    assert CoDeGraph()._outliers(communities[:7], [2.0] * 6 + [3.0])[0] == []
+
+
+def test_plain_fence_flags_noise_in_a_lesion_free_batch():
+    """The measured case behind `min_spread`: without it, equal link counts (IQR = 0) make
+    communities one link denser outliers."""
+    batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=1)
+    plain = CoDeGraph(min_spread=0.0)(batch.features, options=QUIET)
+    assert plain.outlier_communities and plain.excluded.any()
+
+
+def split_pattern():
+    """One consistent pattern in 12 of 60 collections, handed to the filter as two communities
+    (8 + 4), as Leiden splits a large group; k = 5."""
+    batch = synthetic_batch(n=60, m=48, per_collection=6, consistent=12, random_collections=0, seed=4)
+    method = CoDeGraph()
+    valid = torch.ones(60, 48, dtype=torch.bool)
+    ranked = [ranked_minima(batch.features, valid, method.reference_rank(60), nearest=True, options=QUIET)]
+    owner = torch.arange(60).repeat_interleave(48)
+    groups = [batch.consistent[:8], batch.consistent[8:]]
+    return batch, method, ranked, owner, valid, groups
+
+
+def test_sequential_filtering_cleans_a_pattern_split_into_two_communities():
+    batch, method, ranked, owner, valid, groups = split_pattern()
+    anomalous = (batch.kind == CONSISTENT_ANOMALY).flatten()
+    sequential = method._exclude(ranked, owner, 5, 48, valid, groups)
+    independent = CoDeGraph(filtering="independent")._exclude(ranked, owner, 5, 48, valid, groups)
+    recall = float((sequential & anomalous).sum() / anomalous.sum())
+    assert recall >= 0.9
+    assert float((sequential & anomalous).sum() / sequential.sum()) >= 0.8
+    # judged alone against the full base, the smaller community keeps its vouchers
+    assert float((independent & anomalous).sum() / anomalous.sum()) < recall - 0.2
+
+
+def test_final_scores_are_exact_mutual_scores_on_the_refined_base():
     g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 48, 6, generator=g)
     valid = torch.rand(20, 48, generator=g) > 0.15
-    method = CoDeGraph(dependency_percentile=95.0)
-    result = method(batch.features, valid, progress=False)
-    assert result.outlier_communities, "the planted group should be flagged"
-    x, n = batch.features, 20
-    k = max(1, math.floor(0.1 * (n - 1)))
-    vectors = mutual_scores(x, 0.1, valid, return_vectors=True)
-    # targeted exclusion: dependency ratio against the 95th percentile outside the community
-    expected = torch.zeros(n, 48, dtype=torch.bool)
-    before = vectors.sorted_distances[..., :k].mean(-1)
-    for c in result.outlier_communities:
-        members = torch.tensor(result.communities[c])
-        kept = ~torch.isin(vectors.collections, members)
-        without = vectors.sorted_distances.masked_fill(~kept, math.inf).sort(-1).values[..., :k].mean(-1)
-        ratio = without / before
-        inside = torch.isin(torch.arange(n), members)[:, None].expand(n, 48) & valid
-        outside = ~torch.isin(torch.arange(n), members)[:, None].expand(n, 48) & valid
-        expected |= inside & (ratio > torch.quantile(ratio[outside], 0.95))
-    assert torch.equal(result.excluded, expected)
-    assert not (result.excluded & ~valid).any()
-    # final scores: neighbours whose nearest element is excluded count as the largest distance
-    for i in range(n):
-        for e in range(48):
-            if not valid[i, e]:
-                assert math.isnan(result.scores[i, e])
-                continue
-            entries = []
-            for j in range(n):
-                if j == i:
-                    continue
-                d = (x[j] - x[i, e]).norm(dim=1).masked_fill(~valid[j], math.inf)
-                entries.append((float(d.min()), bool(result.excluded[j, d.argmin()])))
-            worst = max(v for v, _ in entries)
-            masked = sorted(worst if hit else v for v, hit in entries)
-            assert result.scores[i, e] == pytest.approx(sum(masked[:k]) / k, rel=1e-5)
+    excluded = valid & (torch.rand(20, 48, generator=g) > 0.8)
+    excluded[3] = valid[3]  # a collection with no base element left
+    partners = ~torch.eye(20, dtype=torch.bool)
+    d, _ = brute_vectors(x.masked_fill(~valid[..., None], 0.0), valid & ~excluded)
+    head = d.sort(-1).values[..., :3][valid]  # k = floor(0.2 * 19) = 3
+    for squared in (False, True):
+        method = CoDeGraph(top_fraction=0.2, squared=squared)
+        scores = method._final_scores(lambda: [x], valid, excluded, partners, 3, QUIET)
+        expected = (head.square() if squared else head).mean(-1).float()
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_views_are_averaged_and_may_be_lazy():
+def test_ranked_lists_are_the_head_of_the_sorted_vectors_with_base_and_partners():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 11, 5, generator=g)
+    valid = torch.rand(9, 11, generator=g) > 0.2
+    base = valid & (torch.rand(9, 11, generator=g) > 0.3)
+    partners = ~torch.eye(9, dtype=torch.bool)
+    partners[0, 4] = partners[4, 0] = False
+    tiny = EngineOptions(progress=False, block_mb=0.01)  # several block pairs
+    ranked = ranked_minima(x, valid, 4, base=base, partners=partners, nearest=True, options=tiny)
+    d, where = brute_vectors(x, base)
+    d[0, :, 4] = d[4, :, 0] = math.inf
+    values, order = d[valid].sort(-1)
+    torch.testing.assert_close(ranked.distances, values[:, :4].float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ranked.collections.long(), order[:, :4])
+    assert torch.equal(ranked.nearest.long(), where[valid].gather(1, order[:, :4]))
+    assert ranked.collections.dtype == torch.int16 and ranked.nbytes == valid.sum() * 4 * (4 + 2 + 2)
+
+
+def test_memory_budget_refuses_a_batch_and_names_subsets():
+    batch = synthetic_batch(n=30, m=96, seed=0)
+    with pytest.raises(VolscanError, match=r"memory_mb=0\.01; split the batch with subsets=\d+"):
+        CoDeGraph()(batch.features, options=EngineOptions(progress=False, memory_mb=0.01))
+    assert CoDeGraph()(batch.features, options=EngineOptions(progress=False, memory_mb=64)).scores.shape == (30, 96)
+
+
+def test_views_may_be_lazy_and_graph_views_chosen():
     batch = synthetic_batch(n=12, m=32, per_collection=5, consistent=3, seed=2)
     other = batch.features + 0.05 * torch.randn(batch.features.shape, generator=torch.Generator().manual_seed(0))
-    result = CoDeGraph()(iter([batch.features, other]), progress=False)
-    expected = (mutual_scores(batch.features, 0.1) + mutual_scores(other, 0.1)) / 2
+    result = CoDeGraph()(lambda: iter([batch.features, other]), graph_views=[1], options=QUIET)
+    expected = (mutual_scores(batch.features, 0.1, options=QUIET) + mutual_scores(other, 0.1, options=QUIET)) / 2
     torch.testing.assert_close(result.mutual_scores, expected)
-    assert result.graph.vcount() == 12 and all(w > 0 for _, _, w in result.edges)
-    assert sorted(i for c in result.communities for i in c) == list(range(12))
+    alone = CoDeGraph()(other, options=QUIET)
+    assert result.edges == alone.edges and result.graph_views == 1
     summary = result.summary()
     assert summary["suspicious_links"] == result.suspicious_links and len(summary["edges"]) == result.graph.ecount()
 
 
-def _minima_with_missing_partner():
-    features = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
-    partners = ~torch.eye(5, dtype=torch.bool)
-    partners[0, 1] = partners[1, 0] = False
-    return collection_minima([features], torch.ones(5, 4, dtype=torch.bool), partners=partners, nearest=True)
+def test_averaged_graph_switch_back_runs_one_connection_per_link():
+    batch = synthetic_batch(m=96, per_collection=10, seed=0)
+    result = CoDeGraph(graph="averaged")(batch.features, options=QUIET)
+    assert result.graph_views == 1 and sum(w for _, _, w in result.edges) == result.suspicious_links
+    assert [result.communities[c] for c in result.outlier_communities] == [batch.consistent]
 
 
 @pytest.mark.parametrize(
@@ -157,10 +224,14 @@ def _minima_with_missing_partner():
         (dict(coverage=0.0), "coverage"),
         (dict(link_batch=0), "link_batch"),
         (dict(iqr_k=-1.0), "iqr_k"),
+        (dict(min_spread=-1.0), "min_spread"),
         (dict(dependency_percentile=0.0), "dependency_percentile"),
         (dict(reference_fraction=1.5), "reference_fraction"),
         (dict(resolution_quantile=2.0), "resolution_quantile"),
         (dict(top_fraction=0.0), "top_fraction"),
+        (dict(graph="mean"), "graph"),
+        (dict(fence="loo"), "fence"),
+        (dict(filtering="once"), "filtering"),
     ],
 )
 def test_bad_hyper_parameters(kwargs, message):
@@ -170,12 +241,16 @@ def test_bad_hyper_parameters(kwargs, message):
 
 def test_bad_views():
     with pytest.raises(VolscanError, match="does not match"):
-        CoDeGraph()([torch.randn(4, 5, 3), torch.randn(4, 6, 3)], progress=False)
+        CoDeGraph()([torch.randn(4, 5, 3), torch.randn(4, 6, 3)], options=QUIET)
     with pytest.raises(VolscanError, match="no view"):
-        CoDeGraph()([], progress=False)
+        CoDeGraph()([], options=QUIET)
     with pytest.raises(VolscanError, match="at least N = 2"):
-        CoDeGraph()(torch.randn(1, 5, 3), progress=False)
+        CoDeGraph()(torch.randn(1, 5, 3), options=QUIET)
     with pytest.raises(VolscanError, match="at least 3 collections"):
-        CoDeGraph()(torch.randn(2, 5, 3), progress=False)
-    with pytest.raises(VolscanError, match="pre-select more"):
-        CoDeGraph(reference_fraction=1.0).refine([_minima_with_missing_partner()])
+        CoDeGraph()(torch.randn(2, 5, 3), options=QUIET)
+    with pytest.raises(VolscanError, match="graph_views"):
+        CoDeGraph()(torch.randn(4, 5, 3), graph_views=[3], options=QUIET)
+    with pytest.raises(VolscanError, match="subsets"):
+        CoDeGraph()(torch.randn(4, 5, 3), options=EngineOptions(subsets=2, progress=False))
+    with pytest.raises(VolscanError, match="expected a tensor"):
+        CoDeGraph()(3, options=QUIET)

@@ -9,11 +9,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from volumetric.engine import CoDeGraph, ScoringConfig, lnamd, mutual_scores, score_collections
+from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import subset_partition
 from volumetric.engine.synthetic import CONSISTENT_ANOMALY, NORMAL, synthetic_batch
 from volumetric.errors import VolscanError
 
-QUIET = dict(progress=False)
+QUIET = EngineOptions(progress=False)
 
 
 def grid_batch(grid: tuple[int, ...], n: int = 6, c: int = 8, layers: int = 2, seed: int = 0):
@@ -27,10 +28,10 @@ def grid_batch(grid: tuple[int, ...], n: int = 6, c: int = 8, layers: int = 2, s
 def test_musc_is_the_mean_of_view_scores(grid):
     feats, valid = grid_batch(grid)
     n, m = 6, math.prod(grid)
-    config = ScoringConfig(lnamd_radii=(1, 3), **QUIET)
+    config = ScoringConfig(lnamd_radii=(1, 3), engine=QUIET)
     result = score_collections(feats, valid, "musc", config)
     views = [
-        mutual_scores(lnamd(f, r, valid).reshape(n, m, -1), 0.3, valid.reshape(n, m))
+        mutual_scores(lnamd(f, r, valid).reshape(n, m, -1), 0.3, valid.reshape(n, m), options=QUIET)
         for f in feats
         for r in (1, 3)
     ]
@@ -45,14 +46,26 @@ def test_musc_is_the_mean_of_view_scores(grid):
 @pytest.mark.parametrize("grid", [(4, 4), (2, 3, 4)])
 def test_codegraph_without_structure_equals_musc_at_the_same_fraction(grid):
     feats, valid = grid_batch(grid, n=8, seed=3)
-    config = ScoringConfig(lnamd_radii=(1, 3), musc_top_fraction=0.1, **QUIET)
+    config = ScoringConfig(lnamd_radii=(1, 3), musc_top_fraction=0.1, engine=QUIET)
     musc = score_collections(feats, valid, "musc", config)
     result = score_collections(feats, valid, "codegraph", config)
     assert result.method == "codegraph" and result.codegraph is not None
     torch.testing.assert_close(result.codegraph.mutual_scores.reshape(8, *grid), musc.element_scores, equal_nan=True)
-    if not result.codegraph.excluded.any():
-        torch.testing.assert_close(result.element_scores, musc.element_scores, equal_nan=True)
+    assert not result.codegraph.excluded.any()
+    torch.testing.assert_close(result.element_scores, musc.element_scores, equal_nan=True)
     assert result.summary()["codegraph"]["excluded_fraction"] == result.codegraph.excluded_fraction
+
+
+def test_graph_radii_choose_the_graph_views():
+    feats, valid = grid_batch((3, 4, 3), n=9, seed=2)
+    assert ScoringConfig(lnamd_radii=(1, 3, 5), graph_radii=(1, 5)).graph_views(2) == [0, 2, 3, 5]
+    assert ScoringConfig().graph_views(2) == [1, 4]  # r = 3 of each layer
+    assert ScoringConfig(lnamd_radii=(1, 5)).graph_views(2) == [0, 1, 2, 3]  # no r = 3: all views
+    for radii, views in (((1,), 2), ((1, 3), 4)):
+        config = ScoringConfig(lnamd_radii=(1, 3), graph_radii=radii, engine=QUIET)
+        result = score_collections(feats, valid, "codegraph", config)
+        assert result.codegraph.graph_views == views
+        assert sum(w for _, _, w in result.codegraph.edges) == result.codegraph.suspicious_links * views
 
 
 def test_void_tokens_do_not_change_scores():
@@ -60,7 +73,7 @@ def test_void_tokens_do_not_change_scores():
     changed = [f.clone() for f in feats]
     for f in changed:
         f[~valid] = 3.0
-    config = ScoringConfig(**QUIET)
+    config = ScoringConfig(engine=QUIET)
     before = score_collections(feats, valid, "codegraph", config)
     after = score_collections(changed, valid, "codegraph", config)
     torch.testing.assert_close(after.element_scores, before.element_scores, equal_nan=True)
@@ -71,7 +84,7 @@ def test_consistent_anomalies_on_2d_and_3d_grids(grid):
     batch = synthetic_batch(m=96, per_collection=10, seed=0)
     n = batch.features.shape[0]
     layer = batch.features.reshape(n, *grid, -1)
-    config = ScoringConfig(lnamd_radii=(1,), **QUIET)
+    config = ScoringConfig(lnamd_radii=(1,), engine=QUIET)
     result = score_collections([layer], None, "codegraph", config)
     kind = batch.kind.reshape(n, *grid)
     keep = (kind == NORMAL) | (kind == CONSISTENT_ANOMALY)
@@ -84,12 +97,12 @@ def test_consistent_anomalies_on_2d_and_3d_grids(grid):
 def test_subsets_run_independently_and_merge():
     batch = synthetic_batch(n=24, m=48, per_collection=6, seed=1)
     layer = batch.features.reshape(24, 6, 8, -1)
-    config = ScoringConfig(lnamd_radii=(1,), subsets=2, seed=5, **QUIET)
+    config = ScoringConfig(lnamd_radii=(1,), engine=EngineOptions(subsets=2, seed=5, progress=False))
     result = score_collections([layer], None, "codegraph", config)
     graph = result.codegraph
     assert sorted(i for c in graph.communities for i in c) == list(range(24))
     for part in subset_partition(24, 2, 5):
-        alone = CoDeGraph()(lnamd(layer[part], 1).reshape(len(part), 48, -1), **QUIET)
+        alone = CoDeGraph()(lnamd(layer[part], 1).reshape(len(part), 48, -1), options=QUIET)
         torch.testing.assert_close(result.element_scores.reshape(24, -1)[part], alone.scores)
         assert torch.equal(graph.excluded[part], alone.excluded)
         ids = set(part.tolist())
@@ -99,10 +112,12 @@ def test_subsets_run_independently_and_merge():
 
 def test_preselection_full_fraction_is_exact():
     feats, valid = grid_batch((3, 4), n=7, seed=6)
-    base = score_collections(feats, valid, "musc", ScoringConfig(**QUIET))
-    same = score_collections(feats, valid, "musc", ScoringConfig(preselect_fraction=1.0, **QUIET))
+    base = score_collections(feats, valid, "musc", ScoringConfig(engine=QUIET))
+    full = EngineOptions(preselect_fraction=1.0, progress=False)
+    same = score_collections(feats, valid, "musc", ScoringConfig(engine=full))
     torch.testing.assert_close(same.element_scores, base.element_scores, equal_nan=True)
-    fewer = score_collections(feats, valid, "codegraph", ScoringConfig(preselect_fraction=0.6, **QUIET))
+    fewer = EngineOptions(preselect_fraction=0.6, progress=False)
+    fewer = score_collections(feats, valid, "codegraph", ScoringConfig(engine=fewer))
     assert torch.equal(fewer.element_scores.isnan(), ~valid)
 
 
@@ -118,7 +133,9 @@ def test_preselection_full_fraction_is_exact():
         (lambda f, v: score_collections([f[0].masked_fill(v[..., None], math.nan)], v), "NaN"),
         (lambda f, v: ScoringConfig(lnamd_radii=(1, 2)), "lnamd_radii"),
         (lambda f, v: ScoringConfig(musc_top_fraction=0.0), "musc_top_fraction"),
-        (lambda f, v: score_collections(f, v, config=ScoringConfig(subsets=4)), "subset"),
+        (lambda f, v: score_collections(f, v, config=ScoringConfig(engine=EngineOptions(subsets=4))), "subset"),
+        (lambda f, v: ScoringConfig(lnamd_radii=(1, 3), graph_radii=(5,)), "graph_radii"),
+        (lambda f, v: ScoringConfig(engine={"subsets": 2}), "EngineOptions"),
     ],
 )
 def test_bad_input(call, message):

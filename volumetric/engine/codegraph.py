@@ -1,53 +1,71 @@
-"""CoDeGraph: stop consistent anomalies from vouching for each other.
+"""CoDeGraph: stop consistent anomalies from vouching for each other (dissertation ch. 3).
 
-A *consistent* anomaly (the same anomalous pattern in a few collections) finds close
-look-alikes in those few collections, so top-k mutual scoring calls it normal. Its sorted
-mutual-distance vector "burns out": small for the first few ranks, then a jump. CoDeGraph turns
-such links into a graph of collections, finds unusually dense communities with Leiden/CPM, and
-removes their anomalous elements from the base of neighbours before the final mutual scoring.
+A *consistent* anomaly (one anomalous pattern in a few collections) finds close look-alikes in
+those few collections, so top-k mutual scoring calls it normal. Its sorted mutual similarity
+vector "burns out": small for the first ranks, then a jump once the look-alikes are used up.
+CoDeGraph turns the most burnt-out links into a graph of collections, finds unusually dense
+communities (Leiden/CPM), removes their dependent elements from the base of neighbours, and
+scores again. Stages and defaults, each with its evidence:
 
-Hyper-parameters the sources do not pin down, and why we chose these defaults:
+1. **Reference rank** `r_ref = round(0.3 N)` (`reference_fraction = 0.3`): the text allows 30-70 %
+   of N; the paper's reference-rank ablation row 0.3 N reproduces its main MVTec-CA table
+   exactly, so 0.3 N is what the paper ran. (0.5 was our earlier default; an ablation option.)
+2. **Weighted endurance ratio** `w(x, i) = d_(i)^(1-eps) / d_(r_ref)` for ranks `i < r_ref` (eq. 3.4:
+   the ratio times `d_(i)^-eps`); `eps = 0.1` (the value is lost in our copy: small, as the text
+   says, it only breaks near-ties towards links with a larger absolute distance).
+3. **Multi-layer graph** (§3.2): per graph view (layer) the mutual similarity vector is sorted,
+   the sorted vectors are averaged across views, and the ratio is read from the average; a link
+   selected at rank i raises one connection to the i-th nearest collection *of each view*, so the
+   total edge weight is links x views ("four layers -> four connections"). `graph="averaged"`
+   switches back to our earlier departure (distances averaged per collection over views, then
+   sorted, one connection per link; needs (T, N) memory).
+4. **Coverage-based link selection** (Algorithm 1): links are added cheapest first, `link_batch`
+   = 64 at a time, until `coverage` = 95 % of the collections touch one (both values lost; 95 %
+   lets nearly every collection be judged, 64 only moves the stop by less than a batch). Computed
+   in closed form: the coverage target is first reached at the ceil(coverage N)-th smallest
+   per-collection first link value, rounded up to a whole batch.
+5. **Communities**: Leiden, CPM, weighted, resolution = 25th percentile of edge weights (paper).
+   Density = internal weight per node pair (eq. 3.6 lost; the natural reading); single
+   collections have no pairs and are never outliers (one scan cannot be a *consistent* anomaly).
+6. **Outliers: Tukey** (paper): density > Q3 + k IQR over the densities of all communities
+   of >= 2 collections. `iqr_k = 1.5` (the paper's value is lost: "a large k" by default, "lower
+   values for broader sensitivity"): measured on the phantom ablation (docs/engine.md), k = 3
+   left the pure look-alike lesion community (16 scans, density 7.5) under its fence (9.2)
+   because two-scan communities of healthy scans reach densities of 4-7; k = 1.5 flags it and
+   still flags nothing in the lesion-free batch.
+   One departure, because a measured case needs it: the IQR is floored at `min_spread` = 1
+   connection per pair, the granularity of a small community's density. Without it a lesion-free
+   batch where most communities have the same link count (IQR = 0) flags any community one link
+   denser (`synthetic_batch(m=96, per_collection=10, consistent=0, seed=1)`: densities 3, 3 among
+   2s, 8 normal elements excluded; test_engine_codegraph.py). `min_spread=0` is the plain fence;
+   `fence="robust"` switches back to our earlier departure (each community against the other
+   communities' quartiles, IQR floored at sqrt(max(Q3, 1))).
+7. **Targeted filtering** (Algorithm 2, eq. 3.8): outlier communities one after another (largest
+   first) against the *current* base: earlier exclusions are already masked, so when one pattern
+   is split into two communities, cleaning the first lets the second lose its vouchers too. For
+   community C, each element's dependency ratio = (score without C's collections) / (score),
+   both on the current base; elements of C whose ratio exceeds the `dependency_percentile` = 99th
+   percentile (value lost; ~1 % false exclusions) of the same ratio outside C (among elements
+   still in the base) leave the base.
+   Computed on the stored top-r_ref lists of the graph views: entries whose collection is removed
+   or whose nearest element is excluded are skipped; if fewer than k stay, the missing ones count
+   as d_(r_ref) (a lower bound). `filtering="independent"` switches back to judging each
+   community alone against the full base.
+8. **Final score** (eq. 3.10): mutual scoring with `top_fraction` f = 0.1 (paper) on the refined
+   base, per view, averaged. A second, exact pass over the distances with the exclusion mask
+   (`volumetric.engine.ranked`). Plain Euclidean by default (`squared=False`): MuSc's code and
+   the endurance ratio use it; eq. 3.9 writes the squared distance (`squared=True`), measured in
+   `docs/engine.md`.
 
-- `reference_fraction = 0.5`: reference rank `r_ref = round(0.5 (N-1))`, the middle of the
-  paper's 30-70 % range: far beyond any minority group's burn-out, well inside the normal regime.
-- `eps = 0.1` and the weighted ratio `w(x, i) = d_(i)(x)^(1 - eps) / d_(r_ref)(x)`, i.e. the
-  endurance ratio `d_(i) / d_(r_ref)` times the inverse-distance factor `d_(i)^(-eps)`. A small
-  eps only breaks near-ties in favour of links with a larger absolute distance (more likely
-  anomalous); distances are floored at `1e-8` so duplicates cannot divide by zero.
-- `coverage = 0.95`: links are added (cheapest weighted ratio first, `link_batch` at a time) until
-  95 % of collections touch a suspicious link. High enough that every collection can be judged
-  by the community detection, low enough that a few isolated collections do not force the graph
-  to swallow nearly every link. The batch loop is computed in closed form: coverage first
-  reaches the target at the `ceil(coverage N)`-th smallest per-collection minimum link value,
-  rounded up to a whole batch.
-- `link_batch = 64` links: granularity of the growth; it only moves the stop by less than one
-  batch, and 64 is small next to the hundreds (tests) to millions (3D cohorts) of links a graph
-  takes, so results hardly depend on it.
-- `resolution_quantile = 0.25`: CPM resolution = 25th percentile of edge weights (paper).
-- `iqr_k = 3.0`: outlier communities have density > Q3 + 3 IQR (paper: robust from 1.5 up; 3 is
-  the classic "far out" fence, so normal batches flag nothing). Densities are internal weight per
-  node pair of communities with at least 2 collections (a single collection cannot be a
-  *consistent* anomaly, and 0-density singletons would collapse the quartiles). Two robustness
-  details of ours: each community is judged against the quartiles of the *other* communities
-  (with few communities an anomalous one would otherwise inflate its own Q3), and the IQR is
-  floored at `sqrt(max(Q3, 1))`: densities are link counts, whose Poisson noise is about the
-  square root of the count, and without the floor a batch where most communities share one
-  count (IQR = 0) would flag any community one link denser.
-- `dependency_percentile = 99.0`: an element of an outlier community is excluded when its
-  dependency ratio (score without the community / score with it) exceeds the 99th percentile of
-  the same ratio outside the community, i.e. at most about 1 % false exclusions per community.
-- `top_fraction = 0.1`: CoDeGraph's f for mutual scoring (paper).
-
-Exclusion reuses the stored distances: each `d(x, J)` remembers the position of its nearest
-element in `J`; entries whose nearest element is excluded are masked out (if fewer than k
-entries survive, masked entries count as the element's largest stored distance).
+Memory grows with T * r_ref (T = valid elements): per graph view the r_ref nearest collections
+with positions; other views keep only k. `options.memory_mb` bounds it (error naming `subsets`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import igraph
@@ -55,30 +73,39 @@ import leidenalg
 import torch
 from torch import Tensor
 
-from volumetric.engine.distances import CollectionMinima, collection_minima
-from volumetric.engine.mutual import smallest_mean, top_k_counts
+from volumetric.engine.distances import collection_minima
+from volumetric.engine.mutual import top_k_counts
+from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
+from volumetric.engine.ranked import BYTES_PER_MB, Ranked, index_dtype, ranked_bytes, ranked_minima
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
 from volumetric.errors import VolscanError
 
 logger = logging.getLogger(__name__)
 
 DISTANCE_FLOOR = 1e-8
+GRAPHS = ("layerwise", "averaged")
+FENCES = ("tukey", "robust")
+FILTERINGS = ("sequential", "independent")
+ROW_CHUNK = 1 << 16
+
+Views = Tensor | Sequence[Tensor] | Callable[[], Iterable[Tensor]]
 
 
 @dataclass(frozen=True)
 class CoDeGraphResult:
     """Outcome of CoDeGraph on one batch (tensors on CPU).
 
-    `scores` (N, M) float32 final scores (NaN at void); `mutual_scores` (N, M) the plain mutual
-    scores with the same f, before exclusion; `excluded` (N, M) bool elements removed from the
-    base; `graph` undirected igraph.Graph, one vertex per collection, edge attribute "weight" =
-    number of suspicious links; `communities` lists of collection indices (largest first);
+    `scores` (N, M) float32 final scores (NaN at void); `mutual_scores` (N, M) plain mutual scores
+    with the same f before exclusion (Euclidean); `excluded` (N, M) bool elements removed from
+    the base; `graph` undirected igraph.Graph, one vertex per collection, edge attribute "weight"
+    = number of connections; `communities` lists of collection indices (largest first);
     `outlier_communities` indices into `communities`; `densities` per community (internal weight
-    per node pair, 0 for singletons); `density_fences` the density above which each community
-    is an outlier (inf for singletons); `reference_rank` r_ref
-    (1-based); `suspicious_links` number of links in the graph.
+    per node pair, 0 for singletons); `density_fences` the density above which a community is an
+    outlier (inf for singletons); `reference_rank` r_ref (1-based); `suspicious_links` links
+    selected; `graph_views` views whose neighbours make the connections (links x graph_views =
+    total edge weight).
     """
 
     scores: Tensor
@@ -91,6 +118,7 @@ class CoDeGraphResult:
     density_fences: list[float]
     reference_rank: int
     suspicious_links: int
+    graph_views: int
     valid: Tensor = field(repr=False)
 
     @property
@@ -115,6 +143,7 @@ class CoDeGraphResult:
             "excluded_per_collection": self.excluded.sum(1).tolist(),
             "reference_rank": self.reference_rank,
             "suspicious_links": self.suspicious_links,
+            "graph_views": self.graph_views,
             "communities": self.communities,
             "densities": self.densities,
             "outlier_communities": self.outlier_communities,
@@ -125,20 +154,26 @@ class CoDeGraphResult:
 
 @dataclass(frozen=True)
 class CoDeGraph:
-    """CoDeGraph hyper-parameters (defaults and reasons in the module docstring).
+    """CoDeGraph hyper-parameters (defaults and evidence in the module docstring).
 
-    Call it on features (one (N, M, C) tensor, or an iterable of views such as layers or
-    (layer, LNAMD r) pairs, each (N, M, C_v)) and an optional (N, M) bool `valid` mask.
+    Call it on views (one (N, M, C) tensor, a sequence of them, or a zero-argument callable
+    returning a fresh iterable of them: views are read twice, one at a time) and an optional
+    (N, M) bool `valid` mask.
     """
 
     top_fraction: float = 0.1
-    reference_fraction: float = 0.5
+    reference_fraction: float = 0.3
     eps: float = 0.1
     coverage: float = 0.95
     link_batch: int = 64
     resolution_quantile: float = 0.25
-    iqr_k: float = 3.0
+    iqr_k: float = 1.5
+    min_spread: float = 1.0
     dependency_percentile: float = 99.0
+    squared: bool = False
+    graph: str = "layerwise"
+    fence: str = "tukey"
+    filtering: str = "sequential"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -152,89 +187,93 @@ class CoDeGraph:
             raise VolscanError(f"link_batch: must be a positive integer, got {self.link_batch!r}")
         if self.iqr_k < 0:
             raise VolscanError(f"iqr_k: must be >= 0, got {self.iqr_k!r}")
+        if self.min_spread < 0:
+            raise VolscanError(f"min_spread: must be >= 0, got {self.min_spread!r}")
         if not 0.0 < self.dependency_percentile <= 100.0:
             raise VolscanError(f"dependency_percentile: must be in (0, 100], got {self.dependency_percentile!r}")
+        for name, allowed in (("graph", GRAPHS), ("fence", FENCES), ("filtering", FILTERINGS)):
+            if getattr(self, name) not in allowed:
+                raise VolscanError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
 
     def reference_rank(self, n: int) -> int:
-        """1-based r_ref for a batch of n collections (at least 2, at most n - 1)."""
-        return min(n - 1, max(2, round(self.reference_fraction * (n - 1))))
+        """1-based r_ref = round(reference_fraction N), at least 2, at most n - 1."""
+        return min(n - 1, max(2, round(self.reference_fraction * n)))
 
     def __call__(
         self,
-        features: Tensor | Iterable[Tensor],
+        features: Views,
         valid: Tensor | None = None,
         *,
-        preselect_fraction: float | None = None,
+        graph_views: Sequence[int] | None = None,
         global_features: Tensor | None = None,
-        device: str | torch.device | None = None,
-        half: bool = False,
-        block_mb: float = 256.0,
-        progress: bool = True,
+        options: EngineOptions | None = None,
     ) -> CoDeGraphResult:
-        """Score a batch. Views may be a lazy iterable (only their distances are kept).
-
-        `preselect_fraction` / `global_features` (N, D): pair pre-selection (default global
-        feature: mean valid token of the first view); `device`, `half`, `block_mb` as in
-        `mutual_scores`.
-        """
-        views = iter([features] if isinstance(features, Tensor) else features)
-        minima: list[CollectionMinima] = []
-        partners = None
-        for index, view in enumerate(views):
-            if not isinstance(view, Tensor):
-                raise VolscanError(f"features view {index}: expected a tensor (N, M, C), got {type(view).__name__}")
-            (view,) = as_layers(view, name=f"features view {index}")
-            if not minima:
+        """Score a batch. `graph_views`: indices of the views whose neighbours build the graph
+        (None = all). `global_features` (N, D): pre-selection feature (default: mean valid token
+        of the first view). `options.subsets` must be 1 (`score_collections` splits batches)."""
+        options = EngineOptions() if options is None else options
+        if options.subsets != 1:
+            raise VolscanError("subsets: CoDeGraph scores one batch; split batches with score_collections")
+        fresh = _view_source(features)
+        n = m = 0
+        partners = k = r_ref = None
+        graph_ranked: list[Ranked] = []
+        full_minima: list[Tensor] = []
+        musc, count = None, 0
+        for index, view in enumerate(fresh()):
+            view = _check_view(view, index, (n, m) if index else None)
+            if index == 0:
                 n, m = view.shape[:2]
                 _require_three(n)
                 valid = as_valid(valid, n, m)
-                partners = self._partners(view, valid, preselect_fraction, global_features)
-            elif view.shape[:2] != (n, m):
-                raise VolscanError(f"features view {index}: shape {tuple(view.shape)} does not match (N, M) = {(n, m)}")
-            minima.append(
-                collection_minima(
-                    [view], valid, partners=partners, nearest=True, device=device, half=half,
-                    block_mb=block_mb, progress=progress,
-                )
-            )
-        if not minima:
+                k = int(top_k_counts(torch.tensor([n]), self.top_fraction))
+                r_ref = self.reference_rank(n)
+                partners = self._partners(view, valid, global_features, options, r_ref)
+                self._check_memory(valid, graph_views, options, r_ref, k)
+            in_graph = graph_views is None or index in graph_views
+            if in_graph and self.graph == "averaged":
+                minima = collection_minima([view], valid, partners=partners, options=options)
+                full_minima.append(minima.distances)
+                view_scores = _mean_smallest(minima.distances.sort(1).values[:, :k], k, False)
+            else:
+                rank = r_ref if in_graph else k
+                ranked = ranked_minima(view, valid, rank, partners=partners, nearest=in_graph, options=options)
+                view_scores = _mean_smallest(ranked.distances[:, :k], k, False)
+                if in_graph:
+                    graph_ranked.append(ranked)
+            musc = view_scores if musc is None else musc.add_(view_scores)
+            count += 1
+        if count == 0:
             raise VolscanError("features: no view given")
-        return self.refine(minima)
+        if graph_views is not None and any(not 0 <= g < count for g in graph_views):
+            raise VolscanError(f"graph_views: indices {list(graph_views)} out of range for {count} views")
+        if full_minima:
+            graph_ranked = [_ranked_from_full(sum(full_minima) / len(full_minima), r_ref)]
+            del full_minima
+        if not graph_ranked:
+            raise VolscanError("graph_views: no view selected for the graph")
+        musc /= count
+        owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
 
-    def _partners(
-        self, view: Tensor, valid: Tensor, preselect_fraction: float | None, global_features: Tensor | None
-    ) -> Tensor:
-        n = view.shape[0]
-        globals_ = None
-        if preselect_fraction is not None:
-            globals_ = mean_token_features([view], valid) if global_features is None else global_features
-        return plan_pairs(
-            n, preselect_fraction=preselect_fraction, globals_=globals_, min_partners=self.reference_rank(n)
-        ).partners
-
-    def refine(self, minima: Sequence[CollectionMinima]) -> CoDeGraphResult:
-        """Graph, communities, exclusion and final scores from per-view stored minima
-        (each computed with `nearest=True` on the same batch and mask)."""
-        first = minima[0]
-        n = first.valid.shape[0]
-        _require_three(n)
-        k = top_k_counts(torch.full((n,), n), self.top_fraction)[first.owner]
-        averaged = sum(v.distances for v in minima) / len(minima)
-        r_ref = self.reference_rank(n)
-        graph, links = self._graph(averaged, first.owner, n, r_ref)
+        graph, links = self._graph(graph_ranked, owner, n, r_ref)
         communities, densities = self._communities(graph)
         outliers, fences = self._outliers(communities, densities)
-        excluded_flat = self._exclude(averaged, first.owner, k, [communities[c] for c in outliers])
-        excluded = first.to_grid(excluded_flat, False)
-        musc = sum(smallest_mean(v.distances, k) for v in minima) / len(minima)
-        final = sum(smallest_mean(_mask_excluded(v, excluded), k) for v in minima) / len(minima)
+        excluded_flat = self._exclude(graph_ranked, owner, k, m, valid, [communities[c] for c in outliers])
+        connections = len(graph_ranked)
+        del graph_ranked
+        excluded = torch.zeros(n, m, dtype=torch.bool)
+        excluded[valid] = excluded_flat
+        if bool(excluded_flat.any()) or self.squared:
+            final = self._final_scores(fresh, valid, excluded, partners, k, options)
+        else:
+            final = musc
         logger.info(
-            "CoDeGraph: %d links, %d communities, %d outlier(s), %.2f %% elements excluded",
-            links, len(communities), len(outliers), 100.0 * float(excluded_flat.float().mean()),
+            "CoDeGraph: r_ref %d, %d links x %d views, %d communities, %d outlier(s), %.2f %% elements excluded",
+            r_ref, links, connections, len(communities), len(outliers), 100.0 * float(excluded_flat.float().mean()),
         )
         return CoDeGraphResult(
-            scores=first.to_grid(final, torch.nan),
-            mutual_scores=first.to_grid(musc, torch.nan),
+            scores=_to_grid(final, valid),
+            mutual_scores=_to_grid(musc, valid),
             excluded=excluded,
             graph=graph,
             communities=communities,
@@ -243,30 +282,71 @@ class CoDeGraph:
             density_fences=fences,
             reference_rank=r_ref,
             suspicious_links=links,
-            valid=first.valid,
+            graph_views=connections,
+            valid=valid,
         )
 
-    def _graph(self, distances: Tensor, owner: Tensor, n: int, r_ref: int) -> tuple[igraph.Graph, int]:
-        """Collection graph from the most suspicious links (weighted endurance ratio)."""
-        ordered, partner = distances.sort(dim=1)
-        if bool(torch.isinf(ordered[:, r_ref - 1]).any()):
+    def _partners(
+        self, view: Tensor, valid: Tensor, global_features: Tensor | None, options: EngineOptions, r_ref: int
+    ) -> Tensor:
+        n = view.shape[0]
+        globals_ = None
+        if options.preselect_fraction is not None:
+            globals_ = mean_token_features([view], valid) if global_features is None else global_features
+        return plan_pairs(
+            n, preselect_fraction=options.preselect_fraction, globals_=globals_, min_partners=r_ref
+        ).partners
+
+    def _check_memory(
+        self, valid: Tensor, graph_views: Sequence[int] | None, options: EngineOptions, r_ref: int, k: int
+    ) -> None:
+        """Refuse, before any work, a batch whose kept lists exceed `options.memory_mb`."""
+        if options.memory_mb is None:
+            return
+        n, m = valid.shape
+        t = int(valid.sum())
+        views = 1 if graph_views is None else max(1, len(graph_views))
+        if self.graph == "averaged":
+            need = 2 * t * n * 4 + ranked_bytes(t, n, m, r_ref, False)
+        else:
+            # kept lists, the (T, r_ref) ratio and its int64 link targets while the graph is built
+            need = views * ranked_bytes(t, n, m, r_ref, True) + t * r_ref * 12 + ranked_bytes(t, n, m, k, False)
+        need_mb = need / BYTES_PER_MB
+        if need_mb > options.memory_mb:
+            # per subset, elements and r_ref both shrink by s: memory by about s^2
+            subsets = math.ceil(math.sqrt(need_mb / options.memory_mb))
+            raise VolscanError(
+                f"memory: CoDeGraph on {n} collections ({t} valid elements, r_ref {r_ref}, {views} graph view(s)) "
+                f"keeps about {need_mb:.0f} MiB, over memory_mb={options.memory_mb:g}; split the batch with "
+                f"subsets={subsets} (or more), build the graph from fewer views, or raise memory_mb "
+                f"(pre-selection, preselect_fraction, saves time, not this memory)"
+            )
+
+    def _graph(self, ranked: list[Ranked], owner: Tensor, n: int, r_ref: int) -> tuple[igraph.Graph, int]:
+        """Collection graph from the most suspicious links of the layer-averaged sorted vectors."""
+        averaged = sum(r.distances[:, :r_ref] for r in ranked) / len(ranked)
+        if bool(torch.isinf(averaged[:, r_ref - 1]).any()):
             raise VolscanError(f"CoDeGraph needs {r_ref} partner collections per element; pre-select more")
-        ranked = ordered[:, : r_ref - 1].clamp_min(DISTANCE_FLOOR)
-        reference = ordered[:, r_ref - 1 : r_ref].clamp_min(DISTANCE_FLOOR)
-        ratio = ranked.pow_(1.0 - self.eps).div_(reference)  # (T, r_ref - 1)
-        target = partner[:, : r_ref - 1].flatten()
-        del ordered, partner
+        reference = averaged[:, r_ref - 1 : r_ref].clamp_min(DISTANCE_FLOOR)
+        ratio = averaged[:, : r_ref - 1].clamp_min_(DISTANCE_FLOOR).pow_(1.0 - self.eps).div_(reference)
+        del averaged
         first_link = torch.full((n,), torch.inf)
         first_link.scatter_reduce_(0, owner, ratio.amin(1), "amin")
-        ratio = ratio.flatten()
-        first_link.scatter_reduce_(0, target, ratio, "amin")
+        flat = ratio.flatten()
+        for r in ranked:
+            first_link.scatter_reduce_(0, r.collections[:, : r_ref - 1].flatten().long(), flat, "amin")
         cutoff = first_link.kthvalue(math.ceil(self.coverage * n)).values
-        count = int((ratio <= cutoff).sum())
-        count = min(len(ratio), math.ceil(count / self.link_batch) * self.link_batch)
-        chosen = ratio.topk(count, largest=False).indices
-        source, target = owner[chosen // (r_ref - 1)], target[chosen]
-        pair = torch.minimum(source, target) * n + torch.maximum(source, target)
-        weights = torch.bincount(pair, minlength=n * n)
+        count = int((flat <= cutoff).sum())
+        count = min(len(flat), math.ceil(count / self.link_batch) * self.link_batch)
+        chosen = flat.topk(count, largest=False).indices
+        del ratio, flat
+        rows, ranks = chosen // (r_ref - 1), chosen % (r_ref - 1)
+        source = owner[rows]
+        weights = torch.zeros(n * n, dtype=torch.int64)
+        for r in ranked:
+            target = r.collections[rows, ranks].long()
+            pair = torch.minimum(source, target) * n + torch.maximum(source, target)
+            weights += torch.bincount(pair, minlength=n * n)
         edges = weights.nonzero().flatten()
         graph = igraph.Graph(n=n, edges=torch.stack([edges // n, edges % n], 1).tolist())
         graph.es["weight"] = weights[edges].double().tolist()
@@ -281,43 +361,107 @@ class CoDeGraph:
             graph, leidenalg.CPMVertexPartition, weights="weight", resolution_parameter=resolution, seed=self.seed
         )
         communities = sorted((sorted(c) for c in partition), key=lambda c: (-len(c), c))
-        densities = []
-        for members in communities:
-            pairs = len(members) * (len(members) - 1) / 2
-            internal = sum(graph.subgraph(members).es["weight"]) if pairs else 0.0
-            densities.append(internal / pairs if pairs else 0.0)
-        return communities, densities
+        return communities, [community_density(graph, c) for c in communities]
 
     def _outliers(self, communities: list[list[int]], densities: list[float]) -> tuple[list[int], list[float]]:
-        """Communities (>= 2 collections) denser than Q3 + k * spread of the *other* such
-        communities; spread = max(IQR, sqrt(max(Q3, 1))). Returns outlier indices and fences
+        """Communities (>= 2 collections) above the density fence; returns indices and fences
         (inf for singletons)."""
         groups = [i for i, c in enumerate(communities) if len(c) >= 2]
         fences = [math.inf] * len(communities)
         for i in groups:
-            others = [densities[j] for j in groups if j != i] or [0.0]
-            q1, q3 = torch.tensor(others, dtype=torch.float64).quantile(
-                torch.tensor([0.25, 0.75], dtype=torch.float64)
-            ).tolist()
-            fences[i] = q3 + self.iqr_k * max(q3 - q1, math.sqrt(max(q3, 1.0)))
+            if self.fence == "tukey":
+                fences[i] = tukey_fence([densities[j] for j in groups], self.iqr_k, self.min_spread)
+            else:
+                others = [densities[j] for j in groups if j != i] or [0.0]
+                q1, q3 = _quartiles(others)
+                fences[i] = q3 + self.iqr_k * max(q3 - q1, math.sqrt(max(q3, 1.0)))
         return [i for i in groups if densities[i] > fences[i]], fences
 
-    def _exclude(self, distances: Tensor, owner: Tensor, k: Tensor, groups: list[list[int]]) -> Tensor:
+    def _exclude(
+        self, ranked: list[Ranked], owner: Tensor, k: int, m: int, valid: Tensor, groups: list[list[int]]
+    ) -> Tensor:
         """(T,) bool: elements of outlier communities that depend on their community."""
+        n = valid.shape[0]
         excluded = torch.zeros(len(owner), dtype=torch.bool)
         if not groups:
             return excluded
-        before = smallest_mean(distances, k).clamp_min(DISTANCE_FLOOR)
+        positions = valid.nonzero()[:, 1]
         for members in groups:
             inside = torch.isin(owner, torch.tensor(members))
             if bool(inside.all()):
                 continue
-            without = distances.clone()
-            without[:, members] = torch.inf
-            ratio = smallest_mean(without, k) / before
-            threshold = ratio[~inside].quantile(self.dependency_percentile / 100.0)
+            removed = torch.zeros(n, dtype=torch.bool)
+            removed[members] = True
+            base_out = torch.ones(n, m, dtype=torch.bool)
+            if self.filtering == "sequential":
+                base_out[owner[excluded], positions[excluded]] = False
+            before = _base_scores(ranked, k, None, base_out).clamp_min_(DISTANCE_FLOOR)
+            ratio = _base_scores(ranked, k, removed, base_out).div_(before)
+            # reference: elements outside C still in the base (already excluded ones lost their
+            # own look-alikes too, and would lift the threshold to theirs)
+            reference = ~inside & ~excluded if self.filtering == "sequential" else ~inside
+            threshold = ratio[reference].quantile(self.dependency_percentile / 100.0)
             excluded |= inside & (ratio > threshold)
         return excluded
+
+    def _final_scores(
+        self,
+        fresh: Callable[[], Iterable[Tensor]],
+        valid: Tensor,
+        excluded: Tensor,
+        partners: Tensor,
+        k: int,
+        options: EngineOptions,
+    ) -> Tensor:
+        """(T,) mean over views of mutual scores on the refined base (exact second pass)."""
+        base = valid & ~excluded
+        total, count = None, 0
+        for view in fresh():
+            ranked = ranked_minima(view, valid, k, base=base, partners=partners, options=options)
+            scores = _mean_smallest(ranked.distances, k, self.squared)
+            total = scores if total is None else total.add_(scores)
+            count += 1
+        return total / count
+
+
+def community_density(graph: igraph.Graph, members: Sequence[int]) -> float:
+    """Internal edge weight per node pair (0 for a single collection)."""
+    pairs = len(members) * (len(members) - 1) / 2
+    return sum(graph.subgraph(members).es["weight"]) / pairs if pairs else 0.0
+
+
+def tukey_fence(densities: Sequence[float], k: float, min_spread: float = 0.0) -> float:
+    """Q3 + k max(IQR, min_spread) of `densities` (linear-interpolated quartiles)."""
+    q1, q3 = _quartiles(densities)
+    return q3 + k * max(q3 - q1, min_spread)
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    q = torch.tensor(list(values), dtype=torch.float64).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def _view_source(features: Views) -> Callable[[], Iterable[Tensor]]:
+    """A zero-argument callable giving a fresh iterable of views."""
+    if isinstance(features, Tensor):
+        return lambda: [features]
+    if callable(features):
+        return features
+    if isinstance(features, Sequence):
+        return lambda: features
+    raise VolscanError(
+        f"features: expected a tensor (N, M, C), a sequence of them or a callable returning views, "
+        f"got {type(features).__name__}"
+    )
+
+
+def _check_view(view: object, index: int, shape: tuple[int, int] | None) -> Tensor:
+    if not isinstance(view, Tensor):
+        raise VolscanError(f"features view {index}: expected a tensor (N, M, C), got {type(view).__name__}")
+    (view,) = as_layers(view, name=f"features view {index}")
+    if shape is not None and tuple(view.shape[:2]) != shape:
+        raise VolscanError(f"features view {index}: shape {tuple(view.shape)} does not match (N, M) = {shape}")
+    return view
 
 
 def _require_three(n: int) -> None:
@@ -325,13 +469,49 @@ def _require_three(n: int) -> None:
         raise VolscanError(f"CoDeGraph needs at least 3 collections (a reference rank beyond the links), got {n}")
 
 
-def _mask_excluded(minima: CollectionMinima, excluded: Tensor) -> Tensor:
-    """(T, N) distances where entries whose nearest element is excluded count as the element's
-    largest stored distance (so they are used only when fewer than k entries survive)."""
-    nearest = minima.nearest.long()
-    hit = (nearest >= 0) & excluded.flatten()[torch.arange(excluded.shape[0]) * excluded.shape[1] + nearest.clamp_min(0)]
-    if not bool(hit.any()):
-        return minima.distances
-    finite = minima.distances.masked_fill(torch.isinf(minima.distances), -torch.inf)
-    worst = finite.amax(dim=1, keepdim=True)
-    return torch.where(hit, worst.expand_as(minima.distances), minima.distances)
+def _to_grid(values: Tensor, valid: Tensor) -> Tensor:
+    out = torch.full(valid.shape, torch.nan)
+    out[valid] = values
+    return out
+
+
+def _mean_smallest(sorted_values: Tensor, k: int, squared: bool) -> Tensor:
+    """(T,) mean of the first k of ascending rows (squared distances if `squared`); +inf entries
+    (fewer than k partners with a base element) count as the row's largest finite entry."""
+    head = sorted_values[:, :k]
+    if squared:
+        head = head.square()
+    if bool(torch.isinf(head).any()):
+        worst = head.masked_fill(torch.isinf(head), -torch.inf).amax(1, keepdim=True)
+        head = torch.where(torch.isinf(head), worst, head)
+    return head.double().mean(1).float()
+
+
+def _ranked_from_full(distances: Tensor, rank: int) -> Ranked:
+    """`Ranked` (no positions) from full (T, N) distances."""
+    values, order = distances.topk(rank, dim=1, largest=False, sorted=True)
+    return Ranked(distances=values, collections=order.to(index_dtype(distances.shape[1])), nearest=None)
+
+
+def _base_scores(ranked: list[Ranked], k: int, removed: Tensor | None, base: Tensor) -> Tensor:
+    """(T,) mean over views of the mean of the k smallest stored entries that survive: collection
+    not `removed` ((N,) bool or None) and nearest element in `base` ((N, M) bool; ignored for lists
+    without positions). Missing entries count as the last stored distance (a lower bound)."""
+    m = base.shape[1]
+    flat_base = base.flatten()
+    total = torch.zeros(ranked[0].distances.shape[0])
+    for r in ranked:
+        for start in range(0, len(total), ROW_CHUNK):
+            d = r.distances[start : start + ROW_CHUNK]
+            cols = r.collections[start : start + ROW_CHUNK].long().clamp_min(0)
+            keep = torch.isfinite(d)
+            if removed is not None:
+                keep &= ~removed[cols]
+            if r.nearest is not None:
+                keep &= flat_base[cols * m + r.nearest[start : start + ROW_CHUNK].long().clamp_min(0)]
+            take = keep & (keep.cumsum(1) <= k)
+            got = take.sum(1)
+            last = d[:, -1].masked_fill(torch.isinf(d[:, -1]), 0.0)
+            sums = d.double().where(take, 0.0).sum(1) + (k - got) * last.double()
+            total[start : start + ROW_CHUNK] += (sums / k).float()
+    return total / len(ranked)

@@ -1,20 +1,20 @@
-"""LNAMD (MuSc's local neighbourhood aggregation) on 2D (h, w) and 3D (g, g, g) token grids.
+"""LNAMD as MuSc computes it (`models/modules/_LNAMD.py`), on 2D (h, w) and 3D (g, g, g) grids.
 
-Each token is replaced by the mean of its `r x r` (2D) or `r x r x r` (3D) neighbourhood
-(`r = 1` keeps it), then L2-normalised, so every r lives on the same unit sphere and the plain
-Euclidean distances of mutual scoring stay comparable across r.
+Per collection and layer:
+1. LayerNorm over the whole token map: one mean and one variance over all channels and all
+   positions (MuSc: `torch.nn.LayerNorm([C, H, W])`, unit weight, zero bias, eps 1e-5);
+2. each token replaced by the per-channel mean of its `r x r` (3D: `r x r x r`) neighbourhood
+   with zero padding at the border (MuSc: `Unfold(padding=(r-1)/2)` then adaptive average
+   pooling of the (C, r, r) patch to C values: the sum over the neighbourhood / r^2);
+3. L2 normalisation along channels (MuSc's `features /= features.norm(dim=-1)`).
+`r = 1` is the identity in step 2.
 
-What we keep from MuSc and why:
-- Neighbourhood mean: kept; it is what lets a token "see" a lesion spanning several cubes.
-- Void tokens (outside the brain) never mix into valid ones: the mean runs over *valid*
-  neighbours only (masked sum / valid count); void outputs are zeros. At grid borders the mean
-  likewise runs over the neighbours that exist (MuSc pads with zeros instead, which shrinks
-  border tokens towards the origin).
-- Final L2 normalisation: kept (also for r = 1), as in MuSc.
-- Layer norm over channels and adaptive average pooling of channels to a fixed width: dropped.
-  Our tokens are already L2-normalised Gaussian (JL) projections of a fixed width, so a
-  per-token layer norm only re-centres near-zero-mean channels, and pooling adjacent JL
-  channels would be a second, worse random projection.
+The 3D form is void-aware: the LayerNorm statistics run over valid (brain) tokens only, and
+void tokens count as zeros in step 2, exactly like the zero padding outside the grid (after
+step 1 zero is the map's mean token, so a border or void neighbour pulls towards the mean, as in
+MuSc). Since step 3 discards the scale, this equals the mean over valid neighbours only. Void
+outputs are zeros; void values never leak into valid ones.
+`layer_norm=False` skips step 1 (an ablation switch: our earlier departure).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from torch import Tensor
 
 from volumetric.errors import VolscanError
 
+LAYER_NORM_EPS = 1e-5
 
-def lnamd(grid_features: Tensor, r: int, valid: Tensor | None = None) -> Tensor:
-    """Aggregate each token with its r-neighbourhood.
+
+def lnamd(grid_features: Tensor, r: int, valid: Tensor | None = None, *, layer_norm: bool = True) -> Tensor:
+    """Aggregate each token with its r-neighbourhood (MuSc's LNAMD).
 
     `grid_features`: (N, h, w, C) or (N, g, g, g, C) float. `r`: odd positive int.
     `valid`: (N, *grid) bool or None (all valid). Returns float32 of the same shape,
@@ -45,15 +47,17 @@ def lnamd(grid_features: Tensor, r: int, valid: Tensor | None = None) -> Tensor:
         raise VolscanError(
             f"valid: expected bool of shape {tuple(grid_features.shape[:-1])}, got {valid.dtype} {tuple(valid.shape)}"
         )
-    weight = valid.to(grid_features.device, torch.float32).unsqueeze(1)
-    x = grid_features.float() * weight.movedim(1, -1)
+    weight = valid.to(grid_features.device, torch.float32).unsqueeze(-1)  # (N, *grid, 1)
+    x = grid_features.float() * weight
+    if layer_norm:
+        dims = tuple(range(1, x.ndim))
+        count = (weight.sum(dims, keepdim=True) * x.shape[-1]).clamp_min(1.0)
+        mean = x.sum(dims, keepdim=True) / count
+        var = ((x - mean).square() * weight).sum(dims, keepdim=True) / count
+        x = (x - mean) * torch.rsqrt(var + LAYER_NORM_EPS) * weight
     if r > 1:
         pool = F.avg_pool2d if len(grid) == 2 else F.avg_pool3d
-        pad = [r // 2] * (2 * len(grid))
-        # Both sums use the same (constant) divisor, which cancels in the ratio; padding is
-        # explicit because pooling refuses grids smaller than the kernel even when padded.
-        summed = pool(F.pad(x.movedim(-1, 1), pad), r, stride=1)
-        count = pool(F.pad(weight, pad), r, stride=1)
-        x = (summed / count.clamp_min(torch.finfo(torch.float32).tiny)).movedim(1, -1)
-        x = x * weight.movedim(1, -1)
+        # explicit zero padding: pooling refuses grids smaller than the kernel even when padded
+        padded = F.pad(x.movedim(-1, 1), [r // 2] * (2 * len(grid)))
+        x = pool(padded, r, stride=1).movedim(1, -1) * weight
     return F.normalize(x, dim=-1)

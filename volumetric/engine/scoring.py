@@ -2,21 +2,22 @@
 
 Per backbone layer and per LNAMD radius r (a *view*), tokens are aggregated (`lnamd`), scored
 mutually, and the view scores are averaged (MuSc). With `method="codegraph"` the collection graph
-is built from the distance vectors averaged over *all* views (every layer and every r): the same
-quantity the final score averages, and less noisy than any single view; the exclusion mask it
-yields then applies to the final mutual scoring of every view. Grids are flattened to M
+is built from the views of the LNAMD radii in `graph_radii` (default r = 3 only: one view per
+layer, so a link raises one connection per layer as in the paper; r = 1 alone formed no lesion
+community on the phantom ablation, r = 3 formed a pure one: docs/engine.md), and the exclusion
+mask it yields applies to the final mutual scoring of every view. Grids are flattened to M
 elements, so nothing here depends on the grid being 2D or 3D.
 
-Memory: CoDeGraph keeps, per view, the (T, N) minima and nearest positions (8 bytes each, T =
-valid tokens of the batch): e.g. 60 volumes x 2,900 brain tokens x 6 views ~ 0.5 GB; use
-`subsets` to split very large batches.
+Memory: CoDeGraph keeps, per graph view, each valid element's r_ref nearest collections with
+positions (T x r_ref x 8 bytes; T = valid tokens), other views only k; views are rebuilt
+(cheap) for the final pass instead of being stored. `engine.memory_mb` bounds it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import igraph
 import torch
@@ -25,48 +26,58 @@ from torch import Tensor
 from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
 from volumetric.engine.lnamd import lnamd
 from volumetric.engine.mutual import mutual_scores
+from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import subset_partition
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
 from volumetric.errors import VolscanError
 
 METHODS = ("codegraph", "musc")
+DEFAULT_GRAPH_RADIUS = 3
 
 
 @dataclass(frozen=True)
 class ScoringConfig:
     """Settings of `score_collections`.
 
-    `lnamd_radii`: odd r values, one view per (layer, r). `musc_top_fraction`: f for
-    `method="musc"` (MuSc: 0.3); CoDeGraph's f is `codegraph.top_fraction` (0.1).
-    `subsets`, `preselect_fraction`, `seed`: scale options (`volumetric.engine.partners`).
-    `device` ("cpu", "cuda", None = auto), `half` (float16 products on CUDA), `block_mb`
-    (MiB per distance block), `progress` (tqdm bars).
+    `lnamd_radii`: odd r values, one view per (layer, r) (MuSc: 1, 3, 5). `graph_radii`: the
+    radii whose views build CoDeGraph's graph (a subset of `lnamd_radii`); None (default) = r = 3
+    when it is among `lnamd_radii`, else all views.
+    `layer_norm`: LNAMD's per-map LayerNorm (MuSc; False is an ablation switch).
+    `musc_top_fraction`: f for `method="musc"` (MuSc: 0.3); CoDeGraph's f is
+    `codegraph.top_fraction` (0.1). `engine`: how to compute (device, precision, blocks, memory
+    budget, progress, subsets, pre-selection; `volumetric.engine.options`).
     """
 
     lnamd_radii: tuple[int, ...] = (1, 3, 5)
+    graph_radii: tuple[int, ...] | None = None
+    layer_norm: bool = True
     musc_top_fraction: float = 0.3
     codegraph: CoDeGraph = field(default_factory=CoDeGraph)
-    subsets: int = 1
-    preselect_fraction: float | None = None
-    seed: int = 0
-    device: str | None = None
-    half: bool = False
-    block_mb: float = 256.0
-    progress: bool = True
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
         radii = tuple(self.lnamd_radii)
         if not radii or any(not isinstance(r, int) or r < 1 or r % 2 == 0 for r in radii):
             raise VolscanError(f"lnamd_radii: expected odd positive integers, got {self.lnamd_radii!r}")
         object.__setattr__(self, "lnamd_radii", radii)
+        if self.graph_radii is not None:
+            graph = tuple(self.graph_radii)
+            if not graph or any(r not in radii for r in graph):
+                raise VolscanError(f"graph_radii: expected a non-empty subset of lnamd_radii {radii}, got {self.graph_radii!r}")
+            object.__setattr__(self, "graph_radii", graph)
         check_fraction("musc_top_fraction", self.musc_top_fraction)
-        if self.preselect_fraction is not None:
-            check_fraction("preselect_fraction", self.preselect_fraction)
         if not isinstance(self.codegraph, CoDeGraph):
             raise VolscanError(f"codegraph: expected a CoDeGraph, got {type(self.codegraph).__name__}")
-        if not self.block_mb > 0:
-            raise VolscanError(f"block_mb: must be > 0, got {self.block_mb!r}")
+        if not isinstance(self.engine, EngineOptions):
+            raise VolscanError(f"engine: expected EngineOptions, got {type(self.engine).__name__}")
+
+    def graph_views(self, layers: int) -> list[int] | None:
+        """Indices (layer-major, as `score_collections` orders views) of the graph views (None = all)."""
+        radii = self.graph_radii
+        if radii is None:
+            radii = (DEFAULT_GRAPH_RADIUS,) if DEFAULT_GRAPH_RADIUS in self.lnamd_radii else self.lnamd_radii
+        return [i * len(self.lnamd_radii) + j for i in range(layers) for j, r in enumerate(self.lnamd_radii) if r in radii]
 
 
 @dataclass(frozen=True)
@@ -118,25 +129,33 @@ def score_collections(
         got = tuple(valid.shape) if isinstance(valid, Tensor) else type(valid).__name__
         raise VolscanError(f"valid: expected shape {(n, *grid)}, got {got}")
     valid_flat = as_valid(None if valid is None else valid.reshape(n, m), n, m)
-    if config.preselect_fraction is not None and global_features is None:
+    engine = config.engine
+    if engine.preselect_fraction is not None and global_features is None:
         global_features = mean_token_features(flat, valid_flat)
 
     scores = torch.full((n, m), torch.nan)
-    parts = subset_partition(n, config.subsets, config.seed)
+    parts = subset_partition(n, engine.subsets, engine.seed)
+    per_subset = replace(engine, subsets=1)
     results = []
     for part in parts:
         sub_valid = valid_flat[part]
-        views = _views([g[part.to(g.device)] for g in grids], sub_valid.reshape(len(part), *grid), config.lnamd_radii)
-        options = dict(
-            preselect_fraction=config.preselect_fraction,
-            global_features=None if global_features is None else global_features[part],
-            device=config.device, half=config.half, block_mb=config.block_mb, progress=config.progress,
-        )
+        sub_grids = [g[part.to(g.device)] for g in grids]
+        sub_globals = None if global_features is None else global_features[part]
+
+        def views(sub_grids=sub_grids, sub_valid=sub_valid, size=len(part)) -> Iterator[Tensor]:
+            return _views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm)
+
         if method == "musc":
-            view_scores = [mutual_scores(v, config.musc_top_fraction, sub_valid, **options) for v in views]
+            view_scores = [
+                mutual_scores(v, config.musc_top_fraction, sub_valid, global_features=sub_globals, options=per_subset)
+                for v in views()
+            ]
             scores[part] = torch.stack(view_scores).mean(0)
         else:
-            result = config.codegraph(views, sub_valid, **options)
+            result = config.codegraph(
+                views, sub_valid, graph_views=config.graph_views(len(grids)), global_features=sub_globals,
+                options=per_subset,
+            )
             scores[part] = result.scores
             results.append(result)
     codegraph = None
@@ -150,11 +169,11 @@ def score_collections(
     )
 
 
-def _views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...]) -> Iterator[Tensor]:
+def _views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool) -> Iterator[Tensor]:
     """Lazily yield one (n, M, C) LNAMD view per (layer, r), so only one lives at a time."""
     for g in grids:
         for r in radii:
-            yield lnamd(g, r, valid.to(g.device)).reshape(g.shape[0], -1, g.shape[-1])
+            yield lnamd(g, r, valid.to(g.device), layer_norm=layer_norm).reshape(g.shape[0], -1, g.shape[-1])
 
 
 def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -> CoDeGraphResult:
@@ -188,5 +207,6 @@ def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -
         density_fences=fences,
         reference_rank=min(r.reference_rank for r in results),
         suspicious_links=sum(r.suspicious_links for r in results),
+        graph_views=results[0].graph_views,
         valid=valid,
     )
