@@ -21,9 +21,10 @@ engine: x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 co
 Printed: seconds and valid elements/s per side, speed-up over MuSc (median of rounds), max relative
 score difference to MuSc (fp32) and, for bf16 / fp16, max relative score error, top-1 % element
 agreement against the fp32 engine; CoDeGraph's communities, exclusions and scores in reduced
-precision against fp32 on the engine tests' synthetic batches; projected engine time for N = 150 and N = 1000 (pairs scale
-with N (N - 1)); CoDeGraph peak memory against N (`benchmarks/codegraph_memory.py` per size, in
-a fresh process each) with a quadratic fit projected to N = 1000.
+precision against fp32 on the engine tests' synthetic batches; projected engine time for N = 150
+and N = 1000 (pairs scale with N (N - 1)); CoDeGraph peak memory against N
+(`benchmarks/codegraph_memory.py` per size, in a fresh process each) with a quadratic fit
+projected to N = 1000.
 
     python benchmarks/engine.py --case all --repeats 3                 # CPU, both shapes
     python benchmarks/engine.py --case none --codegraph-seeds 0,1,2,3  # bf16 vs fp32 in CoDeGraph

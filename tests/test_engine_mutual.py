@@ -137,7 +137,8 @@ def test_subsets_score_each_subset_alone():
 def test_preselection_keeps_the_most_similar_collections():
     feats, valid = random_batch(9, 6, 5, seed=13, void=0.2)
     full = mutual_scores(feats, 0.3, valid)
-    torch.testing.assert_close(mutual_scores(feats, 0.3, valid, options=EngineOptions(preselect_fraction=1.0)), full, equal_nan=True)
+    everyone = mutual_scores(feats, 0.3, valid, options=EngineOptions(preselect_fraction=1.0))
+    torch.testing.assert_close(everyone, full, equal_nan=True)
     globals_ = global_features(feats, valid)
     plan = plan_pairs(9, preselect_fraction=0.5, globals_=globals_, min_partners=2)
     assert torch.equal(plan.partners, plan.partners.T) and not plan.partners.diagonal().any()
@@ -250,5 +251,6 @@ def test_bf16_keeps_codegraph_outliers_and_exclusions():
     assert flagged[0] == flagged[1] == [batch.consistent]
     assert float((approx.excluded == exact.excluded).float().mean()) >= 0.99
     top = max(1, round(0.01 * exact.scores.numel()))
-    same = set(exact.scores.flatten().topk(top).indices.tolist()) & set(approx.scores.flatten().topk(top).indices.tolist())
+    tops = [set(r.scores.flatten().topk(top).indices.tolist()) for r in (exact, approx)]
+    same = tops[0] & tops[1]
     assert len(same) >= 0.99 * top
