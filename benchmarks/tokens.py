@@ -99,7 +99,8 @@ def run_speed(args: argparse.Namespace) -> None:
           f"native_bf16={cpu_has_native_bf16()} load average at start {os.getloadavg()}")
     print(f"read (NIfTI load + crop + resize to {args.size}^3): median {read_s:.2f} s of {args.repeats}")
     for name in args.backbones:
-        model = create_backbone(name, weights="random", device=device)
+        extra = {} if args.init_values is None else {"init_values": args.init_values}
+        model = create_backbone(name, weights="random", device=device, **extra)
         toks = {p: VolumeTokenizer(model, slice_batch=args.slice_batch, precision=p, progress=False)
                 for p in args.precisions}
         first = next(iter(toks.values()))
@@ -252,28 +253,38 @@ def run_norm(args: argparse.Namespace) -> None:
     from volumetric.tokens import VolumeTokenizer
 
     model = create_backbone(args.backbone, weights="random")
-    with_norm = VolumeTokenizer(model, progress=False)
-    without = VolumeTokenizer(model, final_norm=False, progress=False)
-    pooled: dict[str, list[list[torch.Tensor]]] = {"norm": [], "raw": []}
-    tokens: dict[str, list[list[torch.Tensor]]] = {"norm": [], "raw": []}
+    tok = VolumeTokenizer(model, final_norm=False, progress=False)
+    p = tok.patch
+    pooled: dict[str, list[list[torch.Tensor]]] = {"norm": [], "raw": []}  # per collection, per layer (M, 3, C)
     for vol in atlas_variants(args.size).values():
-        prepared = with_norm.prepare(vol)
-        for label, tok in (("norm", with_norm), ("raw", without)):
-            feats = tok.pooled(prepared.unit)  # per layer (3, g, g, g, C)
-            pooled[label].append([f[:, ~prepared.void] for f in feats])  # (3, M, C)
-            tokens[label].append([torch.cat(list(tok.project(f)), -1)[~prepared.void] for f in feats])
+        prepared = tok.prepare(vol)
+        per_label: dict[str, list[list[torch.Tensor]]] = {"norm": [[] for _ in tok.layers],
+                                                          "raw": [[] for _ in tok.layers]}
+        for axis in range(3):
+            # each slice once, without the norm; the final norm applied here per patch token
+            sums = tok.encode(prepared.unit.movedim(axis, 0), torch.arange(args.size), args.size)
+            for li, raw in enumerate(sums):  # (S, C, g, g)
+                with torch.inference_mode():
+                    normed = model.norm(raw.movedim(1, -1)).movedim(-1, 1)
+                for label, feats in (("raw", raw), ("norm", normed)):
+                    g = feats.shape[0] // p
+                    block = feats.view(g, p, *feats.shape[1:]).mean(1).movedim(1, -1).movedim(0, axis)
+                    per_label[label][li].append(block[~prepared.void])  # (M, C)
+        for label in pooled:
+            pooled[label].append([torch.stack(axes, 1) for axes in per_label[label]])
     print(f"backbone={args.backbone} random weights (final norm: gamma = 1, beta = 0 as initialised), "
-          f"size={args.size}, layers {with_norm.layers}")
-    for li, layer in enumerate(with_norm.layers):
+          f"{tok.dtype}, size={args.size}, layers {tok.layers}, load average {os.getloadavg()}")
+    for li, layer in enumerate(tok.layers):
+        tokens = {}
         for label in ("raw", "norm"):
-            feats = torch.cat([p[li] for p in pooled[label]], 1).reshape(-1, pooled[label][0][li].shape[-1])
+            feats = torch.cat([c[li] for c in pooled[label]]).reshape(-1, pooled[label][0][li].shape[-1])
             norms = feats.norm(dim=-1)
-            var = feats.var(0)
-            top = var.sort(descending=True).values
+            top = feats.var(0).sort(descending=True).values
             print(f"layer {layer} {label}: block-mean feature norm cv {float(norms.std() / norms.mean()):.3f}, "
                   f"max/median {float(norms.max() / norms.median()):.2f}; top 1 % channels hold "
                   f"{100 * float(top[: max(1, len(top) // 100)].sum() / top.sum()):.1f} % of the variance")
-        med, p95, same, rho = distortion([t[li] for t in tokens["raw"]], [t[li] for t in tokens["norm"]])
+            tokens[label] = [torch.cat(list(tok.project(c[li]).movedim(1, 0)), -1) for c in pooled[label]]
+        med, p95, same, rho = distortion(tokens["raw"], tokens["norm"])
         print(f"layer {layer}: norm vs raw tokens: d(x, J) change median {med:.4f}, p95 {p95:.4f}; "
               f"same nearest token {same:.1f} %; Spearman of score {rho:.4f}")
 
@@ -416,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--repeats", type=int, default=3)
     speed.add_argument("--slice-batch", type=int, default=None)
     speed.add_argument("--device", default="cpu")
+    speed.add_argument("--init-values", type=float, default=None,
+                       help="LayerScale init of the random model: DINOv2's 1e-5 makes every block nearly the "
+                            "identity, so the cosine check then sees the patch embedding only; 1.0 makes blocks count")
     blocks = sub.add_parser("blocks", help="token distortion of slices_per_block K vs full pooling")
     blocks.add_argument("--backbone", default="vit_small_patch14_dinov2")
     blocks.add_argument("--size", type=int, default=112)
