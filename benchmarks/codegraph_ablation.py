@@ -173,13 +173,13 @@ def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
 
 
 def diagnose(batch: Batch, config: ScoringConfig) -> dict:
-    """Why a lesion community forms or not: the burn-out of lesion vs healthy cubes in the graph
-    views' sorted mutual similarity vectors (layer-wise sorted, averaged, as CoDeGraph reads them),
-    and which cubes the selected links come from."""
+    """Why no lesion community formed with r = 1 graph views: the burn-out of lesion vs healthy
+    cubes in their sorted mutual similarity vectors (layer-wise sorted, averaged, as CoDeGraph
+    reads them), and the lesion share of the most suspicious cubes."""
     layers = standardize_batch(batch.layers, batch.valid)
     n = len(batch.ids)
     valid = batch.valid.reshape(n, -1)
-    graph_radius = (config.graph_radii or config.lnamd_radii)[0]
+    graph_radius = 1  # the r = 1 graph of the earlier default, where no lesion community formed
     views = [lnamd(layer, graph_radius, batch.valid, layer_norm=config.layer_norm).reshape(n, -1, layer.shape[-1])
              for layer in layers]
     ranked = [ranked_minima(v, valid, n - 1, options=QUIET) for v in views]
