@@ -9,13 +9,16 @@ Recipe (per volume or image, independent of the batch, so it is cached like ViT 
 1. Intensities: brain voxels (mask, or voxels != 0) are centred on their median and divided by
    their inter-quartile range (robust: a lesion of a few percent of the brain moves neither;
    unlike the ViT path's [0, 1] map nothing is clipped, so a lesion brighter than CSF stays
-   brighter). Outside the brain: 0.
+   brighter). Outside the brain the value is that of 0, as for skull-stripped scans.
 2. Responses, each a filter over the whole volume (so a cube sees its surroundings): the
-   intensity `u`; Gaussian smoothing at each scale s (default 1, 2, 4 voxels), *normalised* to
-   the brain, `G_s * (u m) / G_s * m` (m the brain mask), so the brain's border is no edge and
-   what lies outside it (skull, background, a mask that cuts tissue) does not leak in; the
-   gradient magnitude of that smoothed image (central differences); its scale-normalised
-   Laplacian `s^2 lap(.)` (negative on bright blobs of radius ~ s*sqrt(d), positive on dark).
+   intensity `u`; Gaussian smoothing `G_s * u` at each scale s (default 1, 2, 4 voxels); the
+   gradient magnitude `|grad(G_s * u)|` (central differences); the scale-normalised Laplacian of
+   Gaussian `s^2 lap(G_s * u)` (negative on bright blobs of radius ~ s*sqrt(d), positive on dark).
+   The brain's border is an edge every scan shares, so it is normal by mutual comparison.
+   (Tried and dropped: Gaussians normalised to the mask, G*(u m)/G*m, so nothing outside the
+   brain leaks in. On 30 look-alike phantoms, cube 112, template mask, engine MuSc: patient
+   AUROC 0.90 instead of 0.98, 8 instead of 10 lesion scans with the hottest token on a lesion:
+   the border cells then describe whatever the mask happens to cut, which varies per scan.)
 3. Per cube, over its brain voxels only: mean and standard deviation of every response, and the
    minimum and maximum of `G_s * u` at the finest scale and of the LoG at every scale (a lesion
    smaller than a cube shows in the extremes before it moves the mean).
@@ -74,8 +77,6 @@ PATCH = 14
 BATCH_STANDARDIZE = "batch_standardize"
 # The channel spread below which a feature is treated as constant over the batch (left centred, unscaled).
 _MIN_STD = 1e-6
-# Brain weight below which the normalised Gaussian is left at 0 (farther than ~3 sigma from any brain voxel).
-_MIN_WEIGHT = 1e-3
 # Value of the constant reference channel `standardize_batch` appends, in units of sqrt(D) (see above).
 REFERENCE_SCALE = 4.0
 
@@ -102,7 +103,7 @@ def _mask(mask: ArrayLike, shape: tuple[int, ...], what: str) -> np.ndarray:
 
 
 def robust_standardize(values: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """(values - median) / IQR over `region` (float32, same shape); 0 outside `region`.
+    """(values - median) / IQR over `region` (float32, same shape); 0 outside `region` maps like a 0 value.
 
     Falls back to the region's standard deviation, then to 1, where the quartiles coincide.
     """
@@ -111,8 +112,10 @@ def robust_standardize(values: np.ndarray, region: np.ndarray) -> np.ndarray:
     scale = q75 - q25
     if not scale > 0:
         scale = float(inside.std()) or 1.0
-    out = (values - np.float32(median)) / np.float32(scale)
-    return np.where(region, out, 0.0).astype(np.float32)
+    out = np.where(region, values, 0.0).astype(np.float32)
+    out -= np.float32(median)
+    out /= np.float32(scale)
+    return out
 
 
 def _blocks(array: np.ndarray, patch: int) -> np.ndarray:
@@ -145,13 +148,6 @@ class _CellStats:
         high = np.where(self.inside, cells, -np.inf).max(-1)
         empty = ~self.inside.any(-1)  # void cells without a brain voxel: 0, never scored
         return np.where(empty, 0.0, low), np.where(empty, 0.0, high)
-
-
-def _masked_gaussian(values: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
-    """Normalised convolution `G * (values inside) / G * inside` (values 0 outside); 0 where no brain is near."""
-    weight = ndimage.gaussian_filter(inside, sigma, mode="nearest")
-    total = ndimage.gaussian_filter(values * inside, sigma, mode="nearest")
-    return np.divide(total, weight, out=np.zeros_like(total), where=weight > _MIN_WEIGHT)
 
 
 def _gradient_magnitude(smooth: np.ndarray) -> np.ndarray:
@@ -229,15 +225,14 @@ class ClassicalTokenizer:
             "tokenizer": type(self).__name__,
         }
 
-    def _features(self, unit: np.ndarray, region: np.ndarray, stats: _CellStats) -> list[np.ndarray]:
-        """Per layer (*grid, D) float32 for one standardised grey channel (0 outside `region`)."""
-        inside = region.astype(np.float32)
+    def _features(self, unit: np.ndarray, stats: _CellStats) -> list[np.ndarray]:
+        """Per layer (*grid, D) float32 for one standardised grey channel."""
         layers = []
         for i, scales in enumerate(self.layer_scales):
             columns: list[np.ndarray] = list(stats.mean_std(unit)) if i == 0 else []
             for s in scales:
                 t0 = time.perf_counter()
-                smooth = _masked_gaussian(unit, inside, s)
+                smooth = ndimage.gaussian_filter(unit, s, mode="nearest")
                 gradient = _gradient_magnitude(smooth)
                 log_response = ndimage.laplace(smooth, mode="nearest") * np.float32(s * s)
                 t1 = time.perf_counter()
@@ -252,7 +247,7 @@ class ClassicalTokenizer:
 
     def _tokens(self, channels: list[np.ndarray], region: np.ndarray, meta: dict[str, Any]) -> TokenSet:
         stats = _CellStats(region, self.patch)
-        per_channel = [self._features(robust_standardize(c, region), region, stats) for c in channels]
+        per_channel = [self._features(robust_standardize(c, region), stats) for c in channels]
         layers = [torch.from_numpy(np.concatenate([feats[i] for feats in per_channel], axis=-1))
                   for i in range(len(self.layer_scales))]
         void = void_from_mask(torch.from_numpy(region), self.patch, self.void_fraction)
