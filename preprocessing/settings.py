@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from preprocessing.brain_mask import CONTRASTS, MASK_METHODS
@@ -119,7 +120,8 @@ class PreprocessSettings:
     def spatial_key(self, template_identity: str, mask_method: str) -> dict[str, Any]:
         """What changes the cube, mask and mapping (JSON-able), with the resolved `mask_method`.
 
-        `contrast`, `hdbet_weights` and `mask_device` act only through the resolved method.
+        `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
+        on which weights folder made them (`hdbet_weights`, or volscan's cached download).
         """
         return {
             "version": PIPELINE_VERSION,
@@ -128,6 +130,8 @@ class PreprocessSettings:
             "registered": self.registered,
             "skull_stripped": self.skull_stripped,
             "mask_method": mask_method,
+            "hdbet_weights": ((str(Path(self.hdbet_weights).expanduser().resolve()) if self.hdbet_weights
+                               else "volscan-cache") if mask_method == "hd-bet" else None),
             "margin_mm": float(self.margin_mm),
             "cubic": self.cubic,
             "background_scale": float(self.background_scale) if mask_method == "template" else None,

@@ -57,6 +57,11 @@ def test_settings_are_checked_before_any_work():
     assert settings.registration.shrink_factors == (2, 1) and settings.size == 28
     # One object derives the key: a setting that changes the output changes the key.
     assert settings.spatial_key("t", "deepbet") != settings.replace(margin_mm=5.0).spatial_key("t", "deepbet")
+    # HD-BET masks depend on the weights folder that made them; other methods ignore that option.
+    assert (settings.replace(hdbet_weights="/a").spatial_key("t", "hd-bet")
+            != settings.replace(hdbet_weights="/b").spatial_key("t", "hd-bet"))
+    assert (settings.replace(hdbet_weights="/a").spatial_key("t", "deepbet")
+            == settings.replace(hdbet_weights="/b").spatial_key("t", "deepbet"))
     with pytest.raises(AttributeError):
         settings.size = 56
 

@@ -413,3 +413,19 @@ def test_prefetch_runs_ahead_in_order_and_reraises_at_the_failing_item():
         next(results)
     with pytest.raises(VolscanError, match="depth"):
         next(prefetch([], depth=0))
+
+
+def test_cache_settings_tell_apart_models_built_with_other_options(tiny_vit_spec):
+    """Two random models that differ only in a build option (init_values) give different tokens, so
+    their cache settings must differ too (else a cache would serve one model's tokens for the other)."""
+    spec = dict(tiny_vit_spec)
+    name = spec.pop("name")
+    volume = _volume(28)
+    made = []
+    for init_values in (1.0, 0.5):
+        model = create_backbone(name, weights="random", random_seed=0, init_values=init_values, **spec)
+        tok = VolumeTokenizer(model, layers=[0], proj_dim=R, seed=0, progress=False)
+        made.append((tok.settings, tok(volume).layers[0]))
+    (settings_a, tokens_a), (settings_b, tokens_b) = made
+    assert not torch.allclose(tokens_a, tokens_b)
+    assert settings_a != settings_b and settings_a["model_kwargs"] != settings_b["model_kwargs"]

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,12 +57,15 @@ _NOT_VIT = "backbone {name!r} is not a ViT with patch tokens (need a timm Vision
 class BackboneIdentity:
     """What a backbone is, for cache keys and reports.
 
-    `weights` is `"hub:<name.tag>"`, `"file:<sha256>"` or `"random:<seed>"`.
+    `weights` is `"hub:<name.tag>"`, `"file:<sha256>"` or `"random:<seed>"`. `model_kwargs` is the
+    sorted JSON of the options the model was built with (they change the tokens even when the
+    weights file fits, e.g. `init_values` of a random model).
     """
 
     name: str
     weights: str
     random_weights: bool
+    model_kwargs: str = "{}"
 
 
 def check_backbone_name(name: str) -> None:
@@ -197,7 +201,7 @@ def create_backbone(
         raise VolscanError(_NOT_VIT.format(name=name))
     model.requires_grad_(False)
     model.eval().to(dev)
-    model.volscan_identity = identity
+    model.volscan_identity = replace(identity, model_kwargs=json.dumps(model_kwargs, sort_keys=True, default=str))
     return model
 
 

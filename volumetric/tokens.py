@@ -332,6 +332,7 @@ class _Tokenizer:
             "format": TOKEN_FORMAT_VERSION,
             "backbone": self.identity.name,
             "weights": self.identity.weights,
+            "model_kwargs": self.identity.model_kwargs,
             "layers": list(self.layers),
             "proj_dim": self.proj_dim,
             "seed": self.seed,
