@@ -55,7 +55,7 @@ def read_error_logs(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]
     if not folder.is_dir():
         return failures
     for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:

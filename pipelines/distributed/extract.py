@@ -3,7 +3,7 @@
 The contract on disk is the cache `volscan screen` itself uses: the cohort's preprocessing store
 (`<cache>/preprocess/<cohort digest>`) and the token cache (`<cache>/tokens`), so `volscan
 score` (and `volscan screen`) afterwards find every scan's tokens and extract nothing. Each run
-of a part also writes `<cache>/extract/<cohort digest>/errors-<part>.jsonl` (see
+of a part also writes `<cache>/extract/<cohort digest>/errors-<stage>-<part>.jsonl` (see
 `pipelines.distributed.error_log`); a failed scan is logged there and the others go on.
 
 Stages (`--stage`), see `per_scan` for the phases:
@@ -107,7 +107,9 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
     chosen = set(part.select(s.id for s in subjects))
     mine = [s for s in subjects if s.id in chosen]
     folder = extract_folder(subjects, config, cache_root)
-    errors = ErrorLog(folder / f"errors-{'landmarks' if stage == 'landmarks' else part.label}.jsonl")
+    # One log per stage and part: a later stage's run must not erase an earlier stage's failures.
+    log_name = {"all": part.label, "landmarks": "landmarks"}.get(stage, f"{stage}-{part.label}")
+    errors = ErrorLog(folder / f"errors-{log_name}.jsonl")
     errors.start()
     result = ExtractResult(kind=kind, scans=[s.id for s in mine], failed=[], computed=0,
                            error_log=errors.path, cache_root=cache_root)

@@ -91,8 +91,12 @@ class RayRunner:
         if not ray.is_initialized():
             s = self.settings
             if s.address is None:
-                ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
-                         include_dashboard=False, log_to_driver=False)
+                try:
+                    ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
+                             include_dashboard=False, log_to_driver=False)
+                except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise VolscanError(f"cannot start a local Ray cluster: {first}") from None
             else:
                 try:
                     ray.init(address=s.address, log_to_driver=False)
