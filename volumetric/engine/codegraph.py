@@ -229,6 +229,8 @@ class CoDeGraph:
                 k = int(top_k_counts(torch.tensor([n]), self.top_fraction))
                 r_ref = self.reference_rank(n)
                 partners = self._partners(view, valid, global_features, options, r_ref)
+                if graph_views is None and not callable(features):  # every view builds the graph
+                    graph_views = range(1 if isinstance(features, Tensor) else len(features))
                 self._check_memory(valid, graph_views, options, r_ref, k)
             in_graph = graph_views is None or index in graph_views
             if in_graph and self.graph == "averaged":
