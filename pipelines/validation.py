@@ -22,6 +22,8 @@ replaced) is checked by `pipelines.outputs.check_output_dir`, which every comman
 
 from __future__ import annotations
 
+import difflib
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,7 +114,10 @@ def load_backbone(config: "ScreenConfig", device: str) -> "nn.Module | None":
     try:
         return create_backbone(config.backbone, config.weights, device, random_seed=config.seed,
                                **config.backbone_kwargs)
-    except VolscanError:
+    except VolscanError as exc:
+        if difflib.get_close_matches(config.backbone, [CLASSICAL_BACKBONE], cutoff=0.75):
+            raise VolscanError(f"unknown backbone {config.backbone!r}; did you mean {CLASSICAL_BACKBONE!r} "
+                               "(weights-free intensity and texture features)?") from None
         raise
     except Exception as exc:  # timm model constructors assert/raise on odd option values
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -73,7 +73,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                           "if its weights are local, else deepbet, else the template mask with a warning)")
     pre.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
     feat = groups["features"]
-    feat.add_argument("--backbone", metavar="NAME", help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    feat.add_argument("--backbone", metavar="NAME", help=f"timm ViT name, or 'classical' for weights-free intensity and texture features "
+                      f"(default {DEFAULT_BACKBONE})")
     feat.add_argument("--weights", metavar="PATH|random",
                       help="local weights file, or 'random' for smoke tests (default: timm hub, needs internet once)")
     feat.add_argument("--layers", type=int, nargs="+", metavar="N",
