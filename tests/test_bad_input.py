@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
-from test_screen import make_cohort, make_template, write_config
+from test_screen import screen_setup
 
 
 def _tree_hashes(*roots: Path) -> dict[str, str]:
@@ -53,11 +53,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
-    root = tmp_path_factory.mktemp("bad-input")
-    images, labels, _ = make_cohort(root)
-    template = make_template(root / "template")
-    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache")
-    return {"root": root, "images": images, "labels": labels, "template": template, "config": config}
+    return screen_setup(tmp_path_factory.mktemp("bad-input"), tiny_vit_spec)
 
 
 def _cohort(base: dict, folder: Path, count: int = 3) -> Path:

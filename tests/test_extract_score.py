@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_screen import WORLD, make_cohort, make_template, write_config
+from test_screen import WORLD, screen_setup, write_config
 from test_screen_2d import make_images
 
 from pipelines.cli import main
@@ -29,14 +29,12 @@ from volumetric.errors import VolscanError
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
     """The cohort, its settings as CLI arguments, and the reference scores.csv of `volscan screen`."""
-    root = tmp_path_factory.mktemp("extract")
-    images, _, truth = make_cohort(root)
-    template = make_template(root / "template")
-    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache-screen")
-    settings = [str(images), "--config", str(config), "--template", str(template), "--registered", "--skull-stripped"]
+    setup = screen_setup(tmp_path_factory.mktemp("extract"), tiny_vit_spec, cache="cache-screen")
+    root, settings = setup["root"], setup["base"]
     assert main(["screen", *settings, "-o", str(root / "screen")]) == 0
-    return {"root": root, "images": images, "template": template, "config": config, "settings": settings,
-            "ids": sorted(truth), "reference": (root / "screen" / "scores.csv").read_bytes()}
+    return {"root": root, "images": setup["images"], "template": setup["template"], "config": setup["config"],
+            "settings": settings, "ids": sorted(setup["truth"]),
+            "reference": (root / "screen" / "scores.csv").read_bytes()}
 
 
 def score(cohort: dict, cache: Path, name: str) -> bytes:

@@ -108,14 +108,20 @@ def write_config(path: Path, tiny_vit_spec: dict, cache: Path, **extra: object) 
     return path
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
-    root = tmp_path_factory.mktemp("screen3d")
+def screen_setup(root: Path, tiny_vit_spec: dict, cache: str = "cache") -> dict:
+    """The synthetic cohort, its template and tiny-ViT config under `root`, and `base`: the
+    `volscan screen` arguments for them (input, config, template, already registered and stripped)."""
     images, labels, truth = make_cohort(root)
     template = make_template(root / "template")
-    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache")
+    config = write_config(root / "config.yaml", tiny_vit_spec, root / cache)
     base = [str(images), "--config", str(config), "--template", str(template), "--registered", "--skull-stripped"]
-    return {"root": root, "images": images, "labels": labels, "truth": truth, "base": base}
+    return {"root": root, "images": images, "labels": labels, "truth": truth, "template": template,
+            "config": config, "base": base}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
+    return screen_setup(tmp_path_factory.mktemp("screen3d"), tiny_vit_spec)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,12 @@ from PIL import Image
 
 from pipelines.cli import main
 from test_bad_input import _one_error_line
-from test_screen import make_cohort, make_template, write_config
+from test_screen import screen_setup, write_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_vit_spec: dict) -> dict:
-    root = tmp_path_factory.mktemp("errors")
-    images, labels, _ = make_cohort(root)
-    template = make_template(root / "template")
-    config = write_config(root / "config.yaml", tiny_vit_spec, root / "cache")
-    return {"root": root, "images": images, "labels": labels, "template": template, "config": config}
+    return screen_setup(tmp_path_factory.mktemp("errors"), tiny_vit_spec)
 
 
 def _copy_images(setup: dict, tmp_path: Path, count: int = 3) -> Path:
