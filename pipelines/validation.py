@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.inputs import Subject, nifti_grid, validate_subjects
-from volumetric.errors import InputFileError, VolscanError
+from volumetric.errors import InputFileError, VolscanError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -114,15 +114,14 @@ def load_backbone(config: "ScreenConfig", device: str) -> "nn.Module | None":
     try:
         return create_backbone(config.backbone, config.weights, device, random_seed=config.seed,
                                **config.backbone_kwargs)
-    except VolscanError as exc:
+    except VolscanError:
         if difflib.get_close_matches(config.backbone, [CLASSICAL_BACKBONE], cutoff=0.75):
             raise VolscanError(f"unknown backbone {config.backbone!r}; did you mean {CLASSICAL_BACKBONE!r} "
                                "(weights-free intensity and texture features)?") from None
         raise
     except Exception as exc:  # timm model constructors assert/raise on odd option values
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VolscanError(f"backbone {config.backbone} with backbone_kwargs {config.backbone_kwargs}: "
-                           f"cannot be built ({first})") from None
+                           f"cannot be built ({first_line(exc)})") from None
 
 
 def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> CheckedScreen:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from volumetric.atomic_files import atomic_path
-from volumetric.errors import InputFileError
+from volumetric.errors import InputFileError, first_line
 
 if TYPE_CHECKING:  # annotations only; both are imported where used (slow to import)
     import nibabel as nib
@@ -251,7 +251,7 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return first_line(exc)[:200]
 
 
 def find_volumes(folder: str | os.PathLike[str]) -> list[Path]:

@@ -42,7 +42,7 @@ from torch import nn
 
 from volumetric.atomic_files import atomic_path
 from volumetric.devices import resolve_device
-from volumetric.errors import InputFileError, VolscanError
+from volumetric.errors import InputFileError, VolscanError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,7 @@ def create_backbone(
         except VolscanError:
             raise
         except RuntimeError as exc:  # timm's strict load_state_dict: hub weights vs model options
-            first = str(exc).strip().splitlines()[0]
-            raise VolscanError(f"pretrained {name} weights do not fit the requested model ({first})") from None
+            raise VolscanError(f"pretrained {name} weights do not fit the requested model ({first_line(exc)})") from None
         except Exception as exc:  # the hub client raises many types (OSError, HTTP errors, ...)
             raise VolscanError(
                 f"cannot get pretrained weights for {name} from the Hugging Face hub "

@@ -13,6 +13,12 @@ class VolscanError(ValueError):
     """A problem with the user's input or settings, explained in one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can span pages), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class InputFileError(VolscanError):
     """A specific input file is unusable; the message names the file and the problem."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
 from pipelines.inputs import Subject
-from volumetric.errors import VolscanError
+from volumetric.errors import VolscanError, first_line
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,12 @@ class RayRunner:
                     ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
                              include_dashboard=False, log_to_driver=False)
                 except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise VolscanError(f"cannot start a local Ray cluster: {first}") from None
+                    raise VolscanError(f"cannot start a local Ray cluster: {first_line(exc)}") from None
             else:
                 try:
                     ray.init(address=s.address, log_to_driver=False)
                 except (ConnectionError, ValueError, RuntimeError) as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise VolscanError(f"cannot connect to the Ray cluster at {s.address!r}: {first}") from None
+                    raise VolscanError(f"cannot connect to the Ray cluster at {s.address!r}: {first_line(exc)}") from None
             self._started = True
         return self
 
