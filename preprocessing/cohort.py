@@ -42,6 +42,8 @@ from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
 
+LANDMARKS_FILE = "landmarks.npy"
+
 
 @dataclass(frozen=True)
 class SubjectSpec:
@@ -94,52 +96,29 @@ def preprocess_cohort(
     if not isinstance(settings, PreprocessSettings):
         raise VolscanError(f"settings must be a PreprocessSettings, got {type(settings).__name__}")
     out = Path(out_dir)
-    specs = [p if isinstance(p, SubjectSpec) else SubjectSpec(Path(p)) for p in paths]
-    if not specs:
-        raise VolscanError("no input volumes given")
-    ids = [spec.id or subject_id(spec.path) for spec in specs]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise VolscanError(f"several inputs share the subject id(s) {', '.join(duplicates)}; rename them")
+    specs = _specs(paths)
     fixed_landmarks = Landmarks.load(settings.landmarks) if settings.landmarks else None
-    if not isinstance(template, Template):
-        template = resolve_template(template)
-    preprocessors: dict[tuple[bool, bool], VolumePreprocessor] = {}
-
-    def preprocessor(spec: SubjectSpec) -> VolumePreprocessor:
-        reg = settings.registered if spec.registered is None else spec.registered
-        stripped = settings.skull_stripped if spec.skull_stripped is None else spec.skull_stripped
-        if (reg, stripped) not in preprocessors:
-            preprocessors[reg, stripped] = VolumePreprocessor(
-                settings.replace(registered=reg, skull_stripped=stripped), template
-            )
-        return preprocessors[reg, stripped]
-
-    records, spatial_keys, todo = [], [], []
-    for sid, spec in zip(ids, specs):
-        pre = preprocessor(spec)
-        choice = pre.mask_choice(spec.path)
-        record = subject_record(out, sid, spec.path, choice.method, (choice.warning,) if choice.warning else ())
-        settings_key = pre.settings_key(spec.path)
-        key = digest({"input": content_hash(spec.path), "settings": settings_key})
-        spatial_keys.append(key)
-        records.append(record)
-        done = read_record(out, sid)
-        if not force and done.get("spatial_key") == key:
+    subjects = _subjects(specs, out, settings, template)
+    records, todo = [s.record for s in subjects], []
+    for subject in subjects:
+        record = subject.record
+        done = read_record(out, record.id)
+        if not force and done.get("spatial_key") == subject.key:
             if verified_files(out, record.spatial_files, done.get("spatial_files")):
                 continue
         elif not force and stale == "error" and done.get("spatial_key") is not None:
-            raise _stale_error(out / "records" / f"{sid}.json")
-        todo.append((pre, record, {"spatial_key": key, "settings": settings_key, "mask": _mask_entry(choice)}))
+            raise _stale_error(out / "records" / f"{record.id}.json")
+        todo.append((subject.pre, record, {"spatial_key": subject.key, "settings": subject.settings_key,
+                                           "mask": _mask_entry(subject.choice)}))
     computed = _run_spatial(todo, out, workers, progress)
     if until == "spatial":
         return CohortResult(records=records, landmarks=None, landmarks_path=None, computed=computed)
 
-    landmarks, landmarks_path = _cohort_landmarks(out, records, spatial_keys, fixed_landmarks, settings.cutoff, force, stale)
+    landmarks, landmarks_path = _cohort_landmarks(out, subjects, fixed_landmarks, settings.cutoff, force, stale)
     if until == "landmarks":
         return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
-    for record, key in tqdm(list(zip(records, spatial_keys)), desc="standardise", unit="vol", disable=not progress):
-        final_key = digest({"spatial": key, "landmarks": landmarks.digest})
+    for subject in tqdm(subjects, desc="standardise", unit="vol", disable=not progress):
+        record, final_key = subject.record, _final_key(subject.key, landmarks)
         done = read_record(out, record.id)
         if not force and done.get("final_key") == final_key:
             if verified_files(out, (record.image_path,), done.get("final_files")):
@@ -152,6 +131,133 @@ def preprocess_cohort(
         final = {"final_key": final_key, "final_files": file_checksums(out, (record.image_path,))}
         write_record(out, record.id, {**done, **final})
     return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    """What `check_store` found: `result` (the store as it stands; `landmarks` None when unusable),
+    `scans`: {id: problem} for every subject whose outputs are missing, stale or damaged, and
+    `landmarks`: the problem of the cohort's landmarks, or None. Complete when both are empty."""
+
+    result: CohortResult
+    scans: dict[str, str]
+    landmarks: str | None
+
+    @property
+    def complete(self) -> bool:
+        """True when every subject's standardised cube is current and intact."""
+        return not self.scans and self.landmarks is None
+
+
+def check_store(
+    paths: Sequence[str | os.PathLike[str] | SubjectSpec],
+    out_dir: str | os.PathLike[str],
+    settings: PreprocessSettings = PreprocessSettings(),
+    *,
+    template: Template | str | os.PathLike[str] | None = None,
+) -> StoreCheck:
+    """Read-only `preprocess_cohort`: is every subject's standardised cube in `out_dir` current
+    (same input content, settings and landmarks) and intact? Writes nothing, computes nothing:
+    for `volscan score`, which must never rewrite a store other runs share.
+
+    Learned landmarks must have been learned on the subjects' current spatial outputs; fixed
+    ones (`settings.landmarks`) must be the stored ones."""
+    out = Path(out_dir)
+    subjects = _subjects(_specs(paths), out, settings, template)
+    scans: dict[str, str] = {}
+    for subject in subjects:
+        done = read_record(out, subject.record.id)
+        if done.get("spatial_key") != subject.key:
+            scans[subject.record.id] = ("not preprocessed" if not done.get("spatial_key")
+                                        else "preprocessed from other input content or settings")
+        elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files")):
+            scans[subject.record.id] = "preprocessed files damaged"
+    path = out / LANDMARKS_FILE
+    landmarks, info = _stored_landmarks(path)
+    problem = None
+    if landmarks is None:
+        problem = "not learned yet"
+    elif settings.landmarks:
+        if Landmarks.load(settings.landmarks).digest != landmarks.digest:
+            problem = f"not the fixed landmarks {settings.landmarks}"
+    elif info.get("cohort_key") != _cohort_key(subjects, settings.cutoff):
+        learned_on = info.get("spatial")
+        changed = sorted(s.record.id for s in subjects if not isinstance(learned_on, dict)
+                         or learned_on.get(s.record.id) != s.key)
+        problem = (f"learned before {', '.join(changed[:5])}{' and others' if len(changed) > 5 else ''} "
+                   "was preprocessed again" if changed and isinstance(learned_on, dict)
+                   else "learned on other scans or settings")
+    if problem is None:
+        for subject in subjects:
+            done = read_record(out, subject.record.id)
+            if subject.record.id in scans:
+                continue
+            if done.get("final_key") != _final_key(subject.key, landmarks):
+                scans[subject.record.id] = ("not standardised" if not done.get("final_key")
+                                            else "standardised with other landmarks")
+            elif not verified_files(out, (subject.record.image_path,), done.get("final_files")):
+                scans[subject.record.id] = "standardised cube damaged"
+    result = CohortResult(records=[s.record for s in subjects], landmarks=None if problem else landmarks,
+                          landmarks_path=path)
+    return StoreCheck(result, scans, problem)
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """One subject of a cohort run: its preprocessor, brain-mask choice, record paths and spatial key."""
+
+    pre: VolumePreprocessor
+    choice: MaskChoice
+    record: SubjectRecord
+    key: str
+    settings_key: dict
+
+
+def _specs(paths: Sequence[str | os.PathLike[str] | SubjectSpec]) -> list[SubjectSpec]:
+    """`paths` as specs with their subject ids set; refuses an empty list and shared ids."""
+    specs = [p if isinstance(p, SubjectSpec) else SubjectSpec(Path(p)) for p in paths]
+    if not specs:
+        raise VolscanError("no input volumes given")
+    specs = [SubjectSpec(s.path, s.registered, s.skull_stripped, s.id or subject_id(s.path)) for s in specs]
+    ids = [spec.id for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise VolscanError(f"several inputs share the subject id(s) {', '.join(duplicates)}; rename them")
+    return specs
+
+
+def _subjects(specs: list[SubjectSpec], out: Path, settings: PreprocessSettings,
+              template: Template | str | os.PathLike[str] | None) -> list[_Subject]:
+    """Each spec's preprocessor (per-subject registered / skull-stripped flags), record and spatial
+    key (input content hash + every spatial setting)."""
+    if not isinstance(template, Template):
+        template = resolve_template(template)
+    preprocessors: dict[tuple[bool, bool], VolumePreprocessor] = {}
+    subjects = []
+    for spec in specs:
+        reg = settings.registered if spec.registered is None else spec.registered
+        stripped = settings.skull_stripped if spec.skull_stripped is None else spec.skull_stripped
+        if (reg, stripped) not in preprocessors:
+            preprocessors[reg, stripped] = VolumePreprocessor(
+                settings.replace(registered=reg, skull_stripped=stripped), template
+            )
+        pre = preprocessors[reg, stripped]
+        choice = pre.mask_choice(spec.path)
+        record = subject_record(out, spec.id, spec.path, choice.method, (choice.warning,) if choice.warning else ())
+        settings_key = pre.settings_key(spec.path)
+        key = digest({"input": content_hash(spec.path), "settings": settings_key})
+        subjects.append(_Subject(pre, choice, record, key, settings_key))
+    return subjects
+
+
+def _cohort_key(subjects: list[_Subject], cutoff: tuple[float, float]) -> str:
+    """Key of learned landmarks: every subject's spatial output and the cutoff."""
+    return digest({"subjects": sorted((s.record.id, s.key) for s in subjects), "cutoff": list(cutoff)})
+
+
+def _final_key(spatial_key: str, landmarks: Landmarks) -> str:
+    """Key of a standardised cube: its spatial output and the landmarks applied."""
+    return digest({"spatial": spatial_key, "landmarks": landmarks.digest})
 
 
 def _mask_entry(choice: MaskChoice) -> dict:
@@ -228,15 +334,14 @@ def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, s
 
 def _cohort_landmarks(
     out: Path,
-    records: list[SubjectRecord],
-    spatial_keys: list[str],
+    subjects: list[_Subject],
     given: Landmarks | None,
     cutoff: tuple[float, float],
     force: bool,
     stale: str,
 ) -> tuple[Landmarks, Path]:
     """Fixed landmarks (copied into `out`) or the cohort's learned ones (reused when intact and current)."""
-    path = out / "landmarks.npy"
+    path = out / LANDMARKS_FILE
     stored, info = _stored_landmarks(path)
     if given is not None:
         if stored is None or stored.digest != given.digest:
@@ -244,7 +349,7 @@ def _cohort_landmarks(
                 raise _stale_error(path)
             given.save(path, extra={"digest": given.digest})
         return given, path
-    cohort_key = digest({"subjects": sorted(zip([r.id for r in records], spatial_keys)), "cutoff": list(cutoff)})
+    cohort_key = _cohort_key(subjects, cutoff)
     if stored is not None and not force:
         if info.get("cohort_key") == cohort_key:
             return stored, path
@@ -253,9 +358,12 @@ def _cohort_landmarks(
                 f"{path}: learned on a different cohort or settings; pass --force to relearn, "
                 "or --landmarks FILE to reuse fixed landmarks"
             )
+    records = [s.record for s in subjects]
     pairs = ((load_volume(r.spatial_path).array, load_volume(r.mask_path).array > 0) for r in records)
     learned = learn_landmarks(tqdm(pairs, total=len(records), desc="landmarks", leave=False), cutoff)
-    learned.save(path, extra={"cohort_key": cohort_key, "subjects": len(records), "digest": learned.digest})
+    # The spatial key each subject had: `check_store` names the scans preprocessed again since.
+    learned.save(path, extra={"cohort_key": cohort_key, "subjects": len(records), "digest": learned.digest,
+                              "spatial": {s.record.id: s.key for s in subjects}})
     return learned, path
 
 

@@ -193,3 +193,60 @@ def test_parts_cover_sorted_ids_once() -> None:
     assert sorted(sum(parts, [])) == sorted(ids)
     assert parts[0] == ["s000", "s005", "s010", "s015", "s020"]
     assert Part.parse(" 2 / 5 ") == Part(2, 5) and Part(2, 5).label == "part-2-of-5" and Part().label == "all"
+
+
+def _store_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted((cache / "preprocess").rglob("*")) if p.is_file()}
+
+
+def _refused_score(settings: list[str], cache: Path, out: Path, capsys: pytest.CaptureFixture) -> str:
+    """Run `volscan score`, which must refuse (exit 2) without writing into the cache or `out`;
+    its one error line (the rest of stderr is logging)."""
+    capsys.readouterr()
+    before = _store_files(cache)
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("volscan score: error:")]
+    assert len(lines) == 1 and _store_files(cache) == before and not out.exists()
+    return lines[0]
+
+
+def _four_scans(cohort: dict, folder: Path) -> list[str]:
+    """A copy of four of the cohort's scans in `folder`; the screen arguments for it."""
+    folder.mkdir()
+    for path in sorted(cohort["images"].iterdir())[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return [str(folder), *cohort["settings"][1:]]
+
+
+def test_score_never_rewrites_the_store_after_a_sharded_rerun(cohort: dict, tmp_path: Path, capsys) -> None:
+    """One part is redone after its scan changed: its landmarks no longer fit the cohort. Score
+    must name the scan and the extract stage to run, and write nothing (other parts' cubes and
+    tokens rely on the stored landmarks); after that stage it scores."""
+    settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
+    for stage, parts in (("spatial", ("1/2", "2/2")), ("landmarks", ("1/1",)), ("tokens", ("1/2", "2/2"))):
+        for part in parts:
+            assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", part]) == 0
+    changed = tmp_path / "images" / "case00.nii.gz"
+    image = nib.load(str(changed))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[12:16, 12:16, 12:16] += 40.0
+    nib.save(nib.Nifti1Image(data, image.affine), str(changed))
+    for stage in ("spatial", "tokens"):  # case00 is in part 1 of 2
+        assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", "1/2"]) == 0
+    err = _refused_score(settings, cache, tmp_path / "run", capsys)
+    assert "landmarks.npy" in err and "learned before case00 was preprocessed" in err
+    assert f"volscan extract {tmp_path / 'images'} --cache {cache} --stage landmarks" in err
+    assert main(["extract", *settings, "-o", str(cache), "--stage", "landmarks"]) == 0
+    for part in ("1/2", "2/2"):
+        assert main(["extract", *settings, "-o", str(cache), "--stage", "tokens", "--part", part]) == 0
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "run")]) == 0
+
+
+def test_score_names_a_damaged_cube_and_leaves_it(cohort: dict, tmp_path: Path, capsys) -> None:
+    settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
+    assert main(["extract", *settings, "-o", str(cache)]) == 0
+    cube = next((cache / "preprocess").glob("*/images/case02.nii.gz"))
+    cube.write_bytes(cube.read_bytes()[:-7])  # truncated
+    err = _refused_score(settings, cache, tmp_path / "run", capsys)
+    assert "1 scan(s)" in err and "case02 (standardised cube damaged)" in err
+    assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err

@@ -35,7 +35,6 @@ from volumetric.errors import VolscanError
 log = logging.getLogger(__name__)
 
 STAGES = ("all", "spatial", "landmarks", "tokens")
-LANDMARKS_FILE = "landmarks.npy"
 
 
 @dataclass(frozen=True)
@@ -190,6 +189,8 @@ def _learn_landmarks(plan: ScanPlan, subjects: list[Subject], errors: ErrorLog, 
 def _with_landmarks(plan: ScanPlan) -> ScanPlan:
     """`plan` with the cohort's stored landmarks fixed, so each tokens job standardises its scan only."""
     import dataclasses
+
+    from preprocessing.cohort import LANDMARKS_FILE
 
     if plan.preprocess.landmarks is not None:
         return plan

@@ -61,7 +61,8 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
             *, compute: bool = True) -> Prepared:
     """Model inputs of every subject (see the module docstring); 3D settings come whole from
     `config.preprocess_settings()`. `compute=False` (`volscan score`): 3D scans must already be
-    preprocessed (by `volscan extract`); missing ones are an error naming them."""
+    preprocessed (by `volscan extract`); missing, stale or damaged ones are an error naming them,
+    and nothing is written into the shared store."""
     size = config.size
     if kind == "2d":
         if config.preprocess:
@@ -75,18 +76,18 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
             load_image(subject.image)
         return Prepared(load=[image_loader(s.image) for s in subjects], info={"resized_to": [size, size]})
 
-    from preprocessing.cohort import SubjectSpec, preprocess_cohort
+    from pipelines.distributed.per_scan import spec_of
+    from preprocessing.cohort import preprocess_cohort
     from preprocessing.template import find_template_folder
 
-    if not compute:
+    folder = cohort_folder(subjects, config, cache_root)
+    if compute:
+        result = preprocess_cohort([spec_of(s) for s in subjects], folder, config.preprocess_settings(),
+                                   template=config.template, stale="recompute")
+    else:  # read-only: the store is shared with other parts and runs
         from pipelines.distributed.completeness import require_extracted
 
-        require_extracted(subjects, config, cache_root, kind)
-
-    specs = [SubjectSpec(s.image, s.registered, s.skull_stripped, s.id) for s in subjects]
-    folder = cohort_folder(subjects, config, cache_root)
-    result = preprocess_cohort(specs, folder, config.preprocess_settings(), template=config.template,
-                               stale="recompute")
+        result = require_extracted(subjects, config, cache_root)
     loads = [lambda r=record: (r.load_image(), r.load_mask()) for record in result.records]
     return Prepared(
         load=loads,
