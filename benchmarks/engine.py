@@ -18,6 +18,9 @@ plus the scoring; both are extrapolated linearly in the pairs they compute (MuSc
 engine: x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collections.
 `--queries 0` runs everything in full (MuSc: N cdist calls; engine: `mutual_scores`).
 
+Reduced precision includes the fp32 recomputation of the highest-scoring elements
+(`EngineOptions.exact_top`, chosen among the query collections' elements when sampled).
+
 Printed: seconds and valid elements/s per side, speed-up over MuSc (median of rounds), max relative
 score difference to MuSc (fp32) and, for bf16 / fp16, max relative score error, top-1 % element
 agreement against the fp32 engine; CoDeGraph's communities, exclusions and scores in reduced
@@ -27,6 +30,7 @@ and N = 1000 (pairs scale with N (N - 1)); CoDeGraph peak memory against N
 projected to N = 1000.
 
     python benchmarks/engine.py --case all --repeats 3                 # CPU, both shapes
+    python benchmarks/engine.py --case none --gemm                     # matrix-product kernels
     python benchmarks/engine.py --case none --codegraph-seeds 0,1,2,3  # bf16 vs fp32 in CoDeGraph
     python benchmarks/engine.py --case none --memory-sizes 50,150      # CoDeGraph memory only
     bash benchmarks/engine_gpu.sh                                      # CUDA, <= 8 min on an H200
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -49,7 +52,8 @@ import torch
 
 from volumetric.engine import CoDeGraph, EngineOptions, mutual_scores
 from volumetric.engine.distances import collection_minima
-from volumetric.engine.mutual import minima_scores, top_k_counts
+from volumetric.engine.gemm import rows_by_columns
+from volumetric.engine.mutual import minima_scores, refine_highest, top_k_counts
 from volumetric.engine.synthetic import synthetic_batch
 
 CASES = {
@@ -137,10 +141,15 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
         options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb, progress=False)
         if full:
             return lambda: mutual_scores(features_dev, MUSC_FRACTION, valid, options=options)[valid]
-        # sampled: only the pairs that touch a query, then the queries' scores
-        return lambda: minima_scores(
-            collection_minima([features_dev], valid, partners=partners, options=options), k.expand(n)
-        )[queries][valid[queries]]
+        # sampled: only the pairs that touch a query, then the queries' scores (reduced precision:
+        # their highest elements made exact, chosen among the queries' elements, as a full run would)
+        def sampled() -> torch.Tensor:
+            minima = collection_minima([features_dev], valid, partners=partners, options=options)
+            among = torch.isin(minima.owner, torch.tensor(queries))
+            refine_highest([features_dev], minima, k.expand(n), partners=partners, options=options, among=among)
+            return minima_scores(minima, k.expand(n))[queries][valid[queries]]
+
+        return sampled
 
     sides: dict[str, Callable[[], torch.Tensor]] = {"musc": reference}
     sides.update({p: engine(p) for p in args.precisions})
@@ -183,6 +192,36 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
         med = statistics.median(seconds[side])
         projected = ", ".join(f"N={p}: {med * p * (p - 1) / (n * (n - 1)):,.0f} s" for p in PROJECT_TO)
         print(f"  {side} projected (pairs ~ N^2, same M): {projected}")
+
+
+def gemm_section(args: argparse.Namespace) -> None:
+    """GFLOP/s of the products behind a block: torch.mm (MKL for float32 on CPU) against the kernel
+    `volumetric.engine.gemm` picks, at the engine's block shapes, widths as built (C + 2 / C + 4)
+    and padded to 32; every round runs every shape and kernel in turn (best of 3 calls), and the
+    median over `--repeats` rounds is printed."""
+    if not args.gemm:
+        return
+    shapes = [("2d", 8192, 1369, 1026), ("2d", 8192, 1369, 1056), ("3d", 8192, 2867, 386), ("3d", 8192, 2867, 416)]
+    print(f"\n[matrix products] (P, W) @ (R, W).T, threads={torch.get_num_threads()}, {args.repeats} rounds", flush=True)
+    g = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    calls: dict[tuple, Callable[[], torch.Tensor]] = {}
+    for case, p, r, w in shapes:
+        a32, b32 = torch.randn(p, w, generator=g), torch.randn(r, w, generator=g)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+        buffer32, buffer16 = torch.empty(p * r), torch.empty(p * r, dtype=torch.bfloat16)
+        calls[(case, p, r, w, "fp32 torch.mm")] = lambda a=a32, b=b32, o=buffer32: torch.mm(a, b.T, out=o.view(len(a), len(b)))
+        calls[(case, p, r, w, "fp32 engine")] = lambda a=a32, b=b32, o=buffer32: rows_by_columns(a, b, o)
+        calls[(case, p, r, w, "bf16 engine")] = lambda a=a16, b=b16, o=buffer16: rows_by_columns(a, b, o)
+    rates: dict[tuple, list[float]] = {key: [] for key in calls}
+    for _ in range(args.repeats):
+        for key, fn in calls.items():
+            fn()
+            best = min(timed(fn, cpu)[1] for _ in range(3))
+            rates[key].append(2 * key[1] * key[2] * key[3] / best / 1e9)
+    for case, p, r, w in shapes:
+        text = "  ".join(f"{key[4]} {statistics.median(v):5.0f}" for key, v in rates.items() if key[:4] == (case, p, r, w))
+        print(f"  {case} P={p} R={r} W={w}: GFLOP/s {text}", flush=True)
 
 
 def codegraph_section(args: argparse.Namespace, device: torch.device) -> None:
@@ -250,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collections", type=int, default=0, help="override N of the cases")
     parser.add_argument("--reference-rows", type=int, default=1024, help="MuSc query rows per cdist chunk")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--gemm", action="store_true", help="GFLOP/s of torch.mm vs the engine's kernels (CPU)")
     parser.add_argument("--codegraph-seeds", default="", help="CoDeGraph fp32 vs reduced precision on "
                         "synthetic batches with these seeds (e.g. 0,1,2,3)")
     parser.add_argument("--memory-sizes", default="", help="CoDeGraph memory: comma list of N (e.g. 50,150,300)")
@@ -266,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.case != "none":
         for name in CASES if args.case == "all" else [args.case]:
             run_case(name, args, device)
+    gemm_section(args)
     codegraph_section(args, device)
     memory_section(args)
     return 0

@@ -12,8 +12,10 @@ Speed comes from few, large operations per block:
   is ONE reduction over the middle axis, instead of one reduction per partner collection (which
   cost 80 % of the time on busy machines: many small calls). Padding costs `P / mean count - 1`
   extra products (a few % for 30 % random void).
-- Blocks are bounded by `EngineOptions.block_mb` (default 128 MiB of float32; on CUDA at least
-  `GPU_BLOCK_MB`) and live in one reused buffer (no page faults of fresh allocations). Smaller,
+- Products go through `volumetric.engine.gemm` (float32 on CPU: oneDNN, ~2x torch.mm's MKL on
+  the AMD CPU we measure on). Blocks are bounded by `EngineOptions.block_mb` (default 128 MiB of
+  float32; on CUDA at least `GPU_BLOCK_MB`); torch.mm writes them into one reused buffer (no page
+  faults of fresh allocations), oneDNN into its own. Smaller,
   cache-sized blocks (8-32 MiB for this CPU's 32 MiB L3) were not faster on the shared machine we
   measured on: there, every extra call costs more than a cache miss (docs/engine.md).
 - Void (invalid) elements are dropped before any product: never anyone's neighbour, no cost.
@@ -41,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from volumetric.devices import effective_precision, resolve_device
+from volumetric.engine.gemm import rows_by_columns
 from volumetric.engine.options import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -104,9 +107,7 @@ def collection_minima(
     counts = valid.sum(1)
     owner = torch.repeat_interleave(torch.arange(n), counts)
     bank = _PaddedBank.build(valid, dev)
-    # GPUs need large blocks to be busy (and have the memory): same code, at least GPU_BLOCK_MB.
-    block_mb = options.block_mb if dev.type == "cpu" else max(options.block_mb, GPU_BLOCK_MB)
-    block_elements = max(1, int(block_mb * BYTES_PER_MB / 4))
+    block_elements = _block_elements(options, dev)
 
     total: Tensor | None = None
     arg: Tensor | None = None
@@ -119,6 +120,56 @@ def collection_minima(
     return CollectionMinima(
         distances=total, nearest=None if arg is None else arg.cpu(), valid=valid, owner=owner
     )
+
+
+def element_minima(
+    layers: Sequence[Tensor],
+    valid: Tensor,
+    elements: Tensor,
+    *,
+    partners: Tensor | None = None,
+    options: EngineOptions | None = None,
+) -> Tensor:
+    """Float32 `d(x, J)` (E, N) for chosen valid elements only, averaged over layers.
+
+    `elements` (E,) int64: indices into the T valid elements (ordered as in `CollectionMinima`).
+    Same arithmetic as `collection_minima` at precision "fp32" (same centring, scale, offset and
+    products), so values equal that path's to float32 rounding; +inf at the element's own
+    collection, at pairs `partners` leaves out and at empty collections. Costs E rows against every
+    partner token: 2 E / T of a pairs-once fp32 run. `options.precision` is not read (always fp32).
+    """
+    options = EngineOptions() if options is None else options
+    dev = resolve_device(options.device)
+    n = valid.shape[0]
+    valid = valid.cpu()
+    if partners is None:
+        partners = ~torch.eye(n, dtype=torch.bool)
+    owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
+    allowed = partners[owner[elements]] & (valid.sum(1) > 0)[None, :]
+    allowed[torch.arange(len(elements)), owner[elements]] = False
+    bank = _PaddedBank.build(valid, dev)
+    width = bank.width
+    block_elements = _block_elements(options, dev)
+    buffer = torch.empty(block_elements, device=dev)
+    total = torch.zeros(len(elements), n)
+    for layer in layers:
+        rows_op, cols_op, offset, sq_scale = _operands(layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32)
+        chosen = rows_op[elements.to(dev)]
+        del rows_op
+        out = torch.empty(len(elements), n, device=dev)
+        for r0, r1 in _even_chunks(0, len(elements), max(1, block_elements // width)):
+            for j0, j1 in _even_chunks(0, n, max(1, block_elements // ((r1 - r0) * width))):
+                dist = rows_by_columns(cols_op[j0 * width : j1 * width], chosen[r0:r1], buffer)
+                out[r0:r1, j0:j1] = dist.view(j1 - j0, width, r1 - r0).amin(1).T
+        total += out.add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_().cpu()
+    return total.div_(len(layers)).masked_fill_(~allowed, torch.inf)
+
+
+def _block_elements(options: EngineOptions, device: torch.device) -> int:
+    """Elements of one block of distances: `block_mb` of float32; GPUs need large blocks to be
+    busy (and have the memory): the same code with at least GPU_BLOCK_MB there."""
+    block_mb = options.block_mb if device.type == "cpu" else max(options.block_mb, GPU_BLOCK_MB)
+    return max(1, int(block_mb * BYTES_PER_MB / 4))
 
 
 @dataclass(frozen=True)
@@ -157,7 +208,9 @@ class _PaddedBank:
         )
 
 
-def _operands(x: Tensor, bank: _PaddedBank, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+def _operands(
+    x: Tensor, bank: _PaddedBank, n: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, float, float]:
     """Augmented row and (padded) column operands so that `cols @ rows.T` = squared distances
     minus `offset`.
 
@@ -175,13 +228,14 @@ def _operands(x: Tensor, bank: _PaddedBank, n: int, dtype: torch.dtype) -> tuple
     t, c = x.shape
     norm_rows, norm_cols = _split(sq, dtype), _split(sq - offset, dtype)
     extra = 2 * len(norm_rows)
-    rows = torch.empty(t, c + extra, dtype=dtype, device=x.device)
+    width = c + extra
+    rows = torch.empty(t, width, dtype=dtype, device=x.device)
     rows[:, :c] = x
     for k, part in enumerate(norm_rows):
         rows[:, c + k] = part
     rows[:, c + len(norm_rows) :] = 1.0
-    cols = torch.zeros(n * bank.width, c + extra, dtype=dtype, device=x.device)
-    values = torch.empty(t, c + extra, dtype=dtype, device=x.device)
+    cols = torch.zeros(n * bank.width, width, dtype=dtype, device=x.device)
+    values = torch.empty(t, width, dtype=dtype, device=x.device)
     values[:, :c] = x.mul_(-2)
     values[:, c : c + len(norm_cols)] = 1.0
     for k, part in enumerate(norm_cols):
@@ -226,7 +280,6 @@ def _layer_minima(
 ) -> tuple[Tensor, Tensor | None]:
     """(T, N) distances (and nearest positions) for one layer's valid tokens `x` (T, C) on device."""
     n, width, offsets = len(bank.offsets) - 1, bank.width, bank.offsets
-    t = offsets[-1]
     dtype = DTYPES[precision]
     rows_op, cols_op, offset, sq_scale = _operands(x, bank, n, dtype)
     del x
@@ -247,9 +300,7 @@ def _layer_minima(
             for run in _contiguous_runs(later):
                 for j0, j1 in _even_chunks(run[0], run[-1] + 1, per_block):
                     c0, c1 = j0 * width, j1 * width
-                    dist = torch.mm(
-                        cols_op[c0:c1], rows_op[r0:r1].T, out=buffer[: (c1 - c0) * (r1 - r0)].view(c1 - c0, r1 - r0)
-                    )
+                    dist = rows_by_columns(cols_op[c0:c1], rows_op[r0:r1], buffer)
                     _reduce_block(dist, out, arg, bank, i, r0, r1, j0, j1, c0, c1)
         bar.update(len(later))
     bar.close()

@@ -7,13 +7,14 @@ Distances come from `volumetric.engine.distances` (blocked, each pair of collect
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from volumetric.engine.distances import CollectionMinima, collection_minima
+from volumetric.engine.distances import CollectionMinima, collection_minima, element_minima
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
@@ -60,6 +61,48 @@ def minima_scores(minima: CollectionMinima, k: Tensor) -> Tensor:
     return minima.to_grid(smallest_mean(minima.distances, k[minima.owner]), torch.nan)
 
 
+def highest_elements(scores: Tensor, counts: Tensor, share: float, among: Tensor | None = None) -> Tensor:
+    """Sorted unique indices of the `ceil(share E)` highest of `scores` (T,) and of the
+    `ceil(share e_j)` highest of each collection j, where E / e_j count the eligible elements
+    (all, or those where `among` (T,) bool is True). `counts` (N,) int64: elements per collection
+    (scores are ordered collection by collection). Ineligible and NaN elements come last."""
+    eligible = torch.ones_like(scores, dtype=torch.bool) if among is None else among
+    keys = scores.nan_to_num(-torch.inf, torch.inf, -torch.inf).masked_fill(~eligible, -torch.inf)
+    chosen = [keys.topk(math.ceil(share * int(eligible.sum()))).indices]
+    start = 0
+    for stop in torch.cumsum(counts, 0).tolist():
+        group_size = int(eligible[start:stop].sum())
+        if group_size:
+            chosen.append(keys[start:stop].topk(math.ceil(share * group_size)).indices + start)
+        start = stop
+    return torch.unique(torch.cat(chosen))
+
+
+def refine_highest(
+    layers: Sequence[Tensor],
+    minima: CollectionMinima,
+    k: Tensor,
+    *,
+    partners: Tensor | None,
+    options: EngineOptions,
+    among: Tensor | None = None,
+) -> Tensor:
+    """Reduced precision made exact where it matters: the minima of the highest-scoring elements
+    (`highest_elements` with `options.exact_top`) are recomputed in fp32, in place.
+
+    `minima` from `collection_minima` on these `layers`; `k` (N,) per collection; `among` (T,)
+    bool restricts the choice (e.g. to the collections a caller scores). Returns the refined
+    element indices (empty at fp32 or exact_top = 0: nothing to do). Nearest positions, where
+    kept, stay those of the reduced-precision pass (a near-tie may name another element).
+    """
+    if options.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long)
+    scores = smallest_mean(minima.distances, k[minima.owner])
+    chosen = highest_elements(scores, minima.valid.sum(1), options.exact_top, among)
+    minima.distances[chosen] = element_minima(layers, minima.valid, chosen, partners=partners, options=options)
+    return chosen
+
+
 def mutual_scores(
     features: Tensor | Sequence[Tensor],
     top_fraction: float = 0.1,
@@ -100,6 +143,7 @@ def mutual_scores(
     minima = collection_minima(
         layers, valid, partners=plan.partners, nearest=return_vectors and len(layers) == 1, options=options
     )
+    refine_highest(layers, minima, k, partners=plan.partners, options=options)
     scores = minima_scores(minima, k)
     if not return_vectors:
         return scores

@@ -25,7 +25,11 @@ class EngineOptions:
     products in bfloat16 with float32 norms and accumulation: fast on CPUs with AVX512-BF16/AMX
     and on CUDA) or "fp16" (CUDA only). `block_mb`: MiB of one float32 block of distances
     (bigger on GPUs). `memory_mb`: budget for what a batch keeps (CoDeGraph), None = no limit.
-    `progress`: tqdm bars. Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
+    `exact_top`: with precision "bf16" / "fp16", the share of elements with the highest scores,
+    of the batch and of each collection, whose distances are recomputed in fp32 by mutual
+    scoring, so that collection scores (the maximum) and the peaks of the maps are exact (0 = off;
+    costs at most 4 x exact_top of an fp32 run). `progress`: tqdm bars.
+    Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
     into s independent subsets), `preselect_fraction` (compare each collection with that share
     of its most similar collections, None = all) and `seed` (subset split).
     """
@@ -34,6 +38,7 @@ class EngineOptions:
     precision: str = "fp32"
     block_mb: float = 128.0
     memory_mb: float | None = None
+    exact_top: float = 0.02
     progress: bool = True
     subsets: int = 1
     preselect_fraction: float | None = None
@@ -46,6 +51,8 @@ class EngineOptions:
             raise VolscanError(f"block_mb: must be a number > 0, got {self.block_mb!r}")
         if self.memory_mb is not None and not (isinstance(self.memory_mb, (int, float)) and self.memory_mb > 0):
             raise VolscanError(f"memory_mb: must be a number > 0 or None, got {self.memory_mb!r}")
+        if not (isinstance(self.exact_top, (int, float)) and 0.0 <= self.exact_top <= 1.0):
+            raise VolscanError(f"exact_top: must be a number in [0, 1], got {self.exact_top!r}")
         if isinstance(self.subsets, bool) or not isinstance(self.subsets, int) or self.subsets < 1:
             raise VolscanError(f"subsets: must be a positive integer, got {self.subsets!r}")
         if self.preselect_fraction is not None:

@@ -1,0 +1,82 @@
+"""Matrix-product kernels and reduced precision made exact where it matters (highest scores)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from volumetric.engine import EngineOptions, mutual_scores
+from volumetric.engine import gemm
+from volumetric.engine.distances import collection_minima, element_minima
+from volumetric.engine.mutual import highest_elements
+from volumetric.errors import VolscanError
+
+
+def unit_batch(n: int, m: int, c: int, seed: int, void: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(n, m, c, generator=g), dim=-1)
+    valid = torch.rand(n, m, generator=g) >= void
+    valid[:, 0] = True
+    return feats, valid
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_products_equal_a_float64_reference(monkeypatch, onednn):
+    if not onednn:  # the fallback (torch.mm) gives the same products
+        monkeypatch.setattr(gemm, "_onednn_agrees", lambda: False)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, 77, generator=g), torch.randn(41, 77, generator=g)
+    buffer = torch.empty(300 * 41)
+    expected = a.double() @ b.double().T
+    got = gemm.rows_by_columns(a, b, buffer)
+    assert got.shape == (300, 41) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    half = gemm.rows_by_columns(a.bfloat16(), b.bfloat16(), torch.empty(300 * 41, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    assert float((half.double() - expected).abs().max()) < 0.05 * float(expected.abs().max())
+
+
+def test_exact_rows_equal_the_full_fp32_run():
+    feats, valid = unit_batch(7, 40, 24, seed=5)
+    layers = [feats, feats.flip(-1) * 0.5]
+    partners = ~torch.eye(7, dtype=torch.bool)
+    partners[0, 3] = partners[3, 0] = False  # a pair left out by a plan
+    full = collection_minima(layers, valid, partners=partners, options=EngineOptions(progress=False))
+    chosen = torch.tensor([0, 5, 41, 100, int(valid.sum()) - 1])
+    rows = element_minima(layers, valid, chosen, partners=partners, options=EngineOptions(precision="bf16"))
+    assert torch.equal(torch.isinf(rows), torch.isinf(full.distances[chosen]))
+    finite = torch.isfinite(rows)
+    torch.testing.assert_close(rows[finite], full.distances[chosen][finite], rtol=1e-5, atol=1e-6)
+
+
+def test_highest_elements_per_batch_and_per_collection():
+    scores = torch.tensor([0.1, 0.9, math.nan, 0.2, 0.3, 0.25, 0.05, 0.8])
+    counts = torch.tensor([3, 3, 0, 2])  # collection 2 is empty
+    # share 0.2: ceil(0.2 * 8) = 2 of the batch (0.9, 0.8) plus the top one of each collection
+    assert highest_elements(scores, counts, 0.2).tolist() == [1, 4, 7]
+    among = torch.tensor([True, False, False, True, True, True, False, False])  # e.g. sampled rows
+    assert highest_elements(scores, counts, 0.2, among).tolist() == [0, 4]  # 4: batch and its own
+
+
+def test_bf16_scores_are_exact_at_the_top():
+    feats, valid = unit_batch(10, 90, 48, seed=11)
+    exact = mutual_scores(feats, 0.3, valid, options=EngineOptions(progress=False))
+    plain = mutual_scores(feats, 0.3, valid, options=EngineOptions(precision="bf16", exact_top=0, progress=False))
+    refined = mutual_scores(feats, 0.3, valid, options=EngineOptions(precision="bf16", progress=False))
+    peaks = [s.nan_to_num(-1.0).amax(1) for s in (exact, plain, refined)]
+    assert not torch.allclose(peaks[1], peaks[0], rtol=1e-5, atol=0)  # bf16 alone moves the peaks
+    torch.testing.assert_close(peaks[2], peaks[0], rtol=1e-5, atol=0)  # refined: exact collection scores
+    top = math.ceil(0.01 * int(valid.sum()))
+    exact_top = exact[valid].topk(top)
+    torch.testing.assert_close(refined[valid][exact_top.indices], exact_top.values, rtol=1e-5, atol=0)
+    assert set(refined[valid].topk(top).indices.tolist()) == set(exact_top.indices.tolist())
+    rest = ((refined[valid] - exact[valid]).abs() / exact[valid]).max()
+    assert 0 < rest < 2e-3  # elsewhere bf16 stays bf16
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "all"])
+def test_bad_exact_top_is_refused(value):
+    with pytest.raises(VolscanError, match="exact_top"):
+        EngineOptions(exact_top=value)
