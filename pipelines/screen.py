@@ -115,7 +115,9 @@ def screen_subjects(
     from pipelines.outputs import AtomicOutputDir
     from pipelines.report import build_report, report_rows, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
+    from pipelines.validation import check_settings
 
+    check_settings(config)  # a settings typo is the first error, before OUT is looked at
     timer = _Timer()
     subjects = list(subjects)
     protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label})

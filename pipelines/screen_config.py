@@ -85,12 +85,16 @@ class ScreenConfig:
     def validate(self) -> None:
         """Raise `VolscanError` naming the first bad setting."""
         if self.backbone == CLASSICAL_BACKBONE:
+            # Set explicitly (None / {} = not set): a setting the classical tokenizer would silently drop.
             vit_only = [name for name, value in (("weights", self.weights), ("layers", self.layers),
-                                                 ("proj-dim", self.proj_dim), ("backbone_kwargs", self.backbone_kwargs))
-                        if value]
+                                                 ("proj-dim", self.proj_dim), ("backbone_kwargs", self.backbone_kwargs),
+                                                 ("precision", self.precision),
+                                                 ("slices-per-block", self.slices_per_block))
+                        if value is not None and value != {}]
             if vit_only:
+                one = len(vit_only) == 1
                 raise VolscanError(f"--backbone classical has no neural network; {', '.join(vit_only)} "
-                                   "only apply to ViT backbones")
+                                   f"{'applies' if one else 'apply'} only to ViT backbones: remove {'it' if one else 'them'}")
         if self.method not in METHODS:
             raise VolscanError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.size < PATCH or self.size % PATCH:

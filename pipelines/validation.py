@@ -3,12 +3,13 @@
 What `volscan screen` (and `reproduce`, `demo`, which screen too) checks, in this order, each
 failure one `VolscanError` line naming the file or option:
 
-1. the subjects: supported, existing, unique, one kind, headers readable and sane against the
+1. every setting that needs no file (`check_settings`; commands call it before they look at
+   OUT or the inputs, so a typo is the first error): `seed`, `histogram_bins`, `top`, the
+   `backbone_kwargs` shape numbers, the device, the backbone name in timm's registry, the token,
+   scoring and preprocessing settings (Nyúl cutoff included);
+2. the subjects: supported, existing, unique, one kind, headers readable and sane against the
    file size, big enough, not complex, masks on their image's grid (`pipelines.inputs`); 2D
    images decoded (NaN/Inf pixels, several pages, decompression bombs refused);
-2. options in range: `seed`, `histogram_bins`, `top`, the `backbone_kwargs` shape numbers
-   (the `preprocess` table, Nyúl cutoff included, is checked by `PreprocessSettings` right
-   after this pass, still before any spatial work);
 3. enough inputs for the method (CoDeGraph needs 3, MuSc 2), before any token is extracted;
 4. the template resolved and loaded (3D);
 5. the backbone BUILT and its weights LOADED (hub, file or random), so a broken, mismatched
@@ -80,12 +81,67 @@ def check_backbone_kwargs(kwargs: dict[str, Any]) -> None:
         raise VolscanError(f"backbone_kwargs embed_dim {dim} is not divisible by num_heads {heads}")
 
 
-def check_screen_options(config: "ScreenConfig") -> None:
-    """Every numeric screen option in range, before any file is read."""
+def check_settings(config: "ScreenConfig") -> None:
+    """Every setting that needs no file, template or network, checked first so that a typo is the
+    first error reported: numeric options, the device, the backbone name (timm's registry,
+    offline), the token, scoring and preprocessing settings. A check that needs torch runs only
+    when the user changed what it checks (the defaults are valid), so `volscan screen /no/such/dir`
+    still answers at once."""
+    from pipelines.screen_config import CLASSICAL_BACKBONE, DEFAULT_BACKBONE, ScreenConfig
+
+    default = ScreenConfig()
+
+    def changed(*names: str) -> bool:
+        return any(getattr(config, name) != getattr(default, name) for name in names)
+
     check_int("seed", config.seed, 0, MAX_SEED)
     check_int("histogram-bins", config.histogram_bins, 2, MAX_HISTOGRAM_BINS)
     check_int("top", config.top, 0, 1 << 20)
     check_backbone_kwargs(config.backbone_kwargs)
+    if config.backbone == CLASSICAL_BACKBONE and config.tokenizer:
+        from volumetric.classical_tokens import ClassicalTokenizer
+
+        try:
+            ClassicalTokenizer(**config.tokenizer)
+        except TypeError as exc:
+            raise VolscanError(f"config 'tokenizer' for the classical tokenizer: {exc}") from None
+    elif config.backbone != CLASSICAL_BACKBONE:
+        if config.backbone != DEFAULT_BACKBONE:
+            _check_backbone_name(config.backbone)
+        if changed("layers", "proj_dim", "precision", "slices_per_block", "tokenizer"):
+            config.token_settings()
+    if changed("device") or config.scoring:
+        from pipelines.stages.score import scoring_options
+        from volumetric.devices import resolve_device
+
+        device = str(resolve_device(config.device))
+        if config.scoring:
+            scoring_options(config, device)
+    if changed("size", "registered", "skull_stripped", "brain_mask", "preprocess"):
+        config.preprocess_settings()
+
+
+def check_no_3d_settings(config: "ScreenConfig") -> None:
+    """Refuse the volume-only settings for 2D images (they would be silently dropped)."""
+    volume_only = [name for name, value in (("registered", config.registered), ("skull-stripped", config.skull_stripped),
+                                            ("brain-mask", config.brain_mask), ("template", config.template),
+                                            ("preprocess", config.preprocess)) if value]
+    if volume_only:
+        raise VolscanError(f"the setting(s) {', '.join(volume_only)} apply to 3D volumes only; remove them for 2D images")
+
+
+def _check_backbone_name(name: str) -> None:
+    """timm knows `name`, or one line suggesting close names ('classical' included)."""
+    from pipelines.screen_config import CLASSICAL_BACKBONE
+    from volumetric.backbones import check_backbone_name
+
+    try:
+        check_backbone_name(name)
+    except VolscanError:
+        if difflib.get_close_matches(name, [CLASSICAL_BACKBONE], cutoff=0.75):
+            raise VolscanError(f"unknown backbone {name!r}; did you mean {CLASSICAL_BACKBONE!r} "
+                               "(weights-free intensity and texture features)?") from None
+        raise
 
 
 def check_cohort_size(n_inputs: int, method: str) -> None:
@@ -96,28 +152,17 @@ def check_cohort_size(n_inputs: int, method: str) -> None:
 
 
 def load_backbone(config: "ScreenConfig", device: str) -> "nn.Module | None":
-    """Build the configured backbone and load its weights, or one line saying why not.
-
-    `--backbone classical` has no network: its tokenizer settings are checked instead, and None returned.
-    """
+    """Build the configured backbone and load its weights, or one line saying why not (its name
+    and settings were checked by `check_settings`). `--backbone classical` has no network: None."""
     from pipelines.screen_config import CLASSICAL_BACKBONE
     from volumetric.backbones import create_backbone
 
     if config.backbone == CLASSICAL_BACKBONE:
-        from volumetric.classical_tokens import ClassicalTokenizer
-
-        try:
-            ClassicalTokenizer(**config.tokenizer)
-        except TypeError as exc:
-            raise VolscanError(f"config 'tokenizer' for the classical tokenizer: {exc}") from None
         return None
     try:
         return create_backbone(config.backbone, config.weights, device, random_seed=config.seed,
                                **config.backbone_kwargs)
-    except VolscanError:
-        if difflib.get_close_matches(config.backbone, [CLASSICAL_BACKBONE], cutoff=0.75):
-            raise VolscanError(f"unknown backbone {config.backbone!r}; did you mean {CLASSICAL_BACKBONE!r} "
-                               "(weights-free intensity and texture features)?") from None
+    except VolscanError:  # already one line naming the problem
         raise
     except Exception as exc:  # timm model constructors assert/raise on odd option values
         raise VolscanError(f"backbone {config.backbone} with backbone_kwargs {config.backbone_kwargs}: "
@@ -128,7 +173,7 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> Chec
     """The validation pass of a screen run (see the module docstring); returns what it built."""
     from volumetric.devices import resolve_device
 
-    check_screen_options(config)
+    check_settings(config)
     kind = validate_subjects(subjects)
     check_cohort_size(len(subjects), config.method)
     if kind == "3d":
@@ -138,21 +183,20 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> Chec
     else:  # 2D images are small: decode each now, so NaN/Inf pixels fail before the model loads
         from pipelines.images2d import load_image
 
+        check_no_3d_settings(config)
         for subject in subjects:
             load_image(subject.image)
     device = str(resolve_device(config.device))
     return CheckedScreen(kind=kind, device=device, backbone=load_backbone(config, device))
 
 
-def validate_preprocess(paths: Sequence[Path], workers: int, template: str | None = None,
-                        landmarks: str | None = None) -> None:
-    """The validation pass of `volscan preprocess`, before any volume is processed: the worker
-    count, the template resolved, a reused landmarks file read, every NIfTI header checked
-    (DICOM series are read in full later). Its settings are checked by `PreprocessSettings`."""
+def validate_preprocess(paths: Sequence[Path], template: str | None = None, landmarks: str | None = None) -> None:
+    """The file checks of `volscan preprocess`, before any volume is processed: the template
+    resolved, a reused landmarks file read, every NIfTI header checked (DICOM series are read
+    in full later). Its settings (`PreprocessSettings`, `--workers`) are checked before this."""
     from preprocessing.intensity import Landmarks
     from preprocessing.template import resolve_template
 
-    check_int("--workers", workers, 1, 1024)
     resolve_template(template)
     if landmarks is not None:
         if not Path(landmarks).is_file():

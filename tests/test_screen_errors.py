@@ -163,3 +163,36 @@ def test_bad_backbone_and_weights_fail_before_any_work(
            capsys, str(missing), "weights file not found")
     _nothing_written(out)
     assert not cache.exists()  # refused before preprocessing touched the cache
+
+
+@pytest.mark.parametrize("command", ["screen", "score", "extract"])
+def test_a_settings_typo_is_the_first_error(command: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """No input folder, no template, an OUT that exists: the backbone typo is still what is reported."""
+    (tmp_path / "out").mkdir()
+    target = ["-o", str(tmp_path / "out")] if command != "extract" else []
+    _fails([command, str(tmp_path / "no-scans"), *target, "--backbone", "dinov3_vitx",
+            "--template", str(tmp_path / "no-template")], capsys, "unknown backbone 'dinov3_vitx'")
+    _fails([command, str(tmp_path / "no-scans"), *target, "--backbone", "classcal"], capsys, "did you mean 'classical'")
+
+
+def test_vit_only_flags_are_refused_with_the_classical_backbone(setup: dict, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    inputs, out = _copy_images(setup, tmp_path), tmp_path / "out"
+    base = ["screen", str(inputs), "-o", str(out), "--backbone", "classical", "--template", str(setup["template"]),
+            "--registered", "--skull-stripped", "--size", "28", "--cache", str(tmp_path / "cache")]
+    _fails([*base, "--precision", "bf16"], capsys, "--backbone classical", "precision applies only to ViT")
+    _fails([*base, "--slices-per-block", "4"], capsys, "slices-per-block applies only to ViT")
+    _fails([*base, "--precision", "auto", "--proj-dim", "8"], capsys, "proj-dim, precision apply only to ViT")
+    _nothing_written(out)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_volume_settings_are_refused_for_2d_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_screen_2d import make_images
+
+    images, _ = make_images(tmp_path)
+    out = tmp_path / "out"
+    base = ["screen", str(images), "-o", str(out), "--backbone", "classical", "--size", "42"]
+    _fails([*base, "--registered"], capsys, "registered", "3D volumes only")
+    _fails([*base, "--brain-mask", "nonzero", "--template", str(tmp_path)], capsys, "brain-mask, template", "2D images")
+    _nothing_written(out)

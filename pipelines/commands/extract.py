@@ -46,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.distributed.sharding import Part
     from pipelines.inputs import discover_subjects
     from pipelines.screen_config import resolve_config
+    from pipelines.validation import check_settings
 
     config = resolve_config(args.config, cache=args.cache, **{name: getattr(args, name) for name in SETTINGS})
+    check_settings(config)  # before the input folder is read: a typo is the first error
     ray = None
     if args.ray is not None:
         ray = RaySettings(

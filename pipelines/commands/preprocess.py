@@ -43,17 +43,19 @@ def run(args: argparse.Namespace) -> int:
     from preprocessing.settings import PreprocessSettings
 
     from pipelines.outputs import check_output_dir, resumable_output
-    from pipelines.validation import validate_preprocess
+    from pipelines.validation import check_int, validate_preprocess
 
-    # The validation pass, before any work: OUT overlaps no input (equal, parent or child) and is
-    # new or a previous preprocess output (resumed); the settings; the template, landmarks, headers.
-    out = check_output_dir(args.out_dir, args.force, (args.input_dir,), command="preprocess", resume=True)
-    paths = find_volumes(args.input_dir)
+    # The validation pass, before any work: the settings first (a typo is the first error); OUT
+    # overlaps no input (equal, parent or child) and is new or a previous preprocess output
+    # (resumed); the template, landmarks, headers.
     # Flags left unset keep PreprocessSettings' defaults (listed there once).
     names = ("size", "registered", "skull_stripped", "brain_mask", "contrast", "hdbet_weights", "mask_device",
              "margin_mm", "cubic", "cutoff", "landmarks")
     settings = PreprocessSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
-    validate_preprocess(paths, args.workers, args.template, args.landmarks)
+    check_int("--workers", args.workers, 1, 1024)
+    out = check_output_dir(args.out_dir, args.force, (args.input_dir,), command="preprocess", resume=True)
+    paths = find_volumes(args.input_dir)
+    validate_preprocess(paths, args.template, args.landmarks)
     with resumable_output(out, "preprocess"):  # marked as volscan's own, so later runs may resume into it
         result = preprocess_cohort(paths, out, settings, template=args.template, force=args.force,
                                    workers=args.workers)

@@ -15,7 +15,11 @@ from pipelines.validation import CheckedScreen
 def find_subjects(
     input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool
 ) -> list[Subject]:
-    """The subjects of `input_dir` (masks from `labels_dir`), after refusing a bad OUT."""
+    """The subjects of `input_dir` (masks from `labels_dir`), after refusing bad settings
+    (`pipelines.validation.check_settings`: a typo is the first error) and a bad OUT."""
+    from pipelines.validation import check_settings
+
+    check_settings(config)  # cheap and repeated by `check_run`: here it comes before OUT and the inputs
     protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
     check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
     subjects, _ = discover_subjects(
@@ -25,12 +29,9 @@ def find_subjects(
 
 
 def check_run(subjects: Sequence[Subject], config: ScreenConfig) -> CheckedScreen:
-    """The one validation pass (`pipelines.validation.validate_screen`: subjects, options,
-    cohort size, template, backbone built with its weights loaded) plus every preprocessing
-    option, before minutes of preprocessing. Returns kind, device and the loaded backbone."""
+    """The one validation pass (`pipelines.validation.validate_screen`: settings, subjects,
+    cohort size, template, backbone built with its weights loaded), before minutes of
+    preprocessing. Returns kind, device and the loaded backbone."""
     from pipelines.validation import validate_screen
 
-    checked = validate_screen(subjects, config)
-    if checked.kind == "3d":
-        config.preprocess_settings()
-    return checked
+    return validate_screen(subjects, config)

@@ -65,8 +65,6 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
     and nothing is written into the shared store."""
     size = config.size
     if kind == "2d":
-        if config.preprocess:
-            raise VolscanError("config 'preprocess' settings apply to 3D volumes only; remove them for 2D images")
         from pipelines.images2d import load_image, resize
 
         def image_loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:
