@@ -5,7 +5,11 @@ Ctrl-C, SIGTERM or bad input part-way leaves OUT untouched (absent, or the previ
 `--force` was given) and removes the temporary folder; nothing half-written looks complete.
 
 Every finished output holds `volscan-run.json` (`RUN_MARKER`): a format tag, the command that
-wrote it and the SHA-256 of each file it wrote. `--force` replaces a folder only when that
+wrote it and the SHA-256 of each file it wrote. An output written in place (`volscan preprocess`)
+holds a marker with `"complete": false` until the command finishes, so an interrupted one
+(`kill -9`) never looks finished. A run killed before its rename leaves its hidden temporary
+folder, owned through `volscan-partial.json` (process id and host); the next run into the same
+OUT removes it once that process is gone, and nothing else. `--force` replaces a folder only when that
 marker names the same command, never a folder that merely holds a common file name such as
 report.json, and readers (`volscan evaluate`) check the checksums of what they read.
 No output may overlap an input: OUT equal to, containing, or inside an input folder is refused.
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 RUN_MARKER = "volscan-run.json"
 MARKER_FORMAT = "volscan-run/1"
+PARTIAL_MARKER = "volscan-partial.json"
+PARTIAL_FORMAT = "volscan-partial/1"
 
 
 def read_run_marker(folder: str | Path) -> dict[str, Any] | None:
@@ -54,8 +61,9 @@ def _checksums(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
 
 
-def write_run_marker(folder: str | Path, command: str) -> Path:
-    """Write `folder`/volscan-run.json naming `command`, with the SHA-256 of every file in `folder`."""
+def write_run_marker(folder: str | Path, command: str, *, complete: bool = True) -> Path:
+    """Write `folder`/volscan-run.json naming `command`, with the SHA-256 of every file in `folder`;
+    `complete=False`: the folder is volscan's but its command has not finished (no checksums)."""
     from importlib.metadata import PackageNotFoundError, version
 
     folder = Path(folder)
@@ -64,8 +72,8 @@ def write_run_marker(folder: str | Path, command: str) -> Path:
     except PackageNotFoundError:
         release = "unknown"
     marker = {"format": MARKER_FORMAT, "command": command, "volscan_version": release,
-              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "checksums": _checksums(folder)}
+              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": complete,
+              "checksums": _checksums(folder) if complete else {}}
     return atomic_write_bytes(folder / RUN_MARKER, json.dumps(marker, indent=1).encode("utf-8"))
 
 
@@ -80,6 +88,8 @@ def verify_run(folder: str | Path, command: str, prefixes: Sequence[str] = ("",)
     marker = read_run_marker(folder)
     if marker is None or marker["command"] != command:
         raise InputFileError(folder, f"not a finished volscan {command} output (no {RUN_MARKER} naming '{command}')")
+    if marker.get("complete") is False:
+        raise InputFileError(folder, f"volscan {command} did not finish writing it (interrupted); rerun volscan {command}")
     for name, digest in marker.get("checksums", {}).items():
         if not name.startswith(tuple(prefixes)):
             continue
@@ -157,14 +167,14 @@ def resumable_output(out: Path, command: str) -> Iterator[Path]:
     folder it created is removed again; finished files stay for the next run to resume from."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if read_run_marker(out) is None:
-        write_run_marker(out, command)
+    write_run_marker(out, command, complete=False)  # until it finishes: a killed run never looks done
     try:
         yield out
     except BaseException:
         if created and not any(p.is_file() and p.name != RUN_MARKER for p in out.rglob("*")):
             shutil.rmtree(out, ignore_errors=True)
         raise
+    write_run_marker(out, command)
 
 
 class AtomicOutputDir:
@@ -188,8 +198,12 @@ class AtomicOutputDir:
     def __enter__(self) -> Path:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned(self.out)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            _claim(self.tmp, self.command)
         except OSError as exc:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             raise InputFileError(self.out, f"cannot create the output folder ({exc.strerror})") from None
         os.chmod(self.tmp, umask_mode(directory=True))
         return self.tmp
@@ -219,6 +233,7 @@ class AtomicOutputDir:
 
     def commit(self) -> None:
         """Mark the finished temporary folder and move it to OUT (an old OUT is moved aside first)."""
+        (self.tmp / PARTIAL_MARKER).unlink()
         write_run_marker(self.tmp, self.command)
         if self.out.exists():
             marker = read_run_marker(self.out)
@@ -226,12 +241,58 @@ class AtomicOutputDir:
                 raise InputFileError(self.out, "output folder appeared or changed during the run; nothing replaced "
                                                "(use --force to replace a previous run)")
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            _claim(old, self.command)
             os.replace(self.out, old / "previous")
             os.replace(self.tmp, self.out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)
         log.info("wrote %s", self.out)
+
+
+def _claim(folder: Path, command: str) -> None:
+    """Mark `folder` as this process's temporary output (`remove_abandoned` reads it). A plain
+    write: a torn file does not parse, and then the folder is left alone, never removed."""
+    owner = {"format": PARTIAL_FORMAT, "command": command, "pid": os.getpid(), "host": socket.gethostname()}
+    (folder / PARTIAL_MARKER).write_text(json.dumps(owner), encoding="utf-8")
+
+
+def remove_abandoned(out: Path) -> list[Path]:
+    """Remove the temporary folders of earlier runs into `out` that were killed before they
+    finished (`kill -9`, power loss): hidden siblings `.<name>.partial-*` / `.old-*` holding
+    volscan's `volscan-partial.json` of a process on this host that no longer runs. Anything
+    else (another host's run, a live run, a folder volscan did not mark) is left alone."""
+    removed = []
+    for folder in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        try:
+            owner = json.loads((folder / PARTIAL_MARKER).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if _abandoned(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by an interrupted volscan %s run (process %d)", folder,
+                     owner.get("command"), owner["pid"])
+            removed.append(folder)
+    return removed
+
+
+def _abandoned(owner: Any) -> bool:
+    """Whether a `volscan-partial.json` names a process of this host that no longer runs."""
+    if not isinstance(owner, dict) or owner.get("format") != PARTIAL_FORMAT or owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -674,24 +674,82 @@ def test_bad_input(case: str, finished: dict, tmp_path: Path, monkeypatch: pytes
 
 # ---------------------------------------------------------------- outside the table
 
-def test_sigterm_from_outside_cleans_up_and_exits_143(finished: dict, tmp_path: Path) -> None:
-    """SIGTERM (timeout, Slurm, Docker) to a real `volscan screen` process mid-run: exit 143,
-    one line, no output folder and no hidden .partial folder left behind."""
-    out = tmp_path / "out"
+def _screen_writing(finished: dict, tmp_path: Path, out: Path) -> tuple[list[str], subprocess.Popen]:
+    """(argv, process) of a real `volscan screen` into `out`, once it has started writing its
+    hidden temporary folder (owner file included) and is still running."""
     argv = Ctx(finished, tmp_path, pytest.MonkeyPatch()).screen(finished["images"], out, own_cache=False)
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
                              *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not list(out.parent.glob(f".{out.name}.partial-*/*.json")) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()  # the run had started writing and was still going
+    return argv, proc
+
+
+def test_sigterm_from_outside_cleans_up_and_exits_143(finished: dict, tmp_path: Path) -> None:
+    """SIGTERM (timeout, Slurm, Docker) to a real `volscan screen` process mid-run: exit 143,
+    one line, no output folder and no hidden .partial folder left behind."""
+    out = tmp_path / "out"
+    _, proc = _screen_writing(finished, tmp_path, out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     assert _one_error_line(err) == "volscan screen: terminated (SIGTERM); partial outputs removed"
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_kill_9_leaves_nothing_that_looks_finished_and_the_next_run_cleans_up(finished: dict, tmp_path: Path) -> None:
+    """`kill -9` mid-run: no OUT, only the hidden temporary folder, owned by the dead process
+    (volscan-partial.json, no run marker). The next run into OUT removes it, and leaves a
+    hidden folder volscan did not mark and one of a live process alone."""
+    from pipelines.outputs import PARTIAL_MARKER, RUN_MARKER
+
+    out = tmp_path / "out"
+    argv, proc = _screen_writing(finished, tmp_path, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    [left] = tmp_path.glob(".out.partial-*")
+    assert not out.exists() and not (left / RUN_MARKER).exists()
+    assert json.loads((left / PARTIAL_MARKER).read_text(encoding="utf-8"))["pid"] == proc.pid
+    foreign = tmp_path / ".out.partial-mine"  # the user's, no volscan marker
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep", encoding="utf-8")
+    live = tmp_path / ".out.partial-live"  # a run still going (this process)
+    live.mkdir()
+    (live / PARTIAL_MARKER).write_text((left / PARTIAL_MARKER).read_text(encoding="utf-8")
+                                       .replace(str(proc.pid), str(os.getpid())), encoding="utf-8")
+    assert main(argv) == 0
+    assert not left.exists() and (foreign / "notes.txt").exists() and (live / PARTIAL_MARKER).exists()
+    assert (out / RUN_MARKER).exists() and not (out / PARTIAL_MARKER).exists()
+
+
+def test_an_interrupted_preprocess_output_is_marked_unfinished(finished: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`volscan preprocess` writes in place: while it runs (what `kill -9` leaves) its marker says
+    it is unfinished, and a reader refuses it; once finished, the marker holds every checksum."""
+    import preprocessing.cohort
+    from pipelines.outputs import read_run_marker, verify_run
+    from volumetric.errors import InputFileError
+
+    out, seen = tmp_path / "pre", {}
+    real = preprocessing.cohort.preprocess_cohort
+
+    def watched(*args, **kwargs):
+        seen["marker"] = read_run_marker(out)
+        with pytest.raises(InputFileError, match="did not finish writing it"):
+            verify_run(out, "preprocess")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocessing.cohort, "preprocess_cohort", watched)
+    assert main(["preprocess", str(finished["images"]), "-o", str(out), "--template", str(finished["template"]),
+                 "--registered", "--skull-stripped", "--size", "28"]) == 0
+    assert seen["marker"]["complete"] is False and seen["marker"]["checksums"] == {}
+    marker = verify_run(out, "preprocess")
+    assert marker["complete"] is True and any(name.startswith("images/") for name in marker["checksums"])
 
 
 def test_corrupt_token_cache_entry_is_rebuilt_with_a_warning(finished: dict, tmp_path: Path,
