@@ -158,7 +158,13 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
         return image
     # Gaussian with FWHM ~ the new voxel size, minus the blur the old voxels already carry.
     sigma = np.sqrt(np.maximum(new**2 - old**2, 0.0)) / 2.355
-    smooth = sitk.SmoothingRecursiveGaussian(image, sigma.tolist())
+    # One axis at a time, skipping those already at or above the working spacing (sigma 0, e.g.
+    # 2.4 mm slices): ITK's Gaussian filters refuse a zero sigma. Along the others this equals
+    # `SmoothingRecursiveGaussian` (the same recursive filter per axis, to float32 rounding).
+    smooth = sitk.Cast(image, sitk.sitkFloat32)
+    for axis in np.flatnonzero(sigma > 0):
+        smooth = sitk.RecursiveGaussian(smooth, float(sigma[axis]), False,
+                                        sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
     size = np.maximum(np.round(np.asarray(image.GetSize()) * old / new), 1).astype(int)
     # Keep the physical extent centred: the first new voxel centre sits half a new voxel inside.
     origin = image.TransformContinuousIndexToPhysicalPoint(((new / old - 1) / 2).tolist())
