@@ -48,15 +48,41 @@ class Hotspot:
         }
 
 
-def flag_threshold(collection_scores: np.ndarray, z: float) -> float:
-    """`median + z * 1.4826 * MAD` of the cohort's collection scores (N,); +inf when the
-    scores do not vary (nothing stands out)."""
+@dataclass(frozen=True)
+class FlagRule:
+    """Which scans a run flags, and why: score > `threshold` = `median` + `z` x `sd` of the
+    cohort's collection scores. `sd` is 1.4826 x MAD (`robust`), or the standard deviation when
+    the MAD is 0 (over half the scores equal); 0 when the scores do not vary (nothing flagged)."""
+
+    median: float
+    sd: float
+    z: float
+    robust: bool
+
+    @property
+    def threshold(self) -> float:
+        """The flag threshold (+inf when the scores do not vary)."""
+        return self.median + self.z * self.sd if self.sd > 0.0 else float("inf")
+
+    def describe(self) -> str:
+        """The rule in words with its numbers (report and terminal), e.g. 'anomaly score above
+        0.412 = cohort median 0.3 + 3 x 0.0373 (robust standard deviation: 1.4826 x MAD); --flag-z 3'."""
+        if self.sd == 0.0:
+            return "none can be: every scan has the same anomaly score"
+        spread = "robust standard deviation: 1.4826 x MAD" if self.robust else "standard deviation (the MAD is 0)"
+        return (f"anomaly score above {self.threshold:.4g} = cohort median {self.median:.4g} + {self.z:g} x "
+                f"{self.sd:.4g} ({spread}); --flag-z {self.z:g}")
+
+
+def flag_rule(collection_scores: np.ndarray, z: float) -> FlagRule:
+    """The `FlagRule` of the cohort's collection scores (N,) with robust z-score `z`."""
     scores = np.asarray(collection_scores, dtype=np.float64)
     median = float(np.median(scores))
-    sigma = MAD_TO_SIGMA * float(np.median(np.abs(scores - median)))
-    if sigma == 0.0:
-        sigma = float(scores.std())
-    return median + z * sigma if sigma > 0.0 else float("inf")
+    sd = MAD_TO_SIGMA * float(np.median(np.abs(scores - median)))
+    robust = sd > 0.0
+    if not robust:
+        sd = float(scores.std())
+    return FlagRule(median=median, sd=sd, z=float(z), robust=robust)
 
 
 def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | None = None) -> Hotspot:

@@ -273,6 +273,14 @@ def _coords(values: Sequence[float] | None, digits: int = 1) -> str:
     return "" if values is None else ", ".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _flag_rule(summary: dict[str, Any]) -> str:
+    """The flag rule in words (`FlagRule.describe`); reports written before it was stored give
+    their threshold and z."""
+    if "flag_rule" in summary:
+        return summary["flag_rule"]
+    return f"anomaly score above {summary['flag_threshold']:.4g} = median + {summary['flag_z']:g} robust SD"
+
+
 def _summary(report: Report) -> list[str]:
     esc = html.escape
     summary = report.summary
@@ -287,9 +295,8 @@ def _summary(report: Report) -> list[str]:
         f"<p><b>Features</b>: {esc(features['description'])}; cube "
         f"{features['size']}<sup>{3 if report.kind == '3d' else 2}</sup>, token grid "
         f"{' x '.join(map(str, features['grid']))}.</p>",
-        f"<p><b>Flagged</b>: <span class='flag'>{len(flagged)} of {report.n_subjects}</span> scans "
-        f"(score &gt; {summary['flag_threshold']:.4g} = median + {summary['flag_z']:g} robust SD)"
-        + (f": {names}" if flagged else "") + ".</p>",
+        f"<p><b>Flagged as outliers of this cohort</b>: <span class='flag'>{len(flagged)} of {report.n_subjects}"
+        f"</span> scans; rule: {esc(_flag_rule(summary))}" + (f". Flagged: {names}" if flagged else "") + ".</p>",
         f"<p class='small'>Created {esc(report.created)} by volscan {esc(report.volscan_version)}; "
         f"run folder <code>{esc(report.output)}</code>.</p>",
         "</div>",
@@ -419,12 +426,12 @@ def build_report(
     token_info: dict[str, Any],
     scores: Any,
     maps: Any,
-    threshold: float,
+    rule: Any,
 ) -> Report:
     """The report of a screen run, before metrics, figures and viewer.
 
     `subjects`: `Subject`s; `config`: the `ScreenConfig`; `scores`: the score stage's `Scores`;
-    `maps`: the outputs stage's `MapFiles`; `threshold`: the flag threshold (`pipelines.hotspots`).
+    `maps`: the outputs stage's `MapFiles`; `rule`: the `pipelines.hotspots.FlagRule` of the run.
     Settings are reported as used: defaults resolved at run time (layers, projection width,
     device, cache, template) are written with their values, paths absolute."""
     from pipelines.hotspots import rank_percentile
@@ -436,7 +443,7 @@ def build_report(
     entries = [
         ScanEntry(
             id=row.id, rank=row.rank, score=row.score, percentile=round(rank_percentile(row.rank, len(rows)), 1),
-            flagged=bool(row.score > threshold), image=str(by_id[row.id].image.resolve()),
+            flagged=bool(row.score > rule.threshold), image=str(by_id[row.id].image.resolve()),
             label_file=str(by_id[row.id].label.resolve()) if by_id[row.id].label is not None else None,
             map=maps.files[row.id][0], map_files=maps.files[row.id], hotspot=maps.hotspots[row.id].to_dict(),
             brain_mask=preprocess_info.get("brain_mask", {}).get(row.id),
@@ -486,7 +493,8 @@ def build_report(
                          "size": config.size, "grid": token_info["grid"],
                          "description": token_info.get("features", config.backbone)},
             "flag_z": config.flag_z,
-            "flag_threshold": threshold,
+            "flag_threshold": rule.threshold,
+            "flag_rule": rule.describe(),
             "flagged": [e.id for e in entries if e.flagged],
         },
         settings=settings,

@@ -111,7 +111,7 @@ def screen_subjects(
     without a mask then count as healthy. `compute=False`: see `run_screen`.
     """
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
-    from pipelines.hotspots import flag_threshold
+    from pipelines.hotspots import flag_rule
     from pipelines.outputs import AtomicOutputDir
     from pipelines.report import build_report, report_rows, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
@@ -145,12 +145,13 @@ def screen_subjects(
                                collection_scores=scores.collection_scores, size=config.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
-        threshold = flag_threshold(scores.collection_scores, settings.flag_z)
+        rule = flag_rule(scores.collection_scores, settings.flag_z)
+        threshold = rule.threshold
         with timer.stage("maps"):
             maps = outputs.write_maps(layout, subjects, elements, prepared, threshold)
         report = build_report(
             subjects, kind, config, source=source, out_dir=output.out, device=device, cache_root=cache_root,
-            preprocess_info=prepared.info, token_info=token_sets.info, scores=scores, maps=maps, threshold=threshold,
+            preprocess_info=prepared.info, token_info=token_sets.info, scores=scores, maps=maps, rule=rule,
         )
         if labels_given:
             with timer.stage("metrics"):

@@ -21,7 +21,7 @@ import pytest
 from test_screen import LESIONS, make_cohort, make_template
 
 from pipelines.cli import main
-from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_threshold, rank_percentile
+from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_rule, rank_percentile
 
 CUBE = 56
 
@@ -48,13 +48,22 @@ def test_hotspot_voxel_and_ras_mm_on_a_flipped_anisotropic_grid() -> None:
     assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (0, 0)
 
 
-def test_flag_threshold_is_the_robust_z_rule() -> None:
+def test_flag_rule_is_the_robust_z_rule_and_says_so() -> None:
     scores = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 3.0])
     median = np.median(scores)
     mad = np.median(np.abs(scores - median))
-    assert flag_threshold(scores, 3.0) == pytest.approx(median + 3 * MAD_TO_SIGMA * mad)
-    assert (scores > flag_threshold(scores, 3.0)).tolist() == [False] * 5 + [True]
-    assert flag_threshold(np.ones(5), 3.0) == float("inf")
+    rule = flag_rule(scores, 3.0)
+    assert rule.threshold == pytest.approx(median + 3 * MAD_TO_SIGMA * mad)
+    assert (scores > rule.threshold).tolist() == [False] * 5 + [True]
+    assert rule.describe() == (f"anomaly score above {rule.threshold:.4g} = cohort median {median:.4g} + 3 x "
+                               f"{MAD_TO_SIGMA * mad:.4g} (robust standard deviation: 1.4826 x MAD); --flag-z 3")
+    # Over half the scores equal: the MAD is 0 and the rule falls back to the standard deviation, and says so.
+    tied = np.array([1.0, 1.0, 1.0, 1.0, 2.0, 3.0])
+    fallback = flag_rule(tied, 2.0)
+    assert fallback.threshold == pytest.approx(1.0 + 2 * tied.std()) and not fallback.robust
+    assert "standard deviation (the MAD is 0)" in fallback.describe() and "robust" not in fallback.describe()
+    assert flag_rule(np.ones(5), 3.0).threshold == float("inf")
+    assert "same anomaly score" in flag_rule(np.ones(5), 3.0).describe()
     assert [rank_percentile(r, 5) for r in (1, 3, 5)] == [100.0, 50.0, 0.0]
 
 
@@ -162,6 +171,9 @@ def test_report_html_reads_top_down(classical_run: dict) -> None:
               "<h2>Metrics</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>", "<h2>Glossary</h2>")]
     assert order == sorted(order)
     assert f"{len(report['summary']['flagged'])} of {len(classical_run['truth'])}" in page
+    summary = report["summary"]  # what was flagged, and by which rule with its numbers
+    assert "Flagged as outliers of this cohort" in page and f"rule: {summary['flag_rule']}" in page
+    assert f"above {summary['flag_threshold']:.4g} = cohort median" in summary["flag_rule"]
     top = report["subjects"][0]
     assert ", ".join(f"{v:.1f}" for v in top["hotspot"]["world_mm_ras"]) in page
     assert "Dice protocol" in page and "token-grid F1-max" in page and "grid_f1_max" not in page

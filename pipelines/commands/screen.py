@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(result: Any) -> int:
     """Print the top of a finished run's ranking, its metrics, warnings and report path; 0."""
-    flagged = result.report["summary"]["flagged"]
-    print(f"screened {len(result.rows)} {result.report['kind'].upper()} inputs; {len(flagged)} flagged; most suspicious:")
+    summary = result.report["summary"]
+    print(f"screened {len(result.rows)} {result.report['kind'].upper()} inputs; {len(summary['flagged'])} flagged as "
+          f"outliers ({summary['flag_rule']}); most suspicious:")
     for row in result.rows[: min(5, len(result.rows))]:
         print(f"  {row.rank:>3}  {row.id}  {row.score:.5g}")
     metrics = result.metrics
