@@ -195,18 +195,18 @@ def test_parts_cover_sorted_ids_once() -> None:
     assert Part.parse(" 2 / 5 ") == Part(2, 5) and Part(2, 5).label == "part-2-of-5" and Part().label == "all"
 
 
-def _store_files(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted((cache / "preprocess").rglob("*")) if p.is_file()}
+def _cache_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
 def _refused_score(settings: list[str], cache: Path, out: Path, capsys: pytest.CaptureFixture) -> str:
     """Run `volscan score`, which must refuse (exit 2) without writing into the cache or `out`;
     its one error line (the rest of stderr is logging)."""
     capsys.readouterr()
-    before = _store_files(cache)
+    before = _cache_files(cache)
     assert main(["score", *settings, "--cache", str(cache), "-o", str(out)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("volscan score: error:")]
-    assert len(lines) == 1 and _store_files(cache) == before and not out.exists()
+    assert len(lines) == 1 and _cache_files(cache) == before and not out.exists()
     return lines[0]
 
 
@@ -242,7 +242,7 @@ def test_score_never_rewrites_the_store_after_a_sharded_rerun(cohort: dict, tmp_
     assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "run")]) == 0
 
 
-def test_score_names_a_damaged_cube_and_leaves_it(cohort: dict, tmp_path: Path, capsys) -> None:
+def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp_path: Path, capsys) -> None:
     settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
     assert main(["extract", *settings, "-o", str(cache)]) == 0
     cube = next((cache / "preprocess").glob("*/images/case02.nii.gz"))
@@ -250,3 +250,9 @@ def test_score_names_a_damaged_cube_and_leaves_it(cohort: dict, tmp_path: Path, 
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
     assert "1 scan(s)" in err and "case02 (standardised cube damaged)" in err
     assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err
+    cube.unlink()  # now a damaged token set: named, and left as it is
+    assert main(["extract", *settings, "-o", str(cache)]) == 0
+    entry = sorted((cache / "tokens").rglob("*.safetensors"))[1]
+    entry.write_bytes(entry.read_bytes()[:-5])
+    err = _refused_score(settings, cache, tmp_path / "run", capsys)
+    assert "tokens of 1 scan(s)" in err and "(or damaged)" in err

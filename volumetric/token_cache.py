@@ -67,8 +67,9 @@ class TokenCache:
             raise VolscanError(f"invalid token cache key {key!r}")
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str) -> TokenSet | None:
-        """The cached tokens, or None on a miss; a damaged entry is logged, deleted and missed."""
+    def load(self, key: str, *, discard: bool = True) -> TokenSet | None:
+        """The cached tokens, or None on a miss; a damaged entry is logged, deleted and missed.
+        `discard=False` (readers that must not write, `volscan score`): it is left in place."""
         path = self.path(key)
         if not path.is_file():
             log.debug("token cache miss %s", key)
@@ -76,8 +77,9 @@ class TokenCache:
         try:
             tokens = TokenSet.load(path)
         except VolscanError as exc:
-            log.warning("discarding corrupt token cache entry: %s", exc)
-            path.unlink(missing_ok=True)
+            log.warning("%s corrupt token cache entry: %s", "discarding" if discard else "not using", exc)
+            if discard:
+                path.unlink(missing_ok=True)
             return None
         log.debug("token cache hit %s", key)
         return tokens

@@ -87,7 +87,7 @@ def extract_tokens(
         if brain_mask is not None:
             packed_masks.append(pack_mask(brain_mask))
         key = token_key(cache, array, brain_mask, settings)
-        tokens = cache.load(key)
+        tokens = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
         if tokens is None and not compute:
             missing.append(sid)
             continue
@@ -98,7 +98,7 @@ def extract_tokens(
         token_sets.append(tokens)
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise VolscanError(f"tokens of {len(missing)} scan(s) are not cached: {shown}; "
+        raise VolscanError(f"tokens of {len(missing)} scan(s) are not in {cache.root} (or damaged): {shown}; "
                            "run volscan extract with the same settings first")
     grids = {tuple(t.grid) for t in token_sets}
     if len(grids) != 1:
