@@ -125,7 +125,10 @@ def check_no_3d_settings(config: "ScreenConfig") -> None:
     """Refuse the volume-only settings for 2D images (they would be silently dropped)."""
     volume_only = [name for name, value in (("registered", config.registered), ("skull-stripped", config.skull_stripped),
                                             ("brain-mask", config.brain_mask), ("template", config.template),
-                                            ("preprocess", config.preprocess)) if value]
+                                            ("preprocess", config.preprocess),
+                                            ("slices-per-block", config.slices_per_block is not None))
+                   if value]
+    volume_only += [f"tokenizer {key}" for key in ("slices_per_block", "slice_batch") if key in config.tokenizer]
     if volume_only:
         raise VolscanError(f"the setting(s) {', '.join(volume_only)} apply to 3D volumes only; remove them for 2D images")
 
