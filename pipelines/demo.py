@@ -72,23 +72,26 @@ def run_demo(out_dir: str | Path = "volscan-demo", *, backbone: str = DEMO_BACKB
     `backbone_kwargs` build smaller timm models (tests). Refuses an existing OUT unless `force`,
     and `force` only replaces a previous demo.
     """
+    from dataclasses import replace
+
     from pipelines.outputs import check_output_dir, write_run_marker
     from pipelines.screen import run_screen
     from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
+    from pipelines.validation import check_settings
 
     classical = backbone == CLASSICAL_BACKBONE
-    if classical:
-        # Checked before any work, like every option (ScreenConfig refuses these too, but after the phantom).
-        ScreenConfig(backbone=backbone, weights=weights, backbone_kwargs=dict(backbone_kwargs or {}))
+    config = ScreenConfig(method="codegraph", backbone=backbone, weights=weights if classical else weights or "random",
+                          size=size, device=device, registered=True, skull_stripped=True,
+                          backbone_kwargs=dict(backbone_kwargs or {}))
+    check_settings(config)  # a settings typo is the first error, before OUT and the phantom
     out = check_output_dir(out_dir, force, command="demo")
     out.mkdir(parents=True, exist_ok=True)
-    write_run_marker(out, "demo")  # first, so --force may replace a demo that failed part-way
+    # First, so --force may replace a demo that failed part-way; marked finished only at the end.
+    write_run_marker(out, "demo", complete=False)
     if not classical and weights is None:
         log.warning(RANDOM_NOTICE)
     made = generate_cohort(out / "cohort", cohort, force=force, progress=progress)
-    config = ScreenConfig(method="codegraph", backbone=backbone, weights=None if classical else weights or "random",
-                          size=size, device=device, template=str(made.template_dir), cache=str(out / "cache"),
-                          registered=True, skull_stripped=True,
-                          backbone_kwargs=dict(backbone_kwargs or {}))
+    config = replace(config, template=str(made.template_dir), cache=str(out / "cache"))
     result = run_screen(made.images_dir, out / "screen", config, labels_dir=made.labels_dir, force=force)
+    write_run_marker(out, "demo")
     return DemoResult(made, result)

@@ -174,8 +174,10 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
     from pipelines.inputs import Subject
     from pipelines.outputs import AtomicOutputDir
     from pipelines.screen import screen_subjects
+    from pipelines.validation import check_settings
 
     methods = method_list(methods)
+    check_settings(config)  # a settings typo is the first error, before OUT and the datasets
     output = AtomicOutputDir(out_dir, force, protected=(Path(brats_dir), Path(ixi_dir)),
                              command="reproduce")  # fails before any work
     ixi = choose(find_ixi_t2(ixi_dir), n_ixi, seed, "IXI T2")

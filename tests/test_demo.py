@@ -73,3 +73,25 @@ def test_classical_demo_refuses_vit_options_before_any_work(small_demo, tmp_path
     out = tmp_path / "refused"
     assert main(["demo", "-o", str(out), "--backbone", "classical", "--weights", str(tmp_path / "w.pth")]) == 2
     assert "classical" in capsys.readouterr().err and not out.exists()
+
+
+def test_demo_reports_a_settings_typo_first_and_refuses_random_weights_for_classical(small_demo, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()  # an OUT that would be refused too: the typo is named first
+    assert main(["demo", "-o", str(tmp_path / "taken"), "--backbone", "dinov3_vitx"]) == 2
+    assert "unknown backbone 'dinov3_vitx'" in capsys.readouterr().err
+    out = tmp_path / "classical"
+    assert main(["demo", "-o", str(out), "--backbone", "classical", "--weights", "random"]) == 2
+    assert "weights applies only to ViT backbones" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_interrupted_demo_is_marked_unfinished(small_demo, monkeypatch, tmp_path):
+    from pipelines.outputs import read_run_marker
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill leaves on disk: the demo stops inside the screen
+
+    monkeypatch.setattr("pipelines.screen.run_screen", killed)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, progress=False)
+    assert read_run_marker(out)["complete"] is False

@@ -168,3 +168,13 @@ def test_reproduce_command_end_to_end(fake_tree, tmp_path, capsys, tiny_vit_spec
     (tmp_path / "empty").mkdir()
     assert main(args[:5] + [str(tmp_path / "empty")] + args[6:] + ["--force"]) == 2
     assert "found 0 usable scan" in capsys.readouterr().err
+
+
+def test_reproduce_reports_a_settings_typo_first(tmp_path, capsys):
+    """No data folders, an OUT that exists: the backbone typo is still the error reported."""
+    from pipelines.cli import main
+
+    (tmp_path / "out").mkdir()
+    assert main(["reproduce", "brats-mets-ixi", "--brats", str(tmp_path / "no-brats"), "--ixi", str(tmp_path / "no-ixi"),
+                 "-o", str(tmp_path / "out"), "--backbone", "dinov3_vitx"]) == 2
+    assert "unknown backbone 'dinov3_vitx'" in capsys.readouterr().err

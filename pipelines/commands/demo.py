@@ -25,10 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from pipelines.demo import DEMO_BACKBONE, DEMO_COHORT, DEMO_CUBE, DEMO_VIT_BACKBONE, RANDOM_NOTICE, run_demo
+    from pipelines.screen_config import CLASSICAL_BACKBONE
 
-    weights = None if args.weights == "random" else args.weights
     vit = args.vit or args.weights is not None
     backbone = args.backbone or (DEMO_VIT_BACKBONE if vit else DEMO_BACKBONE)
+    # A ViT without weights runs on random ones; the classical backbone refuses any --weights.
+    weights = None if args.weights == "random" and backbone != CLASSICAL_BACKBONE else args.weights
     result = run_demo(args.out, backbone=backbone, weights=weights, cohort=replace(DEMO_COHORT, seed=args.seed),
                       size=args.size or DEMO_CUBE, device=args.device, force=args.force)
     report = result.screen.report
