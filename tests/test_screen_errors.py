@@ -198,3 +198,10 @@ def test_volume_settings_are_refused_for_2d_images(tmp_path: Path, capsys: pytes
     vit = ["screen", str(images), "-o", str(out), "--weights", "random", "--size", "42"]  # the default ViT
     _fails([*vit, "--slices-per-block", "7"], capsys, "slices-per-block apply to 3D volumes only")
     _nothing_written(out)
+
+
+def test_preprocess_settings_come_before_its_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "out").mkdir()  # not a previous preprocess output: refused too, but after the settings
+    argv = ["preprocess", str(tmp_path / "no-scans"), "-o", str(tmp_path / "out")]
+    _fails([*argv, "--size", "30"], capsys, "multiple of 14")
+    _fails([*argv, "--workers", "0"], capsys, "--workers")
