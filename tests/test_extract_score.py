@@ -107,7 +107,7 @@ def test_parts_merged_match_screen(cohort: dict) -> None:
     assert again.computed == 0 and not again.failed
 
 
-def test_parts_with_fixed_landmarks_run_in_one_pass(cohort: dict, tiny_vit_spec: dict) -> None:
+def test_parts_with_fixed_landmarks_run_in_one_pass(cohort: dict, tiny_vit_spec: dict, capsys) -> None:
     """With landmarks fixed in the config (here: the ones the screen learned), each part runs
     `--stage all` alone, no barrier; the merged parts score as the screen did."""
     learned = next((cohort["root"] / "cache-screen" / "preprocess").glob("*/landmarks.npy"))
@@ -123,6 +123,12 @@ def test_parts_with_fixed_landmarks_run_in_one_pass(cohort: dict, tiny_vit_spec:
     out = cohort["root"] / "fixed"
     assert main(["score", *settings, "--cache", str(cache), "-o", str(out)]) == 0
     assert (out / "scores.csv").read_bytes() == cohort["reference"]
+    # Scoring with other fixed landmarks must not restandardise the shared store: refused, named.
+    other = cohort["root"] / "other-landmarks.npy"
+    np.save(other, np.load(fixed) * 1.01)
+    config.write_text(config.read_text(encoding="utf-8").replace(str(fixed), str(other)), encoding="utf-8")
+    err = _refused_score(settings, cache, cohort["root"] / "fixed-other", capsys)
+    assert f"not the fixed landmarks {other}" in err and "--stage" not in err
 
 
 def test_part_order_of_stages_is_enforced(cohort: dict, capsys: pytest.CaptureFixture) -> None:
