@@ -165,8 +165,9 @@ def check_store(
     out = Path(out_dir)
     subjects = _subjects(_specs(paths), out, settings, template)
     scans: dict[str, str] = {}
+    records = {s.record.id: read_record(out, s.record.id) for s in subjects}
     for subject in subjects:
-        done = read_record(out, subject.record.id)
+        done = records[subject.record.id]
         if done.get("spatial_key") != subject.key:
             scans[subject.record.id] = ("not preprocessed" if not done.get("spatial_key")
                                         else "preprocessed from other input content or settings")
@@ -189,7 +190,7 @@ def check_store(
                    else "learned on other scans or settings")
     if problem is None:
         for subject in subjects:
-            done = read_record(out, subject.record.id)
+            done = records[subject.record.id]
             if subject.record.id in scans:
                 continue
             if done.get("final_key") != _final_key(subject.key, landmarks):
