@@ -143,3 +143,26 @@ def test_cli_preprocess(template_dir, inputs, tmp_path, capsys):
 def test_preprocessor_reads_from_paths(template_dir, inputs):
     result = VolumePreprocessor(SETTINGS.replace(registered=True, skull_stripped=True), template_dir)(inputs / "brats_02.nii")
     assert result.cube.shape == (SIZE,) * 3 and result.brain_mask.any()
+
+
+def test_check_store_is_read_only_and_names_what_is_not_current(template_dir, inputs, tmp_path):
+    """`check_store` (what `volscan score` runs) reports missing, stale and damaged entries and the
+    landmarks' state, and never writes: the folder's bytes are the same before and after."""
+    from preprocessing.cohort import check_store
+
+    def files(folder):
+        return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    out, specs = tmp_path / "out", _specs(inputs)[1:]  # the two registered scans: no registration, fast
+    empty = check_store(specs, out, SETTINGS, template=template_dir)
+    assert empty.scans == {"brats_01": "not preprocessed", "brats_02": "not preprocessed"}
+    assert empty.landmarks == "not learned yet" and not out.exists()
+    preprocess_cohort(specs, out, SETTINGS, template=template_dir, progress=False)
+    done = check_store(specs, out, SETTINGS, template=template_dir)
+    assert done.complete and [r.id for r in done.result.records] == ["brats_01", "brats_02"]
+    (out / "images" / "brats_02.nii.gz").write_bytes(b"damaged")
+    before = files(out)
+    other = SETTINGS.replace(cutoff=(0.05, 0.95))  # other settings: other landmarks would be learned
+    assert check_store(specs, out, SETTINGS, template=template_dir).scans == {"brats_02": "standardised cube damaged"}
+    assert check_store(specs, out, other, template=template_dir).landmarks == "learned on other scans or settings"
+    assert files(out) == before
