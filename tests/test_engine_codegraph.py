@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 
+import igraph
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from volumetric.engine import CoDeGraph, mutual_scores
+from volumetric.engine import CoDeGraph, ScoringConfig, lnamd, mutual_scores, score_collections
+from volumetric.engine.codegraph import community_density
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.ranked import ranked_minima
 from volumetric.engine.synthetic import CONSISTENT_ANOMALY, NORMAL, RANDOM_ANOMALY, synthetic_batch
@@ -119,16 +121,54 @@ def test_plain_tukey_fence_flags_the_dense_community():
     for method in (CoDeGraph(), CoDeGraph(min_spread=0.0)):
         outliers, fences = method._outliers(communities, densities)
         assert outliers == [6] and math.isinf(fences[7])
-    assert CoDeGraph()._outliers(communities, densities)[1][0] == 2.0 + 1.5 * 1.0
+    assert CoDeGraph()._outliers(communities, densities)[1][0] == 2.0 + 3.0 * 1.0
     # one link denser than identical others: flagged by the plain fence, not by the floored one
     assert CoDeGraph(min_spread=0.0)._outliers(communities[:7], [2.0] * 6 + [3.0])[0] == [6]
     assert CoDeGraph()._outliers(communities[:7], [2.0] * 6 + [3.0])[0] == []
 
 
+def clique_graph(groups: list[tuple[int, float]]) -> tuple[igraph.Graph, list[list[int]]]:
+    """Disjoint cliques, (size, weight of every edge inside) each; returns the graph and members."""
+    edges, weights, members, start = [], [], [], 0
+    for size, weight in groups:
+        nodes = list(range(start, start + size))
+        edges += [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
+        weights += [weight] * (size * (size - 1) // 2)
+        members.append(nodes)
+        start += size
+    graph = igraph.Graph(n=start, edges=edges)
+    graph.es["weight"] = weights
+    return graph, members
+
+
+def test_density_is_internal_strength_per_member_or_weight_per_pair():
+    graph, (big, pair) = clique_graph([(5, 3.0), (2, 7.0)])
+    graph.add_edge(0, 5, weight=4.0)  # an edge leaving the community does not count
+    assert community_density(graph, big) == 2 * (10 * 3.0) / 5
+    assert community_density(graph, big, "pair") == 3.0
+    assert community_density(graph, pair) == community_density(graph, pair, "pair") == 7.0
+    assert community_density(graph, [6]) == 0.0
+
+
+def test_strength_fence_flags_a_large_moderate_community_among_small_dense_ones():
+    """The measured failure of the per-pair fence (look-alike phantoms, contrast 1.5, seed 2): a
+    15-scan lesion community of 8 connections per pair among 2-4-scan healthy communities whose
+    single heaviest edges reach 9. Per member the large one is the outlier, per pair it hides
+    under the fence."""
+    graph, members = clique_graph([(15, 8.0), (2, 9.0), (2, 7.0), (3, 6.0), (3, 3.0), (4, 3.0), (3, 4.0)]
+                                  + [(2, 2.0)] * 4)
+    for method, flagged in ((CoDeGraph(), [0]), (CoDeGraph(density="pair", iqr_k=1.5), [])):
+        densities = [community_density(graph, c, method.density) for c in members]
+        outliers, fences = method._outliers(members, densities)
+        assert outliers == flagged
+    assert densities[0] == 8.0 < fences[0]  # per pair: under Q3 + 1.5 IQR of the small ones
+    assert community_density(graph, members[0]) == 14 * 8.0
+
+
 def test_plain_fence_flags_noise_in_a_lesion_free_batch():
     """The measured case behind `min_spread`: without it, equal link counts (IQR = 0) make
     communities one link denser outliers."""
-    batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=1)
+    batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=0)
     plain = CoDeGraph(min_spread=0.0)(batch.features, options=QUIET)
     assert plain.outlier_communities and plain.excluded.any()
 
@@ -171,6 +211,35 @@ def test_final_scores_are_exact_mutual_scores_on_the_refined_base():
         scores = method._final_scores(lambda: [x], valid, excluded, partners, 3, QUIET)
         expected = (head.square() if squared else head).mean(-1).float()
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grid_scores_after_exclusion_are_plain_mutual_scores_at_each_position():
+    """Through `score_collections` on a 3D grid with void cells and two layers: every valid cell's
+    final score is the plain top-k mean of its distances to the other collections' base cells
+    (valid, not excluded), averaged over views, at that cell's own position (no index shuffle
+    between elements, grid positions and the exclusion mask)."""
+    batch = synthetic_batch(m=96, per_collection=10, seed=0)
+    n, grid = batch.features.shape[0], (4, 6, 4)
+    g = torch.Generator().manual_seed(7)
+    valid = torch.rand(n, *grid, generator=g) > 0.1
+    layers = [batch.features, batch.features + 0.05 * torch.randn(batch.features.shape, generator=g)]
+    layers = [x.reshape(n, *grid, -1).masked_fill(~valid[..., None], 9.0) for x in layers]  # void: any value
+    config = ScoringConfig(lnamd_radii=(1,), engine=QUIET)
+    result = score_collections(layers, valid, "codegraph", config)
+    excluded = result.codegraph.excluded
+    assert result.codegraph.outlier_collections == batch.consistent and excluded.any()
+    flat_valid = valid.reshape(n, -1)
+    k = math.floor(0.1 * (n - 1))
+    reference = torch.zeros(n, 96, dtype=torch.float64)
+    for layer in layers:
+        view = lnamd(layer, 1, valid).reshape(n, 96, -1)
+        d, _ = brute_vectors(view, flat_valid & ~excluded)
+        reference += d.sort(-1).values[..., :k].mean(-1) / len(layers)
+    scores = result.element_scores.reshape(n, -1)
+    torch.testing.assert_close(scores[flat_valid], reference[flat_valid].float(), rtol=1e-4, atol=1e-5)
+    assert scores[~flat_valid].isnan().all()
+    anomalous = batch.kind == CONSISTENT_ANOMALY
+    assert bool((excluded & ~flat_valid).sum() == 0) and float((excluded & anomalous).sum() / excluded.sum()) >= 0.8
 
 
 def test_ranked_lists_are_the_head_of_the_sorted_vectors_with_base_and_partners():
@@ -231,6 +300,7 @@ def test_averaged_graph_switch_back_runs_one_connection_per_link():
         (dict(top_fraction=0.0), "top_fraction"),
         (dict(graph="mean"), "graph"),
         (dict(fence="loo"), "fence"),
+        (dict(density="mean"), "density"),
         (dict(filtering="once"), "filtering"),
     ],
 )

@@ -25,21 +25,43 @@ scores again. Stages and defaults, each with its evidence:
    in closed form: the coverage target is first reached at the ceil(coverage N)-th smallest
    per-collection first link value, rounded up to a whole batch.
 5. **Communities**: Leiden, CPM, weighted, resolution = 25th percentile of edge weights (paper).
-   Density = internal weight per node pair (eq. 3.6 lost; the natural reading); single
-   collections have no pairs and are never outliers (one scan cannot be a *consistent* anomaly).
-6. **Outliers: Tukey** (paper): density > Q3 + k IQR over the densities of all communities
-   of >= 2 collections. `iqr_k = 1.5` (the paper's value is lost: "a large k" by default, "lower
-   values for broader sensitivity"): measured on the phantom ablation (docs/engine.md), k = 3
-   left the pure look-alike lesion community (16 scans, density 7.5) under its fence (9.2)
-   because two-scan communities of healthy scans reach densities of 4-7; k = 1.5 flags it and
-   still flags nothing in the lesion-free batch.
+   Density = a community's *internal connection strength* (the paper's words; eq. 3.6 is lost):
+   `density="strength"`, the mean internal weighted degree `2 W_in / n` (connections a member
+   keeps inside its community). `density="pair"` (our earlier reading, an option) = internal
+   weight per node pair `W_in / (n (n - 1) / 2)`. Single collections have no internal edges and
+   are never outliers (one scan cannot be a *consistent* anomaly).
+   Measured (all communities of 18 look-alike phantom cohorts, contrast 1.25-2.0, seeds 0-2,
+   N 60/90, plus the 5 distinct lesion-free cohorts among their healthy scans; docs/engine.md,
+   "Outlier rule"): Leiden forms a pure lesion community (9-25 scans) in all 18. Per pair, 2-4
+   scan communities of healthy scans reach densities up to 14.3, as dense as the lesion community
+   (4.9-20.7; a pair's density is the heaviest edge Leiden kept), so the fence over per-pair
+   densities missed the lesion community in 8 of 18 cohorts. Per member, the lesion community
+   (42-311 connections) stands 3.7-42 IQRs above Q3 of the others in all 18, and the "strength"
+   fence with k = 3 flags it in 18 of 18 (per pair, k = 1.5: 10 of 18). The cost, measured: in 3
+   of the 5 lesion-free cohorts a 6-9-scan community of mutually similar healthy scans (a normal
+   variant smaller than r_ref, the paper's stated limit) is flagged too (per pair, k = 1.5: 1 of
+   5), and targeted filtering then excludes 11-16 % of its elements. No size-aware rule we tried
+   (fence over >= 3-scan communities only, internal fraction W_in / volume, total internal
+   weight, modularity excess, log scales, k up to 6) flags the lesion community in all 18 and
+   nothing on all 5; the best that flags nothing on the 5 (per member, fence over >= 3-scan
+   communities, k = 6) flags it in 11 of 18. At T2-like contrast (1.0), where lesion cubes do not
+   burn out, the strength fence flags a 10-scan healthy-majority community beside a 7-scan
+   lesion one and CoDeGraph scores below MuSc (patient AUROC 87.8 vs 91.5 at the same f).
+6. **Outliers: Tukey** (paper): density > Q3 + k IQR over the densities of all communities of
+   >= 2 collections, `iqr_k = 3` ("a large k" by default, the paper's value is lost; the classic
+   far-out fence). With the per-member density k = 3 and k = 1.5 both flag the lesion community in
+   18 of 18; beside it k = 3 flags 5 healthy-majority communities (6-9 scans) in those cohorts,
+   k = 1.5 13 (per pair, k = 1.5: 8, of 2-4 scans).
    One departure, because a measured case needs it: the IQR is floored at `min_spread` = 1
-   connection per pair, the granularity of a small community's density. Without it a lesion-free
-   batch where most communities have the same link count (IQR = 0) flags any community one link
-   denser (`synthetic_batch(m=96, per_collection=10, consistent=0, seed=1)`: densities 3, 3 among
-   2s, 8 normal elements excluded; test_engine_codegraph.py). `min_spread=0` is the plain fence;
-   `fence="robust"` switches back to our earlier departure (each community against the other
-   communities' quartiles, IQR floored at sqrt(max(Q3, 1))).
+   connection (per member or per pair; a 2-scan community's density is its edge weight, whole
+   connections), the granularity of a small community's density. Without it a lesion-free batch
+   where most communities have the same link count (IQR = 0) flags any community a little denser
+   (`synthetic_batch(m=96, per_collection=10, consistent=0, seed=0)`: a 3-collection community of
+   strength 3.3 among 2s, 8 normal elements excluded; test_engine_codegraph.py). On the same
+   lesion-free synthetic batches (seeds 0-7, IQR floored) k = 1.5 flags noise in 3 of 8, k = 3 in
+   none: the large k is the default. `min_spread=0` is the plain fence; `fence="robust"`
+   switches back to our earlier departure (each community against the other communities'
+   quartiles, IQR floored at sqrt(max(Q3, 1))).
 7. **Targeted filtering** (Algorithm 2, eq. 3.8): outlier communities one after another (largest
    first) against the *current* base: earlier exclusions are already masked, so when one pattern
    is split into two communities, cleaning the first lets the second lose its vouchers too. For
@@ -87,6 +109,7 @@ logger = logging.getLogger(__name__)
 DISTANCE_FLOOR = 1e-8
 GRAPHS = ("layerwise", "averaged")
 FENCES = ("tukey", "robust")
+DENSITIES = ("strength", "pair")
 FILTERINGS = ("sequential", "independent")
 ROW_CHUNK = 1 << 16
 
@@ -101,9 +124,10 @@ class CoDeGraphResult:
     with the same f before exclusion (Euclidean); `excluded` (N, M) bool elements removed from
     the base; `graph` undirected igraph.Graph, one vertex per collection, edge attribute "weight"
     = number of connections; `communities` lists of collection indices (largest first);
-    `outlier_communities` indices into `communities`; `densities` per community (internal weight
-    per node pair, 0 for singletons); `density_fences` the density above which a community is an
-    outlier (inf for singletons); `reference_rank` r_ref (1-based); `suspicious_links` links
+    `outlier_communities` indices into `communities`; `densities` per community
+    (`CoDeGraph.density`: mean internal weighted degree, or weight per node pair; 0 for
+    singletons); `density_fences` the density above which a community is an outlier (inf for
+    singletons); `reference_rank` r_ref (1-based); `suspicious_links` links
     selected; `graph_views` views whose neighbours make the connections (links x graph_views =
     total edge weight).
     """
@@ -167,8 +191,9 @@ class CoDeGraph:
     coverage: float = 0.95
     link_batch: int = 64
     resolution_quantile: float = 0.25
-    iqr_k: float = 1.5
+    iqr_k: float = 3.0
     min_spread: float = 1.0
+    density: str = "strength"
     dependency_percentile: float = 99.0
     squared: bool = False
     graph: str = "layerwise"
@@ -191,7 +216,7 @@ class CoDeGraph:
             raise VolscanError(f"min_spread: must be >= 0, got {self.min_spread!r}")
         if not 0.0 < self.dependency_percentile <= 100.0:
             raise VolscanError(f"dependency_percentile: must be in (0, 100], got {self.dependency_percentile!r}")
-        for name, allowed in (("graph", GRAPHS), ("fence", FENCES), ("filtering", FILTERINGS)):
+        for name, allowed in (("graph", GRAPHS), ("fence", FENCES), ("density", DENSITIES), ("filtering", FILTERINGS)):
             if getattr(self, name) not in allowed:
                 raise VolscanError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
 
@@ -363,7 +388,7 @@ class CoDeGraph:
             graph, leidenalg.CPMVertexPartition, weights="weight", resolution_parameter=resolution, seed=self.seed
         )
         communities = sorted((sorted(c) for c in partition), key=lambda c: (-len(c), c))
-        return communities, [community_density(graph, c) for c in communities]
+        return communities, [community_density(graph, c, self.density) for c in communities]
 
     def _outliers(self, communities: list[list[int]], densities: list[float]) -> tuple[list[int], list[float]]:
         """Communities (>= 2 collections) above the density fence; returns indices and fences
@@ -426,10 +451,15 @@ class CoDeGraph:
         return total / count
 
 
-def community_density(graph: igraph.Graph, members: Sequence[int]) -> float:
-    """Internal edge weight per node pair (0 for a single collection)."""
-    pairs = len(members) * (len(members) - 1) / 2
-    return sum(graph.subgraph(members).es["weight"]) / pairs if pairs else 0.0
+def community_density(graph: igraph.Graph, members: Sequence[int], density: str = "strength") -> float:
+    """Internal connection strength of a community: "strength" = mean internal weighted degree
+    2 W_in / n, "pair" = internal weight per node pair W_in / (n (n - 1) / 2); 0 for a single
+    collection (W_in: summed weight of the edges inside `members`)."""
+    n = len(members)
+    if n < 2:
+        return 0.0
+    internal = sum(graph.subgraph(members).es["weight"])
+    return 2.0 * internal / n if density == "strength" else internal / (n * (n - 1) / 2)
 
 
 def tukey_fence(densities: Sequence[float], k: float, min_spread: float = 0.0) -> float:
