@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from preprocessing.store import (
 )
 from preprocessing.template import Template, resolve_template
 from preprocessing.volume import VolumePreprocessor
-from volumetric.errors import InputFileError, VolscanError
+from volumetric.errors import InputFileError, VolscanError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +327,23 @@ def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, s
         return exc.path, exc.problem
     except VolscanError as exc:
         return "", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a library failing on this scan: one line naming it, no traceback
+        log.debug("preprocessing %s failed", record.source, exc_info=True)
+        return str(record.source), f"preprocessing failed: {_library_error(exc)} (details: -vv)"
     save_volume(result.cube, result.mapping.cube_affine, record.spatial_path, dtype=np.float32)
     save_volume(result.brain_mask, result.mapping.cube_affine, record.mask_path, dtype=np.uint8)
     result.mapping.save(record.mapping_path)
     result.mapping.write_itk_transform(record.transform_path)
     return None
+
+
+def _library_error(exc: Exception) -> str:
+    """One line for a third-party failure: ITK's own 'ITK ERROR' line when there is one (the first
+    line of a SimpleITK exception is only a source location), else the first line."""
+    for line in str(exc).splitlines():
+        if "ITK ERROR:" in line:
+            return re.sub(r"\(0x[0-9a-fA-F]+\)", "", line.split("ITK ERROR:", 1)[1]).strip()
+    return first_line(exc)
 
 
 def _cohort_landmarks(

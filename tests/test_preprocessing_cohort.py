@@ -166,3 +166,23 @@ def test_check_store_is_read_only_and_names_what_is_not_current(template_dir, in
     assert check_store(specs, out, SETTINGS, template=template_dir).scans == {"brats_02": "standardised cube damaged"}
     assert check_store(specs, out, other, template=template_dir).landmarks == "learned on other scans or settings"
     assert files(out) == before
+
+
+def test_a_library_failure_on_one_scan_is_one_line_naming_it(template_dir, inputs, tmp_path, monkeypatch, capsys):
+    """A SimpleITK exception inside the spatial chain (first line: a C++ source location) becomes one
+    line naming the scan and ITK's own message, in the API and on the command line (no traceback)."""
+    def itk_failure(self, volume):
+        raise RuntimeError("Exception thrown in SimpleITK Filter_Execute: /tmp/itkFilter.hxx:332:\n"
+                           "ITK ERROR: RecursiveGaussianImageFilter(0x5622d6483900): Sigma must be greater than zero.")
+
+    monkeypatch.setattr(VolumePreprocessor, "__call__", itk_failure)
+    scan = inputs / "brats_01.nii.gz"
+    with pytest.raises(InputFileError) as caught:
+        preprocess_cohort([scan], tmp_path / "out", SETTINGS, template=template_dir, progress=False)
+    assert caught.value.path == str(scan)
+    assert caught.value.problem == ("preprocessing failed: RecursiveGaussianImageFilter: Sigma must be greater than "
+                                    "zero. (details: -vv)")
+    assert main(["preprocess", str(inputs), "-o", str(tmp_path / "cli"), "--template", str(template_dir),
+                 "--size", str(SIZE), "--brain-mask", "template"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "preprocessing failed: RecursiveGaussianImageFilter: Sigma" in err
