@@ -1,8 +1,10 @@
 """`volscan score INPUT --cache CACHE -o OUT`: the group stage of a screen, from cached tokens.
 
-Same arguments and outputs as `volscan screen`, but nothing per scan is computed: every scan's
-preprocessing and tokens must already be in CACHE (from `volscan extract`, possibly run as
-many `--part`s or on Ray), with the same settings; otherwise one error names the missing scans.
+Same arguments and outputs as `volscan screen`, but nothing per scan is computed and nothing is
+written into CACHE (other parts and runs share it): every scan's preprocessing and tokens must
+already be there (from `volscan extract`, possibly run as many `--part`s or on Ray), current
+and intact, with the same settings; otherwise one error names the missing, stale or damaged
+scans and the `volscan extract` command to run.
 """
 
 from __future__ import annotations
