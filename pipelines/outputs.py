@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from volumetric.atomic_files import atomic_write_bytes, umask_mode
+from volumetric.atomic_files import atomic_write_bytes, process_running, umask_mode
 from volumetric.errors import InputFileError
 
 log = logging.getLogger(__name__)
@@ -281,18 +281,7 @@ def _abandoned(owner: Any) -> bool:
     if not isinstance(owner, dict) or owner.get("format") != PARTIAL_FORMAT or owner.get("host") != socket.gethostname():
         return False
     pid = owner.get("pid")
-    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not _running(pid)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not process_running(pid)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -32,6 +32,7 @@ from preprocessing.store import (
     content_hash,
     digest,
     file_checksums,
+    open_for_writing,
     read_record,
     subject_record,
     verified_files,
@@ -111,6 +112,7 @@ def preprocess_cohort(
             raise _stale_error(out / "records" / f"{record.id}.json")
         todo.append((subject.pre, record, {"spatial_key": subject.key, "settings": subject.settings_key,
                                            "mask": _mask_entry(subject.choice)}))
+    open_for_writing(out)
     computed = _run_spatial(todo, out, workers, progress)
     if until == "spatial":
         return CohortResult(records=records, landmarks=None, landmarks_path=None, computed=computed)

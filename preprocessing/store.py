@@ -24,7 +24,7 @@ import numpy as np
 
 from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
-from volumetric.atomic_files import atomic_write_bytes
+from volumetric.atomic_files import atomic_write_bytes, tidy_before_writing
 from volumetric.backbones import file_sha256
 from volumetric.errors import InputFileError
 
@@ -80,6 +80,14 @@ def subject_record(out: Path, sid: str, source: Path, brain_mask: str = "", warn
         brain_mask=brain_mask,
         warnings=warnings,
     )
+
+
+def open_for_writing(out: Path) -> None:
+    """Call before writing into the store at `out`: removes from its folders the temporaries
+    that killed volscan runs of this host left (`volumetric.atomic_files`; once per process)."""
+    layout = subject_record(out, "_", out)
+    for folder in sorted({out, out / "records", *(p.parent for p in (layout.image_path, *layout.spatial_files))}):
+        tidy_before_writing(folder)
 
 
 def read_record(out: Path, sid: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ a JSON object with sorted keys) and `TOKEN_FORMAT_VERSION`; change any of them a
 changes. Entries are `<root>/<key[:2]>/<key>.safetensors`, written atomically by
 `TokenSet.save`; `load` verifies the file's checksum and deletes (and logs) anything corrupt or
 partial, reporting a miss so the caller rebuilds it. Safe to share between processes: a
-reader sees either no entry or a complete one.
+reader sees either no entry or a complete one; the first `store` into a `<key[:2]>` folder removes
+the temporaries killed runs of this host left there (`volumetric.atomic_files`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volumetric.atomic_files import tidy_before_writing
 from volumetric.backbones import file_sha256
 from volumetric.errors import VolscanError
 from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
@@ -86,7 +88,9 @@ class TokenCache:
 
     def store(self, key: str, tokens: TokenSet) -> Path:
         """Write `tokens` as entry `key` (atomic; replaces an older entry of the same key)."""
-        return tokens.save(self.path(key))
+        path = self.path(key)
+        tidy_before_writing(path.parent)
+        return tokens.save(path)
 
     def get_or_compute(self, key: str, compute: Callable[[], TokenSet]) -> TokenSet:
         """Cached tokens for `key`, computing and storing them on a miss."""
