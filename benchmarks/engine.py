@@ -15,13 +15,17 @@ printed per round and the speed-ups are per round, then their median.
 Sampled timing (default `--queries 4`): MuSc's formulation is timed on 4 query images (4 cdist
 calls) and the engine on every pair of collections that touches one of them (each pair once),
 plus the scoring; both are extrapolated linearly in the pairs they compute (MuSc: x N / 4;
-engine: x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collections.
+engine: its once-per-batch setup, timed by a call with no pair, x 1, and the rest
+x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collections.
 `--queries 0` runs everything in full (MuSc: N cdist calls; engine: `mutual_scores`).
 
 Reduced precision includes the fp32 recomputation of the highest-scoring elements
-(`EngineOptions.exact_top`, chosen among the query collections' elements when sampled).
+(`EngineOptions.exact_top`): when sampled, the query collections' highest elements are made
+exact and further rows are recomputed against every partner, up to the most a full run refines
+(ceil(s T) + sum_j ceil(s count_j)); that step is timed once, not extrapolated.
 
-Printed: seconds and valid elements/s per side, speed-up over MuSc (median of rounds), max relative
+Printed: seconds and valid elements/s per side, the speed-up in wall time and in this process's
+CPU time (all threads; less sensitive to other processes on a shared machine), speed-up over MuSc (median of rounds), max relative
 score difference to MuSc (fp32) and, for bf16 / fp16, max relative score error, top-1 % element
 agreement against the fp32 engine; CoDeGraph's communities, exclusions and scores in reduced
 precision against fp32 on the engine tests' synthetic batches; projected engine time for N = 150
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,7 +56,7 @@ from pathlib import Path
 import torch
 
 from volumetric.engine import CoDeGraph, EngineOptions, mutual_scores
-from volumetric.engine.distances import collection_minima
+from volumetric.engine.distances import collection_minima, element_minima
 from volumetric.engine.gemm import rows_by_columns
 from volumetric.engine.mutual import minima_scores, refine_highest, top_k_counts
 from volumetric.engine.synthetic import synthetic_batch
@@ -71,11 +76,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+    return timed_cpu(fn, device)[:2]
+
+
+def timed_cpu(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """Result, wall seconds and this process's CPU seconds (all threads) of one call."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     synchronize(device)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def musc_scores(features: torch.Tensor, valid: torch.Tensor, i: int, f: float, rows: int) -> torch.Tensor:
@@ -133,29 +143,55 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
     ref_scale, engine_scale = n / len(queries), total_pairs / engine_pairs
     k = top_k_counts(torch.tensor([n]), MUSC_FRACTION)
 
-    def reference() -> torch.Tensor:
-        return torch.cat([musc_scores(features_dev, valid_dev, i, MUSC_FRACTION, args.reference_rows)[valid_dev[i]]
-                          for i in queries]).cpu()
+    def reference() -> tuple[torch.Tensor, float, float]:
+        out, wall, cpu = timed_cpu(lambda: torch.cat([
+            musc_scores(features_dev, valid_dev, i, MUSC_FRACTION, args.reference_rows)[valid_dev[i]] for i in queries
+        ]).cpu(), device)
+        return out, wall * ref_scale, cpu * ref_scale
 
-    def engine(precision: str) -> Callable[[], torch.Tensor]:
-        options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb, progress=False)
+    def engine(precision: str) -> Callable[[], tuple[torch.Tensor, float, float]]:
+        options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb,
+                                exact_top=args.exact_top, progress=False)
         if full:
-            return lambda: mutual_scores(features_dev, MUSC_FRACTION, valid, options=options)[valid]
-        # sampled: only the pairs that touch a query, then the queries' scores (reduced precision:
-        # their highest elements made exact, chosen among the queries' elements, as a full run would)
-        def sampled() -> torch.Tensor:
-            minima = collection_minima([features_dev], valid, partners=partners, options=options)
-            among = torch.isin(minima.owner, torch.tensor(queries))
-            refine_highest([features_dev], minima, k.expand(n), partners=partners, options=options, among=among)
-            return minima_scores(minima, k.expand(n))[queries][valid[queries]]
+            return lambda: timed_cpu(lambda: mutual_scores(features_dev, MUSC_FRACTION, valid, options=options)[valid],
+                                     device)
+
+        def sampled() -> tuple[torch.Tensor, float, float]:
+            """Only the pairs that touch a query (their work beyond the setup, measured by a call with
+            no pair, x engine_scale), then the queries' scores. Reduced
+            precision: the queries' highest elements made exact, plus as many other rows as a full run
+            refines at most (ceil(s T) + sum_j ceil(s count_j)), each against every partner, timed x 1."""
+            no_pairs = torch.zeros(n, n, dtype=torch.bool)
+            _, setup_wall, setup_cpu = timed_cpu(
+                lambda: collection_minima([features_dev], valid, partners=no_pairs, options=options), device)
+            minima, wall, cpu = timed_cpu(
+                lambda: collection_minima([features_dev], valid, partners=partners, options=options), device)
+            # the per-batch setup (operands of all T tokens) happens once in a full run: only the
+            # pair work beyond it is extrapolated
+            wall = setup_wall + max(0.0, wall - setup_wall) * engine_scale
+            cpu = setup_cpu + max(0.0, cpu - setup_cpu) * engine_scale
+            if precision != "fp32" and args.exact_top > 0:
+                among = torch.isin(minima.owner, torch.tensor(queries))
+                bound = math.ceil(args.exact_top * elements) + sum(
+                    math.ceil(args.exact_top * int(count)) for count in valid.sum(1))
+
+                def refine() -> None:
+                    chosen = refine_highest([features_dev], minima, k.expand(n), partners=partners, options=options,
+                                            among=among)
+                    filler = torch.nonzero(~among).flatten()[: max(0, bound - len(chosen))]
+                    element_minima([features_dev], valid, filler, options=options)
+
+                _, refine_wall, refine_cpu = timed_cpu(refine, device)
+                wall, cpu = wall + refine_wall, cpu + refine_cpu
+            return minima_scores(minima, k.expand(n))[queries][valid[queries]], wall, cpu
 
         return sampled
 
-    sides: dict[str, Callable[[], torch.Tensor]] = {"musc": reference}
+    sides: dict[str, Callable[[], tuple[torch.Tensor, float, float]]] = {"musc": reference}
     sides.update({p: engine(p) for p in args.precisions})
-    scale = {"musc": ref_scale, **{p: engine_scale for p in args.precisions}}
     order = list(sides)
     seconds: dict[str, list[float]] = {s: [] for s in order}
+    cpu_seconds: dict[str, list[float]] = {s: [] for s in order}
     results: dict[str, torch.Tensor] = {}
     print(f"\n[{name}] N={n} M={m} C={c} void={spec['void']:.0%} valid elements={elements} device={device} "
           f"threads={torch.get_num_threads()} block_mb={args.block_mb} "
@@ -165,8 +201,9 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
         load = os.getloadavg()[0]
         rotated = order[round_ % len(order):] + order[: round_ % len(order)]
         for side in rotated:
-            out, s = timed(sides[side], device)
-            seconds[side].append(s * scale[side])
+            out, s, cpu = sides[side]()
+            seconds[side].append(s)
+            cpu_seconds[side].append(cpu)
             results.setdefault(side, out.float().cpu())
         line = "  ".join(f"{s} {seconds[s][-1]:8.1f} s" for s in order)
         ratios = "  ".join(f"{p} {seconds['musc'][-1] / seconds[p][-1]:6.2f}x" for p in args.precisions)
@@ -183,6 +220,8 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
             continue
         per_round = [a / b for a, b in zip(seconds["musc"], seconds[side])]
         text += f"  {statistics.median(per_round):12.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        per_round_cpu = [a / b for a, b in zip(cpu_seconds["musc"], cpu_seconds[side])]
+        text += f"  CPU-time {statistics.median(per_round_cpu):.2f}x"
         text += f"  max rel. diff to MuSc {max_relative(results[side], musc):.2e}"
         if side != "fp32" and "fp32" in results:
             text += (f"; vs fp32: max rel. error {max_relative(results[side], results['fp32']):.2e}, "
@@ -284,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16; "
                         "plus fp16 on CUDA)")
     parser.add_argument("--block-mb", type=float, default=EngineOptions().block_mb)
+    parser.add_argument("--exact-top", type=float, default=EngineOptions().exact_top, help="EngineOptions.exact_top")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--queries", type=int, default=4, help="query collections timed (0 = full runs)")
     parser.add_argument("--collections", type=int, default=0, help="override N of the cases")
