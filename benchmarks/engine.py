@@ -22,7 +22,7 @@ x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collection
 Reduced precision includes the fp32 recomputation of the highest-scoring elements
 (`EngineOptions.exact_top`): when sampled, the query collections' highest elements are made
 exact and further rows are recomputed against every partner, up to the most a full run refines
-(ceil(s T) + sum_j ceil(s count_j)); that step is timed once, not extrapolated.
+(ceil(s T) + sum_j max(ceil(s count_j), PEAK_CANDIDATES)); that step is timed once, not extrapolated.
 
 Printed: seconds and valid elements/s per side, the speed-up in wall time and in this process's
 CPU time (all threads; less sensitive to other processes on a shared machine), speed-up over MuSc (median of rounds), max relative
@@ -58,7 +58,7 @@ import torch
 from volumetric.engine import CoDeGraph, EngineOptions, mutual_scores
 from volumetric.engine.distances import collection_minima, element_minima
 from volumetric.engine.gemm import rows_by_columns
-from volumetric.engine.mutual import minima_scores, refine_highest, top_k_counts
+from volumetric.engine.mutual import PEAK_CANDIDATES, minima_scores, refine_highest, top_k_counts
 from volumetric.engine.synthetic import synthetic_batch
 
 CASES = {
@@ -160,7 +160,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
             """Only the pairs that touch a query (their work beyond the setup, measured by a call with
             no pair, x engine_scale), then the queries' scores. Reduced
             precision: the queries' highest elements made exact, plus as many other rows as a full run
-            refines at most (ceil(s T) + sum_j ceil(s count_j)), each against every partner, timed x 1."""
+            refines at most (ceil(s T) + sum_j max(ceil(s count_j), PEAK_CANDIDATES)), each against every partner, timed x 1."""
             no_pairs = torch.zeros(n, n, dtype=torch.bool)
             _, setup_wall, setup_cpu = timed_cpu(
                 lambda: collection_minima([features_dev], valid, partners=no_pairs, options=options), device)
@@ -173,7 +173,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
             if precision != "fp32" and args.exact_top > 0:
                 among = torch.isin(minima.owner, torch.tensor(queries))
                 bound = math.ceil(args.exact_top * elements) + sum(
-                    math.ceil(args.exact_top * int(count)) for count in valid.sum(1))
+                    min(count, max(math.ceil(args.exact_top * count), PEAK_CANDIDATES)) for count in valid.sum(1).tolist())
 
                 def refine() -> None:
                     chosen = refine_highest([features_dev], minima, k.expand(n), partners=partners, options=options,

@@ -10,7 +10,7 @@ import torch
 from volumetric.engine import EngineOptions, mutual_scores
 from volumetric.engine import gemm
 from volumetric.engine.distances import collection_minima, element_minima
-from volumetric.engine.mutual import highest_elements
+from volumetric.engine.mutual import PEAK_CANDIDATES, highest_elements
 from volumetric.errors import VolscanError
 
 
@@ -51,13 +51,33 @@ def test_exact_rows_equal_the_full_fp32_run():
     torch.testing.assert_close(rows[finite], full.distances[chosen][finite], rtol=1e-5, atol=1e-6)
 
 
-def test_highest_elements_per_batch_and_per_collection():
-    scores = torch.tensor([0.1, 0.9, math.nan, 0.2, 0.3, 0.25, 0.05, 0.8])
-    counts = torch.tensor([3, 3, 0, 2])  # collection 2 is empty
-    # share 0.2: ceil(0.2 * 8) = 2 of the batch (0.9, 0.8) plus the top one of each collection
-    assert highest_elements(scores, counts, 0.2).tolist() == [1, 4, 7]
-    among = torch.tensor([True, False, False, True, True, True, False, False])  # e.g. sampled rows
-    assert highest_elements(scores, counts, 0.2, among).tolist() == [0, 4]  # 4: batch and its own
+def plain_highest(scores: list[float], counts: list[int], share: float, among: list[bool]) -> list[int]:
+    """Reference: sort the eligible elements of the batch, then of each collection, by score
+    (NaN last)."""
+    def order(i: int) -> float:
+        return math.inf if math.isnan(scores[i]) else -scores[i]
+
+    eligible = [i for i, ok in enumerate(among) if ok]
+    chosen = set(sorted(eligible, key=order)[: math.ceil(share * len(eligible))])
+    start = 0
+    for count in counts:
+        group = [i for i in range(start, start + count) if among[i]]
+        most = min(len(group), max(math.ceil(share * len(group)), PEAK_CANDIDATES))
+        chosen |= set(sorted(group, key=order)[:most])
+        start += count
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_highest_elements_per_batch_and_per_collection(restricted):
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([40, 25, 0, 3, 60])  # an empty and a tiny collection
+    scores = torch.rand(int(counts.sum()), generator=g)
+    scores[41] = math.nan
+    among = torch.rand(len(scores), generator=g) > 0.4 if restricted else torch.ones(len(scores), dtype=torch.bool)
+    got = highest_elements(scores, counts, 0.05, among if restricted else None).tolist()
+    assert got == plain_highest(scores.tolist(), counts.tolist(), 0.05, among.tolist())
+    assert 41 not in got
 
 
 def test_bf16_scores_are_exact_at_the_top():

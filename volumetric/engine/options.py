@@ -28,7 +28,8 @@ class EngineOptions:
     `exact_top`: with precision "bf16" / "fp16", the share of elements with the highest scores,
     of the batch and of each collection, whose distances are recomputed in fp32 by mutual
     scoring, so that collection scores (the maximum) and the peaks of the maps are exact (0 = off;
-    costs at most 4 x exact_top of an fp32 run). `progress`: tqdm bars.
+    costs at most 4 x exact_top of an fp32 run; 2D-like benchmark: bf16 12.3x MuSc's fp32 with 0,
+    10.2x with 0.01, 9.4x with 0.02, top-1 % agreement 0.963 / 1.000 / 1.000, docs/engine.md). `progress`: tqdm bars.
     Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
     into s independent subsets), `preselect_fraction` (compare each collection with that share
     of its most similar collections, None = all) and `seed` (subset split).
@@ -38,7 +39,7 @@ class EngineOptions:
     precision: str = "fp32"
     block_mb: float = 128.0
     memory_mb: float | None = None
-    exact_top: float = 0.02
+    exact_top: float = 0.01
     progress: bool = True
     subsets: int = 1
     preselect_fraction: float | None = None
