@@ -49,16 +49,22 @@ def test_exact_rows_equal_the_full_fp32_run():
     assert torch.equal(torch.isinf(rows), torch.isinf(full.distances[chosen]))
     finite = torch.isfinite(rows)
     torch.testing.assert_close(rows[finite], full.distances[chosen][finite], rtol=1e-5, atol=1e-6)
+    needed = torch.rand(len(chosen), 7, generator=torch.Generator().manual_seed(1)) < 0.5
+    some = element_minima(layers, valid, chosen, partners=partners, needed=needed, options=EngineOptions(block_mb=1e-4))
+    assert torch.equal(torch.isfinite(some), finite & needed)  # skipped pairs are +inf
+    torch.testing.assert_close(some[finite & needed], rows[finite & needed], rtol=1e-6, atol=1e-7)
 
 
-def plain_highest(scores: list[float], counts: list[int], share: float, among: list[bool]) -> list[int]:
+def plain_highest(
+    scores: list[float], counts: list[int], share: float, among: list[bool], margin: float = 1.0
+) -> list[int]:
     """Reference: sort the eligible elements of the batch, then of each collection, by score
     (NaN last)."""
     def order(i: int) -> float:
         return math.inf if math.isnan(scores[i]) else -scores[i]
 
     eligible = [i for i, ok in enumerate(among) if ok]
-    chosen = set(sorted(eligible, key=order)[: math.ceil(share * len(eligible))])
+    chosen = set(sorted(eligible, key=order)[: math.ceil(margin * share * len(eligible))])
     start = 0
     for count in counts:
         group = [i for i in range(start, start + count) if among[i]]
@@ -68,15 +74,15 @@ def plain_highest(scores: list[float], counts: list[int], share: float, among: l
     return sorted(chosen)
 
 
-@pytest.mark.parametrize("restricted", [False, True])
-def test_highest_elements_per_batch_and_per_collection(restricted):
+@pytest.mark.parametrize("restricted, margin", [(False, 1.0), (True, 1.0), (False, 2.0)])
+def test_highest_elements_per_batch_and_per_collection(restricted, margin):
     g = torch.Generator().manual_seed(8)
     counts = torch.tensor([40, 25, 0, 3, 60])  # an empty and a tiny collection
     scores = torch.rand(int(counts.sum()), generator=g)
     scores[41] = math.nan
     among = torch.rand(len(scores), generator=g) > 0.4 if restricted else torch.ones(len(scores), dtype=torch.bool)
-    got = highest_elements(scores, counts, 0.05, among if restricted else None).tolist()
-    assert got == plain_highest(scores.tolist(), counts.tolist(), 0.05, among.tolist())
+    got = highest_elements(scores, counts, 0.05, among if restricted else None, margin).tolist()
+    assert got == plain_highest(scores.tolist(), counts.tolist(), 0.05, among.tolist(), margin)
     assert 41 not in got
 
 

@@ -13,11 +13,11 @@ Speed comes from few, large operations per block:
   cost 80 % of the time on busy machines: many small calls). Padding costs `P / mean count - 1`
   extra products (a few % for 30 % random void).
 - Products go through `volumetric.engine.gemm` (float32 on CPU: oneDNN, ~2x torch.mm's MKL on
-  the AMD CPU we measure on). Blocks are bounded by `EngineOptions.block_mb` (default 128 MiB of
-  float32; on CUDA at least `GPU_BLOCK_MB`); torch.mm writes them into one reused buffer (no page
-  faults of fresh allocations), oneDNN into its own. Smaller,
-  cache-sized blocks (8-32 MiB for this CPU's 32 MiB L3) were not faster on the shared machine we
-  measured on: there, every extra call costs more than a cache miss (docs/engine.md).
+  the AMD CPU we measure on). Blocks are bounded by `EngineOptions.block_mb` (default 32 MiB of
+  float32, so a block stays in this CPU's 32 MiB L3 for its two reductions: 1.2-1.5x faster in
+  fp32 than 128 MiB on the quiet machine, docs/engine.md; on CUDA at least `GPU_BLOCK_MB`);
+  torch.mm writes them into one reused buffer (no page faults of fresh allocations), oneDNN
+  into its own.
 - Void (invalid) elements are dropped before any product: never anyone's neighbour, no cost.
 - `precision="bf16"` / `"fp16"`: operands in reduced precision, the squared norms split in a
   high and a low part (so they keep ~16 bits), products accumulated in fp32 by the GEMM, minima
@@ -128,15 +128,18 @@ def element_minima(
     elements: Tensor,
     *,
     partners: Tensor | None = None,
+    needed: Tensor | None = None,
     options: EngineOptions | None = None,
 ) -> Tensor:
     """Float32 `d(x, J)` (E, N) for chosen valid elements only, averaged over layers.
 
     `elements` (E,) int64: indices into the T valid elements (ordered as in `CollectionMinima`).
-    Same arithmetic as `collection_minima` at precision "fp32" (same centring, scale, offset and
-    products), so values equal that path's to float32 rounding; +inf at the element's own
-    collection, at pairs `partners` leaves out and at empty collections. Costs E rows against every
-    partner token: 2 E / T of a pairs-once fp32 run. `options.precision` is not read (always fp32).
+    `needed` (E, N) bool: the pairs to compute (None = all). Same arithmetic as
+    `collection_minima` at precision "fp32" (same centring, scale, offset and products), so values
+    equal that path's to float32 rounding; +inf at the element's own collection, at pairs
+    `partners` leaves out or `needed` skips, and at empty collections. One product per partner
+    collection J with the rows that need J: costs the needed pairs x P x C (all pairs: 2 E / T of a
+    pairs-once fp32 run). `options.precision` is not read (always fp32).
     """
     options = EngineOptions() if options is None else options
     dev = resolve_device(options.device)
@@ -145,24 +148,28 @@ def element_minima(
     if partners is None:
         partners = ~torch.eye(n, dtype=torch.bool)
     owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
-    allowed = partners[owner[elements]] & (valid.sum(1) > 0)[None, :]
-    allowed[torch.arange(len(elements)), owner[elements]] = False
+    compute = partners[owner[elements]] & (valid.sum(1) > 0)[None, :]
+    compute[torch.arange(len(elements)), owner[elements]] = False
+    if needed is not None:
+        compute &= needed.cpu()
     bank = _PaddedBank.build(valid, dev)
     width = bank.width
-    block_elements = _block_elements(options, dev)
-    buffer = torch.empty(block_elements, device=dev)
+    most_rows = max(1, _block_elements(options, dev) // width)
+    buffer = torch.empty(most_rows * width, device=dev)
     total = torch.zeros(len(elements), n)
     for layer in layers:
-        rows_op, cols_op, offset, sq_scale = _operands(layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32)
-        chosen = rows_op[elements.to(dev)]
-        del rows_op
-        out = torch.empty(len(elements), n, device=dev)
-        for r0, r1 in _even_chunks(0, len(elements), max(1, block_elements // width)):
-            for j0, j1 in _even_chunks(0, n, max(1, block_elements // ((r1 - r0) * width))):
-                dist = rows_by_columns(cols_op[j0 * width : j1 * width], chosen[r0:r1], buffer)
-                out[r0:r1, j0:j1] = dist.view(j1 - j0, width, r1 - r0).amin(1).T
+        chosen, cols_op, offset, sq_scale = _operands(
+            layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32, rows_of=elements.to(dev)
+        )
+        out = torch.full((len(elements), n), torch.inf, device=dev)
+        for j in range(n):
+            rows = torch.nonzero(compute[:, j]).flatten()
+            for r0, r1 in _even_chunks(0, len(rows), most_rows):
+                part = rows[r0:r1].to(dev)
+                dist = rows_by_columns(cols_op[j * width : (j + 1) * width], chosen[part], buffer)
+                out[part, j] = dist.amin(0)
         total += out.add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_().cpu()
-    return total.div_(len(layers)).masked_fill_(~allowed, torch.inf)
+    return total.div_(len(layers)).masked_fill_(~compute, torch.inf)
 
 
 def _block_elements(options: EngineOptions, device: torch.device) -> int:
@@ -209,13 +216,14 @@ class _PaddedBank:
 
 
 def _operands(
-    x: Tensor, bank: _PaddedBank, n: int, dtype: torch.dtype
+    x: Tensor, bank: _PaddedBank, n: int, dtype: torch.dtype, rows_of: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float, float]:
     """Augmented row and (padded) column operands so that `cols @ rows.T` = squared distances
     minus `offset`.
 
-    `x` (T, C) float32 valid tokens, a private copy (modified in place). Returns rows (T, C+a),
-    cols (N*P, C+a) in `dtype`, the offset to add back and the scale to multiply results by.
+    `x` (T, C) float32 valid tokens, a private copy (modified in place). Returns rows (T, C+a)
+    (only those of the token indices `rows_of`, when given), cols (N*P, C+a) in `dtype`, the
+    offset to add back and the scale to multiply results by.
     fp32: [a, |a|^2, 1] . [-2b, 1, |b|^2 - o]. Reduced precision: the norm terms are split into
     high + low parts, [a, hi, lo, 1, 1] . [-2b, 1, 1, hi', lo'], so they keep ~16 bits.
     """
@@ -226,21 +234,24 @@ def _operands(
     sq = x.square().sum(1)
     offset = _typical_nearest_square(x, sq, bank.offsets)
     t, c = x.shape
-    norm_rows, norm_cols = _split(sq, dtype), _split(sq - offset, dtype)
+    picked = slice(None) if rows_of is None else rows_of
+    norm_rows, norm_cols = _split(sq[picked], dtype), _split(sq - offset, dtype)
     extra = 2 * len(norm_rows)
     width = c + extra
-    rows = torch.empty(t, width, dtype=dtype, device=x.device)
-    rows[:, :c] = x
+    rows = torch.empty(t if rows_of is None else len(rows_of), width, dtype=dtype, device=x.device)
+    rows[:, :c] = x[picked]
     for k, part in enumerate(norm_rows):
         rows[:, c + k] = part
     rows[:, c + len(norm_rows) :] = 1.0
     cols = torch.zeros(n * bank.width, width, dtype=dtype, device=x.device)
-    values = torch.empty(t, width, dtype=dtype, device=x.device)
+    # Written straight into the slots when there are no pads (one copy instead of two).
+    values = cols if n * bank.width == t else torch.empty(t, width, dtype=dtype, device=x.device)
     values[:, :c] = x.mul_(-2)
     values[:, c : c + len(norm_cols)] = 1.0
     for k, part in enumerate(norm_cols):
         values[:, c + len(norm_cols) + k] = part
-    cols[bank.slots] = values
+    if values is not cols:
+        cols[bank.slots] = values
     pads = torch.ones(n * bank.width, dtype=torch.bool, device=x.device)
     pads[bank.slots] = False
     cols[pads, c + len(norm_cols)] = PAD_DISTANCE  # times the rows' constant 1

@@ -65,17 +65,28 @@ def minima_scores(minima: CollectionMinima, k: Tensor) -> Tensor:
 # would be 1 element, and a bf16 near-tie then keeps the true maximum out (measured: 1 of 12
 # random batches of 10 x ~63 elements).
 PEAK_CANDIDATES = 8
+# The batch's exact top share comes from RANK_MARGIN x that share of bf16's highest: bf16 moves
+# ranks near the cut (3D-like benchmark, 1 % from 1 %: agreement 0.982; from 2 %: 1.000).
+RANK_MARGIN = 2.0
+# Partner collections recomputed for a refined element: those whose reduced-precision distance
+# is within this relative margin of its k-th smallest; the others cannot enter the mean of the k
+# smallest unless bf16 erred by more than half of it (largest error measured: 1e-4 relative on
+# scores, docs/engine.md), so they keep their reduced-precision value.
+DISTANCE_MARGIN = 0.01
 
 
-def highest_elements(scores: Tensor, counts: Tensor, share: float, among: Tensor | None = None) -> Tensor:
-    """Sorted unique indices of the `ceil(share E)` highest of `scores` (T,) and of the
-    `max(ceil(share e_j), PEAK_CANDIDATES)` highest of each collection j (at most e_j), where
-    E / e_j count the eligible elements
-    (all, or those where `among` (T,) bool is True). `counts` (N,) int64: elements per collection
-    (scores are ordered collection by collection). Ineligible and NaN elements come last."""
+def highest_elements(
+    scores: Tensor, counts: Tensor, share: float, among: Tensor | None = None, batch_margin: float = 1.0
+) -> Tensor:
+    """Sorted unique indices of the `ceil(batch_margin share E)` highest of `scores` (T,) and of
+    the `max(ceil(share e_j), PEAK_CANDIDATES)` highest of each collection j (at most e_j), where
+    E / e_j count the eligible elements (all, or those where `among` (T,) bool is True).
+    `counts` (N,) int64: elements per collection (scores are ordered collection by collection).
+    Ineligible and NaN elements come last."""
     eligible = torch.ones_like(scores, dtype=torch.bool) if among is None else among
     keys = scores.nan_to_num(-torch.inf, torch.inf, -torch.inf).masked_fill(~eligible, -torch.inf)
-    chosen = [keys.topk(math.ceil(share * int(eligible.sum()))).indices]
+    total = int(eligible.sum())
+    chosen = [keys.topk(min(total, math.ceil(batch_margin * share * total))).indices]
     start = 0
     for stop in torch.cumsum(counts, 0).tolist():
         group_size = int(eligible[start:stop].sum())
@@ -94,21 +105,30 @@ def refine_highest(
     partners: Tensor | None,
     options: EngineOptions,
     among: Tensor | None = None,
-) -> Tensor:
-    """Reduced precision made exact where it matters: the minima of the highest-scoring elements
-    (`highest_elements` with `options.exact_top`) are recomputed in fp32, in place.
+) -> tuple[Tensor, Tensor]:
+    """Reduced precision made exact where it matters, in place: for the highest-scoring elements
+    (`highest_elements` with `options.exact_top`, the batch part widened by RANK_MARGIN) the
+    distances that decide their scores (the k smallest, and any within DISTANCE_MARGIN of the
+    k-th) are recomputed in fp32.
 
     `minima` from `collection_minima` on these `layers`; `k` (N,) per collection; `among` (T,)
     bool restricts the choice (e.g. to the collections a caller scores). Returns the refined
-    element indices (empty at fp32 or exact_top = 0: nothing to do). Nearest positions, where
-    kept, stay those of the reduced-precision pass (a near-tie may name another element).
+    element indices (E,) and the (E, N) bool pairs recomputed (empty at fp32 or exact_top = 0:
+    nothing to do). Nearest positions, where kept, stay those of the reduced-precision pass (a
+    near-tie may name another element).
     """
+    n = minima.valid.shape[0]
     if options.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long)
-    scores = smallest_mean(minima.distances, k[minima.owner])
-    chosen = highest_elements(scores, minima.valid.sum(1), options.exact_top, among)
-    minima.distances[chosen] = element_minima(layers, minima.valid, chosen, partners=partners, options=options)
-    return chosen
+        return torch.empty(0, dtype=torch.long), torch.zeros(0, n, dtype=torch.bool)
+    per_element_k = k[minima.owner]
+    scores = smallest_mean(minima.distances, per_element_k)
+    chosen = highest_elements(scores, minima.valid.sum(1), options.exact_top, among, RANK_MARGIN)
+    rows = minima.distances[chosen]
+    kth = rows.sort(1).values.gather(1, (per_element_k[chosen] - 1).clamp_max(rows.shape[1] - 1)[:, None])
+    needed = rows <= kth * (1 + DISTANCE_MARGIN)
+    exact = element_minima(layers, minima.valid, chosen, partners=partners, needed=needed, options=options)
+    minima.distances[chosen] = torch.where(needed, exact, rows)
+    return chosen, needed
 
 
 def mutual_scores(

@@ -37,7 +37,7 @@ class EngineOptions:
 
     device: str | None = None
     precision: str = "fp32"
-    block_mb: float = 128.0
+    block_mb: float = 32.0
     memory_mb: float | None = None
     exact_top: float = 0.01
     progress: bool = True
