@@ -8,8 +8,11 @@ Every finished output holds `volscan-run.json` (`RUN_MARKER`): a format tag, the
 wrote it and the SHA-256 of each file it wrote. An output written in place (`volscan preprocess`)
 holds a marker with `"complete": false` until the command finishes, so an interrupted one
 (`kill -9`) never looks finished. A run killed before its rename leaves its hidden temporary
-folder, owned through `volscan-partial.json` (process id and host); the next run into the same
-OUT removes it once that process is gone, and nothing else. `--force` replaces a folder only when that
+folder, owned through `volscan-partial.json` (process id and host), on which the run holds an
+exclusive `flock` for its whole life; the next run into the same OUT removes such a folder only
+when that lock is free (the kernel drops it when the process dies, in any PID namespace) and the
+process is gone from this host, and nothing else. A run killed in the middle of a `--force` swap
+(OUT moved aside, the new one not yet in place) gets the previous OUT back from the next run. `--force` replaces a folder only when that
 marker names the same command, never a folder that merely holds a common file name such as
 report.json, and readers (`volscan evaluate`) check the checksums of what they read.
 No output may overlap an input: OUT equal to, containing, or inside an input folder is refused.
@@ -19,6 +22,8 @@ Single files rewritten in place (by `volscan evaluate`) go through `atomic_write
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import glob
 import json
 import logging
 import os
@@ -39,7 +44,9 @@ log = logging.getLogger(__name__)
 RUN_MARKER = "volscan-run.json"
 MARKER_FORMAT = "volscan-run/1"
 PARTIAL_MARKER = "volscan-partial.json"
-PARTIAL_FORMAT = "volscan-partial/1"
+# /2: the owner holds a flock on the file. /1 folders (no lock, unreleased versions) are left alone.
+PARTIAL_FORMAT = "volscan-partial/2"
+PREVIOUS = "previous"  # inside a `.old-*` folder: the OUT a --force run is replacing
 
 
 def read_run_marker(folder: str | Path) -> dict[str, Any] | None:
@@ -57,13 +64,14 @@ def read_run_marker(folder: str | Path) -> dict[str, Any] | None:
 def _checksums(folder: Path) -> dict[str, str]:
     from volumetric.backbones import file_sha256
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RUN_MARKER)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (RUN_MARKER, PARTIAL_MARKER))
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
 
 
-def write_run_marker(folder: str | Path, command: str, *, complete: bool = True) -> Path:
-    """Write `folder`/volscan-run.json naming `command`, with the SHA-256 of every file in `folder`;
-    `complete=False`: the folder is volscan's but its command has not finished (no checksums)."""
+def write_run_marker(folder: str | Path, command: str, *, complete: bool = True, checksums: bool = True) -> Path:
+    """Write `folder`/volscan-run.json naming `command`, with the SHA-256 of every file in `folder`
+    (none with `checksums=False`, or `complete=False`: the folder is volscan's but its command
+    has not finished)."""
     from importlib.metadata import PackageNotFoundError, version
 
     folder = Path(folder)
@@ -73,7 +81,7 @@ def write_run_marker(folder: str | Path, command: str, *, complete: bool = True)
         release = "unknown"
     marker = {"format": MARKER_FORMAT, "command": command, "volscan_version": release,
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": complete,
-              "checksums": _checksums(folder) if complete else {}}
+              "checksums": _checksums(folder) if complete and checksums else {}}
     return atomic_write_bytes(folder / RUN_MARKER, json.dumps(marker, indent=1).encode("utf-8"))
 
 
@@ -164,7 +172,10 @@ def resumable_output(out: Path, command: str) -> Iterator[Path]:
     """An output written in place and resumed by later runs (`volscan preprocess`), OUT already
     checked by `check_output_dir(..., resume=True)`: created with its marker on entry. If the
     command fails before finishing any file (a bad template, a full disk at the first cube), a
-    folder it created is removed again; finished files stay for the next run to resume from."""
+    folder it created is removed again; finished files stay for the next run to resume from.
+    The finished marker holds no checksums: the store's own records checksum each file and every
+    reader checks those (`preprocessing.store`), so hashing the whole store again at the end of
+    every run would only cost I/O."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_run_marker(out, command, complete=False)  # until it finishes: a killed run never looks done
@@ -174,7 +185,7 @@ def resumable_output(out: Path, command: str) -> Iterator[Path]:
         if created and not any(p.is_file() and p.name != RUN_MARKER for p in out.rglob("*")):
             shutil.rmtree(out, ignore_errors=True)
         raise
-    write_run_marker(out, command)
+    write_run_marker(out, command, checksums=False)
 
 
 class AtomicOutputDir:
@@ -182,6 +193,8 @@ class AtomicOutputDir:
 
     `command` names the volscan command writing it (its marker; `--force` only replaces a
     previous output of the same command); `protected` are the inputs OUT must not overlap.
+    Abandoned temporary folders of earlier runs into OUT are handled here, before any work
+    (`remove_abandoned`): a previous OUT it restores needs `--force` like any other.
 
     >>> with AtomicOutputDir("run1", force=False) as tmp:
     ...     (tmp / "scores.csv").write_text("...")
@@ -191,16 +204,20 @@ class AtomicOutputDir:
         self, out_dir: str | Path, force: bool = False, protected: Iterable[str | Path] = (), command: str = "screen"
     ) -> None:
         self.out = check_output_dir(out_dir, force, protected, command)
+        missing = not os.path.lexists(self.out)
+        remove_abandoned(self.out)
+        if missing and os.path.lexists(self.out):  # a restored previous OUT needs --force like any other
+            self.out = check_output_dir(out_dir, force, protected, command)
         self.force = force
         self.command = command
         self.tmp: Path | None = None
+        self._owner: int | None = None  # the locked volscan-partial.json of `tmp`
 
     def __enter__(self) -> Path:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            remove_abandoned(self.out)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-            _claim(self.tmp, self.command)
+            self._owner = _claim(self.tmp, self.command)
         except OSError as exc:
             if self.tmp is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
@@ -211,14 +228,19 @@ class AtomicOutputDir:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException as error:
-                self._discard(error)
-                raise
-            return
-        self._discard(exc)  # any failure, KeyboardInterrupt and SIGTERM included
+        try:
+            if exc_type is None:
+                try:
+                    self.commit()
+                except BaseException as error:
+                    self._discard(error)
+                    raise
+                return
+            self._discard(exc)  # any failure, KeyboardInterrupt and SIGTERM included
+        finally:
+            if self._owner is not None:
+                os.close(self._owner)  # the folder is in place or gone: nothing left to own
+                self._owner = None
 
     def _discard(self, exc: BaseException | None) -> None:
         """Remove the temporary folder; an OSError then names the file's place under OUT (the
@@ -232,56 +254,115 @@ class AtomicOutputDir:
                 exc.filename = str(self.out) + name[len(str(self.tmp)):]
 
     def commit(self) -> None:
-        """Mark the finished temporary folder and move it to OUT (an old OUT is moved aside first)."""
-        (self.tmp / PARTIAL_MARKER).unlink()
+        """Mark the finished temporary folder and move it to OUT (an old OUT is moved aside first).
+
+        The ownership file stays until the folder is OUT, so a `kill -9` at any step leaves only
+        folders that `remove_abandoned` recognises (and a previous OUT it can restore)."""
         write_run_marker(self.tmp, self.command)
-        if self.out.exists():
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+        else:
             marker = read_run_marker(self.out)
             if not self.force or (any(self.out.iterdir()) and (marker is None or marker["command"] != self.command)):
                 raise InputFileError(self.out, "output folder appeared or changed during the run; nothing replaced "
                                                "(use --force to replace a previous run)")
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            _claim(old, self.command)
-            os.replace(self.out, old / "previous")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+            old_owner = _claim(old, self.command)
+            swapped = False
+            try:
+                os.replace(self.out, old / PREVIOUS)
+                try:
+                    os.replace(self.tmp, self.out)
+                except BaseException:
+                    os.replace(old / PREVIOUS, self.out)  # the previous OUT back in place
+                    raise
+                swapped = True
+            finally:
+                if swapped or not (old / PREVIOUS).exists():  # else it holds the only copy of OUT
+                    shutil.rmtree(old, ignore_errors=True)
+                os.close(old_owner)
+        # Removed only once in place: a kill just before this leaves a stray volscan-partial.json in
+        # a finished OUT (outside its checksums), never an unmarked hidden folder.
+        (self.out / PARTIAL_MARKER).unlink(missing_ok=True)
         log.info("wrote %s", self.out)
 
 
-def _claim(folder: Path, command: str) -> None:
-    """Mark `folder` as this process's temporary output (`remove_abandoned` reads it). A plain
-    write: a torn file does not parse, and then the folder is left alone, never removed."""
-    owner = {"format": PARTIAL_FORMAT, "command": command, "pid": os.getpid(), "host": socket.gethostname()}
-    (folder / PARTIAL_MARKER).write_text(json.dumps(owner), encoding="utf-8")
+def _claim(folder: Path, command: str) -> int:
+    """Mark `folder` as this process's temporary output and return the descriptor of the marker,
+    which holds an exclusive flock until closed (or the process dies). The lock is taken before
+    the content is written, so a marker that parses is locked while its run lives; on a file
+    system without locks the marker says `"locked": false` and the folder is never removed."""
+    fd = os.open(folder / PARTIAL_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, umask_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP (some network file systems)
+            log.debug("no lock on %s (%s): if this run is killed its folder stays", folder, exc)
+            locked = False
+        owner = {"format": PARTIAL_FORMAT, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                 "locked": locked}
+        os.write(fd, json.dumps(owner).encode("utf-8"))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_abandoned(out: Path) -> list[Path]:
     """Remove the temporary folders of earlier runs into `out` that were killed before they
     finished (`kill -9`, power loss): hidden siblings `.<name>.partial-*` / `.old-*` holding
-    volscan's `volscan-partial.json` of a process on this host that no longer runs. Anything
-    else (another host's run, a live run, a folder volscan did not mark) is left alone."""
+    volscan's `volscan-partial.json` whose lock is free and whose process no longer runs on this
+    host. When OUT is missing because such a run was killed between moving the previous OUT
+    aside and moving its own in place, the previous OUT is put back first (logged as a warning).
+    Anything else (another host's run, a live run in any PID namespace, a folder volscan did not
+    mark, a file system without locks) is left alone."""
     removed = []
-    for folder in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
-        try:
-            owner = json.loads((folder / PARTIAL_MARKER).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+    pattern = glob.escape(f".{out.name}")
+    for folder in sorted(out.parent.glob(f"{pattern}.old-*")) + sorted(out.parent.glob(f"{pattern}.partial-*")):
+        fd = _lock_abandoned(folder)
+        if fd is None:
             continue
-        if _abandoned(owner):
+        try:  # the lock is held until the folder is gone: two cleaning runs do not both act on it
+            if folder.name.startswith(f".{out.name}.old-") and (folder / PREVIOUS).is_dir() \
+                    and not os.path.lexists(out):
+                os.replace(folder / PREVIOUS, out)
+                log.warning("restored the previous output %s: the volscan run replacing it was killed "
+                            "while swapping it", out)
             shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed %s, left by an interrupted volscan %s run (process %d)", folder,
-                     owner.get("command"), owner["pid"])
-            removed.append(folder)
+        finally:
+            os.close(fd)
+        log.info("removed %s, left by an interrupted volscan run", folder)
+        removed.append(folder)
     return removed
 
 
+def _lock_abandoned(folder: Path) -> int | None:
+    """The locked descriptor of `folder`'s ownership file when its run is gone: a locked format-2
+    marker of this host, its lock free now and its process not running here; else None."""
+    try:
+        fd = os.open(folder / PARTIAL_MARKER, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:  # no marker (not volscan's), or not ours to write
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        owner = json.loads(os.read(fd, 1 << 16).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):  # a live run holds it, or no locks here, or torn
+        os.close(fd)
+        return None
+    if _abandoned(owner):
+        return fd
+    os.close(fd)
+    return None
+
+
 def _abandoned(owner: Any) -> bool:
-    """Whether a `volscan-partial.json` names a process of this host that no longer runs."""
+    """Whether a `volscan-partial.json` was locked by a process of this host that no longer runs."""
     if not isinstance(owner, dict) or owner.get("format") != PARTIAL_FORMAT or owner.get("host") != socket.gethostname():
         return False
     pid = owner.get("pid")
-    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not process_running(pid)
+    return owner.get("locked") is True and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 \
+        and not process_running(pid)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

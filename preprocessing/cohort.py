@@ -329,7 +329,9 @@ def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, s
         return exc.path, exc.problem
     except VolscanError as exc:
         return "", str(exc)
-    except Exception as exc:  # noqa: BLE001 - a library failing on this scan: one line naming it, no traceback
+    except RuntimeError as exc:  # SimpleITK's and torch's (brain masks) failure on this scan: one line naming it
+        if isinstance(exc, (NotImplementedError, RecursionError)):
+            raise  # volscan's own bug, not the scan's: it surfaces with its traceback
         log.debug("preprocessing %s failed", record.source, exc_info=True)
         return str(record.source), f"preprocessing failed: {_library_error(exc)} (details: -vv)"
     save_volume(result.cube, result.mapping.cube_affine, record.spatial_path, dtype=np.float32)

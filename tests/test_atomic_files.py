@@ -122,6 +122,24 @@ def test_only_temporaries_of_dead_processes_of_this_host_are_removed(tmp_path: P
     assert remove_stale_temporaries(tmp_path / "missing") == 0
 
 
+def test_a_live_writer_of_another_pid_namespace_keeps_its_temporary(tmp_path: Path) -> None:
+    """A container sharing this host's name but not its PID namespace: the writer's pid means
+    nothing here (its temporary renamed to a dead pid stands for that), but it holds the file's
+    flock while it writes, so even an old temporary stays; once it is killed, the file goes."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "t.safetensors"), ".tmp"],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        written = Path(proc.stdout.readline().strip())
+        foreign = _age(written.rename(tmp_path / f".t.safetensors.volscan-{host_tag()}-{_dead_pid()}-k3x_9q0a.tmp"),
+                       2 * HOUR)
+        assert remove_stale_temporaries(tmp_path) == 0 and foreign.exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert remove_stale_temporaries(tmp_path) == 1 and not foreign.exists()
+
+
 def test_a_kill_9_temporary_is_removed_when_the_token_cache_is_next_written(tmp_path: Path) -> None:
     cache = TokenCache(tmp_path / "tokens")
     key, other = "ab" + "0" * 62, "ab" + "1" * 62  # one folder, <root>/ab

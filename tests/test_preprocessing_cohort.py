@@ -186,3 +186,18 @@ def test_a_library_failure_on_one_scan_is_one_line_naming_it(template_dir, input
                  "--size", str(SIZE), "--brain-mask", "template"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "preprocessing failed: RecursiveGaussianImageFilter: Sigma" in err
+
+
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand"), NotImplementedError("todo")])
+def test_a_volscan_bug_in_the_spatial_chain_is_not_blamed_on_the_scan(bug, template_dir, inputs, tmp_path,
+                                                                       monkeypatch):
+    """Only the libraries' own failures (RuntimeError) become a per-scan line; a programming error
+    (TypeError, NotImplementedError: a RuntimeError subclass) surfaces as itself."""
+    def broken(self, volume):
+        raise bug
+
+    monkeypatch.setattr(VolumePreprocessor, "__call__", broken)
+    with pytest.raises(type(bug)) as caught:
+        preprocess_cohort([inputs / "brats_01.nii.gz"], tmp_path / "out", SETTINGS, template=template_dir,
+                          progress=False)
+    assert caught.value is bug

@@ -4,12 +4,15 @@ then `os.replace`, so a crash never leaves a partial file under the final name.
 A temporary is named `.<name>.volscan-<host>-<pid>-<random><suffix>`: it says which process
 of which host writes it. A run killed before its `os.replace` (`kill -9`, power loss) leaves it
 behind; every reader ignores it, and `remove_stale_temporaries` (called when a run opens a
-shared cache folder for writing) removes those whose process is gone from this host. Anything
-else (another host's, a live process's, a file volscan did not name) is left alone.
+shared cache folder for writing) removes those whose process is gone from this host. The writer
+holds an exclusive `flock` on its temporary while it writes, so a live writer of another PID
+namespace that shares this host's name keeps its file too. Anything else (another host's, a live
+process's, a file volscan did not name) is left alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -70,14 +73,15 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     room = _NAME_MAX - len(f".{owner}{suffix}".encode()) - 8
     name = path.name.encode()[:room].decode(errors="ignore")
     fd, temporary = tempfile.mkstemp(prefix=f".{name}{owner}", suffix=suffix, dir=path.parent)
-    os.close(fd)
     tmp = Path(temporary)
     try:
+        _lock(fd)  # held until the file is in place (writers reopen it by name: the same inode)
         yield tmp
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
@@ -87,11 +91,35 @@ def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
     return Path(path)
 
 
+def _lock(fd: int) -> None:
+    """An exclusive flock on our new temporary `fd`; on a file system without locks, none (then
+    only the pid and age rules protect the file)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.debug("no lock on a temporary file here", exc_info=True)
+
+
+def _locked(path: str) -> bool:
+    """Whether a live writer holds the lock of `path` (its `atomic_path`, in any PID namespace)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # RDWR: NFS emulates flock with fcntl locks
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: the pid and age rules decide
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str], min_age_s: float = 3600.0) -> int:
     """Remove the temporaries of `atomic_path` in `folder` (not below it) that a killed volscan
-    process of this host left: named by this host, their process gone, and last written at least
-    `min_age_s` seconds ago. The age guards a process of another PID namespace that shares this
-    host's name (containers) and a shared file system whose clock differs a little from ours.
+    process of this host left: named by this host, their process gone, their lock free (a live
+    writer holds it, in whichever PID namespace), and last written at least `min_age_s` seconds
+    ago. The age also guards where there are no locks (some network file systems) and a shared
+    file system whose clock differs a little from ours.
     Returns how many were removed (logged at INFO); 0 for a missing or unreadable folder."""
     host, now, removed = host_tag(), time.time(), 0
     try:
@@ -105,7 +133,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], min_age_s: float = 
         pid = int(match["pid"])
         try:
             stale = now - entry.stat(follow_symlinks=False).st_mtime >= min_age_s
-            if pid < 1 or not stale or process_running(pid):
+            if pid < 1 or not stale or process_running(pid) or _locked(entry.path):
                 continue
             os.unlink(entry.path)
         except FileNotFoundError:
