@@ -47,6 +47,12 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def shown(items: list[str], limit: int = 10) -> str:
+    """The first `limit` of `items` joined for a one-line error, and how many more:
+    'a, b, c and 12 more'."""
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def os_error_line(exc: OSError) -> str:
     """'PATH: problem' for an OSError (both paths for a rename), e.g.
     '/data/out/maps/a.nii.gz: No space left on device'."""

@@ -172,7 +172,8 @@ def check_store(
     for subject in subjects:
         done = records[subject.record.id]
         if done.get("spatial_key") != subject.key:
-            scans[subject.record.id] = ("not preprocessed" if not done.get("spatial_key")
+            scans[subject.record.id] = ("record damaged" if done.get("corrupt")
+                                        else "not preprocessed" if not done.get("spatial_key")
                                         else "preprocessed from other input content or settings")
         elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files")):
             scans[subject.record.id] = "preprocessed files damaged"

@@ -161,9 +161,11 @@ def test_check_store_is_read_only_and_names_what_is_not_current(template_dir, in
     done = check_store(specs, out, SETTINGS, template=template_dir)
     assert done.complete and [r.id for r in done.result.records] == ["brats_01", "brats_02"]
     (out / "images" / "brats_02.nii.gz").write_bytes(b"damaged")
+    (out / "records" / "brats_01.json").write_text("{", encoding="utf-8")  # a torn record: damaged, not missing
     before = files(out)
     other = SETTINGS.replace(cutoff=(0.05, 0.95))  # other settings: other landmarks would be learned
-    assert check_store(specs, out, SETTINGS, template=template_dir).scans == {"brats_02": "standardised cube damaged"}
+    assert check_store(specs, out, SETTINGS, template=template_dir).scans == {"brats_01": "record damaged",
+                                                                              "brats_02": "standardised cube damaged"}
     assert check_store(specs, out, other, template=template_dir).landmarks == "learned on other scans or settings"
     assert files(out) == before
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.failures import shown
 from pipelines.inputs import Subject
 from pipelines.screen_config import ScreenConfig
 from volumetric.errors import VolscanError
@@ -53,13 +54,13 @@ def require_extracted(subjects: Sequence[Subject], config: ScreenConfig, cache_r
         failed = [sid for sid in missing if sid in logged]
         why = (f"; {len(failed)} of them failed (e.g. {failed[0]}: {logged[failed[0]]['error']}), see {logs}/*.jsonl"
                if failed else f"; run {extract_command(subjects, cache_root)} first")
-        raise VolscanError(f"the per-scan stage of {len(missing)} scan(s) is missing: {_shown(missing)}{why}")
+        raise VolscanError(f"the per-scan stage of {len(missing)} scan(s) is missing: {shown(missing)}{why}")
     store = cohort_folder(subjects, config, cache_root)
     check = check_store([spec_of(s) for s in subjects], store, config.preprocess_settings(), template=config.template)
     if check.scans:  # spatial problems first: relearning landmarks needs every spatial output
         stale = sorted(check.scans)
-        shown = _shown([f"{sid} ({check.scans[sid]})" for sid in stale])
-        raise VolscanError(f"the per-scan stage of {len(stale)} scan(s) in {store} is stale or damaged: {shown}; "
+        listed = shown([f"{sid} ({check.scans[sid]})" for sid in stale])
+        raise VolscanError(f"the per-scan stage of {len(stale)} scan(s) in {store} is stale or damaged: {listed}; "
                            f"run {extract_command(subjects, cache_root)} to redo them")
     if check.landmarks is not None:
         learned = not config.preprocess_settings().landmarks  # fixed landmarks have no stage of their own
@@ -70,7 +71,3 @@ def require_extracted(subjects: Sequence[Subject], config: ScreenConfig, cache_r
         )
     return check.result
 
-
-def _shown(items: list[str]) -> str:
-    """The first ten of `items`, joined, and how many more."""
-    return ", ".join(items[:10]) + (f" and {len(items) - 10} more" if len(items) > 10 else "")

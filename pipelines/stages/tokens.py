@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.failures import shown
 from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
 from pipelines.stages.preprocess import Prepared, checked_table
 from volumetric.errors import VolscanError
@@ -97,8 +98,7 @@ def extract_tokens(
             computed += 1
         token_sets.append(tokens)
     if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise VolscanError(f"tokens of {len(missing)} scan(s) are not in {cache.root} (or damaged): {shown}; "
+        raise VolscanError(f"tokens of {len(missing)} scan(s) are not in {cache.root} (or damaged): {shown(missing)}; "
                            "run volscan extract with the same settings first")
     grids = {tuple(t.grid) for t in token_sets}
     if len(grids) != 1:
