@@ -254,3 +254,14 @@ def test_bf16_keeps_codegraph_outliers_and_exclusions():
     tops = [set(r.scores.flatten().topk(top).indices.tolist()) for r in (exact, approx)]
     same = tops[0] & tops[1]
     assert len(same) >= 0.99 * top
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    # their float32 sum (6e38) overflows, so the element-wise check must clear them; and the
+    # engine's own mean and norms must not overflow either
+    feats = torch.full((3, 10, 2), 1e37)
+    feats[:, :, 1] = torch.linspace(0.0, 1e37, 30).view(3, 10)
+    assert not torch.isfinite(feats.sum())
+    scores = mutual_scores(feats, 0.5, options=EngineOptions(progress=False))
+    expected = reference_scores([feats.double()], torch.ones(3, 10, dtype=torch.bool), 0.5)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=0)

@@ -52,7 +52,7 @@ scores again. Stages and defaults, each with its evidence:
    >= 2 collections, `iqr_k = 3` ("a large k" by default, the paper's value is lost; the classic
    far-out fence). With the per-member density k = 3 and k = 1.5 both flag the lesion community in
    18 of 18; beside it k = 3 flags 5 healthy-majority communities (6-9 scans) in those cohorts,
-   k = 1.5 13 (per pair, k = 1.5: 8, of 2-4 scans).
+   k = 1.5 13 (per pair, k = 1.5: 6, of 2-4 scans; docs/engine.md "Outlier rule").
    One departure, because a measured case needs it: the IQR is floored at `min_spread` = 1
    connection (per member or per pair; a 2-scan community's density is its edge weight, whole
    connections), the granularity of a small community's density. Without it a lesion-free batch

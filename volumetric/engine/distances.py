@@ -64,13 +64,15 @@ class CollectionMinima:
     `nearest` (T, N) int32 (half the memory of int64) or None: position (0..M-1) of the nearest
     element inside `J`, -1 where the distance is +inf. `valid` (N, M) bool; `owner` (T,) int64
     collection of each element; valid elements are ordered collection by collection, position
-    by position.
+    by position. `precision`: the one the products used ("fp32" where a reduced precision
+    fell back, e.g. fp16 on a CPU).
     """
 
     distances: Tensor
     nearest: Tensor | None
     valid: Tensor
     owner: Tensor
+    precision: str = "fp32"
 
     def to_grid(self, values: Tensor, fill: float) -> Tensor:
         """Scatter per-element `values` (T, ...) back to (N, M, ...), `fill` at invalid elements."""
@@ -118,7 +120,7 @@ def collection_minima(
         total = dist if total is None else total.add_(dist)
     total = total.div_(len(layers)).cpu()
     return CollectionMinima(
-        distances=total, nearest=None if arg is None else arg.cpu(), valid=valid, owner=owner
+        distances=total, nearest=None if arg is None else arg.cpu(), valid=valid, owner=owner, precision=precision
     )
 
 
@@ -128,18 +130,17 @@ def element_minima(
     elements: Tensor,
     *,
     partners: Tensor | None = None,
-    needed: Tensor | None = None,
     options: EngineOptions | None = None,
 ) -> Tensor:
     """Float32 `d(x, J)` (E, N) for chosen valid elements only, averaged over layers.
 
     `elements` (E,) int64: indices into the T valid elements (ordered as in `CollectionMinima`).
-    `needed` (E, N) bool: the pairs to compute (None = all). Same arithmetic as
-    `collection_minima` at precision "fp32" (same centring, scale, offset and products), so values
-    equal that path's to float32 rounding; +inf at the element's own collection, at pairs
-    `partners` leaves out or `needed` skips, and at empty collections. One product per partner
-    collection J with the rows that need J: costs the needed pairs x P x C (all pairs: 2 E / T of a
-    pairs-once fp32 run). `options.precision` is not read (always fp32).
+    Same arithmetic as `collection_minima` at precision "fp32" (same centring, scale, offset and
+    products), so values equal that path's to float32 rounding; +inf at the element's own
+    collection, at pairs `partners` leaves out and at empty collections. One product per partner
+    collection J with the rows that pair with J: costs 2 E / T of a pairs-once fp32 run, and
+    builds the fp32 operands of all T tokens (the peak memory of an fp32 run at that moment).
+    `options.precision` is not read (always fp32).
     """
     options = EngineOptions() if options is None else options
     dev = resolve_device(options.device)
@@ -150,15 +151,13 @@ def element_minima(
     owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
     compute = partners[owner[elements]] & (valid.sum(1) > 0)[None, :]
     compute[torch.arange(len(elements)), owner[elements]] = False
-    if needed is not None:
-        compute &= needed.cpu()
     bank = _PaddedBank.build(valid, dev)
     width = bank.width
     most_rows = max(1, _block_elements(options, dev) // width)
     buffer = torch.empty(most_rows * width, device=dev)
     total = torch.zeros(len(elements), n)
     for layer in layers:
-        chosen, cols_op, offset, sq_scale = _operands(
+        chosen, cols_op, offset, scale = _operands(
             layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32, rows_of=elements.to(dev)
         )
         out = torch.full((len(elements), n), torch.inf, device=dev)
@@ -168,7 +167,7 @@ def element_minima(
                 part = rows[r0:r1].to(dev)
                 dist = rows_by_columns(cols_op[j * width : (j + 1) * width], chosen[part], buffer)
                 out[part, j] = dist.amin(0)
-        total += out.add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_().cpu()
+        total += out.add_(offset).clamp_min_(0).sqrt_().mul_(scale).cpu()
     return total.div_(len(layers)).masked_fill_(~compute, torch.inf)
 
 
@@ -223,14 +222,21 @@ def _operands(
 
     `x` (T, C) float32 valid tokens, a private copy (modified in place). Returns rows (T, C+a)
     (only those of the token indices `rows_of`, when given), cols (N*P, C+a) in `dtype`, the
-    offset to add back and the scale to multiply results by.
+    offset to add back to squared results and the power of two to multiply distances by
+    (after the square root: its square may overflow float32).
     fp32: [a, |a|^2, 1] . [-2b, 1, |b|^2 - o]. Reduced precision: the norm terms are split into
     high + low parts, [a, hi, lo, 1, 1] . [-2b, 1, 1, hi', lo'], so they keep ~16 bits.
     """
+    # Powers of two (exact): first the largest magnitude to 1 (so the mean and the norms cannot
+    # overflow float32 for huge finite inputs), then, once centred, the largest norm to <= 1.
+    peak = float(x.abs().max())
+    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+    x.div_(scale)
     x.sub_(x.mean(0))
     largest = float(x.norm(dim=1).max())
-    scale = 2.0 ** math.ceil(math.log2(largest)) if largest > 0 else 1.0
-    x.div_(scale)  # a power of two: exact
+    if largest > 0:
+        x.div_(2.0 ** math.ceil(math.log2(largest)))
+        scale *= 2.0 ** math.ceil(math.log2(largest))
     sq = x.square().sum(1)
     offset = _typical_nearest_square(x, sq, bank.offsets)
     t, c = x.shape
@@ -255,7 +261,7 @@ def _operands(
     pads = torch.ones(n * bank.width, dtype=torch.bool, device=x.device)
     pads[bank.slots] = False
     cols[pads, c + len(norm_cols)] = PAD_DISTANCE  # times the rows' constant 1
-    return rows, cols, offset, scale * scale
+    return rows, cols, offset, scale
 
 
 def _split(values: Tensor, dtype: torch.dtype) -> list[Tensor]:
@@ -292,7 +298,7 @@ def _layer_minima(
     """(T, N) distances (and nearest positions) for one layer's valid tokens `x` (T, C) on device."""
     n, width, offsets = len(bank.offsets) - 1, bank.width, bank.offsets
     dtype = DTYPES[precision]
-    rows_op, cols_op, offset, sq_scale = _operands(x, bank, n, dtype)
+    rows_op, cols_op, offset, scale = _operands(x, bank, n, dtype)
     del x
     # Results are kept per slot (pads included), so that every block writes plain slices.
     out = torch.full((n * width, n), torch.inf, device=rows_op.device)
@@ -320,7 +326,7 @@ def _layer_minima(
         out[:, empty] = torch.inf
         if arg is not None:
             arg[:, empty] = -1
-    out = out[bank.slots].add_(offset).mul_(sq_scale).clamp_min_(0).sqrt_()
+    out = out[bank.slots].add_(offset).clamp_min_(0).sqrt_().mul_(scale)
     return out, None if arg is None else arg[bank.slots]
 
 

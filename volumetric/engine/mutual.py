@@ -68,13 +68,6 @@ PEAK_CANDIDATES = 8
 # The batch's exact top share comes from RANK_MARGIN x that share of bf16's highest: bf16 moves
 # ranks near the cut (3D-like benchmark, 1 % from 1 %: agreement 0.982; from 2 %: 1.000).
 RANK_MARGIN = 2.0
-# Partner collections recomputed for a refined element: those whose reduced-precision distance
-# is within this relative margin of its k-th smallest; the others cannot enter the mean of the k
-# smallest unless bf16 erred by more than half of it (largest error measured: 1e-4 relative on
-# scores, docs/engine.md), so they keep their reduced-precision value.
-DISTANCE_MARGIN = 0.01
-
-
 def highest_elements(
     scores: Tensor, counts: Tensor, share: float, among: Tensor | None = None, batch_margin: float = 1.0
 ) -> Tensor:
@@ -105,30 +98,24 @@ def refine_highest(
     partners: Tensor | None,
     options: EngineOptions,
     among: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Reduced precision made exact where it matters, in place: for the highest-scoring elements
-    (`highest_elements` with `options.exact_top`, the batch part widened by RANK_MARGIN) the
-    distances that decide their scores (the k smallest, and any within DISTANCE_MARGIN of the
-    k-th) are recomputed in fp32.
+) -> Tensor:
+    """Reduced precision made exact where it matters, in place: the distances of the
+    highest-scoring elements (`highest_elements` with `options.exact_top`, the batch part widened
+    by RANK_MARGIN) to every partner collection are recomputed in fp32.
 
     `minima` from `collection_minima` on these `layers`; `k` (N,) per collection; `among` (T,)
     bool restricts the choice (e.g. to the collections a caller scores). Returns the refined
-    element indices (E,) and the (E, N) bool pairs recomputed (empty at fp32 or exact_top = 0:
-    nothing to do). Nearest positions, where kept, stay those of the reduced-precision pass (a
-    near-tie may name another element).
+    element indices (E,) (empty where the products already were fp32 or exact_top = 0). Exact
+    per call: scores averaged over several calls (views) are exact where every call refined the
+    element. Nearest positions, where kept, stay those of the reduced-precision pass (a near-tie
+    may name another element).
     """
-    n = minima.valid.shape[0]
-    if options.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long), torch.zeros(0, n, dtype=torch.bool)
-    per_element_k = k[minima.owner]
-    scores = smallest_mean(minima.distances, per_element_k)
+    if minima.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long)
+    scores = smallest_mean(minima.distances, k[minima.owner])
     chosen = highest_elements(scores, minima.valid.sum(1), options.exact_top, among, RANK_MARGIN)
-    rows = minima.distances[chosen]
-    kth = rows.sort(1).values.gather(1, (per_element_k[chosen] - 1).clamp_max(rows.shape[1] - 1)[:, None])
-    needed = rows <= kth * (1 + DISTANCE_MARGIN)
-    exact = element_minima(layers, minima.valid, chosen, partners=partners, needed=needed, options=options)
-    minima.distances[chosen] = torch.where(needed, exact, rows)
-    return chosen, needed
+    minima.distances[chosen] = element_minima(layers, minima.valid, chosen, partners=partners, options=options)
+    return chosen
 
 
 def mutual_scores(

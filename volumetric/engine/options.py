@@ -52,7 +52,9 @@ class EngineOptions:
             raise VolscanError(f"block_mb: must be a number > 0, got {self.block_mb!r}")
         if self.memory_mb is not None and not (isinstance(self.memory_mb, (int, float)) and self.memory_mb > 0):
             raise VolscanError(f"memory_mb: must be a number > 0 or None, got {self.memory_mb!r}")
-        if not (isinstance(self.exact_top, (int, float)) and 0.0 <= self.exact_top <= 1.0):
+        if isinstance(self.exact_top, bool) or not (
+            isinstance(self.exact_top, (int, float)) and 0.0 <= self.exact_top <= 1.0
+        ):
             raise VolscanError(f"exact_top: must be a number in [0, 1], got {self.exact_top!r}")
         if isinstance(self.subsets, bool) or not isinstance(self.subsets, int) or self.subsets < 1:
             raise VolscanError(f"subsets: must be a positive integer, got {self.subsets!r}")

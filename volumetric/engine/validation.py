@@ -6,6 +6,7 @@ problem; nothing here asserts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +37,10 @@ def as_layers(features: Tensor | Sequence[Tensor], name: str = "features") -> li
             )
         if min(layer.shape) == 0:
             raise VolscanError(f"{where}: empty dimension in shape {tuple(layer.shape)}")
-        if not bool(torch.isfinite(layer).all()):
+        # A NaN / Inf anywhere makes the sum non-finite, so a finite sum (one vectorised pass:
+        # 0.016 s for 60 x 1369 x 1024) clears the tensor; only a non-finite one (or an overflow
+        # of huge finite values) needs the element-wise check (0.45 s there, 6 % of a bf16 run).
+        if not math.isfinite(float(layer.sum())) and not bool(torch.isfinite(layer).all()):
             raise VolscanError(f"{where}: contains NaN or Inf values")
     if layers[0].shape[0] < 2:
         raise VolscanError(f"{name}: need at least N = 2 collections to score mutually, got {layers[0].shape[0]}")
