@@ -25,11 +25,12 @@ class EngineOptions:
     products in bfloat16 with float32 norms and accumulation: fast on CPUs with AVX512-BF16/AMX
     and on CUDA) or "fp16" (CUDA only). `block_mb`: MiB of one float32 block of distances
     (bigger on GPUs). `memory_mb`: budget for what a batch keeps (CoDeGraph), None = no limit.
-    `exact_top`: with precision "bf16" / "fp16", the share of elements with the highest scores,
-    of the batch and of each collection, whose distances are recomputed in fp32 by mutual
-    scoring, so that collection scores (the maximum) and the peaks of the maps are exact (0 = off;
-    costs at most 4 x exact_top of an fp32 run; 2D-like benchmark: bf16 12.3x MuSc's fp32 with 0,
-    10.2x with 0.01, 9.4x with 0.02, top-1 % agreement 0.963 / 1.000 / 1.000, docs/engine.md). `progress`: tqdm bars.
+    `exact_top`: with precision "bf16" / "fp16", the share of elements with the highest scores
+    (the batch's 2 x that share, and that share but at least 8 of each collection) whose
+    distances each `mutual_scores` call recomputes in fp32, so that its collection scores (the
+    maximum) and the peaks of its map are exact (0 = off; about 4-5 % of an fp32 run; 2D-like
+    benchmark: bf16 12.2x MuSc's fp32 formulation with 0, 9.7x with 0.01, top-1 % agreement
+    0.963 / 1.000; docs/engine.md). `progress`: tqdm bars.
     Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
     into s independent subsets), `preselect_fraction` (compare each collection with that share
     of its most similar collections, None = all) and `seed` (subset split).
