@@ -68,6 +68,8 @@ PEAK_CANDIDATES = 8
 # The batch's exact top share comes from RANK_MARGIN x that share of bf16's highest: bf16 moves
 # ranks near the cut (3D-like benchmark, 1 % from 1 %: agreement 0.982; from 2 %: 1.000).
 RANK_MARGIN = 2.0
+
+
 def highest_elements(
     scores: Tensor, counts: Tensor, share: float, among: Tensor | None = None, batch_margin: float = 1.0
 ) -> Tensor:
