@@ -163,6 +163,8 @@ def element_minima(
         out = torch.full((len(elements), n), torch.inf, device=dev)
         for j in range(n):
             rows = torch.nonzero(compute[:, j]).flatten()
+            if len(rows) == 0:  # e.g. the chosen elements' own collection
+                continue
             for r0, r1 in _even_chunks(0, len(rows), most_rows):
                 part = rows[r0:r1].to(dev)
                 dist = rows_by_columns(cols_op[j * width : (j + 1) * width], chosen[part], buffer)
