@@ -237,8 +237,9 @@ def _operands(
     x.sub_(x.mean(0))
     largest = float(x.norm(dim=1).max())
     if largest > 0:
-        x.div_(2.0 ** math.ceil(math.log2(largest)))
-        scale *= 2.0 ** math.ceil(math.log2(largest))
+        to_unit = 2.0 ** math.ceil(math.log2(largest))
+        x.div_(to_unit)
+        scale *= to_unit
     sq = x.square().sum(1)
     offset = _typical_nearest_square(x, sq, bank.offsets)
     t, c = x.shape

@@ -6,7 +6,7 @@ measured on reaches 179-186 GFLOP/s at the engine's block shapes (quiet machine)
 same IEEE float32 product (`benchmarks/engine.py --case none --gemm`; docs/engine.md,
 "Matrix products" and "Benchmark"). So float32 products on
 CPU go through oneDNN's linear operator (`torch.ops.mkldnn._linear_pointwise`, the kernel
-torch.compile's CPU backend emits), checked once per process against `torch.mm`; when it is
+torch.compile's CPU backend emits), checked once per process against a float64 product; when it is
 missing or disagrees, `torch.mm` is used. CUDA and other dtypes always use `torch.mm`.
 """
 
@@ -42,7 +42,8 @@ def _onednn_linear(a: Tensor, b: Tensor) -> Tensor:
 
 @functools.cache
 def _onednn_agrees() -> bool:
-    """Whether oneDNN's float32 linear exists here and equals `torch.mm` on a small product."""
+    """Whether oneDNN's float32 linear exists here and equals a float64 product (to 1e-5 of its
+    largest entry) on a small random product."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     generator = torch.Generator().manual_seed(0)
