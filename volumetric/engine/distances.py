@@ -137,10 +137,11 @@ def element_minima(
     `elements` (E,) int64: indices into the T valid elements (ordered as in `CollectionMinima`).
     Same arithmetic as `collection_minima` at precision "fp32" (same centring, scale, offset and
     products), so values equal that path's to float32 rounding; +inf at the element's own
-    collection, at pairs `partners` leaves out and at empty collections. One product per partner
-    collection J with the rows that pair with J: costs 2 E / T of a pairs-once fp32 run, and
-    builds the fp32 operands of all T tokens (the peak memory of an fp32 run at that moment).
-    `options.precision` is not read (always fp32).
+    collection, at pairs `partners` leaves out and at empty collections. Blocks of rows against
+    blocks of partner collections, one reduction per block as in `collection_minima` (a block no
+    row pairs with is skipped; a pair left out inside a computed block costs its product only):
+    about 2 E / T of a pairs-once fp32 run, plus building the fp32 operands of all T tokens (the
+    peak memory of an fp32 run at that moment). `options.precision` is not read (always fp32).
     """
     options = EngineOptions() if options is None else options
     dev = resolve_device(options.device)
@@ -153,22 +154,20 @@ def element_minima(
     compute[torch.arange(len(elements)), owner[elements]] = False
     bank = _PaddedBank.build(valid, dev)
     width = bank.width
-    most_rows = max(1, _block_elements(options, dev) // width)
-    buffer = torch.empty(most_rows * width, device=dev)
+    block_elements = _block_elements(options, dev)
+    buffer = torch.empty(block_elements, device=dev)
     total = torch.zeros(len(elements), n)
     for layer in layers:
         chosen, cols_op, offset, scale = _operands(
             layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32, rows_of=elements.to(dev)
         )
         out = torch.full((len(elements), n), torch.inf, device=dev)
-        for j in range(n):
-            rows = torch.nonzero(compute[:, j]).flatten()
-            if len(rows) == 0:  # e.g. the chosen elements' own collection
-                continue
-            for r0, r1 in _even_chunks(0, len(rows), most_rows):
-                part = rows[r0:r1].to(dev)
-                dist = rows_by_columns(cols_op[j * width : (j + 1) * width], chosen[part], buffer)
-                out[part, j] = dist.amin(0)
+        for r0, r1 in _even_chunks(0, len(elements), max(1, block_elements // width)):
+            for j0, j1 in _even_chunks(0, n, max(1, block_elements // ((r1 - r0) * width))):
+                if not compute[r0:r1, j0:j1].any():
+                    continue
+                dist = rows_by_columns(cols_op[j0 * width : j1 * width], chosen[r0:r1], buffer)
+                out[r0:r1, j0:j1] = dist.view(j1 - j0, width, r1 - r0).amin(1).T
         total += out.add_(offset).clamp_min_(0).sqrt_().mul_(scale).cpu()
     return total.div_(len(layers)).masked_fill_(~compute, torch.inf)
 
@@ -231,7 +230,8 @@ def _operands(
     """
     # Powers of two (exact): first the largest magnitude to 1 (so the mean and the norms cannot
     # overflow float32 for huge finite inputs), then, once centred, the largest norm to <= 1.
-    peak = float(x.abs().max())
+    low, high = torch.aminmax(x)  # no |x| copy of the whole bank
+    peak = max(-float(low), float(high))
     scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
     x.div_(scale)
     x.sub_(x.mean(0))
@@ -252,9 +252,10 @@ def _operands(
     for k, part in enumerate(norm_rows):
         rows[:, c + k] = part
     rows[:, c + len(norm_rows) :] = 1.0
-    cols = torch.zeros(n * bank.width, width, dtype=dtype, device=x.device)
-    # Written straight into the slots when there are no pads (one copy instead of two).
-    values = cols if n * bank.width == t else torch.empty(t, width, dtype=dtype, device=x.device)
+    padded = n * bank.width > t
+    # Without pads every slot is written below: no zero fill, and one copy instead of two.
+    cols = (torch.zeros if padded else torch.empty)(n * bank.width, width, dtype=dtype, device=x.device)
+    values = torch.empty(t, width, dtype=dtype, device=x.device) if padded else cols
     values[:, :c] = x.mul_(-2)
     values[:, c : c + len(norm_cols)] = 1.0
     for k, part in enumerate(norm_cols):
