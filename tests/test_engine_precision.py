@@ -11,6 +11,7 @@ from volumetric.engine import EngineOptions, mutual_scores
 from volumetric.engine import gemm
 from volumetric.engine.distances import collection_minima, element_minima
 from volumetric.engine.mutual import PEAK_CANDIDATES, highest_elements, refine_highest
+from volumetric.engine.partners import plan_pairs
 from volumetric.errors import VolscanError
 
 
@@ -53,6 +54,34 @@ def test_exact_rows_equal_the_full_fp32_run():
     torch.testing.assert_close(rows[finite], full.distances[chosen][finite], rtol=1e-5, atol=1e-6)
     chunked = element_minima(layers, valid, chosen, partners=partners, options=EngineOptions(block_mb=1e-4))
     torch.testing.assert_close(chunked, rows, rtol=1e-6, atol=1e-7)  # rows a few at a time
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "torch.mm"])
+def test_exact_rows_by_blocks_of_rows_and_partner_collections(kernel, monkeypatch):
+    """Blocks of 1 to all rows x 1 to 4 partner collections, a subset plan (rows of other subsets
+    must not be paired), an empty collection, two layers; blocks smaller than one collection."""
+    if kernel == "torch.mm":
+        monkeypatch.setattr(gemm, "_onednn_agrees", lambda: False)
+    n, m = 9, 30
+    feats, valid = unit_batch(n, m, 16, seed=7)
+    valid[4] = False  # an empty collection
+    layers = [feats, feats.roll(1, -1) * 0.5]
+    partners = plan_pairs(n, subsets=3, seed=0).partners
+    full = collection_minima(layers, valid, partners=partners, options=EngineOptions(progress=False))
+    width = int(valid.sum(1).max())
+    subset = partners[0].clone()
+    subset[0] = True
+    for chosen in (torch.nonzero(subset[full.owner]).flatten(), torch.arange(0, len(full.owner), 3),
+                   torch.arange(len(full.owner))):
+        expected = full.distances[chosen]
+        finite = torch.isfinite(expected)
+        for floats in (width // 2, width, 5 * width, *(k * len(chosen) * width for k in (2, 3, 4))):
+            got = element_minima(layers, valid, chosen, partners=partners,
+                                 options=EngineOptions(block_mb=floats * 4 / 2**20))
+            assert torch.equal(torch.isinf(got), ~finite), floats
+            torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=0)
+    nothing = element_minima(layers, valid, torch.empty(0, dtype=torch.long))
+    assert nothing.shape == (0, n)
 
 
 def plain_highest(

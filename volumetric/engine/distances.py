@@ -137,11 +137,12 @@ def element_minima(
     `elements` (E,) int64: indices into the T valid elements (ordered as in `CollectionMinima`).
     Same arithmetic as `collection_minima` at precision "fp32" (same centring, scale, offset and
     products), so values equal that path's to float32 rounding; +inf at the element's own
-    collection, at pairs `partners` leaves out and at empty collections. Blocks of rows against
-    blocks of partner collections, one reduction per block as in `collection_minima` (a block no
-    row pairs with is skipped; a pair left out inside a computed block costs its product only):
-    about 2 E / T of a pairs-once fp32 run, plus building the fp32 operands of all T tokens (the
-    peak memory of an fp32 run at that moment). `options.precision` is not read (always fp32).
+    collection, at pairs `partners` leaves out and at empty collections. Rows that pair with the
+    same collections (all of them without a plan; one group per subset with `subsets`) go
+    together through blocks of those partner collections, one reduction per block as in
+    `collection_minima`: about 2 E / T of a pairs-once fp32 run (each row against its partners
+    only), plus building the fp32 operands of all T tokens (the peak memory of an fp32 run at
+    that moment). `options.precision` is not read (always fp32).
     """
     options = EngineOptions() if options is None else options
     dev = resolve_device(options.device)
@@ -150,24 +151,37 @@ def element_minima(
     if partners is None:
         partners = ~torch.eye(n, dtype=torch.bool)
     owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
+    rows = torch.arange(len(elements))
     compute = partners[owner[elements]] & (valid.sum(1) > 0)[None, :]
-    compute[torch.arange(len(elements)), owner[elements]] = False
+    compute[rows, owner[elements]] = False
+    total = torch.zeros(len(elements), n)
+    if len(elements) == 0:
+        return total.masked_fill_(~compute, torch.inf)
+    # The own collection joins each row's pattern (computed, masked at the end) so that, without
+    # a plan, all rows share one pattern and go through the products together.
+    patterns = compute.clone()
+    patterns[rows, owner[elements]] = True
+    patterns, group_of = torch.unique(patterns, dim=0, return_inverse=True)
     bank = _PaddedBank.build(valid, dev)
     width = bank.width
     block_elements = _block_elements(options, dev)
-    buffer = torch.empty(block_elements, device=dev)
-    total = torch.zeros(len(elements), n)
+    buffer = torch.empty(max(block_elements, width), device=dev)  # at least one row x one collection
     for layer in layers:
         chosen, cols_op, offset, scale = _operands(
             layer.to(dev)[valid.to(dev)].float(), bank, n, torch.float32, rows_of=elements.to(dev)
         )
         out = torch.full((len(elements), n), torch.inf, device=dev)
-        for r0, r1 in _even_chunks(0, len(elements), max(1, block_elements // width)):
-            for j0, j1 in _even_chunks(0, n, max(1, block_elements // ((r1 - r0) * width))):
-                if not compute[r0:r1, j0:j1].any():
-                    continue
-                dist = rows_by_columns(cols_op[j0 * width : j1 * width], chosen[r0:r1], buffer)
-                out[r0:r1, j0:j1] = dist.view(j1 - j0, width, r1 - r0).amin(1).T
+        for group, pattern in enumerate(patterns):
+            members = torch.nonzero(group_of == group).flatten()
+            runs = _contiguous_runs(torch.nonzero(pattern).flatten().tolist())
+            for r0, r1 in _even_chunks(0, len(members), max(1, block_elements // width)):
+                # one group (no plan): the rows in order, views instead of copies
+                part = slice(r0, r1) if len(patterns) == 1 else members[r0:r1].to(dev)
+                block_rows = chosen[part]
+                for run in runs:
+                    for j0, j1 in _even_chunks(run[0], run[-1] + 1, max(1, block_elements // ((r1 - r0) * width))):
+                        dist = rows_by_columns(cols_op[j0 * width : j1 * width], block_rows, buffer)
+                        out[part, j0:j1] = dist.view(j1 - j0, width, r1 - r0).amin(1).T
         total += out.add_(offset).clamp_min_(0).sqrt_().mul_(scale).cpu()
     return total.div_(len(layers)).masked_fill_(~compute, torch.inf)
 
@@ -307,7 +321,7 @@ def _layer_minima(
     # Results are kept per slot (pads included), so that every block writes plain slices.
     out = torch.full((n * width, n), torch.inf, device=rows_op.device)
     arg = torch.full((n * width, n), -1, dtype=torch.int32, device=rows_op.device) if nearest else None
-    buffer = torch.empty(block_elements, dtype=dtype, device=rows_op.device)
+    buffer = torch.empty(max(block_elements, width), dtype=dtype, device=rows_op.device)  # >= 1 row x 1 collection
 
     pairs = int(torch.triu(partners, 1).sum())
     bar = tqdm(total=pairs, desc="mutual distances", unit="pair", disable=not progress, leave=False)

@@ -1,8 +1,8 @@
 """`a @ b.T` on the fastest exact matrix-product kernel torch has for the device.
 
 On CPUs torch's `mm` runs float32 through MKL, which on the AMD EPYC (Zen 5) this project is
-measured on reaches 179-186 GFLOP/s at the engine's block shapes (quiet machine), while oneDNN
-(also inside torch, and already what `mm` uses for bfloat16) reaches 318-397 GFLOP/s for the
+measured on reaches 179-187 GFLOP/s at the engine's block shapes (quiet machine), while oneDNN
+(also inside torch, and already what `mm` uses for bfloat16) reaches 293-397 GFLOP/s for the
 same IEEE float32 product (`benchmarks/engine.py --case none --gemm`; docs/engine.md,
 "Matrix products" and "Benchmark"). So float32 products on
 CPU go through oneDNN's linear operator (`torch.ops.mkldnn._linear_pointwise`, the kernel

@@ -28,9 +28,9 @@ class EngineOptions:
     `exact_top`: with precision "bf16" / "fp16", the share of elements with the highest scores
     (the batch's 2 x that share, and that share but at least 8 of each collection) whose
     distances each `mutual_scores` call recomputes in fp32, so that its collection scores (the
-    maximum) and the peaks of its map are exact (0 = off; about 4-7 % of an fp32 run; 2D-like
-    benchmark, full runs: bf16 with 0.01 11.7x MuSc's fp32 formulation, top-1 % agreement 1.000,
-    against 0.963 with 0; docs/engine.md). `progress`: tqdm bars.
+    maximum) and the peaks of its map are exact (0 = off). 2D-like benchmark (docs/engine.md):
+    the refinement costs ~7 % of an fp32 run; full bf16 runs with 0.01 are 11.7x MuSc's fp32
+    formulation at top-1 % agreement 1.000 (0.963 with 0). `progress`: tqdm bars.
     Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
     into s independent subsets), `preselect_fraction` (compare each collection with that share
     of its most similar collections, None = all) and `seed` (subset split).
