@@ -20,6 +20,7 @@ of lesion scans), excluded share of elements and the lesion share of the exclude
 
     python benchmarks/codegraph_ablation.py --out /tmp/volscan-ablation              # all regimes
     python benchmarks/codegraph_ablation.py --out /tmp/a --regimes lookalike --contrast 1.5
+    python benchmarks/codegraph_ablation.py --out /tmp/b --regimes none --bias 0      # no bias field
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -94,17 +95,23 @@ def variants(f_same: float) -> list[tuple[str, str, ScoringConfig]]:
     ]
 
 
-def cohort_config(regime: str, n: int, size: int, contrast: float, seed: int) -> PhantomConfig:
+def cohort_config(regime: str, n: int, size: int, contrast: float, seed: int, *, bias: float | None = None,
+                  elastic_mm: float | None = None) -> PhantomConfig:
     """The phantom cohort of a regime (the `none` regime reuses the look-alike cohort), rendered
-    on the template grid: no head pose or voxel-size variation, the elastic warp (3 mm) kept."""
+    on the template grid: no head pose or voxel-size variation, the elastic warp (3 mm) kept.
+    `bias` (log-polynomial std of the bias field) and `elastic_mm` override the phantom's
+    defaults (0.15, 3 mm); the same seed keeps every other draw (0 still consumes its draws)."""
     warps = WarpSettings(rotation_deg=0.0, scale_range=(1.0, 1.0), shift_mm=0.0, voxel_scale=(1.0, 1.0),
                          orientations=("".join(nib.aff2axcodes(procedural_head(size).affine)),))
+    if elastic_mm is not None:
+        warps = replace(warps, elastic_mm=elastic_mm)
     if regime in ("lookalike", "none"):
         config = lookalike_config(n, contrast=contrast, seed=seed, size=size, template="procedural")
     else:
         config = PhantomConfig(n_normal=n - n // 6, n_lesion=0, n_consistent=n // 6, seed=seed, size=size,
                                template="procedural", lesions=LesionSettings(radius_mm=(12.0, 20.0), contrast=contrast))
-    return replace(config, warps=warps)
+    config = replace(config, warps=warps)
+    return config if bias is None else replace(config, bias_strength=bias)
 
 
 def build_batch(folder: Path, config: PhantomConfig) -> Batch:
@@ -112,6 +119,13 @@ def build_batch(folder: Path, config: PhantomConfig) -> Batch:
     on the template grid already, so the cube is the image and the brain mask the template's."""
     cache = folder / "tokens.pt"
     size = config.size
+    description = folder / "cohort" / "cohort.json"
+    if isinstance(config, PhantomConfig) and description.is_file():
+        # a folder holds one cohort: refuse to score a cached cohort made with other settings
+        made = json.loads(description.read_text(encoding="utf-8"))["config"]
+        wanted = json.loads(json.dumps(asdict(config)))
+        if any(wanted.get(key) != value for key, value in made.items()):  # keys added later: defaults
+            raise SystemExit(f"{folder}: holds a cohort made with other settings; use another --out")
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         cubes = np.unpackbits(saved["cubes"], axis=1)[:, : size**3].reshape(-1, size, size, size).astype(bool)
@@ -244,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cube", type=int, default=112, help="cube edge in voxels (multiple of 14)")
     parser.add_argument("--contrast", type=float, default=1.5, help="lesion contrast multiplier (1.5 = brighter than CSF)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bias", type=float, default=None, help="bias-field strength (phantom default 0.15; 0 = none)")
+    parser.add_argument("--elastic-mm", type=float, default=None, help="elastic warp std in mm (default 3; 0 = none)")
     parser.add_argument("--diagnose", action="store_true", help="print the burn-out evidence per regime")
     parser.add_argument("--only", default=None, help="comma-separated variant name prefixes to run (default: all)")
     args = parser.parse_args(argv)
@@ -256,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if regime not in REGIMES:
             parser.error(f"unknown regime {regime!r}; expected {REGIMES}")
         source = "lookalike" if regime == "none" else regime
-        config = cohort_config(source, args.n, args.cube, args.contrast, args.seed)
+        config = cohort_config(source, args.n, args.cube, args.contrast, args.seed, bias=args.bias,
+                               elastic_mm=args.elastic_mm)
         batch = build_batch(out / source, config)
         if regime == "none":
             batch = batch.subset(~batch.lesion)

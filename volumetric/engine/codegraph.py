@@ -38,9 +38,12 @@ scores again. Stages and defaults, each with its evidence:
    densities missed the lesion community in 8 of 18 cohorts. Per member, the lesion community
    (42-311 connections) stands 3.7-42 IQRs above Q3 of the others in all 18, and the "strength"
    fence with k = 3 flags it in 18 of 18 (per pair, k = 1.5: 10 of 18). The cost, measured: in 3
-   of the 5 lesion-free cohorts a 6-9-scan community of mutually similar healthy scans (a normal
-   variant smaller than r_ref, the paper's stated limit) is flagged too (per pair, k = 1.5: 1 of
-   5), and targeted filtering then excludes 11-16 % of its elements. No size-aware rule we tried
+   of the 5 lesion-free cohorts a 6-9-scan community of mutually similar healthy scans is flagged
+   too (per pair, k = 1.5: 1 of 5), and targeted filtering then excludes 11-16 % of its elements.
+   Those scans are the ones with the strongest phantom bias fields (a continuous nuisance, not a
+   discrete normal variant: their cubes in the field's extremes find look-alikes only in each
+   other); the same cohorts rendered without the bias field flag nothing (session 3,
+   docs/engine.md "Lesion-free false flags"). No size-aware rule we tried
    (fence over >= 3-scan communities only, internal fraction W_in / volume, total internal
    weight, modularity excess, log scales, k up to 6) flags the lesion community in all 18 and
    nothing on all 5; the best that flags nothing on the 5 (per member, fence over >= 3-scan
