@@ -21,9 +21,10 @@ x (N (N-1) / 2) / computed pairs), and scores are compared on those 4 collection
 
 Reduced precision includes the fp32 recomputation of the highest-scoring elements
 (`EngineOptions.exact_top`): when sampled, the query collections' highest elements are made
-exact and further rows are recomputed against every partner, up to the most a full run refines (ceil(RANK_MARGIN s T) + sum_j
-min(count_j, max(ceil(s count_j), PEAK_CANDIDATES)); a full run refines the union of the two parts, at most that), in one fp32 pass as a full run
-does; that step is timed once, not extrapolated.
+exact and further rows are recomputed against every partner, up to the most a full run refines
+(ceil(RANK_MARGIN s T) + sum_j min(count_j, max(ceil(s count_j), PEAK_CANDIDATES)); a full run
+refines the union of the two parts, at most that), in one fp32 pass as a full run does; that
+step is timed once, not extrapolated.
 
 Printed: seconds and valid elements/s per side, the speed-up in wall time and in this process's
 CPU time (all threads; less sensitive to other processes on a shared machine), speed-up over MuSc (median of rounds), max relative
