@@ -63,9 +63,8 @@ from volumetric.engine.gemm import rows_by_columns
 from volumetric.engine.mutual import (
     PEAK_CANDIDATES,
     RANK_MARGIN,
-    highest_elements,
+    elements_to_refine,
     minima_scores,
-    smallest_mean,
     top_k_counts,
 )
 from volumetric.engine.synthetic import synthetic_batch
@@ -190,8 +189,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> None:
                     """One fp32 pass, as in a full run: the queries' chosen elements (written back) and
                     filler rows of other collections up to the bound, every row against every partner
                     (a query's partners are all collections)."""
-                    scores = smallest_mean(minima.distances, k.expand(n)[minima.owner])
-                    chosen = highest_elements(scores, minima.valid.sum(1), args.exact_top, among, RANK_MARGIN)
+                    chosen = elements_to_refine(minima, k.expand(n), args.exact_top, among)
                     filler = torch.nonzero(~among).flatten()[: max(0, bound - len(chosen))]
                     exact = element_minima([features_dev], valid, torch.cat([chosen, filler]), options=options)
                     minima.distances[chosen] = exact[: len(chosen)]

@@ -92,6 +92,14 @@ def highest_elements(
     return torch.unique(torch.cat(chosen))
 
 
+def elements_to_refine(minima: CollectionMinima, k: Tensor, share: float, among: Tensor | None = None) -> Tensor:
+    """Sorted indices (E,) of the elements `refine_highest` recomputes: `highest_elements` of the
+    scores from `minima` (`k` (N,) per collection) with `share`, the batch part widened by
+    RANK_MARGIN; `among` (T,) bool restricts the choice."""
+    scores = smallest_mean(minima.distances, k[minima.owner])
+    return highest_elements(scores, minima.valid.sum(1), share, among, RANK_MARGIN)
+
+
 def refine_highest(
     layers: Sequence[Tensor],
     minima: CollectionMinima,
@@ -102,8 +110,8 @@ def refine_highest(
     among: Tensor | None = None,
 ) -> Tensor:
     """Reduced precision made exact where it matters, in place: the distances of the
-    highest-scoring elements (`highest_elements` with `options.exact_top`, the batch part widened
-    by RANK_MARGIN) to every partner collection are recomputed in fp32.
+    highest-scoring elements (`elements_to_refine` with `options.exact_top`) to every partner
+    collection are recomputed in fp32.
 
     `minima` from `collection_minima` on these `layers`; `k` (N,) per collection; `among` (T,)
     bool restricts the choice (e.g. to the collections a caller scores). Returns the refined
@@ -114,8 +122,7 @@ def refine_highest(
     """
     if minima.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
         return torch.empty(0, dtype=torch.long)
-    scores = smallest_mean(minima.distances, k[minima.owner])
-    chosen = highest_elements(scores, minima.valid.sum(1), options.exact_top, among, RANK_MARGIN)
+    chosen = elements_to_refine(minima, k, options.exact_top, among)
     minima.distances[chosen] = element_minima(layers, minima.valid, chosen, partners=partners, options=options)
     return chosen
 
