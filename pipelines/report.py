@@ -464,7 +464,9 @@ def build_report(
     settings["scoring"] = scores.settings
     if kind == "3d":
         settings["preprocess"] = plain(config.preprocess_settings())
+        # Resolved (flag, else the `preprocess` table, else the default): None would read "(not used)".
         settings["brain_mask"] = settings["preprocess"]["brain_mask"]
+        settings["bias_correction"] = settings["preprocess"]["bias_correction"]
         # What `auto` resolved to, per scan (H10): {extractor: [scan ids]}.
         used = preprocess_info.get("brain_mask", {})
         settings["brain_mask_used"] = {m: [i for i, v in used.items() if v == m] for m in sorted(set(used.values()))}

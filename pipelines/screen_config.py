@@ -24,7 +24,7 @@ Defaults the paper does not pin down:
 
 Each stage gets its own typed settings from here, whole: `preprocess_settings()`
 (`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
-`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`), `token_settings()`
+`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`/`bias_correction`), `token_settings()`
 (`volumetric.tokens.TokenSettings`: the model flags + the `tokenizer` table; the classical
 tokenizer takes the table as its own arguments), `scoring` (`volumetric.engine.ScoringConfig`
 with `EngineOptions`, built in `pipelines.stages.score`) and `outputs()`. Each derives its own
@@ -65,6 +65,7 @@ class ScreenConfig:
     registered: bool = False
     skull_stripped: bool = False
     brain_mask: str | None = None  # None = the `preprocess` table's, else "auto" (PreprocessSettings)
+    bias_correction: str | None = None  # None = the `preprocess` table's, else "none" (PreprocessSettings)
     template: str | None = None
     cache: str | None = None
     seed: int = 0
@@ -107,6 +108,8 @@ class ScreenConfig:
             raise VolscanError(f"top must be >= 0, got {self.top}")
         if self.brain_mask is not None and self.brain_mask not in ("auto", "hd-bet", "deepbet", "template", "nonzero"):
             raise VolscanError(f"brain-mask must be auto, hd-bet, deepbet, template or nonzero, got {self.brain_mask!r}")
+        if self.bias_correction is not None and self.bias_correction not in ("none", "n4"):
+            raise VolscanError(f"bias-correction must be none or n4, got {self.bias_correction!r}")
         if self.histogram_bins < 2:
             raise VolscanError(f"histogram-bins must be >= 2, got {self.histogram_bins}")
         if self.viewer_scans < 0:
@@ -116,12 +119,14 @@ class ScreenConfig:
 
     def preprocess_settings(self) -> Any:
         """Every preprocessing option, typed and checked (`PreprocessSettings`): the config's
-        `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`."""
+        `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`
+        (`brain_mask` and `bias_correction`, when set, win over the table's)."""
         from preprocessing.settings import PreprocessSettings
 
         table = dict(self.preprocess)
-        if self.brain_mask is not None:  # the flag wins over the table; else the table's or the default
-            table["brain_mask"] = self.brain_mask
+        for name in ("brain_mask", "bias_correction"):  # the flag wins over the table; else the table's or the default
+            if getattr(self, name) is not None:
+                table[name] = getattr(self, name)
         return PreprocessSettings.from_mapping(
             table, size=self.size, registered=self.registered, skull_stripped=self.skull_stripped
         )

@@ -124,7 +124,8 @@ def check_settings(config: "ScreenConfig") -> None:
 def check_no_3d_settings(config: "ScreenConfig") -> None:
     """Refuse the volume-only settings for 2D images (they would be silently dropped)."""
     volume_only = [name for name, value in (("registered", config.registered), ("skull-stripped", config.skull_stripped),
-                                            ("brain-mask", config.brain_mask), ("template", config.template),
+                                            ("brain-mask", config.brain_mask),
+                                            ("bias-correction", config.bias_correction), ("template", config.template),
                                             ("preprocess", config.preprocess),
                                             ("slices-per-block", config.slices_per_block is not None))
                    if value]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preprocessing.bias_field import BIAS_CORRECTIONS, N4Settings
 from preprocessing.brain_mask import CONTRASTS, MASK_METHODS
 from preprocessing.crop_resize import check_cube_size
 from preprocessing.intensity import DEFAULT_CUTOFF, check_cutoff
@@ -37,6 +38,10 @@ class PreprocessSettings:
       "cuda", ... for the learned extractors.
     - `margin_mm`, `cubic`: crop box around the template brain; `background_scale`: template-mask
       refinement; `registration`: `RegistrationSettings`.
+    - `bias_correction`: "none" (the paper's BraTS protocol, which has no bias-field step) |
+      "n4": N4 on the cube inside the brain mask, before Nyúl (`preprocessing.bias_field`);
+      recommended for raw scanner data whose bias fields were not corrected (a strongly biased
+      healthy scan otherwise reads as anomalous). `n4`: `N4Settings`, used only with "n4".
     - `cutoff`: Nyúl quantiles when learning landmarks; `landmarks`: a `.npy` file of fixed
       landmarks to apply instead of learning them (path, or None).
     """
@@ -52,6 +57,8 @@ class PreprocessSettings:
     cubic: bool = False
     background_scale: float = 0.5
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
+    bias_correction: str = "none"
+    n4: N4Settings = field(default_factory=N4Settings)
     cutoff: tuple[float, float] = DEFAULT_CUTOFF
     landmarks: str | None = None
 
@@ -75,6 +82,12 @@ class PreprocessSettings:
                 raise VolscanError(f"preprocess {name} must be a number >= 0, got {value!r}")
         if not isinstance(self.registration, RegistrationSettings):
             raise VolscanError(f"preprocess registration must be RegistrationSettings, got {self.registration!r}")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise VolscanError(
+                f"unknown bias correction {self.bias_correction!r}; choose one of {', '.join(BIAS_CORRECTIONS)}"
+            )
+        if not isinstance(self.n4, N4Settings):
+            raise VolscanError(f"preprocess n4 must be N4Settings, got {self.n4!r}")
         try:
             cutoff = check_cutoff(self.cutoff)
         except (TypeError, ValueError):
@@ -87,7 +100,7 @@ class PreprocessSettings:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], **fixed: Any) -> "PreprocessSettings":
-        """Settings from a config table (keys with `-` or `_`; nested `registration` table) plus `fixed`.
+        """Settings from a config table (keys with `-` or `_`; nested `registration` and `n4` tables) plus `fixed`.
 
         An unknown key, or a key that `fixed` already sets, is a `VolscanError` naming it.
         """
@@ -109,6 +122,11 @@ class PreprocessSettings:
                 table["registration"] = RegistrationSettings(**registration)
             except TypeError as exc:
                 raise VolscanError(f"config 'preprocess.registration': {exc}") from None
+        if isinstance(table.get("n4"), dict):
+            try:  # N4Settings takes `iterations` as a list (a YAML/TOML array) and stores a tuple
+                table["n4"] = N4Settings(**{str(k).replace("-", "_"): v for k, v in table["n4"].items()})
+            except TypeError as exc:
+                raise VolscanError(f"config 'preprocess.n4': {exc}") from None
         if isinstance(table.get("cutoff"), list):
             table["cutoff"] = tuple(table["cutoff"])
         return cls(**table, **fixed)
@@ -121,9 +139,11 @@ class PreprocessSettings:
         """What changes the cube, mask and mapping (JSON-able), with the resolved `mask_method`.
 
         `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
-        on which weights folder made them (`hdbet_weights`, or volscan's cached download).
+        on which weights folder made them (`hdbet_weights`, or volscan's cached download). Bias
+        correction enters only when on: "none" makes the same cubes as before it existed, so
+        stores made then stay valid.
         """
-        return {
+        key = {
             "version": PIPELINE_VERSION,
             "template": template_identity,
             "size": self.size,
@@ -137,6 +157,9 @@ class PreprocessSettings:
             "background_scale": float(self.background_scale) if mask_method == "template" else None,
             "registration": None if self.registered else self.registration.key(),
         }
+        if self.bias_correction != "none":
+            key.update(bias_correction=self.bias_correction, n4=self.n4.key())
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (for reports)."""

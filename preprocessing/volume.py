@@ -1,4 +1,5 @@
-"""The one-volume chain: register → brain mask → crop the template's brain box → resize to S³.
+"""The one-volume chain: register → brain mask → crop the template's brain box → resize to S³
+(→ N4 bias-field correction inside the brain mask, when `settings.bias_correction == "n4"`).
 
 Spatial steps are composed into a single resampling (registration ∘ crop box ∘ resize), so each
 input is interpolated once. Registered mode skips only the registration: the crop box still
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from preprocessing.bias_field import correct_bias_field
 from preprocessing.brain_mask import MaskChoice, choose_mask_method, nonzero_mask, refine_template_mask
 from preprocessing.crop_resize import brain_crop_box, crop_and_resize, cube_affine
 from preprocessing.io import Volume, load_volume
@@ -41,8 +43,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SpatialResult:
-    """`cube` (S, S, S) float32 input intensities, `brain_mask` (S, S, S) bool, `mapping` back and
-    forth, and `mask` (which extractor made the brain mask, and its warning if any)."""
+    """`cube` (S, S, S) float32 input intensities (divided by the N4 field with bias correction
+    "n4"), `brain_mask` (S, S, S) bool, `mapping` back and forth, and `mask` (which extractor made
+    the brain mask, and its warning if any)."""
 
     cube: np.ndarray
     brain_mask: np.ndarray
@@ -117,6 +120,10 @@ class VolumePreprocessor:
         if not mask.any():
             hint = " (is it really in template space?)" if self.settings.registered else ""
             raise InputFileError(name, f"brain mask ({choice.method}) is empty inside the template's crop box{hint}")
+        if self.settings.bias_correction == "n4":
+            # Fitted in the cube: its grid is the same for every scan, and Nyúl learns on it next.
+            spacing = np.linalg.norm(self.cube_affine[:3, :3], axis=0)  # column norms = voxel sizes (mm)
+            cube = correct_bias_field(cube, mask, spacing, self.settings.n4, str(name))
         return SpatialResult(cube=cube, brain_mask=mask, mapping=mapping, mask=choice)
 
     def _fixed(self) -> sitk.Image:

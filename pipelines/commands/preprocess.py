@@ -27,6 +27,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-device", help="device of the learned extractors: cpu (default), cuda, cuda:N")
     parser.add_argument("--margin-mm", type=float, help="crop margin around the template brain (mm, default 4)")
     parser.add_argument("--cubic", action="store_true", help="cubic crop box (same extent on every axis)")
+    parser.add_argument("--bias-correction", choices=("none", "n4"),
+                        help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
+                             "protocol; n4 for raw scanner data with uncorrected bias fields)")
     parser.add_argument("--landmarks", metavar="FILE", help="reuse Nyúl landmarks (.npy) instead of learning them")
     parser.add_argument(
         "--cutoff", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # (resumed); the template, landmarks, headers.
     # Flags left unset keep PreprocessSettings' defaults (listed there once).
     names = ("size", "registered", "skull_stripped", "brain_mask", "contrast", "hdbet_weights", "mask_device",
-             "margin_mm", "cubic", "cutoff", "landmarks")
+             "margin_mm", "cubic", "bias_correction", "cutoff", "landmarks")
     settings = PreprocessSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     check_int("--workers", args.workers, 1, 1024)
     out = check_output_dir(args.out_dir, args.force, (args.input_dir,), command="preprocess", resume=True)

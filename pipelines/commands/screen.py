@@ -16,7 +16,7 @@ from pipelines.screen_config import DEFAULT_BACKBONE
 # SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
 SETTINGS = (
     "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "template", "seed", "precision", "slices_per_block",
+    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block",
 )
 OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
 
@@ -71,6 +71,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--brain-mask", choices=("auto", "hd-bet", "deepbet", "template", "nonzero"),
                      help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
                           "if its weights are local, else deepbet, else the template mask with a warning)")
+    pre.add_argument("--bias-correction", choices=("none", "n4"),
+                     help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
+                          "protocol; n4 for raw scanner data with uncorrected bias fields)")
     pre.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
     feat = groups["features"]
     feat.add_argument("--backbone", metavar="NAME", help=f"timm ViT name, or 'classical' for weights-free intensity and texture features "

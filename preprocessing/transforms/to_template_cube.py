@@ -30,7 +30,8 @@ _ORDERS = {"nearest": 0, "bilinear": 1, "trilinear": 1, "bicubic": 3}
 class ToTemplateCube(InvertibleTransform, Transform):
     """(1, X, Y, Z) MetaTensor → ((1, S, S, S) cube, (1, S, S, S) uint8 brain mask), both in template cube space.
 
-    Arguments are those of `VolumePreprocessor` (the template is loaded once, here).
+    Arguments are those of `VolumePreprocessor` (the template is loaded once, here); with
+    `settings.bias_correction == "n4"` the cube is divided by its N4 field, as there.
     """
 
     def __init__(
@@ -82,7 +83,8 @@ class ToTemplateCube(InvertibleTransform, Transform):
 
 
 class ToTemplateCubed(MapTransform, InvertibleTransform):
-    """Dictionary wrapper: `keys[0]` is registered; other keys follow with the same mapping.
+    """Dictionary wrapper: `keys[0]` is registered; other keys follow with the same mapping (and
+    without N4, which corrects `keys[0]` only: other keys may be labels; see `VolscanPreprocessd`).
 
     `settings`, `template`: see `ToTemplateCube`; `mask_key` receives the brain mask; `mode`:
     interpolation per key ("bilinear" for images, "nearest" for labels), a string or one per key.
