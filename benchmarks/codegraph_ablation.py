@@ -16,11 +16,14 @@ on the same tokens. Printed per variant: patient AUROC and F1-max,
 lesion-cube AUROC (token grid, lesion cells vs all other valid cells), Dice (paper protocol:
 F1-max threshold on the grid, trilinear upsampling, mean over all scans with a clean scan
 without alarm = 1; and over lesion scans only), CoDeGraph's outlier communities (sizes, share
-of lesion scans), excluded share of elements and the lesion share of the excluded elements.
+of lesion scans), excluded share of elements and the lesion share of the excluded elements, and
+for CoDeGraph the largest change of any element's score against MuSc at the same f (a share of
+MuSc's largest score: 0 when nothing is excluded, the lesion-free check).
 
     python benchmarks/codegraph_ablation.py --out /tmp/volscan-ablation              # all regimes
     python benchmarks/codegraph_ablation.py --out /tmp/a --regimes lookalike --contrast 1.5
     python benchmarks/codegraph_ablation.py --out /tmp/b --regimes none --bias 0      # no bias field
+    python benchmarks/codegraph_ablation.py --out /tmp/b --regimes none --bias-correction n4  # N4-corrected
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from pipelines.maps import upsample_scores
 from pipelines.phantom import (Cohort, LesionSettings, PhantomConfig, WarpSettings, generate_cohort, lookalike_config,
                                procedural_head)
+from preprocessing.bias_field import correct_bias_field
 from preprocessing.io import load_volume
 from volumetric.classical_tokens import ClassicalTokenizer, standardize_batch
 from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig, lnamd, score_collections
@@ -114,10 +118,13 @@ def cohort_config(regime: str, n: int, size: int, contrast: float, seed: int, *,
     return config if bias is None else replace(config, bias_strength=bias)
 
 
-def build_batch(folder: Path, config: PhantomConfig) -> Batch:
-    """Generate and tokenise a cohort into `folder` (tokens cached in tokens.pt). The scans are
-    on the template grid already, so the cube is the image and the brain mask the template's."""
-    cache = folder / "tokens.pt"
+def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "none") -> Batch:
+    """Generate and tokenise a cohort into `folder` (tokens cached in tokens.pt, or tokens-n4.pt
+    when `bias_correction` is "n4": each scan divided by its N4 bias field, fitted in the brain
+    mask, before tokenisation, as `--bias-correction n4` does in the preprocessing chain). The
+    scans are on the template grid already, so the cube is the image and the brain mask the
+    template's."""
+    cache = folder / ("tokens.pt" if bias_correction == "none" else f"tokens-{bias_correction}.pt")
     size = config.size
     description = folder / "cohort" / "cohort.json"
     if isinstance(config, PhantomConfig) and description.is_file():
@@ -137,7 +144,12 @@ def build_batch(folder: Path, config: PhantomConfig) -> Batch:
     tokenizer = ClassicalTokenizer()
     sets, cubes = [], []
     for sid in tqdm(ids, desc="tokens", unit="scan"):
-        sets.append(tokenizer(load_volume(cohort.image(sid)).array.astype(np.float32), brain))
+        scan = load_volume(cohort.image(sid))
+        image = scan.array.astype(np.float32)
+        if bias_correction == "n4":
+            spacing = tuple(float(v) for v in np.linalg.norm(scan.affine[:3, :3], axis=0))
+            image = correct_bias_field(image, brain, spacing, name=str(cohort.image(sid)))
+        sets.append(tokenizer(image, brain))
         cubes.append(load_volume(cohort.label(sid)).array > 0)
     layers = [torch.stack([s.layers[i] for s in sets]) for i in range(len(sets[0].layers))]
     valid = ~torch.stack([s.void for s in sets])
@@ -170,6 +182,7 @@ def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
     row["dice_all"] = float(np.mean(dices))
     if batch.lesion.any():
         row["dice_lesion"] = float(np.mean([d for d, les in zip(dices, batch.lesion) if les]))
+    row["_scores"] = scores  # for the same-f comparison in `main`; not saved
     graph = result.codegraph
     if graph is not None:
         outliers = [graph.communities[c] for c in graph.outlier_communities]
@@ -226,6 +239,13 @@ def diagnose(batch: Batch, config: ScoringConfig) -> dict:
     return facts
 
 
+def same_f_difference(scores: np.ndarray, reference: np.ndarray) -> float:
+    """Largest |score - MuSc's score at the same f| over all valid elements, as a share of
+    MuSc's largest score (0 where CoDeGraph excludes nothing: the two are then the same scoring)."""
+    valid = np.isfinite(reference)
+    return float(np.abs(scores[valid] - reference[valid]).max() / np.abs(reference[valid]).max())
+
+
 def pct(value: object) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -235,8 +255,9 @@ def table(regime: str, rows: list[tuple[str, dict]]) -> str:
     lines = [
         f"**{regime}**",
         "",
-        "| variant | patient AUROC | F1-max | cube AUROC | Dice all | Dice lesion | outlier communities (lesion share) | excluded % (lesion %) | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | patient AUROC | F1-max | cube AUROC | Dice all | Dice lesion | outlier communities (lesion share) "
+        "| excluded % (lesion %) | max score change vs MuSc same f % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         communities = "-"
@@ -245,7 +266,8 @@ def table(regime: str, rows: list[tuple[str, dict]]) -> str:
         excluded = "-" if "excluded_share" not in r else f"{pct(r['excluded_share'])} ({pct(r['excluded_lesion_share'])})"
         lines.append(
             f"| {name.strip()} | {pct(r.get('patient_auroc'))} | {pct(r.get('patient_f1'))} | {pct(r.get('cube_auroc'))} "
-            f"| {pct(r['dice_all'])} | {pct(r.get('dice_lesion'))} | {communities} | {excluded} | {r['seconds']:.1f} |"
+            f"| {pct(r['dice_all'])} | {pct(r.get('dice_lesion'))} | {communities} | {excluded} "
+            f"| {pct(r.get('same_f_difference'))} | {r['seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -259,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contrast", type=float, default=1.5, help="lesion contrast multiplier (1.5 = brighter than CSF)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bias", type=float, default=None, help="bias-field strength (phantom default 0.15; 0 = none)")
+    parser.add_argument("--bias-correction", choices=("none", "n4"), default="none",
+                        help="N4 bias-field correction of every scan before tokenisation (default none)")
     parser.add_argument("--elastic-mm", type=float, default=None, help="elastic warp std in mm (default 3; 0 = none)")
     parser.add_argument("--diagnose", action="store_true", help="print the burn-out evidence per regime")
     parser.add_argument("--only", default=None, help="comma-separated variant name prefixes to run (default: all)")
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         source = "lookalike" if regime == "none" else regime
         config = cohort_config(source, args.n, args.cube, args.contrast, args.seed, bias=args.bias,
                                elastic_mm=args.elastic_mm)
-        batch = build_batch(out / source, config)
+        batch = build_batch(out / source, config, args.bias_correction)
         if regime == "none":
             batch = batch.subset(~batch.lesion)
         if args.diagnose:
@@ -282,16 +306,24 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("diagnosis", {})[regime] = facts
             print(f"\n{regime} burn-out evidence:", json.dumps(facts, indent=1))
         rows = []
+        same_f = None  # element scores of MuSc at CoDeGraph's f
         for name, method, scoring in variants(f_same):
             if args.only and not any(name.strip().startswith(p) for p in args.only.split(",")):
                 continue
-            rows.append((name, evaluate(batch, method, scoring)))
-            log.warning("%s / %s: %s", regime, name.strip(), rows[-1][1])
+            row = evaluate(batch, method, scoring)
+            scores = row.pop("_scores")
+            if method == "musc" and scoring.musc_top_fraction == f_same:
+                same_f = scores
+            elif method == "codegraph" and same_f is not None:
+                row["same_f_difference"] = same_f_difference(scores, same_f)
+            rows.append((name, row))
+            log.warning("%s / %s: %s", regime, name.strip(), row)
         results["regimes"][regime] = {"n": len(batch.ids), "lesion_scans": int(batch.lesion.sum()), "rows": rows}
         print(f"\n{regime}: {len(batch.ids)} scans, {int(batch.lesion.sum())} with lesions, grid {tuple(batch.valid.shape[1:])}, "
               f"{int(batch.valid.sum())} valid cubes")
         print(table(regime, rows))
-    (out / f"ablation-{args.regimes.replace(',', '-')}.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    suffix = "" if args.bias_correction == "none" else f"-{args.bias_correction}"
+    (out / f"ablation-{args.regimes.replace(',', '-')}{suffix}.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return 0
 
 

@@ -30,10 +30,10 @@ BIAS_CORRECTIONS = ("none", "n4")
 # N4 needs a fit region: with fewer positive brain voxels than this share the input is not an MR
 # magnitude image (z-scored or CT-like intensities) and the log-domain model does not apply.
 MIN_POSITIVE_SHARE = 0.5
-# Voxels per axis the shrunken fit image keeps at least. With the default 4 levels the last
-# control grid has 8 spans per axis; at 12-16 voxels per axis (a 48³ cube shrunk 4x) the spline
-# also absorbs the tissue pattern and the correction is poor (textured phantom, docs/preprocessing.md:
-# log-bias std cut 1.6x at 12 voxels, 5-8x at 28-32). A 224³ cube keeps the full shrink of 4.
+# Voxels per axis the shrunken fit image keeps at least. At 12-16 voxels per axis (a 48³ cube
+# shrunk 4x) the last control grid (4 spans with 3 levels, 8 with 4) also absorbs the tissue
+# pattern and the correction is poor (textured phantom, 4 levels, docs/preprocessing.md: log-bias
+# std cut 1.6x at 12 voxels, 5-8x at 28-32). A 224³ cube keeps the full shrink of 4.
 MIN_SHRUNK_VOXELS = 32
 
 
@@ -44,10 +44,10 @@ class N4Settings:
     - `shrink`: fit on the image shrunk by this factor per axis (speed; the field is smooth),
       reduced where needed so the shrunken image keeps `MIN_SHRUNK_VOXELS` per axis;
     - `iterations`: iterations per fitting level (one level per entry, control grid doubled each).
-      Three levels, not ANTs' four: on 20 healthy phantom scans (224^3, true field known) the
-      fourth level's finer grid absorbed anatomy in some scans (residual log-field std up to
-      0.082, as large as the field itself, median 0.027) where three levels left 0.009-0.025
-      (median 0.014); `python /tmp/h12d/n4lev.py` in docs/preprocessing.md's N4 section;
+      Three levels, not ANTs' four: against known fields (`benchmarks/bias_field.py`,
+      docs/preprocessing.md) the fourth level's finer grid absorbs anatomy and lesions (field
+      left on 224^3 phantoms: median 0.022 vs 0.012 with three levels; on the SRI-24 T1 0.031
+      vs 0.023; a 64 mm lesion loses 20 % of its intensity vs 5 %);
     - `control_points`: initial B-spline control points per axis (>= spline order + 1 = 4);
     - `convergence`: stop a level when the field changes less than this.
     """
