@@ -186,7 +186,9 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
     subjects = [Subject(id=s.id, image=s.image, label=s.label, registered=s.registered,
                         skull_stripped=s.skull_stripped) for s in scans]
     log.info("%s: %d IXI + %d BraTS-METS scans, methods %s", EXPERIMENT, len(ixi), len(brats), ", ".join(methods))
+    preprocess = config.preprocess_settings()  # the paper's protocol unless a --config file changed it
     settings = {"backbone": config.backbone, "weights": config.weights or "timm hub", "size": config.size,
+                "brain_mask": preprocess.brain_mask, "bias_correction": preprocess.bias_correction,
                 "n_ixi": len(ixi), "n_brats": len(brats), "seed": seed,
                 "brats_rule": f"case list {brats_cases}" if brats_cases else f"timepoint {brats_timepoints}"}
     with output as work:

@@ -120,13 +120,16 @@ class ScreenConfig:
     def preprocess_settings(self) -> Any:
         """Every preprocessing option, typed and checked (`PreprocessSettings`): the config's
         `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`
-        (`brain_mask` and `bias_correction`, when set, win over the table's)."""
+        (`brain_mask` and `bias_correction`, when set, win over the table's; an explicit
+        `bias_correction` none also drops the table's `n4` options)."""
         from preprocessing.settings import PreprocessSettings
 
         table = dict(self.preprocess)
         for name in ("brain_mask", "bias_correction"):  # the flag wins over the table; else the table's or the default
             if getattr(self, name) is not None:
                 table[name] = getattr(self, name)
+        if self.bias_correction == "none":  # `--bias-correction none` over a config with N4 on: no N4, no options
+            table.pop("n4", None)
         return PreprocessSettings.from_mapping(
             table, size=self.size, registered=self.registered, skull_stripped=self.skull_stripped
         )

@@ -31,9 +31,10 @@ BIAS_CORRECTIONS = ("none", "n4")
 # magnitude image (z-scored or CT-like intensities) and the log-domain model does not apply.
 MIN_POSITIVE_SHARE = 0.5
 # Voxels per axis the shrunken fit image keeps at least. At 12-16 voxels per axis (a 48³ cube
-# shrunk 4x) the last control grid (4 spans with 3 levels, 8 with 4) also absorbs the tissue
-# pattern and the correction is poor (textured phantom, 4 levels, docs/preprocessing.md: log-bias
-# std cut 1.6x at 12 voxels, 5-8x at 28-32). A 224³ cube keeps the full shrink of 4.
+# shrunk 4x) the last control grid (4 spans with the default 3 levels) also absorbs the tissue
+# pattern and the correction is poorer (48³/64³ textured test phantoms, 3 levels,
+# docs/preprocessing.md: log-bias std cut 3.7-7.4x at 12-16 voxels, 7.1-10.9x at >= 32).
+# A 224³ cube keeps the full shrink of 4.
 MIN_SHRUNK_VOXELS = 32
 
 
@@ -49,13 +50,18 @@ class N4Settings:
       left on 224^3 phantoms: median 0.022 vs 0.012 with three levels; on the SRI-24 T1 0.031
       vs 0.023; a 64 mm lesion loses 20 % of its intensity vs 5 %);
     - `control_points`: initial B-spline control points per axis (>= spline order + 1 = 4);
-    - `convergence`: stop a level when the field changes less than this.
+    - `convergence`: stop a level when the field changes less than this;
+    - `threads`: ITK threads of the fit and of the field's evaluation. The result depends on the
+      thread count (1 vs 2 or 4: up to 1e-5 in the log field of a 64³ phantom), so 1 (as the
+      registration) makes reruns bit-identical on any machine, and `--workers N` / Ray runs do
+      not oversubscribe their cores.
     """
 
     shrink: int = 4
     iterations: tuple[int, ...] = (50, 50, 50)
     control_points: int = 4
     convergence: float = 1e-3
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.shrink, bool) or not isinstance(self.shrink, int) or self.shrink < 1:
@@ -69,6 +75,8 @@ class N4Settings:
         if (isinstance(self.convergence, bool) or not isinstance(self.convergence, (int, float))
                 or not math.isfinite(self.convergence) or not self.convergence > 0):
             raise VolscanError(f"N4 convergence must be a number > 0, got {self.convergence!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise VolscanError(f"N4 threads must be an integer >= 1, got {self.threads!r}")
 
     def key(self) -> dict:
         """Settings as a JSON-able dict (part of cache keys)."""
@@ -79,7 +87,9 @@ def n4_log_field(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] =
                  settings: N4Settings = N4Settings(), name: str = "volume") -> np.ndarray:
     """The N4 log bias field of `image` (X, Y, Z) fitted on `mask` (X, Y, Z) bool, same shape, float32.
 
-    `spacing`: voxel size in mm per axis (the B-spline grid spans the physical extent).
+    `spacing`: voxel size in mm per axis. It only sets the image metadata: N4's control grid is a
+    number of points per axis over the image's extent, so each span is the box extent / spans per
+    axis whatever the spacing, and the fitted field does not change with it beyond rounding.
     An `InputFileError` naming `name` when the brain holds too few positive voxels to fit.
     """
     image = np.asarray(image, dtype=np.float32)
@@ -105,10 +115,18 @@ def n4_log_field(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] =
     corrector.SetMaximumNumberOfIterations(list(settings.iterations))
     corrector.SetNumberOfControlPoints([settings.control_points] * 3)
     corrector.SetConvergenceThreshold(float(settings.convergence))
-    corrector.Execute(small, small_mask)
-    log.debug("%s: N4 on a %s grid (shrink %s), %s iterations at the last level", name, small.GetSize(), shrink,
-              corrector.GetElapsedIterations())
-    field = corrector.GetLogBiasFieldAsImage(full)  # B-spline evaluated on the full-resolution grid
+    corrector.SetNumberOfThreads(settings.threads)
+    # Its inner filters (and the field's evaluation) read the global default: pinned too (measured:
+    # the filter's own count alone leaves the output dependent on the global one).
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
+    try:
+        corrector.Execute(small, small_mask)
+        log.debug("%s: N4 on a %s grid (shrink %s), %s iterations at the last level", name, small.GetSize(), shrink,
+                  corrector.GetElapsedIterations())
+        field = corrector.GetLogBiasFieldAsImage(full)  # B-spline evaluated on the full-resolution grid
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     return sitk.GetArrayFromImage(field).transpose(2, 1, 0).astype(np.float32)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -174,7 +174,7 @@ def check_store(
         if done.get("spatial_key") != subject.key:
             scans[subject.record.id] = ("record damaged" if done.get("corrupt")
                                         else "not preprocessed" if not done.get("spatial_key")
-                                        else "preprocessed from other input content or settings")
+                                        else _what_changed(done.get("settings"), subject.settings_key))
         elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files")):
             scans[subject.record.id] = "preprocessed files damaged"
     path = out / LANDMARKS_FILE
@@ -401,6 +401,31 @@ def _stored_landmarks(path: Path) -> tuple[Landmarks | None, dict]:
         log.warning("%s: stored landmarks are corrupt or were changed (checksum mismatch); rebuilding them", path)
         return None, {}
     return landmarks, info
+
+
+def _what_changed(stored: Any, requested: dict[str, Any]) -> str:
+    """Why a stored spatial output is stale, naming the settings that differ, e.g. "preprocessed
+    with other settings (bias_correction: n4 in the store, none requested)"."""
+    requested = json.loads(json.dumps(requested, default=str))  # as stored: tuples are lists there
+    if stored == requested:
+        return "preprocessed from other input content"
+    if not isinstance(stored, dict):
+        return "preprocessed with other settings"
+    # Without N4 the key has no bias_correction / n4 entries (`PreprocessSettings.spatial_key`).
+    stored, requested = {"bias_correction": "none", **stored}, {"bias_correction": "none", **requested}
+    n4_switched = stored["bias_correction"] != requested["bias_correction"]
+    changed = []
+    for name in sorted(set(stored) | set(requested)):
+        old, new = stored.get(name), requested.get(name)
+        if old == new or (name == "n4" and n4_switched):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # a nested table: its entries that differ
+            changed += [(f"{name}.{key}", old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+                        if old.get(key) != new.get(key)]
+        else:
+            changed.append((name, old, new))
+    return "preprocessed with other settings (" + "; ".join(
+        f"{name}: {old} in the store, {new} requested" for name, old, new in changed) + ")"
 
 
 def _stale_error(path: Path) -> VolscanError:

@@ -41,7 +41,8 @@ class PreprocessSettings:
     - `bias_correction`: "none" (the paper's BraTS protocol, which has no bias-field step) |
       "n4": N4 on the cube inside the brain mask, before Nyúl (`preprocessing.bias_field`);
       recommended for raw scanner data whose bias fields were not corrected (a strongly biased
-      healthy scan otherwise reads as anomalous). `n4`: `N4Settings`, used only with "n4".
+      healthy scan otherwise reads as anomalous). `n4`: `N4Settings`, used only with "n4"
+      (non-default `n4` settings with "none" are an error: they would do nothing).
     - `cutoff`: Nyúl quantiles when learning landmarks; `landmarks`: a `.npy` file of fixed
       landmarks to apply instead of learning them (path, or None).
     """
@@ -88,6 +89,8 @@ class PreprocessSettings:
             )
         if not isinstance(self.n4, N4Settings):
             raise VolscanError(f"preprocess n4 must be N4Settings, got {self.n4!r}")
+        if self.bias_correction == "none" and self.n4 != N4Settings():  # would be silently ignored
+            raise VolscanError("preprocess n4 settings are set but bias_correction is none; add bias_correction: n4")
         try:
             cutoff = check_cutoff(self.cutoff)
         except (TypeError, ValueError):

@@ -15,7 +15,7 @@ from test_preprocessing_data import small_template
 from pipelines.cli import build_parser, main
 from pipelines.screen_config import ScreenConfig, resolve_config
 from preprocessing.bias_field import N4Settings, correct_bias_field
-from preprocessing.cohort import SubjectSpec, preprocess_cohort
+from preprocessing.cohort import SubjectSpec, check_store, preprocess_cohort
 from preprocessing.io import load_volume, save_volume
 from preprocessing.settings import PreprocessSettings
 from preprocessing.transforms import BiasFieldCorrection, BiasFieldCorrectiond, VolscanPreprocessd
@@ -82,7 +82,11 @@ def test_settings_validation_mapping_and_cache_keys():
     for table, message in (({"n4": {"shrnk": 2}}, "config 'preprocess.n4': .*shrnk"),
                            ({"n4": {"iterations": [0]}}, "N4 iterations must be a list of integers >= 1"),
                            ({"n4": {"control_points": 3}}, "N4 control_points must be an integer >= 4"),
-                           ({"n4": {"convergence": 0}}, "N4 convergence must be a number > 0")):
+                           ({"n4": {"convergence": 0}}, "N4 convergence must be a number > 0"),
+                           ({"n4": {"threads": 0}}, "N4 threads must be an integer >= 1"),
+                           # N4 options without N4 would do nothing: one line, not silently ignored
+                           ({"n4": {"shrink": 2}}, "^preprocess n4 settings are set but bias_correction is none; "
+                                                   "add bias_correction: n4$")):
         with pytest.raises(VolscanError, match=message):
             PreprocessSettings.from_mapping(table)
 
@@ -91,8 +95,10 @@ def test_settings_validation_mapping_and_cache_keys():
 
     none, n4 = PreprocessSettings(), PreprocessSettings(bias_correction="n4")
     assert len({key(none), key(n4), key(n4.replace(n4=N4Settings(shrink=2)))}) == 3
-    # N4 options do nothing without N4: same cubes, same key (and stores made before N4 existed stay valid).
-    assert key(none.replace(n4=N4Settings(shrink=2))) == key(none)
+    with pytest.raises(VolscanError, match="bias_correction is none"):
+        n4.replace(n4=N4Settings(threads=2), bias_correction="none")
+    assert PreprocessSettings.from_mapping({"n4": {"shrink": 4}}) == none  # the defaults: nothing ignored
+    # Without N4 the key is the one from before N4 existed (those stores stay valid).
     assert "bias_correction" not in none.spatial_key("template", "nonzero")
     assert n4.to_dict()["bias_correction"] == "n4" and n4.to_dict()["n4"]["shrink"] == 4
 
@@ -129,7 +135,8 @@ def test_non_positive_intensities_are_one_line_naming_the_file(template_dir, tmp
 
 def test_cli_flag_reaches_the_cubes_and_their_cache_key(template_dir, tmp_path, capsys):
     """`volscan preprocess --bias-correction n4`: the record holds the setting, the spatial cube is
-    the N4-corrected one, and a folder made without N4 is stale for it (not silently reused)."""
+    the N4-corrected one, and the folder made with N4 is stale for a run without it (not silently
+    reused)."""
     from preprocessing.template import load_template
     from preprocessing.volume import VolumePreprocessor
 
@@ -152,6 +159,13 @@ def test_cli_flag_reaches_the_cubes_and_their_cache_key(template_dir, tmp_path, 
     capsys.readouterr()
     assert main(args) == 2  # made with N4; asked without: stale, the user decides (--force)
     assert "--force" in capsys.readouterr().err
+    # What `volscan score` reports for such a store names the setting that differs.
+    spec = [SubjectSpec(src / "scan.nii.gz")]
+    check = check_store(spec, tmp_path / "out", settings, template=template)
+    assert check.scans == {"scan": "preprocessed with other settings (bias_correction: n4 in the store, none requested)"}
+    other = settings.replace(bias_correction="n4", n4=N4Settings(shrink=2))
+    check = check_store(spec, tmp_path / "out", other, template=template)
+    assert check.scans == {"scan": "preprocessed with other settings (n4.shrink: 4 in the store, 2 requested)"}
     result = preprocess_cohort([SubjectSpec(src / "scan.nii.gz")], tmp_path / "api", settings, template=template,
                                progress=False)
     np.testing.assert_array_equal(result.records[0].load_mask(), plain.brain_mask)
@@ -178,8 +192,14 @@ def test_monai_transform_returns_the_type_given_and_equals_the_function(scene):
     assert isinstance(item["image"], MetaTensor) and item["image"].meta["filename_or_obj"] == "scan.nii.gz"
     assert float(item["image"].affine[1, 1]) == 3.0
     np.testing.assert_array_equal(item["image"][0].numpy(), expected)
-    two = transform(np.stack([image, 2 * image]), brain)  # each channel its own field; N4 is scale-free
-    np.testing.assert_allclose(two[1], 2 * expected, rtol=1e-4)
+    # Each channel its own field: the second one carries another known field (channel 0's would not fit).
+    x = np.linspace(-1, 1, image.shape[0], dtype=np.float32)[:, None, None]
+    other = (scene["image"][::4, ::4, ::4] * np.exp(-0.4 * x + 0.3 * x**2)).astype(np.float32)
+    two = transform(np.stack([image, other]), brain)
+    np.testing.assert_array_equal(two[0], expected)
+    np.testing.assert_array_equal(two[1], correct_bias_field(other, brain, (2.0, 3.0, 4.0), quick))
+    fit = brain & (image > 0)
+    assert np.abs(two[1][fit] - other[fit] * expected[fit] / image[fit]).max() > 1  # channel 0's field would not do
     with pytest.raises(VolscanError, match="brain mask shape"):
         transform(image, brain[1:])
     with pytest.raises(InputFileError, match="^scan.nii.gz: N4 bias correction needs positive"):
@@ -206,7 +226,7 @@ def test_whole_chain_transform_takes_the_setting(template_dir, tmp_path):
                   for key, array in (("t1", template.brain * ramp), ("t2", 2 * template.brain * ramp), ("label", label))})
     t1 = load_volume(save_volume(template.brain * ramp, template.image.affine, tmp_path / "t1.nii.gz"))
     cube = VolumePreprocessor(settings, template)(t1)
-    plain = VolumePreprocessor(settings.replace(bias_correction="none"), template)(t1).cube
+    plain = VolumePreprocessor(settings.replace(bias_correction="none", n4=N4Settings()), template)(t1).cube
     assert np.abs(cube.cube - plain)[cube.brain_mask].max() > 0.02 * plain.max()  # N4 did change the cube
     np.testing.assert_allclose(item["t1"][0].numpy(), cube.cube, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(item["t2"][0].numpy(), 2 * cube.cube, rtol=1e-3, atol=1e-2)
@@ -228,7 +248,12 @@ def test_screen_flag_and_config_reach_the_preprocess_settings(tmp_path):
     path.write_text('[preprocess]\nbias_correction = "n4"\nn4 = {shrink = 2, iterations = [30, 20]}\n', encoding="utf-8")
     from_file = resolve_config(path).preprocess_settings()
     assert from_file.bias_correction == "n4" and from_file.n4 == N4Settings(shrink=2, iterations=(30, 20))
-    assert resolve_config(path, bias_correction="none").preprocess_settings().bias_correction == "none"  # flag wins
+    # The flag wins; `--bias-correction none` also drops the table's n4 options (no error for them).
+    assert resolve_config(path, bias_correction="none").preprocess_settings() == PreprocessSettings()
+    only_n4 = tmp_path / "n4.yaml"
+    only_n4.write_text("preprocess: {n4: {shrink: 2}}\n", encoding="utf-8")
+    with pytest.raises(VolscanError, match="^preprocess n4 settings are set but bias_correction is none"):
+        resolve_config(only_n4).preprocess_settings()
     top = tmp_path / "top.yaml"
     top.write_text("bias-correction: n4\n", encoding="utf-8")
     assert resolve_config(top).preprocess_settings().bias_correction == "n4"
@@ -239,3 +264,38 @@ def test_screen_flag_and_config_reach_the_preprocess_settings(tmp_path):
     for command in ("extract", "score"):  # -o: the cache (extract), the output folder (score)
         parsed = build_parser(command)[0].parse_args([command, "in", "-o", "out", "--bias-correction", "n4"])
         assert parsed.bias_correction == "n4"
+
+
+def test_n4_output_does_not_depend_on_the_machine_thread_count(scene):
+    """One ITK thread by default (`N4Settings.threads`): reruns are bit-identical whatever the global
+    ITK thread count is, which is restored afterwards; a second thread changes the output."""
+    import SimpleITK as sitk
+
+    image, brain = scene["biased"], scene["brain"]
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        single = correct_bias_field(image, brain)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+        np.testing.assert_array_equal(correct_bias_field(image, brain), single)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 4
+        np.testing.assert_array_equal(correct_bias_field(image, brain), single)  # rerun
+        assert not np.array_equal(correct_bias_field(image, brain, settings=N4Settings(threads=4)), single)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def test_n4_gets_its_own_cohort_store(tmp_path):
+    """Screens with and without N4 (or with other n4 options) never share a preprocessing store;
+    without N4 the folder is the one named before N4 existed."""
+    from pipelines.inputs import Subject
+    from pipelines.stages.preprocess import cohort_folder, digest
+
+    subjects = [Subject(id=f"s{i}", image=tmp_path / f"s{i}.nii.gz") for i in range(3)]
+    folders = {bias: cohort_folder(subjects, ScreenConfig(bias_correction=bias), tmp_path) for bias in ("none", "n4")}
+    other = cohort_folder(subjects, ScreenConfig(bias_correction="n4", preprocess={"n4": {"shrink": 2}}), tmp_path)
+    assert len({folders["none"], folders["n4"], other}) == 3
+    config = ScreenConfig()
+    before = digest({"inputs": sorted(str(s.image.resolve()) for s in subjects), "size": config.size,
+                     "template": config.template})
+    assert folders["none"] == cohort_folder(subjects, config, tmp_path) == tmp_path / "preprocess" / before

@@ -158,6 +158,7 @@ def test_reproduce_command_end_to_end(fake_tree, tmp_path, capsys, tiny_vit_spec
         assert row["patient_auroc"]["paper"] == paper_row(method)["patient_auroc"]
         assert all(row[m]["paper"] == paper_row(method)[m] for m in METRICS)
     assert "communities" in table["rows"][0] and table["settings"]["weights"] == "random"
+    assert table["settings"]["bias_correction"] == "none" and table["settings"]["brain_mask"] == "auto"
     markdown = (out / "table.md").read_text(encoding="utf-8")
     assert "RANDOM" in markdown.upper() and "99.96" in markdown and "97.34" in markdown
     # The inputs are untouched and a second run refuses to overwrite.

@@ -26,7 +26,8 @@ class BiasFieldCorrection(Transform):
     the image's shape, float32, each channel divided by its N4 field.
 
     `spacing`: voxel size in mm per axis; None = the column norms of a MetaTensor's affine (its
-    voxel sizes), else 1 mm. Returns the type it was given (a MetaTensor keeps its metadata and
+    voxel sizes), else 1 mm. It only sets the image metadata N4 sees: the control grid is points
+    per axis over the image's extent (see `preprocessing.bias_field.n4_log_field`). Returns the type it was given (a MetaTensor keeps its metadata and
     history). A channel with too few positive brain voxels is an `InputFileError` naming the
     MetaTensor's file.
     """
