@@ -55,7 +55,7 @@ def brains(sri24: Path | None, phantoms: int, cube: int, seed: int, work: Path) 
     if sri24 is not None:
         atlas = load_volume(sri24 / "sri24_t1_brats_skullstripped.nii.gz")
         image = atlas.array.astype(np.float32)
-        out.append(("sri24", image, image > 0, tuple(np.linalg.norm(atlas.affine[:3, :3], axis=0))))
+        out.append(("sri24", image, image > 0, tuple(atlas.spacing)))
     if phantoms:
         head = procedural_head(cube)
         # on the template grid, as the CoDeGraph ablation renders them (no pose, no registration)
@@ -67,8 +67,7 @@ def brains(sri24: Path | None, phantoms: int, cube: int, seed: int, work: Path) 
         brain = load_volume(cohort.template_dir / "brain_mask.nii.gz").array > 0
         for sid in cohort.subjects:
             scan = load_volume(cohort.image(sid))
-            out.append(("phantom", scan.array.astype(np.float32), brain,
-                        tuple(np.linalg.norm(scan.affine[:3, :3], axis=0))))
+            out.append(("phantom", scan.array.astype(np.float32), brain, tuple(scan.spacing)))
     return out
 
 

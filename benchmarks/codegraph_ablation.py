@@ -147,7 +147,7 @@ def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "non
         scan = load_volume(cohort.image(sid))
         image = scan.array.astype(np.float32)
         if bias_correction == "n4":
-            spacing = tuple(float(v) for v in np.linalg.norm(scan.affine[:3, :3], axis=0))
+            spacing = tuple(float(v) for v in scan.spacing)
             image = correct_bias_field(image, brain, spacing, name=str(cohort.image(sid)))
         sets.append(tokenizer(image, brain))
         cubes.append(load_volume(cohort.label(sid)).array > 0)
