@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
 from volumetric.errors import InputFileError, VolscanError
 
 METHODS = ("codegraph", "musc")
@@ -106,10 +107,11 @@ class ScreenConfig:
             raise VolscanError("layers must name at least one backbone layer")
         if self.top < 0:
             raise VolscanError(f"top must be >= 0, got {self.top}")
-        if self.brain_mask is not None and self.brain_mask not in ("auto", "hd-bet", "deepbet", "template", "nonzero"):
-            raise VolscanError(f"brain-mask must be auto, hd-bet, deepbet, template or nonzero, got {self.brain_mask!r}")
-        if self.bias_correction is not None and self.bias_correction not in ("none", "n4"):
-            raise VolscanError(f"bias-correction must be none or n4, got {self.bias_correction!r}")
+        for name, choices in (("brain_mask", MASK_METHODS), ("bias_correction", BIAS_CORRECTIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+                raise VolscanError(f"{name.replace('_', '-')} must be {listed}, got {value!r}")
         if self.histogram_bins < 2:
             raise VolscanError(f"histogram-bins must be >= 2, got {self.histogram_bins}")
         if self.viewer_scans < 0:

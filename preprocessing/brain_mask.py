@@ -27,12 +27,11 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from preprocessing.choices import MASK_METHODS
 from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
 
-MASK_METHODS = ("auto", "hd-bet", "deepbet", "template", "nonzero")
-CONTRASTS = ("auto", "t1", "t1c", "t2", "flair", "pd", "other")
 # deepbet was trained on T1-weighted scans; on the T2-like phantom of docs/preprocessing.md its
 # Dice stays >= 0.95, so `auto` also uses it for T2/FLAIR/PD/unknown when HD-BET is absent: a
 # learned mask of the scan itself beats the template's boundary (the reason for issue 10).

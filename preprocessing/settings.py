@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocessing.bias_field import BIAS_CORRECTIONS, N4Settings
-from preprocessing.brain_mask import CONTRASTS, MASK_METHODS
+from preprocessing.bias_field import N4Settings
+from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, MASK_METHODS
 from preprocessing.crop_resize import check_cube_size
 from preprocessing.intensity import DEFAULT_CUTOFF, check_cutoff
 from preprocessing.registration import RegistrationSettings

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, MASK_METHODS
+
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `volscan preprocess`."""
@@ -14,12 +16,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skull-stripped", action="store_true", help="inputs are skull-stripped (brain mask = non-zero voxels)")
     parser.add_argument("--registered", action="store_true", help="inputs are already in template space (skip registration)")
     parser.add_argument(
-        "--brain-mask", choices=("auto", "hd-bet", "deepbet", "template", "nonzero"),
+        "--brain-mask", choices=MASK_METHODS,
         help="brain extractor (default auto: nonzero if --skull-stripped, else HD-BET if its weights are local, "
              "else deepbet, else the registered template mask with a warning)",
     )
     parser.add_argument(
-        "--contrast", choices=("auto", "t1", "t1c", "t2", "flair", "pd", "other"),
+        "--contrast", choices=CONTRASTS,
         help="scan contrast for --brain-mask auto (default: guessed from each file name)",
     )
     parser.add_argument("--hdbet-weights", metavar="DIR",
@@ -27,7 +29,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-device", help="device of the learned extractors: cpu (default), cuda, cuda:N")
     parser.add_argument("--margin-mm", type=float, help="crop margin around the template brain (mm, default 4)")
     parser.add_argument("--cubic", action="store_true", help="cubic crop box (same extent on every axis)")
-    parser.add_argument("--bias-correction", choices=("none", "n4"),
+    parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                         help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
                              "protocol; n4 for raw scanner data with uncorrected bias fields)")
     parser.add_argument("--landmarks", metavar="FILE", help="reuse Nyúl landmarks (.npy) instead of learning them")

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from pipelines.screen_config import DEFAULT_BACKBONE
+from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
 # SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
@@ -68,10 +69,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                      help="inputs are already in template (SRI-24) space: skip registration (default no)")
     pre.add_argument("--skull-stripped", action=argparse.BooleanOptionalAction, default=None,
                      help="inputs are already skull-stripped (default no)")
-    pre.add_argument("--brain-mask", choices=("auto", "hd-bet", "deepbet", "template", "nonzero"),
+    pre.add_argument("--brain-mask", choices=MASK_METHODS,
                      help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
                           "if its weights are local, else deepbet, else the template mask with a warning)")
-    pre.add_argument("--bias-correction", choices=("none", "n4"),
+    pre.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                      help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
                           "protocol; n4 for raw scanner data with uncorrected bias fields)")
     pre.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
