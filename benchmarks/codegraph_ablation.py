@@ -18,7 +18,9 @@ F1-max threshold on the grid, trilinear upsampling, mean over all scans with a c
 without alarm = 1; and over lesion scans only), CoDeGraph's outlier communities (sizes, share
 of lesion scans), excluded share of elements and the lesion share of the excluded elements, and
 for CoDeGraph the largest change of any element's score against MuSc at the same f (a share of
-MuSc's largest score: 0 when nothing is excluded, the lesion-free check).
+MuSc's largest score: 0 when nothing is excluded, the lesion-free check). The last row, an
+oracle, scores MuSc at CoDeGraph's f against a base without any lesion cube: the most any
+exclusion could gain on that cohort.
 
     python benchmarks/codegraph_ablation.py --out /tmp/volscan-ablation              # all regimes
     python benchmarks/codegraph_ablation.py --out /tmp/a --regimes lookalike --contrast 1.5
@@ -47,7 +49,8 @@ from pipelines.phantom import (Cohort, LesionSettings, PhantomConfig, WarpSettin
 from preprocessing.bias_field import correct_bias_field
 from preprocessing.io import load_volume
 from volumetric.classical_tokens import ClassicalTokenizer, standardize_batch
-from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig, lnamd, score_collections
+from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig, ScoringResult, lnamd, score_collections
+from volumetric.engine.mutual import top_k_counts
 from volumetric.engine.ranked import ranked_minima
 from volumetric.metrics import auroc, dice, f1_max, pool_to_grid
 
@@ -96,6 +99,8 @@ def variants(f_same: float) -> list[tuple[str, str, ScoringConfig]]:
         ("  graph views: r = 1", "codegraph", replace(paper, graph_radii=(1,))),
         ("  graph views: all (layer, r)", "codegraph", replace(paper, graph_radii=paper.lnamd_radii)),
         ("  final score: squared Euclidean", "codegraph", replace(paper, codegraph=replace(cdg, squared=True))),
+        ("  coverage 0.95 (was)", "codegraph", replace(paper, codegraph=replace(cdg, coverage=0.95))),
+        (f"Oracle: MuSc f={f_same:g}, base without lesion cubes (ceiling)", "oracle", paper),
     ]
 
 
@@ -160,15 +165,39 @@ def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "non
     return Batch(layers, valid, cubes_array, ids, lesion)
 
 
+def oracle_scores(layers: list[torch.Tensor], valid: torch.Tensor, truth: np.ndarray, config: ScoringConfig) -> torch.Tensor:
+    """(N, *grid) mutual scores at CoDeGraph's f against a base without any lesion cube (`truth`,
+    (N, *grid) bool): what a perfect exclusion would reach, the ceiling of every CoDeGraph variant
+    (it also removes look-alikes that no burn-out could reveal). Same LNAMD views as the engine."""
+    n = valid.shape[0]
+    flat_valid = valid.reshape(n, -1)
+    base = flat_valid & ~torch.from_numpy(truth).reshape(n, -1)
+    k = int(top_k_counts(torch.tensor([n]), config.codegraph.top_fraction))
+    total = torch.zeros(int(flat_valid.sum()))
+    views = 0
+    for layer in layers:
+        for radius in config.lnamd_radii:
+            view = lnamd(layer, radius, valid, layer_norm=config.layer_norm).reshape(n, -1, layer.shape[-1])
+            total += ranked_minima(view, flat_valid, k, base=base, options=QUIET).distances.mean(1)
+            views += 1
+    scores = torch.full(flat_valid.shape, torch.nan)
+    scores[flat_valid] = total / views
+    return scores.reshape(valid.shape)
+
+
 def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
-    """Score one variant and measure it."""
+    """Score one variant ("musc", "codegraph" or "oracle": `oracle_scores`) and measure it."""
     layers = standardize_batch(batch.layers, batch.valid)
+    grid = tuple(batch.valid.shape[1:])
+    truth = np.stack([pool_to_grid(c, grid) for c in batch.cubes])
     start = time.perf_counter()
-    result = score_collections(layers, batch.valid, method, config)
+    if method == "oracle":
+        element = oracle_scores(layers, batch.valid, truth, config)
+        result = ScoringResult(element, element.nan_to_num(-torch.inf).flatten(1).amax(1), None, "musc")
+    else:
+        result = score_collections(layers, batch.valid, method, config)
     seconds = time.perf_counter() - start
     scores = result.element_scores.numpy()
-    grid = tuple(scores.shape[1:])
-    truth = np.stack([pool_to_grid(c, grid) for c in batch.cubes])
     valid = batch.valid.numpy()
     row: dict = {"seconds": seconds}
     patient = result.collection_scores.numpy()
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             scores = row.pop("_scores")
             if method == "musc" and scoring.musc_top_fraction == f_same:
                 same_f = scores
-            elif method == "codegraph" and same_f is not None:
+            elif method in ("codegraph", "oracle") and same_f is not None:
                 row["same_f_difference"] = same_f_difference(scores, same_f)
             rows.append((name, row))
             log.warning("%s / %s: %s", regime, name.strip(), row)

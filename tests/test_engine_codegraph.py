@@ -168,9 +168,10 @@ def test_strength_fence_flags_a_large_moderate_community_among_small_dense_ones(
 def test_plain_fence_flags_noise_in_a_lesion_free_batch():
     """The measured case behind `min_spread`: without it, equal link counts (IQR = 0) make
     communities one link denser outliers."""
-    batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=0)
+    batch = synthetic_batch(m=64, per_collection=10, consistent=0, seed=1)
     plain = CoDeGraph(min_spread=0.0)(batch.features, options=QUIET)
     assert plain.outlier_communities and plain.excluded.any()
+    assert not CoDeGraph()(batch.features, options=QUIET).outlier_communities
 
 
 def split_pattern():
