@@ -166,9 +166,11 @@ def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "non
 
 
 def oracle_scores(layers: list[torch.Tensor], valid: torch.Tensor, truth: np.ndarray, config: ScoringConfig) -> torch.Tensor:
-    """(N, *grid) mutual scores at CoDeGraph's f against a base without any lesion cube (`truth`,
-    (N, *grid) bool): what a perfect exclusion would reach, the ceiling of every CoDeGraph variant
-    (it also removes look-alikes that no burn-out could reveal). Same LNAMD views as the engine."""
+    """(N, *grid) mutual scores at CoDeGraph's f from `layers` [(N, *grid, D)] and `valid`
+    (N, *grid) bool against a base without any lesion cube (`truth`, (N, *grid) bool): what a
+    perfect exclusion would reach, the ceiling of every CoDeGraph variant (it also removes
+    look-alikes that no burn-out could reveal). Same LNAMD views, k and engine options as the
+    engine's MuSc at that f (identical to it when `truth` is all False)."""
     n = valid.shape[0]
     flat_valid = valid.reshape(n, -1)
     base = flat_valid & ~torch.from_numpy(truth).reshape(n, -1)
@@ -178,7 +180,7 @@ def oracle_scores(layers: list[torch.Tensor], valid: torch.Tensor, truth: np.nda
     for layer in layers:
         for radius in config.lnamd_radii:
             view = lnamd(layer, radius, valid, layer_norm=config.layer_norm).reshape(n, -1, layer.shape[-1])
-            total += ranked_minima(view, flat_valid, k, base=base, options=QUIET).distances.mean(1)
+            total += ranked_minima(view, flat_valid, k, base=base, options=config.engine).distances.mean(1)
             views += 1
     scores = torch.full(flat_valid.shape, torch.nan)
     scores[flat_valid] = total / views
@@ -270,7 +272,8 @@ def diagnose(batch: Batch, config: ScoringConfig) -> dict:
 
 def same_f_difference(scores: np.ndarray, reference: np.ndarray) -> float:
     """Largest |score - MuSc's score at the same f| over all valid elements, as a share of
-    MuSc's largest score (0 where CoDeGraph excludes nothing: the two are then the same scoring)."""
+    MuSc's largest score, for CoDeGraph and oracle rows (0 where nothing is excluded: the two are
+    then the same scoring)."""
     valid = np.isfinite(reference)
     return float(np.abs(scores[valid] - reference[valid]).max() / np.abs(reference[valid]).max())
 

@@ -3,9 +3,10 @@
 Per coverage value and batch shape, over `--seeds` seeds of `volumetric.engine.synthetic`:
 - *noise* (no consistent pattern; 5 collections with random anomalies): share of batches in which
   any outlier community is flagged, and the mean excluded share of elements over all batches;
-- *planted* (one pattern in 5 of the 30 collections, 3 elements each, spread 0.8: a faint group,
-  where the default spread 0.15 is found in every batch at either coverage): share of batches whose
-  outlier communities hold every planted collection.
+- *planted* (one pattern in 5 of the 30 collections, 3 elements each, spread 0.8: a faint group;
+  with the noise batches' element counts and the default spread 0.15 it was found in every batch
+  at either coverage; the 5 random-anomaly collections kept): share of batches whose outlier
+  communities hold every planted collection.
 
 The phantom cohorts that decide the default are in `codegraph_ablation.py` (row "coverage 0.95
 (was)"); this is the check on the engine's own synthetic data, seconds per batch.
@@ -16,7 +17,6 @@ The phantom cohorts that decide the default are in `codegraph_ablation.py` (row 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import numpy as np
@@ -49,11 +49,11 @@ def measure(coverage: float, m: int, per_collection: int, seeds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print one markdown row per (shape, coverage) and the mean over shapes per coverage."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coverage", default="0.95,1.0", help="comma-separated coverage values")
     parser.add_argument("--seeds", type=int, default=40, help="batches per shape and regime")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     values = [float(v) for v in args.coverage.split(",")]
     print("| coverage | M | random anomalies per collection | noise: batches flagged % | noise: excluded % "
           "| planted: group flagged % |")

@@ -82,11 +82,12 @@ def test_lesion_free_batch_flags_nothing_and_equals_mutual_scoring(seed):
     assert torch.equal(result.scores, mutual_scores(batch.features, 0.1, options=QUIET))
 
 
-def test_layerwise_graph_matches_the_literal_batch_loop_and_weighs_links_times_layers():
+@pytest.mark.parametrize("coverage", [0.9, 1.0])
+def test_layerwise_graph_matches_the_literal_batch_loop_and_weighs_links_times_layers(coverage):
     batch = synthetic_batch(n=16, m=40, per_collection=6, consistent=4, seed=5)
     other = batch.features + 0.3 * torch.randn(batch.features.shape, generator=torch.Generator().manual_seed(0))
     views = [batch.features, other]
-    method = CoDeGraph(link_batch=7, coverage=0.9, eps=0.2)
+    method = CoDeGraph(link_batch=7, coverage=coverage, eps=0.2)
     result = method(views, options=QUIET)
     n, m, r_ref = 16, 40, method.reference_rank(16)
     assert r_ref == 5
@@ -104,7 +105,7 @@ def test_layerwise_graph_matches_the_literal_batch_loop_and_weighs_links_times_l
                 links.append((float(ratio), i, targets))
     links.sort(key=lambda link: link[0])
     weights, touched, used = {}, set(), 0
-    while len(touched) < math.ceil(0.9 * n):
+    while len(touched) < math.ceil(coverage * n):
         for _, a, targets in links[used : used + 7]:
             for b in targets:  # one connection per layer
                 weights[(min(a, b), max(a, b))] = weights.get((min(a, b), max(a, b)), 0) + 1

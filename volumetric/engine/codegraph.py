@@ -62,10 +62,10 @@ scores again. Stages and defaults, each with its evidence:
    connection (per member or per pair; a 2-scan community's density is its edge weight, whole
    connections), the granularity of a small community's density. Without it a lesion-free batch
    where most communities have the same link count (IQR = 0) flags any community a little denser
-   (`synthetic_batch(m=96, per_collection=10, consistent=0, seed=0)`: a 3-collection community of
-   strength 3.3 among 2s, 8 normal elements excluded; test_engine_codegraph.py). On the same
-   lesion-free synthetic batches (seeds 0-7, IQR floored) k = 1.5 flags noise in 3 of 8, k = 3 in
-   none: the large k is the default. `min_spread=0` is the plain fence; `fence="robust"`
+   (`synthetic_batch(m=64, per_collection=10, consistent=0, seed=1)`: a 2-collection community of
+   strength 3 among 2s, 4 normal elements excluded; test_engine_codegraph.py). On lesion-free
+   synthetic batches (`m=96`, seeds 0-7, IQR floored) k = 1.5 flags noise in 2 of 8 (3 of 8 at
+   coverage 0.95), k = 3 in none: the large k is the default. `min_spread=0` is the plain fence; `fence="robust"`
    switches back to our earlier departure (each community against the other communities'
    quartiles, IQR floored at sqrt(max(Q3, 1))).
 7. **Targeted filtering** (Algorithm 2, eq. 3.8): outlier communities one after another (largest
