@@ -23,7 +23,8 @@ scores again. Stages and defaults, each with its evidence:
    = 64 at a time, until `coverage` = every collection touches one (both values lost; full
    coverage is the reading without a free number and lets every collection be judged: on the
    224^3 look-alike cohorts it flags more lesion scans and fewer healthy ones than our earlier
-   0.95, docs/engine.md; 64 only moves the stop by less than a batch). Computed
+   0.95, at the price of a community flagged in 5.6 % instead of 2.5 % of pure-noise synthetic
+   batches, docs/engine.md "Session 5"; 64 only moves the stop by less than a batch). Computed
    in closed form: the coverage target is first reached at the ceil(coverage N)-th smallest
    per-collection first link value, rounded up to a whole batch.
 5. **Communities**: Leiden, CPM, weighted, resolution = 25th percentile of edge weights (paper).
@@ -65,8 +66,8 @@ scores again. Stages and defaults, each with its evidence:
    (`synthetic_batch(m=64, per_collection=10, consistent=0, seed=1)`: a 2-collection community of
    strength 3 among 2s, 4 normal elements excluded; test_engine_codegraph.py). On lesion-free
    synthetic batches (`m=96`, seeds 0-7, IQR floored) k = 1.5 flags noise in 2 of 8 (3 of 8 at
-   coverage 0.95), k = 3 in none: the large k is the default. `min_spread=0` is the plain fence; `fence="robust"`
-   switches back to our earlier departure (each community against the other communities'
+   coverage 0.95), k = 3 in none: the large k is the default. `min_spread=0` is the plain fence;
+   `fence="robust"` switches back to our earlier departure (each community against the other communities'
    quartiles, IQR floored at sqrt(max(Q3, 1))).
 7. **Targeted filtering** (Algorithm 2, eq. 3.8): outlier communities one after another (largest
    first) against the *current* base: earlier exclusions are already masked, so when one pattern
