@@ -36,6 +36,7 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -52,6 +53,7 @@ from volumetric.classical_tokens import ClassicalTokenizer, standardize_batch
 from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig, ScoringResult, lnamd, score_collections
 from volumetric.engine.mutual import top_k_counts
 from volumetric.engine.ranked import ranked_minima
+from volumetric.engine.scoring import lnamd_views
 from volumetric.metrics import auroc, dice, f1_max, pool_to_grid
 
 log = logging.getLogger("codegraph_ablation")
@@ -169,21 +171,16 @@ def oracle_scores(layers: list[torch.Tensor], valid: torch.Tensor, truth: np.nda
     """(N, *grid) mutual scores at CoDeGraph's f from `layers` [(N, *grid, D)] and `valid`
     (N, *grid) bool against a base without any lesion cube (`truth`, (N, *grid) bool): what a
     perfect exclusion would reach, the ceiling of every CoDeGraph variant (it also removes
-    look-alikes that no burn-out could reveal). Same LNAMD views, k and engine options as the
-    engine's MuSc at that f (identical to it when `truth` is all False)."""
+    look-alikes that no burn-out could reveal). CoDeGraph's own final pass with the lesion cubes
+    as its exclusions: same LNAMD views, k and engine options as the engine's MuSc at that f
+    (identical to it when `truth` is all False)."""
     n = valid.shape[0]
     flat_valid = valid.reshape(n, -1)
-    base = flat_valid & ~torch.from_numpy(truth).reshape(n, -1)
     k = int(top_k_counts(torch.tensor([n]), config.codegraph.top_fraction))
-    total = torch.zeros(int(flat_valid.sum()))
-    views = 0
-    for layer in layers:
-        for radius in config.lnamd_radii:
-            view = lnamd(layer, radius, valid, layer_norm=config.layer_norm).reshape(n, -1, layer.shape[-1])
-            total += ranked_minima(view, flat_valid, k, base=base, options=config.engine).distances.mean(1)
-            views += 1
+    excluded = torch.from_numpy(truth).reshape(n, -1) & flat_valid
+    views = partial(lnamd_views, layers, valid, config.lnamd_radii, config.layer_norm)
     scores = torch.full(flat_valid.shape, torch.nan)
-    scores[flat_valid] = total / views
+    scores[flat_valid] = config.codegraph._final_scores(views, flat_valid, excluded, None, k, config.engine)
     return scores.reshape(valid.shape)
 
 

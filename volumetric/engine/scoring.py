@@ -143,7 +143,7 @@ def score_collections(
         sub_globals = None if global_features is None else global_features[part]
 
         def views(sub_grids=sub_grids, sub_valid=sub_valid, size=len(part)) -> Iterator[Tensor]:
-            return _views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm)
+            return lnamd_views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm)
 
         if method == "musc":
             view_scores = [
@@ -169,7 +169,7 @@ def score_collections(
     )
 
 
-def _views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool) -> Iterator[Tensor]:
+def lnamd_views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool) -> Iterator[Tensor]:
     """Lazily yield one (n, M, C) LNAMD view per (layer, r), so only one lives at a time."""
     for g in grids:
         for r in radii:
