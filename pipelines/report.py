@@ -224,7 +224,11 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     "pixel_auroc_error_bound": ("pixel AUROC error bound", "largest difference between streamed and exact"),
     "pixel_ap": ("pixel AP", "average precision of the pixels"),
     "pixel_f1_max": ("pixel F1-max", "best F1 over pixel thresholds"),
-    "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate"),
+    "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate, divided by 0.3 "
+              "(MVTec AD / anomalib definition)"),
+    "aupro_cflow": ("AUPRO (MuSc)", "the per-region-overlap area as MuSc reports it (cflow-ad's definition: 200 "
+                    "thresholds, points with false positive rate below 30 % re-normalised to [0, 1]); lower than "
+                    "AUPRO for the same maps"),
 }
 
 DICE_PROTOCOL = (
