@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print the split's table: mean image AUROC per texture kind and overall, per row."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=tuple(SPLITS), required=True)
-    parser.add_argument("--windows", default=",".join(WINDOWS),
-                        help=f"RsCIN rows, comma-separated among {', '.join(WINDOWS)} (default all)")
+    parser.add_argument("--windows", nargs="+", choices=tuple(WINDOWS), default=list(WINDOWS),
+                        help="RsCIN rows (default all)")
     args = parser.parse_args(argv)
-    windows = {name: WINDOWS[name] for name in args.windows.split(",")}
+    windows = {name: WINDOWS[name] for name in args.windows}
     results: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     start = time.perf_counter()
     for kind in TEXTURE_KINDS:

@@ -363,7 +363,9 @@ def report_html(report: Report) -> str:
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
                      "millimetres into the cursor box (or go to the voxel i, j, k).</p>")
     if report.viewer:
-        parts += ["<h2>Viewer</h2>", viewer_html(RunLayout(Path(".")))]
+        from pipelines.viewer2d import viewer2d_html
+
+        parts += ["<h2>Viewer</h2>", (viewer_html if report.kind == "3d" else viewer2d_html)(RunLayout(Path(".")))]
     panels = [s for s in report.subjects if s.panel]
     if panels:
         parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "
