@@ -18,8 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +25,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.run_layout import RunLayout
-from volumetric.atomic_files import atomic_write_bytes
+from pipelines.viewer import COMMON_SCRIPT, write_data_scripts
 
-ASSETS = Path(__file__).with_name("viewer_assets")
 SCRIPT = "viewer2d.js"
 DATA_DIR = "data2d"
 MAX_SIDE = 768
@@ -92,21 +89,12 @@ def write_viewer2d(layout: RunLayout, images: list[ViewerImage], low: float, hig
 
     `low`/`high`: the run's map range (slider bounds, colour scale); `threshold`: the flag
     threshold, where the slider starts (or at 60 % of the range when nothing reaches it)."""
-    folder = layout.viewer
-    (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ASSETS / SCRIPT, folder / SCRIPT)
-    start = threshold if low <= threshold < high else low + 0.6 * (high - low)
-    manifest = []
-    for index, item in enumerate(images):
-        name = f"{DATA_DIR}/{index:04d}.js"
-        payload = json.dumps(_image_data(item, low, high))
-        atomic_write_bytes(folder / name, f"volscanViewer2d.register({index}, {payload});\n".encode())
-        manifest.append({
-            "id": item.id, "rank": item.rank, "score": item.score, "flagged": item.flagged,
-            "hotspot": list(item.hotspot), "file": f"{layout.relative(folder)}/{name}",
-            "low": low, "high": high, "threshold": start,
-        })
-    atomic_write_bytes(folder / "images2d.js", f"window.VOLSCAN_IMAGES = {json.dumps(manifest)};\n".encode())
+    items = ((_image_data(item, low, high),
+              {"id": item.id, "rank": item.rank, "score": item.score, "flagged": item.flagged,
+               "hotspot": list(item.hotspot)})
+             for item in images)
+    write_data_scripts(layout, (COMMON_SCRIPT, SCRIPT), (DATA_DIR, "volscanViewer2d"), ("images2d.js", "VOLSCAN_IMAGES"),
+                       items, (low, high, threshold))
 
 
 def viewer2d_html(layout: RunLayout) -> str:
@@ -131,5 +119,6 @@ A link can open an image at a threshold: <code>report.html#image=ID&amp;threshol
 drawing, works offline.</p>
 </div>
 <script src="{base}/images2d.js"></script>
+<script src="{base}/{COMMON_SCRIPT}"></script>
 <script src="{base}/{SCRIPT}"></script>
 """

@@ -1,7 +1,7 @@
 // volscan report viewer for 2D runs: plain canvas, no library, no network. Left: the image;
 // right: the image under its anomaly map where the map is above the threshold slider (score
 // units), the mask outlined in cyan. Image data come as <script> files (viewer/data2d/*.js)
-// because browsers refuse fetch() of file:// URLs but allow classic scripts; the PNGs inside
+// because browsers refuse fetch() of file:// URLs but allow classic scripts (viewer_common.js); the PNGs inside
 // are data URLs, which do not taint a canvas, so the map's 8-bit codes can be read back.
 (function () {
   "use strict";
@@ -17,39 +17,15 @@
   const STOPS = [[0, 0, 4], [33, 12, 74], [87, 16, 110], [138, 34, 106], [188, 55, 84], [228, 90, 49],
     [249, 142, 9], [249, 203, 53], [252, 255, 164]];
   const ALPHA = 0.6;
-  const loaded = {};
-  const waiting = {};
-  let current = null; // {index, data, pixels: {image, map, mask}}
-
-  window.volscanViewer2d = {
-    register(index, data) {
-      loaded[index] = data;
-      if (waiting[index]) waiting[index](data);
-    },
-  };
-
-  function say(text, state) {
-    status.textContent = text;
-    if (state) status.dataset.state = state;
-    status.dataset.errors = JSON.stringify(window.volscanErrors || []);
-  }
+  const common = window.volscanViewerCommon("volscanViewer2d", images, status);
+  const say = common.say, fail = common.fail;
+  let current = null; // {index, pixels: {image, map, mask}}
 
   function inferno(t) {
     const x = Math.min(Math.max(t, 0), 1) * (STOPS.length - 1);
     const i = Math.min(Math.floor(x), STOPS.length - 2);
     const f = x - i;
     return STOPS[i].map((c, k) => c + f * (STOPS[i + 1][k] - c));
-  }
-
-  function scriptData(index) {
-    if (loaded[index]) return Promise.resolve(loaded[index]);
-    return new Promise((resolve, reject) => {
-      waiting[index] = resolve;
-      const tag = document.createElement("script");
-      tag.src = images[index].file;
-      tag.onerror = () => reject(new Error("cannot load " + images[index].file));
-      document.head.appendChild(tag);
-    });
   }
 
   function decode(base64, width, height) {
@@ -66,14 +42,6 @@
       picture.onerror = () => reject(new Error("cannot decode an embedded PNG"));
       picture.src = "data:image/png;base64," + base64;
     });
-  }
-
-  // Distinct colours of a drawn canvas (every 7th pixel): a blank canvas has one.
-  function colourCount(canvas) {
-    const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-    const seen = new Set();
-    for (let i = 0; i < pixels.length; i += 4 * 7) seen.add((pixels[i] << 16) | (pixels[i + 1] << 8) | pixels[i + 2]);
-    return seen.size;
   }
 
   function draw() {
@@ -115,13 +83,13 @@
     right.getContext("2d").putImageData(out, 0, 0);
     shown.textContent = threshold.toPrecision(4);
     status.dataset.above = String(above);
-    status.dataset.colours = String(colourCount(right));
+    status.dataset.colours = String(common.colourCount(right.getContext("2d").getImageData(0, 0, width, height).data));
   }
 
   async function show(index) {
     const item = images[index];
     say("loading " + item.id + " ...", "loading");
-    const data = await scriptData(index);
+    const data = await common.load(index);
     const [image, map, mask] = await Promise.all([
       decode(data.image, data.width, data.height), decode(data.map, data.width, data.height),
       data.mask ? decode(data.mask, data.width, data.height) : Promise.resolve(null),
@@ -138,18 +106,9 @@
       + item.hotspot.join(", ") + (item.flagged ? " (flagged)" : ""), "drawn");
   }
 
-  function fail(error) {
-    say("viewer error: " + error, "error");
-    console.error(error);
-  }
-
   function start() {
     if (!images.length) return say("no images to show", "empty");
-    const first = images[0];
-    slider.min = String(first.low);
-    slider.max = String(first.high);
-    slider.step = String((first.high - first.low) / 500 || 1);
-    slider.value = String(first.threshold);
+    common.setRange(slider, images[0]);
     images.forEach((item, i) => {
       const row = list.insertRow();
       row.dataset.index = String(i);
