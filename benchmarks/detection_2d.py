@@ -9,9 +9,9 @@ the screen's own stage (`pipelines.stages.score.score_tokens`: batch standardisa
 mutual scoring / CoDeGraph) at the engine's defaults, once per method; the RsCIN rows re-score
 those collection scores in RsCIN's mobile form, `rscin(scores, descriptors, windows)` over the
 descriptors `score_collections` uses (L2-normalised per-layer mean of the standardised tokens),
-which equals `ScoringConfig(rscin=windows)` (tests/test_engine_rscin.py). Metrics by `pipelines.evaluate.image_metrics` (the screen's 2D
-protocol): image AUROC per cohort (RsCIN only changes image scores); pixel AUROC and AUPRO
-(MVTec) per method for context.
+which equals `ScoringConfig(rscin=windows)` (tests/test_engine_rscin.py). Metrics by
+`pipelines.evaluate.image_metrics` (the screen's 2D protocol): image AUROC per cohort (RsCIN
+only changes image scores); pixel AUROC and AUPRO (MVTec) per method for context.
 
     nice -n 10 python benchmarks/detection_2d.py --split dev
     nice -n 10 python benchmarks/detection_2d.py --split test
@@ -99,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         method, window = row.split(" ", 1)
         cells = [np.mean([v["image_auroc"] for v in per_kind[k]]) for k in TEXTURE_KINDS]
         every = [v for k in TEXTURE_KINDS for v in per_kind[k]]
-        print(f"| {method} | {window} | " + " | ".join(f"{c:.4f}" for c in cells)
-              + f" | {np.mean([v['image_auroc'] for v in every]):.4f} | {np.mean([v['pixel_auroc'] for v in every]):.4f}"
-              f" | {np.mean([v['aupro'] for v in every]):.4f} |")
+        means = [np.mean([v[key] for v in every]) for key in ("image_auroc", "pixel_auroc", "aupro")]
+        print(f"| {method} | {window} | " + " | ".join(f"{c:.4f}" for c in cells + means) + " |")
     return 0
 
 

@@ -227,7 +227,7 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate, divided by 0.3 "
               "(MVTec AD / anomalib definition)"),
     "aupro_cflow": ("AUPRO (MuSc)", "the per-region-overlap area as MuSc reports it (cflow-ad's definition: 200 "
-                    "thresholds, points with false positive rate below 30 % re-normalised to [0, 1]); lower than "
+                    "thresholds, points with false positive rate below 30 % re-normalised to [0, 1]); it differs from "
                     "AUPRO for the same maps"),
 }
 

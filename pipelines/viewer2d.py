@@ -93,8 +93,8 @@ def write_viewer2d(layout: RunLayout, images: list[ViewerImage], low: float, hig
               {"id": item.id, "rank": item.rank, "score": item.score, "flagged": item.flagged,
                "hotspot": list(item.hotspot)})
              for item in images)
-    write_data_scripts(layout, (COMMON_SCRIPT, SCRIPT), (DATA_DIR, "volscanViewer2d"), ("images2d.js", "VOLSCAN_IMAGES"),
-                       items, (low, high, threshold))
+    write_data_scripts(layout, (COMMON_SCRIPT, SCRIPT), (DATA_DIR, "volscanViewer2d"),
+                       ("images2d.js", "VOLSCAN_IMAGES"), items, (low, high, threshold))
 
 
 def viewer2d_html(layout: RunLayout) -> str:
@@ -102,14 +102,15 @@ def viewer2d_html(layout: RunLayout) -> str:
     base = html.escape(layout.relative(layout.viewer))
     return f"""
 <div class="viewer2d">
+<style>.v2-canvas{{width:384px;max-width:100%;image-rendering:pixelated;background:#000}}</style>
 <p><label>map threshold <input id="v2-threshold" type="range"> <span id="v2-threshold-value"></span></label>
 <label><input id="v2-mask" type="checkbox" checked> mask outline</label></p>
 <div style="display:flex;gap:1em;align-items:flex-start">
 <div style="flex:0 0 16em;max-height:560px;overflow:auto"><table id="v2-list"><tr><th>rank</th><th>image</th>
 <th>score</th></tr></table></div>
-<figure style="margin:0"><canvas id="v2-image" style="width:384px;max-width:100%;image-rendering:pixelated;background:#000"></canvas>
+<figure style="margin:0"><canvas id="v2-image" class="v2-canvas"></canvas>
 <figcaption class="small">image</figcaption></figure>
-<figure style="margin:0"><canvas id="v2-overlay" style="width:384px;max-width:100%;image-rendering:pixelated;background:#000"></canvas>
+<figure style="margin:0"><canvas id="v2-overlay" class="v2-canvas"></canvas>
 <figcaption class="small">anomaly map above the threshold (inferno colours, one scale for the run); cyan:
 mask</figcaption></figure>
 </div>

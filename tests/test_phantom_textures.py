@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from pipelines.images2d import load_image, load_mask
-from pipelines.phantom.textures import DEFECT_KINDS, TEXTURE_KINDS, TextureSettings, texture_cohort, write_texture_cohort
+from pipelines.phantom.textures import (
+    DEFECT_KINDS,
+    TEXTURE_KINDS,
+    TextureSettings,
+    texture_cohort,
+    write_texture_cohort,
+)
 from volumetric.errors import VolscanError
 
 

@@ -50,7 +50,8 @@ def test_viewer2d_files_hold_the_maps_in_score_units(run2d_classical: dict) -> N
     shown = [s for s in report["subjects"] if s["rank"] <= 5 or s["flagged"]]
     assert report["viewer"] == [s["id"] for s in shown]
     manifest = _manifest(out)
-    assert [m["id"] for m in manifest] == report["viewer"] and [m["rank"] for m in manifest] == [s["rank"] for s in shown]
+    assert [m["id"] for m in manifest] == report["viewer"]
+    assert [m["rank"] for m in manifest] == [s["rank"] for s in shown]
     for entry, item in zip(shown, manifest):
         low, high = item["low"], item["high"]
         assert low <= item["threshold"] <= high and item["score"] == pytest.approx(entry["score"])

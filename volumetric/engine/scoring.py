@@ -48,8 +48,9 @@ class ScoringConfig:
     `musc_top_fraction`: f for `method="musc"` (MuSc: 0.3); CoDeGraph's f is
     `codegraph.top_fraction` (0.1). `rscin`: k-windows of MuSc's RsCIN re-scoring of the
     collection scores over the collections' global descriptors (`volumetric.engine.rscin`; MuSc
-    uses (1, 2, 3) on MVTec AD, (1, 8, 9) on VisA), None = off. `engine`: how to compute (device, precision, blocks, memory
-    budget, progress, subsets, pre-selection; `volumetric.engine.options`).
+    uses (1, 2, 3) on MVTec AD, (1, 8, 9) on VisA), None = off (default, docs/engine.md).
+    `engine`: how to compute (device, precision, blocks, memory budget, progress, subsets,
+    pre-selection; `volumetric.engine.options`).
     """
 
     lnamd_radii: tuple[int, ...] = (1, 3, 5)
@@ -89,7 +90,8 @@ class ScoringConfig:
 @dataclass(frozen=True)
 class ScoringResult:
     """`element_scores` (N, *grid) float32, NaN at void; `collection_scores` (N,) float32 = max
-    over valid elements (re-scored by RsCIN when `ScoringConfig.rscin` is set); `codegraph` the CoDeGraph outcome (None for MuSc); `method`."""
+    over valid elements (re-scored by RsCIN when `ScoringConfig.rscin` is set); `codegraph` the
+    CoDeGraph outcome (None for MuSc); `method`."""
 
     element_scores: Tensor
     collection_scores: Tensor
@@ -170,8 +172,8 @@ def score_collections(
         codegraph = results[0] if len(parts) == 1 else _merge(results, parts, valid_flat)
     collection_scores = scores.nan_to_num(-torch.inf).amax(1)
     if config.rscin is not None:  # over the whole batch, also when it was scored in subsets
-        collection_scores = rscin(collection_scores, torch.nn.functional.normalize(global_features.float().cpu(), dim=1),
-                                  config.rscin)
+        descriptors = torch.nn.functional.normalize(global_features.float().cpu(), dim=1)
+        collection_scores = rscin(collection_scores, descriptors, config.rscin)
     return ScoringResult(
         element_scores=scores.reshape(n, *grid),
         collection_scores=collection_scores,
