@@ -11,7 +11,8 @@
 - voxel AUROC at cube resolution, streamed through a histogram (`ScoreHistogram`, error bound
   reported) over every cube voxel (`voxel_auroc`) and over the brain mask only
   (`voxel_auroc_brain`; background voxels are trivially normal and inflate the first).
-2D: image AUROC/AP/F1-max; pixel AUROC/AP/F1-max and AUPRO at the model resolution
+2D: image AUROC/AP/F1-max; pixel AUROC/AP/F1-max, AUPRO (MVTec / anomalib) and AUPRO as MuSc
+reports it (`aupro_cflow`) at the model resolution
 (`size`^2: masks resized with nearest neighbour, maps upsampled from the token grid).
 
 The run folder keeps what this needs (`elements.npz`: token-grid scores, collection scores,
@@ -39,7 +40,7 @@ from pipelines.run_layout import FIGURES_DIR, RunLayout
 from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
 from volumetric.errors import InputFileError, VolscanError
-from volumetric.metrics import ScoreHistogram, aupro, auroc, average_precision, dice, f1_max, pool_to_grid
+from volumetric.metrics import ScoreHistogram, aupro, aupro_cflow, auroc, average_precision, dice, f1_max, pool_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def image_metrics(
     summary["pixel_ap"] = None if pixel_f1 is None else histogram.average_precision()
     summary["pixel_f1_max"] = None if pixel_f1 is None else pixel_f1.f1
     summary["aupro"] = _both_classes(lambda: aupro(maps, truth), "AUPRO", notes)
+    summary["aupro_cflow"] = _both_classes(lambda: aupro_cflow(maps, truth), "AUPRO (cflow-ad / MuSc)", notes)
     summary["notes"] = notes
     return summary, [{"label": int(label)} for label in labels]
 

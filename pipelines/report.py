@@ -224,7 +224,11 @@ GLOSSARY: dict[str, tuple[str, str]] = {
     "pixel_auroc_error_bound": ("pixel AUROC error bound", "largest difference between streamed and exact"),
     "pixel_ap": ("pixel AP", "average precision of the pixels"),
     "pixel_f1_max": ("pixel F1-max", "best F1 over pixel thresholds"),
-    "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate"),
+    "aupro": ("AUPRO", "area under the per-region-overlap curve up to 30 % false positive rate, divided by 0.3 "
+              "(MVTec AD / anomalib definition)"),
+    "aupro_cflow": ("AUPRO (MuSc)", "the per-region-overlap area as MuSc reports it (cflow-ad's definition: 200 "
+                    "thresholds, points with false positive rate below 30 % re-normalised to [0, 1]); it differs from "
+                    "AUPRO for the same maps"),
 }
 
 DICE_PROTOCOL = (
@@ -359,7 +363,9 @@ def report_html(report: Report) -> str:
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
                      "millimetres into the cursor box (or go to the voxel i, j, k).</p>")
     if report.viewer:
-        parts += ["<h2>Viewer</h2>", viewer_html(RunLayout(Path(".")))]
+        from pipelines.viewer2d import viewer2d_html
+
+        parts += ["<h2>Viewer</h2>", (viewer_html if report.kind == "3d" else viewer2d_html)(RunLayout(Path(".")))]
     panels = [s for s in report.subjects if s.panel]
     if panels:
         parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "

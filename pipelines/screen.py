@@ -165,7 +165,7 @@ def screen_subjects(
             graph = outputs.community_graph(layout, scores, ids, config.seed)
             if graph is not None:
                 report.figures["community graph"] = graph
-        if kind == "3d" and settings.viewer_scans:
+        if settings.viewer_scans:
             with timer.stage("viewer"):
                 report.viewer = outputs.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)

@@ -16,6 +16,7 @@ import gzip
 import html
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from volumetric.atomic_files import atomic_write_bytes
 NIIVUE_VERSION = "0.69.0"
 ASSETS = Path(__file__).with_name("viewer_assets")
 BUNDLE = "niivue.umd.js"
-STATIC_FILES = (BUNDLE, "NIIVUE_LICENSE.txt", "viewer.js")
+COMMON_SCRIPT = "viewer_common.js"  # shared with the 2D viewer (pipelines.viewer2d)
+STATIC_FILES = (BUNDLE, "NIIVUE_LICENSE.txt", COMMON_SCRIPT, "viewer.js")
 
 
 @dataclass(frozen=True)
@@ -82,28 +84,42 @@ def write_viewer(layout: RunLayout, scans: list[ViewerScan], low: float, high: f
     """Static assets + per-scan data scripts + `viewer/scans.js` (the list) under `layout.viewer`.
 
     `low`/`high`: the cohort's map range (slider bounds); `threshold`: the flag threshold."""
+    items = (
+        ({"image": _b64(_nifti_gz(scan.image)), "map": _b64(_quantised_map(scan.map_path, low, high)),
+          "label": _b64(_mask(scan.label)) if scan.label is not None else None},
+         {"id": scan.id, "rank": scan.rank, "flagged": scan.flagged,
+          "hotspot_mm": None if scan.hotspot_mm is None else [round(v, 2) for v in scan.hotspot_mm]})
+        for scan in scans
+    )
+    write_data_scripts(layout, STATIC_FILES, ("data", "volscanViewer"), ("scans.js", "VOLSCAN_SCANS"), items,
+                       (low, high, threshold))
+
+
+def write_data_scripts(
+    layout: RunLayout, static: tuple[str, ...], data: tuple[str, str], manifest: tuple[str, str],
+    items: Iterable[tuple[dict, dict]], scale: tuple[float, float, float],
+) -> None:
+    """What a viewer needs under `layout.viewer`: the `static` asset files, one script per item
+    (`data = (folder, registry)`: `<folder>/NNNN.js` calling `registry.register(index, payload)`)
+    and the list of items (`manifest = (file, variable)`: `window.<variable> = [...]`, each entry
+    with its script's `file`, the map range `low`, `high` and the slider's start `threshold`).
+
+    `items`: (payload, entry) pairs, made one at a time; `scale`: (low, high, flag threshold). The
+    slider starts at the flag threshold; when nothing reaches it (no scan flagged), at 60 % of the
+    cohort's range, so the hottest parts still show."""
     folder = layout.viewer
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    for name in STATIC_FILES:
+    (folder / data[0]).mkdir(parents=True, exist_ok=True)
+    for name in static:
         shutil.copyfile(ASSETS / name, folder / name)
-    # The slider starts at the flag threshold; when nothing reaches it (no scan flagged), at 60 %
-    # of the cohort's range, so the hottest parts still show.
+    low, high, threshold = scale
     start = threshold if low <= threshold < high else low + 0.6 * (high - low)
-    manifest = []
-    for index, scan in enumerate(scans):
-        data = {
-            "image": _b64(_nifti_gz(scan.image)),
-            "map": _b64(_quantised_map(scan.map_path, low, high)),
-            "label": _b64(_mask(scan.label)) if scan.label is not None else None,
-        }
-        name = f"data/{index:04d}.js"
-        atomic_write_bytes(folder / name, f"volscanViewer.register({index}, {json.dumps(data)});\n".encode())
-        manifest.append({
-            "id": scan.id, "rank": scan.rank, "flagged": scan.flagged, "file": f"{layout.relative(folder)}/{name}",
-            "hotspot_mm": None if scan.hotspot_mm is None else [round(v, 2) for v in scan.hotspot_mm],
-            "low": low, "high": high, "threshold": start,
-        })
-    atomic_write_bytes(folder / "scans.js", f"window.VOLSCAN_SCANS = {json.dumps(manifest)};\n".encode())
+    listed = []
+    for index, (payload, entry) in enumerate(items):
+        name = f"{data[0]}/{index:04d}.js"
+        atomic_write_bytes(folder / name, f"{data[1]}.register({index}, {json.dumps(payload)});\n".encode())
+        listed.append({**entry, "file": f"{layout.relative(folder)}/{name}", "low": low, "high": high,
+                       "threshold": start})
+    atomic_write_bytes(folder / manifest[0], f"window.{manifest[1]} = {json.dumps(listed)};\n".encode())
 
 
 def viewer_html(layout: RunLayout) -> str:
@@ -121,6 +137,7 @@ above the threshold; blue: mask (when labels were given). Viewer: NiiVue {NIIVUE
 </div>
 <script src="{base}/{BUNDLE}"></script>
 <script src="{base}/scans.js"></script>
+<script src="{base}/{COMMON_SCRIPT}"></script>
 <script src="{base}/viewer.js"></script>
 """
 

@@ -87,7 +87,8 @@ def test_2d_outputs(run2d: dict) -> None:
 
 def test_2d_metrics(run2d: dict) -> None:
     metrics = run2d["report"]["metrics"]
-    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"):
+    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
+                "aupro_cflow"):
         assert 0.0 <= metrics[key] <= 1.0, key
     scores = {s["id"]: s["score"] for s in run2d["report"]["subjects"]}
     ids = sorted(scores)

@@ -15,7 +15,11 @@ Element level:
 - `pool_to_grid` max-pools a full-resolution mask to the token grid (a token is abnormal if
   any of its voxels is), used for the paper's grid-level F1-max threshold.
 - `aupro`: the MVTec AD per-region-overlap curve integrated up to FPR 0.3 and normalised by
-  0.3; regions are 8-connected (2D) / 26-connected (3D) components from `skimage.measure.label`.
+  0.3 (anomalib's definition; exact, or binned over T thresholds); regions are 8-connected
+  (2D) / 26-connected (3D) components from `skimage.measure.label`. `aupro_cflow`: the form MuSc
+  reports (cflow-ad's: 200 thresholds, FPR < 0.3 kept and re-normalised to [0, 1]).
+  `pro_curve`: (FPR, PRO) at given thresholds. Checked against anomalib's and MONAI's
+  reference values in tests/test_metrics.py.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ __all__ = [
     "dice",
     "pool_to_grid",
     "aupro",
+    "aupro_cflow",
+    "pro_curve",
 ]
 
 
@@ -195,20 +201,18 @@ def pool_to_grid(mask: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
     return mask.reshape(shape).any(axis=tuple(range(1, 2 * len(grid), 2)))
 
 
-def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
-    """Normalised area under the per-region-overlap curve up to `max_fpr` (MVTec AD protocol).
+def _region_steps(anomaly_maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat float64 scores and, per pixel, what it adds to PRO and to FPR once above threshold.
 
-    `anomaly_maps`, `masks`: (N, H, W) (or (N, D, H, W)). For each threshold, PRO is the mean
-    over all ground-truth connected regions of the fraction of the region above threshold; FPR
-    is the fraction of normal pixels above it. The curve is integrated (trapezoid) over
-    `[0, max_fpr]` and divided by `max_fpr`, so a perfect map scores 1.
+    Regions are the connected components of each mask (8-connected in 2D, 26 in 3D); an
+    anomalous pixel adds `1 / (|region| * n_regions)` to PRO, a normal one `1 / n_normal` to FPR.
     """
     maps = np.asarray(anomaly_maps, dtype=np.float64)
     masks = np.asarray(masks, dtype=bool)
     if maps.shape != masks.shape:
         raise VolscanError(f"anomaly maps {maps.shape} and masks {masks.shape} differ in shape")
-    if not 0 < max_fpr <= 1:
-        raise VolscanError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    if not np.isfinite(maps).all():
+        raise VolscanError("anomaly maps contain NaN or infinity; replace void elements by 0 first")
     regions = np.zeros(masks.shape, dtype=np.int64)
     n_regions = 0
     for i, mask in enumerate(masks):
@@ -218,21 +222,37 @@ def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> 
     n_normal = int((~masks).sum())
     if n_regions == 0 or n_normal == 0:
         raise VolscanError("AUPRO needs at least one anomalous region and one normal pixel")
-    region_sizes = np.bincount(regions.ravel())
-    # Each anomalous pixel adds 1/(|region| * n_regions) to PRO once it is above threshold;
-    # each normal pixel adds 1/n_normal to FPR.
     flat_regions = regions.ravel()
+    region_sizes = np.bincount(flat_regions)
     pro_step = np.where(flat_regions > 0, 1.0 / (region_sizes[flat_regions] * n_regions), 0.0)
     fpr_step = np.where(flat_regions > 0, 0.0, 1.0 / n_normal)
-    order = np.argsort(-maps.ravel(), kind="stable")
-    scores = maps.ravel()[order]
-    pro = np.cumsum(pro_step[order])
-    fpr = np.cumsum(fpr_step[order])
-    # Only the last index of each run of equal scores is a reachable operating point.
-    last_of_tie = np.concatenate([scores[1:] != scores[:-1], [True]])
-    pro = np.concatenate([[0.0], pro[last_of_tie]])
-    fpr = np.concatenate([[0.0], fpr[last_of_tie]])
-    # Cut the curve at max_fpr, interpolating on the segment that crosses it.
+    return maps.ravel(), pro_step, fpr_step
+
+
+def pro_curve(
+    anomaly_maps: np.ndarray, masks: np.ndarray, thresholds: np.ndarray, *, strict: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at each of `thresholds` (T,): pixels `>= t` are positive (`> t` when `strict`).
+
+    PRO is the mean over all ground-truth regions of the share of the region that is positive;
+    FPR the share of normal pixels that are. `anomaly_maps`, `masks`: (N, H, W) or (N, D, H, W)."""
+    scores, pro_step, fpr_step = _region_steps(anomaly_maps, masks)
+    thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
+    order = np.argsort(thresholds, kind="stable")
+    # Number of (sorted) thresholds each pixel reaches; it is positive at the j-th when j < reached.
+    reached = np.searchsorted(thresholds[order], scores, side="left" if strict else "right")
+    fpr, pro = (np.cumsum(np.bincount(reached, weights=step, minlength=thresholds.size + 1)[::-1])[::-1][1:]
+                for step in (fpr_step, pro_step))
+    out_fpr, out_pro = np.empty_like(fpr), np.empty_like(pro)
+    out_fpr[order], out_pro[order] = fpr, pro
+    return out_fpr, out_pro
+
+
+def _normalised_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
+    """Trapezoid area under (0, 0) + the points (ascending FPR) up to `max_fpr`, divided by it;
+    the segment that crosses `max_fpr` is interpolated."""
+    fpr = np.concatenate([[0.0], fpr])
+    pro = np.concatenate([[0.0], pro])
     above = int(np.searchsorted(fpr, max_fpr, side="right"))
     if above == fpr.size:
         pro_cut = pro[-1]
@@ -241,5 +261,55 @@ def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> 
         slope = (pro[above] - pro[below]) / (fpr[above] - fpr[below])
         pro_cut = pro[below] + slope * (max_fpr - fpr[below])
     fpr_curve = np.concatenate([fpr[:above], [max_fpr]])
-    pro_curve = np.concatenate([pro[:above], [pro_cut]])
-    return float(np.trapezoid(pro_curve, fpr_curve) / max_fpr)
+    pro_curve_ = np.concatenate([pro[:above], [pro_cut]])
+    return float(np.trapezoid(pro_curve_, fpr_curve) / max_fpr)
+
+
+def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, thresholds: int | None = None) -> float:
+    """Normalised area under the per-region-overlap curve up to `max_fpr` (MVTec AD protocol,
+    anomalib's `AUPRO`): the curve (FPR, PRO) is integrated (trapezoid, from (0, 0), the segment
+    crossing `max_fpr` interpolated) over `[0, max_fpr]` and divided by `max_fpr`, so a perfect map
+    scores 1. `thresholds`: None = every distinct score (exact); an int T = T evenly spaced
+    thresholds over the maps' range (anomalib's binned form, within ~1e-3 of the exact value).
+
+    `anomaly_maps`, `masks`: (N, H, W) (or (N, D, H, W)).
+    """
+    if not 0 < max_fpr <= 1:
+        raise VolscanError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    if thresholds is not None:
+        if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
+            raise VolscanError(f"thresholds must be None or an integer >= 2, got {thresholds!r}")
+        values = np.asarray(anomaly_maps, dtype=np.float64)
+        grid = np.linspace(values.min(), values.max(), thresholds)[::-1]  # descending: ascending FPR
+        fpr, pro = pro_curve(anomaly_maps, masks, grid)
+        return _normalised_area(fpr, pro, max_fpr)
+    scores, pro_step, fpr_step = _region_steps(anomaly_maps, masks)
+    order = np.argsort(-scores, kind="stable")
+    scores = scores[order]
+    pro = np.cumsum(pro_step[order])
+    fpr = np.cumsum(fpr_step[order])
+    # Only the last index of each run of equal scores is a reachable operating point.
+    last_of_tie = np.concatenate([scores[1:] != scores[:-1], [True]])
+    return _normalised_area(fpr[last_of_tie], pro[last_of_tie], max_fpr)
+
+
+def aupro_cflow(anomaly_maps: np.ndarray, masks: np.ndarray, steps: int = 200, max_fpr: float = 0.3) -> float:
+    """AUPRO as MuSc reports it (cflow-ad's definition): PRO and FPR at `steps` thresholds
+    `min + i (max - min) / steps` (pixels `> t` positive), the points with FPR < `max_fpr` kept,
+    their FPRs min-max re-normalised to [0, 1] and the trapezoid area taken. It differs from
+    `aupro` for the same maps (the curve is not anchored at (0, 0), and PRO is averaged over the
+    kept FPR span rather than over [0, max_fpr]): compare each with numbers of its own kind."""
+    values = np.asarray(anomaly_maps, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        raise VolscanError("AUPRO (cflow) needs maps that are not constant")
+    grid = np.arange(low, high, (high - low) / steps)
+    fpr, pro = pro_curve(anomaly_maps, masks, grid, strict=True)
+    keep = fpr < max_fpr
+    if int(keep.sum()) < 2 or not fpr[keep].max() > fpr[keep].min():
+        raise VolscanError(f"AUPRO (cflow) needs at least two thresholds with distinct FPR below {max_fpr}")
+    span = fpr[keep]
+    span = (span - span.min()) / (span.max() - span.min())
+    # In threshold order (FPR falling), as MuSc integrates: where several thresholds share FPR 0,
+    # the segment to the first non-zero FPR starts at the highest of their PROs.
+    return float(-np.trapezoid(pro[keep], span))

@@ -7,7 +7,7 @@
   (`pipelines.hotspots`);
 - figures: per-scan panels in the scan's own space through its hotspot (3D) or overlays (2D)
   for the top-ranked scans, the CoDeGraph community graph;
-- the offline viewer (3D, `pipelines.viewer`).
+- the offline viewer (`pipelines.viewer` for 3D, `pipelines.viewer2d` for 2D).
 """
 
 from __future__ import annotations
@@ -129,13 +129,21 @@ def write_viewer_files(
     layout: RunLayout, ranked: list[ScanEntry], subjects: list[Subject], elements: RunElements, threshold: float,
     limit: int,
 ) -> list[str]:
-    """The offline viewer (3D) with the `limit` top-ranked scans plus every flagged one, in rank
-    order; returns their ids."""
+    """The offline viewer (NiiVue for 3D, `pipelines.viewer2d` for 2D) with the `limit` top-ranked
+    scans plus every flagged one, in rank order; returns their ids."""
     from pipelines.maps import score_range
     from pipelines.viewer import ViewerScan, write_viewer
 
     by_id = {s.id: s for s in subjects}
     shown = [entry for entry in ranked if entry.rank <= limit or entry.flagged]
+    if elements.kind == "2d":
+        from pipelines.viewer2d import ViewerImage, write_viewer2d
+
+        items = [ViewerImage(entry.id, by_id[entry.id].image, layout.map_file(entry.id, "2d"), by_id[entry.id].label,
+                             entry.rank, entry.score, entry.flagged, tuple(entry.hotspot["voxel"]))
+                 for entry in shown]
+        write_viewer2d(layout, items, *score_range(elements.element_scores), threshold)
+        return [item.id for item in items]
     scans = [
         ViewerScan(entry.id, by_id[entry.id].image, layout.map_file(entry.id, "3d"), by_id[entry.id].label,
                    entry.rank, entry.flagged, tuple(entry.hotspot["world_mm_ras"]))

@@ -41,8 +41,9 @@ def scoring_options(config: ScreenConfig, device: str) -> Any:
         settings["engine"] = EngineOptions(**engine)
         if isinstance(settings.get("codegraph"), dict):
             settings["codegraph"] = CoDeGraph(**settings["codegraph"])
-        if isinstance(settings.get("lnamd_radii"), list):
-            settings["lnamd_radii"] = tuple(settings["lnamd_radii"])
+        for name in ("lnamd_radii", "rscin"):
+            if isinstance(settings.get(name), list):
+                settings[name] = tuple(settings[name])
         return ScoringConfig(**settings)
     except TypeError as exc:
         raise VolscanError(f"config 'scoring': {exc}") from None

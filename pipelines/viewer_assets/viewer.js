@@ -1,7 +1,7 @@
 // volscan report viewer: one scan at a time in NiiVue (vendored UMD build, no network), its
 // anomaly map as a "warm" overlay above a threshold slider, mask outline in cyan, three
 // planes, crosshair on the hotspot. Scan data come as <script> files (viewer/data/*.js)
-// because browsers refuse fetch() of file:// URLs but allow classic scripts.
+// because browsers refuse fetch() of file:// URLs but allow classic scripts (viewer_common.js).
 (function () {
   "use strict";
   const scans = window.VOLSCAN_SCANS || [];
@@ -9,45 +9,19 @@
   const select = document.getElementById("vs-scan");
   const slider = document.getElementById("vs-threshold");
   const shown = document.getElementById("vs-threshold-value");
-  const loaded = {};
-  const waiting = {};
+  const common = window.volscanViewerCommon("volscanViewer", scans, status);
+  const say = common.say, scanData = common.load, fail = common.fail;
   let nv = null;
   let overlay = null;
 
-  window.volscanViewer = {
-    register(index, data) {
-      loaded[index] = data;
-      if (waiting[index]) waiting[index](data);
-    },
-  };
-
-  function say(text, state) {
-    status.textContent = text;
-    if (state) status.dataset.state = state;
-    status.dataset.errors = JSON.stringify(window.volscanErrors || []);
-  }
-
-  function scanData(index) {
-    if (loaded[index]) return Promise.resolve(loaded[index]);
-    return new Promise((resolve, reject) => {
-      waiting[index] = resolve;
-      const tag = document.createElement("script");
-      tag.src = scans[index].file;
-      tag.onerror = () => reject(new Error("cannot load " + scans[index].file));
-      document.head.appendChild(tag);
-    });
-  }
-
   // Distinct colours in the drawn frame, read back right after drawing (before the browser
-  // composites and may clear the buffer): a blank canvas has one.
+  // composites and may clear the buffer).
   function colourCount() {
     const gl = nv.gl;
     const w = gl.drawingBufferWidth, h = gl.drawingBufferHeight;
     const pixels = new Uint8Array(4 * w * h);
     gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, pixels);
-    const seen = new Set();
-    for (let i = 0; i < pixels.length; i += 4 * 7) seen.add((pixels[i] << 16) | (pixels[i + 1] << 8) | pixels[i + 2]);
-    return seen.size;
+    return common.colourCount(pixels);
   }
 
   async function show(index) {
@@ -91,11 +65,7 @@
   async function start() {
     if (!scans.length) return say("no 3D scans to show", "empty");
     if (!window.niivue) return say("viewer bundle viewer/niivue.umd.js did not load", "error");
-    const first = scans[0];
-    slider.min = String(first.low);
-    slider.max = String(first.high);
-    slider.step = String((first.high - first.low) / 500 || 1);
-    slider.value = String(first.threshold);
+    common.setRange(slider, scans[0]);
     scans.forEach((scan, i) => {
       const option = document.createElement("option");
       option.value = String(i);
@@ -111,11 +81,6 @@
     slider.addEventListener("input", setThreshold);
     setThreshold();
     await show(0);
-  }
-
-  function fail(error) {
-    say("viewer error: " + error, "error");
-    console.error(error);
   }
 
   start().catch(fail);

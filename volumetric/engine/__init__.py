@@ -7,6 +7,7 @@ from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
 from volumetric.engine.lnamd import lnamd
 from volumetric.engine.mutual import MutualDistances, mutual_scores
 from volumetric.engine.options import EngineOptions
+from volumetric.engine.rscin import rscin
 from volumetric.engine.scoring import ScoringConfig, ScoringResult, score_collections
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "ScoringResult",
     "lnamd",
     "mutual_scores",
+    "rscin",
     "score_collections",
 ]

@@ -29,6 +29,7 @@ from volumetric.engine.mutual import mutual_scores
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import subset_partition
+from volumetric.engine.rscin import check_windows, rscin
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
 from volumetric.errors import VolscanError
 
@@ -45,14 +46,18 @@ class ScoringConfig:
     when it is among `lnamd_radii`, else all views.
     `layer_norm`: LNAMD's per-map LayerNorm (MuSc; False is an ablation switch).
     `musc_top_fraction`: f for `method="musc"` (MuSc: 0.3); CoDeGraph's f is
-    `codegraph.top_fraction` (0.1). `engine`: how to compute (device, precision, blocks, memory
-    budget, progress, subsets, pre-selection; `volumetric.engine.options`).
+    `codegraph.top_fraction` (0.1). `rscin`: k-windows of MuSc's RsCIN re-scoring of the
+    collection scores over the collections' global descriptors (`volumetric.engine.rscin`; MuSc
+    uses (1, 2, 3) on MVTec AD, (1, 8, 9) on VisA), None = off (default, docs/engine.md).
+    `engine`: how to compute (device, precision, blocks, memory budget, progress, subsets,
+    pre-selection; `volumetric.engine.options`).
     """
 
     lnamd_radii: tuple[int, ...] = (1, 3, 5)
     graph_radii: tuple[int, ...] | None = None
     layer_norm: bool = True
     musc_top_fraction: float = 0.3
+    rscin: tuple[int, ...] | None = None
     codegraph: CoDeGraph = field(default_factory=CoDeGraph)
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -67,6 +72,8 @@ class ScoringConfig:
                 raise VolscanError(f"graph_radii: expected a non-empty subset of lnamd_radii {radii}, got {self.graph_radii!r}")
             object.__setattr__(self, "graph_radii", graph)
         check_fraction("musc_top_fraction", self.musc_top_fraction)
+        if self.rscin is not None:
+            object.__setattr__(self, "rscin", check_windows(self.rscin, "rscin"))
         if not isinstance(self.codegraph, CoDeGraph):
             raise VolscanError(f"codegraph: expected a CoDeGraph, got {type(self.codegraph).__name__}")
         if not isinstance(self.engine, EngineOptions):
@@ -83,7 +90,8 @@ class ScoringConfig:
 @dataclass(frozen=True)
 class ScoringResult:
     """`element_scores` (N, *grid) float32, NaN at void; `collection_scores` (N,) float32 = max
-    over valid elements; `codegraph` the CoDeGraph outcome (None for MuSc); `method`."""
+    over valid elements (re-scored by RsCIN when `ScoringConfig.rscin` is set); `codegraph` the
+    CoDeGraph outcome (None for MuSc); `method`."""
 
     element_scores: Tensor
     collection_scores: Tensor
@@ -110,7 +118,8 @@ def score_collections(
 
     `layers`: list of (N, h, w, C_l) or (N, g, g, g, C_l) tensors (one per backbone layer, same
     N and grid). `valid`: (N, *grid) bool or None. `method`: "codegraph" or "musc".
-    `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection; default mean tokens.
+    `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection and RsCIN; default the
+    per-layer L2-normalised mean of the valid tokens (`partners.global_features`).
     """
     config = ScoringConfig() if config is None else config
     if method not in METHODS:
@@ -130,7 +139,7 @@ def score_collections(
         raise VolscanError(f"valid: expected shape {(n, *grid)}, got {got}")
     valid_flat = as_valid(None if valid is None else valid.reshape(n, m), n, m)
     engine = config.engine
-    if engine.preselect_fraction is not None and global_features is None:
+    if (engine.preselect_fraction is not None or config.rscin is not None) and global_features is None:
         global_features = mean_token_features(flat, valid_flat)
 
     scores = torch.full((n, m), torch.nan)
@@ -161,9 +170,13 @@ def score_collections(
     codegraph = None
     if results:
         codegraph = results[0] if len(parts) == 1 else _merge(results, parts, valid_flat)
+    collection_scores = scores.nan_to_num(-torch.inf).amax(1)
+    if config.rscin is not None:  # over the whole batch, also when it was scored in subsets
+        descriptors = torch.nn.functional.normalize(global_features.float().cpu(), dim=1)
+        collection_scores = rscin(collection_scores, descriptors, config.rscin)
     return ScoringResult(
         element_scores=scores.reshape(n, *grid),
-        collection_scores=scores.nan_to_num(-torch.inf).amax(1),
+        collection_scores=collection_scores,
         codegraph=codegraph,
         method=method,
     )
