@@ -295,6 +295,8 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
         raise InputFileError(run_dir, "run folder does not exist")
     layout = RunLayout(run_dir)
     report = read_report_json(layout.report_json)
+    elements = RunElements.load(layout.elements)
+    matched = match_labels(labels_dir, elements.ids, elements.kind)  # masks that fit no scan: before --force
     labels_now = str(Path(labels_dir).resolve())
     labels_before = report.settings.get("labels")
     # Metrics against the same masks folder are recomputed (edited masks, other bins): nothing is
@@ -303,8 +305,6 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
         against = f"against {labels_before}" if labels_before else "against other masks"
         raise InputFileError(layout.report_json, f"already holds metrics {against}; use --force to replace them "
                                                  f"with metrics against {labels_now}")
-    elements = RunElements.load(layout.elements)
-    matched = match_labels(labels_dir, elements.ids, elements.kind)
     for sid, label in matched.items():
         check_label_grid(layout.map_file(sid, elements.kind), label, elements.kind)
         if elements.kind == "3d":
