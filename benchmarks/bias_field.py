@@ -17,7 +17,7 @@ with one lesion 60 % brighter than the tissue it replaces, of 10-64 mm diameter,
 smooth field; per setting, the lesion's mean intensity change after correction (relative to the
 brain's, so the overall level does not count) and the residual elsewhere.
 
-    python benchmarks/bias_field.py --sri24 ../shared/data/sri24 --phantoms 12 --fields 4
+    python benchmarks/bias_field.py --sri24 preprocessing/atlas/sri24 --phantoms 12 --fields 4
 """
 
 from __future__ import annotations

@@ -297,10 +297,16 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
         raise InputFileError(run_dir, "run folder does not exist")
     layout = RunLayout(run_dir)
     report = read_report_json(layout.report_json)
-    if report.metrics and not force:
-        raise InputFileError(layout.report_json, "already holds metrics; use --force to replace them")
     elements = RunElements.load(layout.elements)
-    matched = match_labels(labels_dir, elements.ids, elements.kind)
+    matched = match_labels(labels_dir, elements.ids, elements.kind)  # masks that fit no scan: before --force
+    labels_now = str(Path(labels_dir).resolve())
+    labels_before = report.settings.get("labels")
+    # Metrics against the same masks folder are recomputed (edited masks, other bins): nothing is
+    # lost that this command cannot rebuild. Metrics against other masks need --force.
+    if report.metrics and not force and labels_before != labels_now:
+        against = f"against {labels_before}" if labels_before else "against other masks"
+        raise InputFileError(layout.report_json, f"already holds metrics {against}; use --force to replace them "
+                                                 f"with metrics against {labels_now}")
     for sid, label in matched.items():
         check_label_grid(layout.map_file(sid, elements.kind), label, elements.kind)
         if elements.kind == "3d":
@@ -308,6 +314,6 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
     bins = int(bins or report.settings.get("histogram_bins", 65536))
     # Every mask is read and checked (label map, grid) before anything in the run is rewritten.
     attach_metrics(run_dir, report, elements, [matched.get(i) for i in elements.ids], bins)
-    report.settings["labels"] = str(Path(labels_dir).resolve())
+    report.settings["labels"] = labels_now
     write_run_tables(run_dir, report)
     return report.metrics

@@ -141,16 +141,29 @@ def check_label_grid(image: Path, label: Path, kind: str) -> None:
 
 
 def match_labels(labels_dir: str | Path, ids: Sequence[str], kind: str) -> dict[str, Path]:
-    """{id: mask path} for the `ids` that have a mask of the same name in `labels_dir`."""
+    """{id: mask path} for the `ids` that have a mask of the same name in `labels_dir`.
+
+    A folder with no mask, or whose masks match no input, is an `InputFileError` (metrics from
+    it would count every scan healthy: a naming mistake, not a cohort); some unmatched masks
+    beside matched ones are a warning naming one.
+    """
     labels = supported_files(Path(labels_dir), "labels")
-    if labels and input_kind(list(labels.values())) != kind:
+    if not labels:
+        raise InputFileError(labels_dir, "labels folder holds no mask (NIfTI or image files named like the inputs)")
+    if input_kind(list(labels.values())) != kind:
         raise InputFileError(labels_dir, f"masks are not {kind.upper()} like the inputs")
+    matched = {i: labels[i] for i in ids if i in labels}
+    if not matched:
+        example = labels[min(labels)]
+        suffix = split_suffix(example)[1]  # type: ignore[index]
+        raise InputFileError(
+            labels_dir,
+            f"no mask is named like an input: input '{min(ids)}' needs mask '{min(ids)}{suffix}', "
+            f"but the masks are named like '{example.name}' (rename them to their inputs' names)",
+        )
     unmatched = sorted(set(labels) - set(ids))
     if unmatched:
         log.warning("%s: %d mask(s) have no input of the same name (e.g. %s)", labels_dir, len(unmatched), unmatched[0])
-    matched = {i: labels[i] for i in ids if i in labels}
-    if not matched:
-        log.warning("%s: no mask matches an input's name; every scan counts as healthy", labels_dir)
     return matched
 
 

@@ -95,6 +95,13 @@ def run_screen(
                            labels_given=labels_dir is not None, compute=compute)
 
 
+def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
+    """The masks' folder (resolved path), or the sorted list when they come from several: what
+    `volscan evaluate` compares its `--labels` with (same folder: its own metrics, no --force)."""
+    folders = sorted({str(Path(s.label).parent.resolve()) for s in subjects if s.label is not None})
+    return folders[0] if len(folders) == 1 else folders
+
+
 def screen_subjects(
     subjects: Sequence[Subject],
     out_dir: str | Path,
@@ -156,6 +163,7 @@ def screen_subjects(
         if labels_given:
             with timer.stage("metrics"):
                 attach_metrics(work, report, elements, [s.label for s in subjects], settings.histogram_bins)
+            report.settings["labels"] = labels_source(subjects)
         with timer.stage("figures"):
             if not labels_given:
                 score_figures(work, report, elements.collection_scores, None)

@@ -185,6 +185,9 @@ class OutputSettings:
 _FIELDS = {f.name: f for f in dataclasses.fields(ScreenConfig)}
 _TABLES = {"scoring", "backbone_kwargs", "tokenizer", "preprocess"}
 _PATHS = {"weights", "template", "cache"}
+# Tables whose every key and value type is checked against the settings class it feeds
+# (`pipelines.config_schema`); `backbone_kwargs` (timm's) and `tokenizer` are checked where built.
+_SCHEMA_TABLES = ("scoring", "preprocess")
 
 
 def _check_type(name: str, value: Any) -> Any:
@@ -206,7 +209,9 @@ def _check_type(name: str, value: Any) -> Any:
             raise VolscanError(f"'layers' must be a list of integers, got {value!r}")
         return value
     if name in _PATHS:
-        return str(value)
+        if not isinstance(value, str):
+            raise VolscanError(f"'{name}' must be a path (a string), got {value!r}")
+        return value
     if name in ("proj_dim", "slices_per_block"):
         expected = int
     if expected is bool:
@@ -261,6 +266,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise InputFileError(path, f"unknown setting '{key}' (known: {known})")
         try:
             settings[name] = _check_type(name, value)
+            if name in _SCHEMA_TABLES:
+                from pipelines.config_schema import check_table
+
+                settings[name] = check_table(name, settings[name])
         except VolscanError as exc:
             raise InputFileError(path, str(exc)) from None
         if name in _PATHS and settings[name] is not None and settings[name] != "random":

@@ -99,12 +99,24 @@ def check_settings(config: "ScreenConfig") -> None:
     check_int("top", config.top, 0, 1 << 20)
     check_backbone_kwargs(config.backbone_kwargs)
     if config.backbone == CLASSICAL_BACKBONE and config.tokenizer:
-        from volumetric.classical_tokens import ClassicalTokenizer
+        import dataclasses
+        import inspect
 
-        try:
-            ClassicalTokenizer(**config.tokenizer)
-        except TypeError as exc:
-            raise VolscanError(f"config 'tokenizer' for the classical tokenizer: {exc}") from None
+        from volumetric.classical_tokens import ClassicalTokenizer
+        from volumetric.tokens import TokenSettings
+
+        accepted = sorted(inspect.signature(ClassicalTokenizer).parameters)
+        vit_only = {f.name for f in dataclasses.fields(TokenSettings)} - set(accepted)
+        for key in config.tokenizer:
+            if key in vit_only:  # refused, never silently dropped
+                raise VolscanError(f"config 'tokenizer.{key}' applies only to ViT backbones; the classical "
+                                   f"tokenizer takes {', '.join(accepted)}: remove it")
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise VolscanError(f"config 'tokenizer.{key}': unknown to the classical tokenizer "
+                                   f"(it takes {', '.join(accepted)}){hint}")
+        ClassicalTokenizer(**config.tokenizer)
     elif config.backbone != CLASSICAL_BACKBONE:
         if config.backbone != DEFAULT_BACKBONE:
             _check_backbone_name(config.backbone)

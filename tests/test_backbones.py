@@ -133,6 +133,72 @@ def test_offline_hub_gives_one_clear_error(tiny_vit_spec, tmp_path, monkeypatch)
     assert "\n" not in str(info.value)
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """An empty hub cache, the hub at a closed local port, no proxy; counts what would reach it."""
+    import huggingface_hub.constants as hf_constants
+    import timm.models._hub as timm_hub
+
+    from volumetric import hub
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    calls = {"probe": 0, "download": 0}
+    probe, download = hub.reachable, timm_hub.hf_hub_download
+
+    def counted_probe(*args, **kwargs):
+        calls["probe"] += 1
+        return probe(*args, **kwargs)
+
+    def counted_download(*args, **kwargs):
+        calls["download"] += 1
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(hub, "reachable", counted_probe)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", counted_download)
+    return tmp_path / "hub", calls
+
+
+def test_unreachable_hub_is_one_line_before_any_build_or_retry(tiny_vit_spec, unreachable_hub, caplog):
+    _, calls = unreachable_hub
+    name, kwargs = _split(tiny_vit_spec)
+    with caplog.at_level(logging.DEBUG), pytest.raises(VolscanError) as info:
+        create_backbone(name, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "127.0.0.1:9 unreachable" in message and "--weights PATH" in message
+    # One connection attempt, then no request through the hub client: nothing to retry.
+    assert calls == {"probe": 1, "download": 0}
+    assert "Retrying" not in caplog.text
+
+
+def test_cached_hub_weights_load_with_no_request(tiny, tiny_vit_spec, unreachable_hub, caplog):
+    from safetensors.torch import save_file
+
+    from volumetric.hub import hub_source
+
+    cache, calls = unreachable_hub
+    name, kwargs = _split(tiny_vit_spec)
+    repo = cache / f"models--{hub_source(name).repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, repo / "snapshots" / commit / "model.safetensors")
+    with caplog.at_level(logging.WARNING):
+        loaded = create_backbone(name, **kwargs)
+    assert calls["probe"] == 0 and calls["download"] == 1  # timm read the cache, offline
+    assert "Retrying" not in caplog.text
+    assert loaded.volscan_identity.weights.startswith("hub:") and not loaded.volscan_identity.random_weights
+    for a, b in zip(_outputs(tiny), _outputs(loaded)):
+        assert torch.equal(a, b)
+    import huggingface_hub.constants as hf_constants
+
+    assert hf_constants.HF_HUB_OFFLINE is False  # offline only while loading
+
+
 @pytest.mark.parametrize(("depth", "expected"), [(24, [11, 17]), (12, [5, 8]), (40, [19, 29]),
                                                  (3, [1, 2]), (2, [0, 1]), (1, [0])])
 def test_default_layers_resolve_for_any_depth(depth, expected):

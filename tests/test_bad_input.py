@@ -654,7 +654,12 @@ def finished(base: dict, tiny_vit_spec: dict) -> dict:
 def test_bad_input(case: str, finished: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                    capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    run = CASES[case](Ctx(finished, tmp_path, monkeypatch))
+    check_refused(CASES[case](Ctx(finished, tmp_path, monkeypatch)), capsys)
+
+
+def check_refused(run: Run, capsys: pytest.CaptureFixture) -> str:
+    """Run `run.argv` in-process; assert its exit code, one error line holding every needle, no
+    traceback, inputs byte-identical and no new output (hidden .partial included). The line."""
     out_existed = run.out is not None and run.out.exists()
     before = _tree_hashes(*run.inputs)
     capsys.readouterr()
@@ -670,6 +675,7 @@ def test_bad_input(case: str, finished: dict, tmp_path: Path, monkeypatch: pytes
     if run.out is not None and not out_existed:
         assert not run.out.exists()
         assert not list(run.out.parent.glob(f".{run.out.name}.*"))  # no hidden .partial left
+    return line
 
 
 # ---------------------------------------------------------------- outside the table

@@ -79,7 +79,8 @@ def test_lesion_free_batch_flags_nothing_and_equals_mutual_scoring(seed):
     batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=seed)
     result = CoDeGraph()(batch.features, options=QUIET)
     assert result.outlier_communities == [] and not result.excluded.any()
-    assert torch.equal(result.scores, mutual_scores(batch.features, 0.1, options=QUIET))
+    # CoDeGraph's own ranked pass vs mutual_scores' pass: the same sums, possibly in other blocks.
+    torch.testing.assert_close(result.scores, mutual_scores(batch.features, 0.1, options=QUIET), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("coverage", [0.9, 1.0])

@@ -179,13 +179,14 @@ def test_atlas_anatomy_from_sri24(sri24_dir, tmp_path):
 
 def test_auto_anatomy_uses_sri24_only_when_resolvable(sri24_dir, tmp_path, monkeypatch):
     from pipelines.phantom.cohort import build_anatomy
+    from preprocessing import template
 
     monkeypatch.delenv("VOLSCAN_TEMPLATE", raising=False)
     monkeypatch.setenv("VOLSCAN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    anatomy = build_anatomy(PhantomConfig(size=32, template="auto"))  # the SRI-24 installed with volscan
+    assert anatomy.source == f"atlas:{sri24_dir}" and anatomy.skull_stripped
+    monkeypatch.setattr(template, "BUNDLED_SRI24_DIR", tmp_path / "not-installed")
     assert build_anatomy(PhantomConfig(size=32, template="auto")).source == "procedural"
-    monkeypatch.setenv("VOLSCAN_TEMPLATE", str(sri24_dir))
-    anatomy = build_anatomy(PhantomConfig(size=32, template="auto"))
-    assert anatomy.source.startswith("atlas:") and anatomy.skull_stripped
 
 
 def test_lookalike_regime_shares_one_appearance_at_random_places(tmp_path, capsys):

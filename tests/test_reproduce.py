@@ -13,10 +13,10 @@ import pytest
 
 from pipelines.datasets import choose, find_brats_mets, find_ixi_t2
 from pipelines.phantom import LesionSettings, PhantomConfig, WarpSettings, generate_cohort
-from pipelines.reproduce import METRICS, PAPER_ROWS, paper_row, results_table, table_markdown
+from pipelines.reproduce import METRICS, PAPER_COMMUNITY_SIZES, PAPER_ROWS, paper_row, results_table, table_markdown
 from volumetric.errors import InputFileError, VolscanError
 
-METHOD_MD = Path(__file__).resolve().parents[2] / "shared" / "docs" / "method.md"
+REPRODUCE_MD = Path(__file__).resolve().parents[1] / "docs" / "reproduce.md"
 IXI_NAMES = ["IXI002-Guys-0828", "IXI012-HH-1211", "IXI013-HH-1212", "IXI035-IOP-0873", "IXI040-Guys-0724",
              "IXI105-HH-1471"]
 BRATS_PRE = ["BraTS-MET-00001-000", "BraTS-MET-00004-000", "BraTS-MET-00010-000", "BraTS-MET-00013-000"]
@@ -99,14 +99,15 @@ def test_seeded_choice_is_reproducible_and_order_free(fake_tree):
         choose(scans, 7, seed=0, what="IXI")
 
 
-def test_paper_numbers_match_the_method_notes():
-    """The constants in reproduce.py are the reference table of ../shared/docs/method.md."""
-    text = METHOD_MD.read_text(encoding="utf-8")
+def test_paper_numbers_match_the_docs_table():
+    """The constants in reproduce.py are the paper's table as docs/reproduce.md quotes it (with its source)."""
+    text = REPRODUCE_MD.read_text(encoding="utf-8").split("## The paper's numbers")[1].split("\n## ")[0]
     rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
     parsed = {(m.strip(), b.strip()): [float(v) for v in values] for m, b, *values in rows}
     assert len(parsed) == len(PAPER_ROWS)
     for row in PAPER_ROWS:
         assert parsed[(row["method"], row["backbone"])] == [row[m] for m in METRICS]
+    assert "two anomalous communities (%d and %d volumes)" % PAPER_COMMUNITY_SIZES in " ".join(text.split())
 
 
 def test_table_puts_ours_beside_the_papers():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -275,10 +276,27 @@ def test_rerun_reuses_cached_tokens_and_evaluate_matches(cohort: dict, labelled_
             assert evaluated["metrics"][key] == pytest.approx(value), key
     assert list(_csv(out / "scores.csv")[0]) == ["id", "score", "rank", "label"]
     assert (out / "figures" / "roc.png").is_file()
+    # Again with the same masks folder: its own metrics, recomputed without --force.
+    assert main(["evaluate", str(out), "--labels", str(cohort["labels"])]) == 0
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["metrics"] == evaluated["metrics"]
+    # Other masks would replace metrics computed against these: --force.
+    other = Path(shutil.copytree(cohort["labels"], cohort["root"] / "other-labels"))
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--labels", str(cohort["labels"])]) == 2
-    assert "--force" in capsys.readouterr().err
-    assert main(["evaluate", str(out), "--labels", str(cohort["labels"]), "--force"]) == 0
+    assert main(["evaluate", str(out), "--labels", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and str(cohort["labels"].resolve()) in err and str(other.resolve()) in err
+    assert main(["evaluate", str(out), "--labels", str(other), "--force"]) == 0
+
+
+def test_evaluate_after_screen_with_labels_needs_no_force(cohort: dict, labelled_run: dict, tmp_path: Path) -> None:
+    """The README's sequence: `screen --labels masks/`, then `evaluate --labels masks/`."""
+    out = Path(shutil.copytree(labelled_run["out"], tmp_path / "run"))
+    assert labelled_run["report"]["settings"]["labels"] == str(cohort["labels"].resolve())
+    assert main(["evaluate", str(out), "--labels", str(cohort["labels"])]) == 0
+    again = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    for key, value in labelled_run["report"]["metrics"].items():
+        if isinstance(value, float):
+            assert again["metrics"][key] == pytest.approx(value), key
 
 
 def test_existing_output_needs_force(cohort: dict, labelled_run: dict, capsys) -> None:

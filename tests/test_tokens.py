@@ -236,11 +236,13 @@ def test_image_tokens_match_a_single_naive_pass(tiny):
         expected = (f / np.linalg.norm(f, axis=-1, keepdims=True)) @ matrix
         assert tokens.layers[li].shape == (3, 4, R)
         np.testing.assert_allclose(tokens.layers[li].numpy(), expected, rtol=1e-4, atol=1e-5)
+    # Grey (an expanded view) and RGB (a permuted copy) reach the backbone in different memory
+    # layouts, so the CPU may pick other kernels and summation orders: equal up to float rounding.
     rgb = tok(np.repeat(image[..., None], 3, axis=-1))
     as_float = tok(image.astype(np.float32) / 255.0)
     for a, b, c in zip(tokens.layers, rgb.layers, as_float.layers):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
 def test_image_resize_policy_mask_and_errors(tiny):

@@ -3,8 +3,9 @@
 Weights come from one of three places, and the returned model remembers which
 (`model.volscan_identity`, a `BackboneIdentity`) so caches and reports can name them:
 
-* `weights=None`: timm's pretrained weights from the Hugging Face hub (or its local cache).
-  Offline with nothing cached -> one `VolscanError` explaining `--weights PATH`.
+* `weights=None`: timm's pretrained weights from the Hugging Face hub (or its local cache,
+  read with no request). Not cached and the hub unreachable -> one `VolscanError` explaining
+  `--weights PATH` within `volumetric.hub.PROBE_TIMEOUT_S`, before the model is built.
 * `weights=PATH`: a local file, either timm's own format (`.safetensors`/`.pth`, e.g. written by
   `save_backbone_weights`) or the official DINOv2 checkpoint (`dinov2_vitl14_pretrain.pth`),
   or a downloaded timm hub model folder (its `model.safetensors` / `pytorch_model.bin`).
@@ -26,6 +27,7 @@ a lesion changes. Expressed as fractions of the depth so tiny test models resolv
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -43,6 +45,7 @@ from torch import nn
 from volumetric.atomic_files import atomic_path
 from volumetric.devices import resolve_device
 from volumetric.errors import InputFileError, VolscanError, first_line
+from volumetric.hub import HubUnavailable, hub_offline, require_hub_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ DEFAULT_BACKBONE = "vit_large_patch14_dinov2.lvd142m"
 # Fractions of the depth at which the default token layers sit (see module docstring).
 DEFAULT_LAYER_FRACTIONS = (0.5, 0.75)
 RANDOM_WEIGHTS_WARNING = "random weights: scores are meaningless on real data"
+_HUB_UNAVAILABLE = ("cannot get pretrained weights for {name} from the Hugging Face hub ({why}); offline, "
+                    "download them elsewhere and pass --weights PATH (timm .safetensors/.pth or the official DINOv2 .pth)")
 _NOT_VIT = "backbone {name!r} is not a ViT with patch tokens (need a timm VisionTransformer, e.g. a DINOv2 or CLIP ViT)"
 
 
@@ -183,17 +188,18 @@ def create_backbone(
         identity = BackboneIdentity(name, f"file:{file_sha256(path)}", False)
     else:
         try:
-            model = _build(name, model_kwargs, pretrained=True)
+            cached = require_hub_weights(name)  # before building: ViT-L alone takes seconds
+        except HubUnavailable as exc:
+            raise VolscanError(_HUB_UNAVAILABLE.format(name=name, why=exc)) from None
+        try:
+            with hub_offline() if cached is not None else contextlib.nullcontext():
+                model = _build(name, model_kwargs, pretrained=True)
         except VolscanError:
             raise
         except RuntimeError as exc:  # timm's strict load_state_dict: hub weights vs model options
             raise VolscanError(f"pretrained {name} weights do not fit the requested model ({first_line(exc)})") from None
         except Exception as exc:  # the hub client raises many types (OSError, HTTP errors, ...)
-            raise VolscanError(
-                f"cannot get pretrained weights for {name} from the Hugging Face hub "
-                f"({type(exc).__name__}); offline, download them elsewhere and pass "
-                f"--weights PATH (timm .safetensors/.pth or the official DINOv2 .pth)"
-            ) from None
+            raise VolscanError(_HUB_UNAVAILABLE.format(name=name, why=type(exc).__name__)) from None
         tag = model.pretrained_cfg.get("tag") or ""
         identity = BackboneIdentity(name, f"hub:{model.pretrained_cfg.get('architecture', name)}.{tag}", False)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):

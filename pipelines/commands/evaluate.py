@@ -15,7 +15,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="DIR", required=True,
                         help="masks with the inputs' file names (absent/empty = healthy)")
     parser.add_argument("--histogram-bins", type=int, help="bins of the streaming voxel AUROC (default: the run's)")
-    parser.add_argument("--force", action="store_true", help="replace metrics the run already holds")
+    parser.add_argument("--force", action="store_true",
+                        help="replace metrics the run holds against another masks folder (the same folder: recomputed without it)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=96,
                         help="template grid edge in voxels over a 200 mm field of view (default 96, ~2.1 mm)")
     parser.add_argument("--template", default="auto",
-                        help="anatomy: 'auto' (default: the SRI-24 brain if a template is resolvable via "
-                             "$VOLSCAN_TEMPLATE or the user cache, else the procedural head), 'procedural' "
+                        help="anatomy: 'auto' (default: the brain of the resolved template: $VOLSCAN_TEMPLATE, "
+                             "the user cache, else the SRI-24 installed with volscan), 'procedural' "
                              "(built-in head, identical on every machine) or a template folder")
     parser.add_argument("--lesions-per-subject", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                         help="number of lesions in each random-lesion subject (default 1 1)")

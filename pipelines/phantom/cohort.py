@@ -55,8 +55,8 @@ FORMAT = "volscan-phantom/1"
 class PhantomConfig:
     """Everything that determines a phantom cohort (see module docstrings for the defaults).
 
-    `template`: "auto" (default: the resolved SRI-24 template if one is found, else the
-    procedural head), "procedural" (built-in head, same on every machine) or a template folder. `size`: template grid edge in voxels
+    `template`: "auto" (default: the resolved template, SRI-24 as installed unless configured;
+    the procedural head if none resolves), "procedural" (built-in head, same on every machine) or a template folder. `size`: template grid edge in voxels
     (field of view 200 mm). `lesions_per_subject`: inclusive range for the `lesion` group;
     `lookalike_lesions`: the same for the `lookalike` group. `lesions` (radius, levels,
     `contrast`) applies to every group. `skull_stripped`: the procedural head without scalp, skull
