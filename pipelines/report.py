@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.outputs import atomic_write_text
+from pipelines.outputs import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
 from pipelines.safe_text import csv_cell, csv_value, href
 from volumetric.errors import InputFileError
@@ -168,9 +168,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report_json(path: Path, report: Report) -> None:
-    """Atomically write the report as indented JSON (NaN/inf become null)."""
-    atomic_write_text(path, json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n")
+def report_json_text(report: Report) -> str:
+    """The report as indented JSON (NaN/inf become null)."""
+    return json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
+
 
 
 def read_report_json(path: Path) -> Report:
@@ -411,11 +412,6 @@ def _mask_warnings(preprocess_info: dict[str, Any]) -> list[str]:
     return [f"brain mask of {len(ids)} scan(s) ({', '.join(ids)}): {message}" for message, ids in scans.items()]
 
 
-def write_report_html(path: Path, report: Report) -> None:
-    """Atomically write report.html for `report`."""
-    atomic_write_text(path, report_html(report))
-
-
 def build_report(
     subjects: Sequence[Any],
     kind: str,
@@ -529,7 +525,9 @@ def report_rows(report: Report) -> list[ScoreRow]:
 
 
 def write_run_tables(run_dir: Path, report: Report) -> None:
-    """scores.csv, report.json and report.html of a run from its report."""
-    write_scores_csv(run_dir / SCORES_CSV, report_rows(report))
-    write_report_json(run_dir / REPORT_JSON, report)
-    write_report_html(run_dir / REPORT_HTML, report)
+    """scores.csv, report.json and report.html of a run from its report, as one set
+    (`atomic_write_texts`: `volscan evaluate` rewrites them in a finished run, and a crash must
+    not leave report.html older than report.json)."""
+    atomic_write_texts([(run_dir / SCORES_CSV, scores_csv_text(report_rows(report))),
+                        (run_dir / REPORT_HTML, report_html(report)),
+                        (run_dir / REPORT_JSON, report_json_text(report))])
