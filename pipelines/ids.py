@@ -28,11 +28,11 @@ def check_id(sid: str, source: Path, n_subjects: int) -> None:
     if not isinstance(sid, str) or not sid:
         raise InputFileError(source, f"subject id {sid!r} is empty or not text")
     shown = printable(sid)
-    if sid.startswith("."):
-        raise InputFileError(source, f"subject id '{shown}' starts with '.' (hidden or parent-folder name)")
     separators = sorted({ch for ch in sid if ch in "/\\"})
     if separators:
         raise InputFileError(source, f"subject id '{shown}' holds the path separator '{separators[0]}'")
+    if sid.startswith("."):
+        raise InputFileError(source, f"subject id '{shown}' starts with '.' (hidden or parent-folder name)")
     unsafe = unsafe_characters(sid)
     if unsafe:
         raise InputFileError(source, f"subject id '{shown}' holds the control character or undecodable byte "

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
+from pipelines.failures import Terminated
 from pipelines.inputs import Subject
 from volumetric.errors import VolscanError, first_line
 
@@ -109,8 +110,12 @@ class RayRunner:
             raise VolscanError("--ray needs Ray: pip install 'volscan[ray]'") from None
         self._ray = ray
         if not ray.is_initialized():
-            with _own_sigterm_handler():
-                self._init(ray)
+            try:
+                with _own_sigterm_handler():
+                    self._init(ray)
+            except BaseException:  # refused, interrupted or terminated half-way: stop what started
+                ray.shutdown()
+                raise
         return self
 
     def _init(self, ray: Any) -> None:
@@ -200,6 +205,10 @@ def _own_sigterm_handler() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        raise Terminated() from None  # SIGTERM came while Ray's handler was in place
     finally:
         signal.signal(signal.SIGTERM, previous)
 
