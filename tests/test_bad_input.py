@@ -654,7 +654,11 @@ def finished(base: dict, tiny_vit_spec: dict) -> dict:
 def test_bad_input(case: str, finished: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                    capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    run = CASES[case](Ctx(finished, tmp_path, monkeypatch))
+    assert_refused(CASES[case](Ctx(finished, tmp_path, monkeypatch)), capsys)
+
+
+def assert_refused(run: Run, capsys: pytest.CaptureFixture) -> None:
+    """Run `run.argv` and check what every row promises (see the module docstring)."""
     out_existed = run.out is not None and run.out.exists()
     before = _tree_hashes(*run.inputs)
     capsys.readouterr()

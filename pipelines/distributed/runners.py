@@ -10,7 +10,8 @@ TCP connection within `CONNECT_TIMEOUT_S` (Ray itself retries an unreachable add
 minutes), and before any task is submitted some alive node must hold the CPUs and GPUs one
 scan's task asks for (Ray would keep an infeasible task pending for ever). A local cluster
 started here is shut down on the way out, also on Ctrl-C and SIGTERM (`ray.init` installs its
-own SIGTERM handler; volscan's is put back, so SIGTERM unwinds through `__exit__`).
+own SIGTERM handler; volscan's is put back, so SIGTERM unwinds through `__exit__`), and by a
+watcher process should this one be killed outright (`pipelines.distributed.reaper`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
+from pipelines.distributed.reaper import Reaper
 from pipelines.failures import Terminated
 from pipelines.inputs import Subject
 from volumetric.errors import VolscanError, first_line
@@ -102,6 +104,7 @@ class RayRunner:
         self.settings = settings
         self._started = False
         self._ray: Any = None
+        self._reaper = Reaper()
 
     def __enter__(self) -> "RayRunner":
         try:
@@ -115,6 +118,7 @@ class RayRunner:
                     self._init(ray)
             except BaseException:  # refused, interrupted or terminated half-way: stop what started
                 ray.shutdown()
+                self._reaper.stop()
                 raise
         return self
 
@@ -129,6 +133,7 @@ class RayRunner:
                     raise VolscanError(f"Ray GPUs per scan {s.gpus_per_scan:g}: this machine has "
                                        f"{torch.cuda.device_count()} GPU(s) for its local Ray cluster; use "
                                        "--ray-gpus-per-scan 0 or a cluster with GPUs")
+            self._reaper.start()  # stops the cluster should this process be killed outright, even mid-start
             try:
                 ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
                          include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -145,6 +150,7 @@ class RayRunner:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._started:
             self._ray.shutdown()
+            self._reaper.stop()
             self._started = False
 
     def gpus_per_scan(self, plan: ScanPlan) -> float:
