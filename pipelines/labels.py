@@ -29,6 +29,8 @@ from volumetric.errors import InputFileError
 # A label map holds a few integer classes (background, lesion, maybe sub-regions); an intensity
 # scan given by mistake has hundreds to thousands of distinct values.
 MAX_LABEL_VALUES = 32
+# Largest label counted with `np.bincount` (a 64k-entry count); larger ones go through np.unique.
+MAX_BINCOUNT_LABEL = 65535
 # Pillow's names of lossy encodings: the JPEG format, and TIFF's JPEG compression.
 LOSSY_FORMATS = ("JPEG", "MPO")
 LOSSY_TIFF_COMPRESSIONS = ("jpeg", "tiff_jpeg")
@@ -42,14 +44,19 @@ def lesion_mask(values: np.ndarray, path: str | Path) -> np.ndarray:
             raise InputFileError(path, "not a label map: it holds non-integer values (is this an intensity scan?)")
     elif data.dtype.kind not in "iub":
         raise InputFileError(path, f"not a label map: values of type {data.dtype}")
-    distinct = np.unique(data)
-    if distinct.size > MAX_LABEL_VALUES:
-        raise InputFileError(
-            path, f"not a label map: {distinct.size} distinct values (at most {MAX_LABEL_VALUES}; is this an intensity scan?)"
-        )
-    if distinct.size and distinct[0] < 0:
-        raise InputFileError(path, f"label map holds the negative value {distinct[0]:g}; labels are integers >= 0 "
+    if data.size == 0:
+        return data > 0
+    low, high = data.min(), data.max()
+    if low < 0:
+        raise InputFileError(path, f"label map holds the negative value {low:g}; labels are integers >= 0 "
                                    "(0 = healthy)")
+    # Counting by bincount is one pass (np.unique sorts): masks are read for every scan.
+    distinct = (np.count_nonzero(np.bincount(data.ravel().astype(np.intp))) if high <= MAX_BINCOUNT_LABEL
+                else np.unique(data).size)
+    if distinct > MAX_LABEL_VALUES:
+        raise InputFileError(
+            path, f"not a label map: {distinct} distinct values (at most {MAX_LABEL_VALUES}; is this an intensity scan?)"
+        )
     return data > 0
 
 

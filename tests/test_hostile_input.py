@@ -313,7 +313,7 @@ def test_dollar_id_in_a_3d_panel_title(tmp_path: Path) -> None:
     from pipelines.figures import native_panel_figure
 
     volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
-    path = native_panel_figure(volume, volume, np.eye(4), (6, 6, 6), r"rank 1: $\foo$_{$", tmp_path / "p.png")
+    path = native_panel_figure(volume, volume, np.eye(4), (6, 6, 6), r"rank 1: $x_{$ (score 0.5)", tmp_path / "p.png")
     assert path.stat().st_size > 0
 
 
