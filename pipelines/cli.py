@@ -6,7 +6,9 @@ and friends only after their inputs are checked, so a wrong path is answered at 
 
 Logging: volscan's own messages at INFO (DEBUG with -vv); third-party packages (matplotlib,
 timm, huggingface_hub, urllib3, ...) only from WARNING unless -v. Every distinct message
-(Python warnings included) is printed once per run.
+(Python warnings included) is printed once per run. Every message and error line goes through
+`pipelines.safe_text.printable`: a file name holding control characters or newlines is shown
+escaped, on one line.
 """
 
 from __future__ import annotations
@@ -106,11 +108,21 @@ class _CliHandler(logging.StreamHandler):
     """stderr handler of the `volscan` command (replaced, not stacked, when `main` runs again)."""
 
 
+class _PrintableFormatter(logging.Formatter):
+    """One line per message: control characters in it (from file names) shown escaped; a
+    traceback (-vv) keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from pipelines.safe_text import printable
+
+        return printable(super().formatMessage(record))
+
+
 def configure_logging(verbose: int) -> None:
     """volscan loggers at INFO (DEBUG when `verbose` >= 2); others at WARNING unless `verbose`;
     Python warnings through logging; each distinct message once."""
     handler = _CliHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_Once())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _CliHandler)]:
@@ -131,16 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose)
     from pipelines.failures import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, os_error_line, sigterm_raises
+    from pipelines.safe_text import printable
 
     try:
         with sigterm_raises():
             code = args._run(args)
     except VolscanError as exc:
-        print(f"volscan {args.command}: error: {exc}", file=sys.stderr)
+        print(f"volscan {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # disk full, permission denied, ...: one line naming the path
         log.debug("system error", exc_info=True)
-        print(f"volscan {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"volscan {args.command}: error: {printable(os_error_line(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"volscan {args.command}: interrupted; partial outputs removed", file=sys.stderr)

@@ -32,22 +32,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines.figures import histogram_figure, roc_figure
-from pipelines.images2d import load_mask, resize
+from pipelines.images2d import resize
 from pipelines.inputs import check_label_grid, match_labels
+from pipelines.labels import read_mask
 from pipelines.maps import score_range, upsample_scores
 from pipelines.report import Report, read_report_json, write_run_tables
 from pipelines.run_layout import FIGURES_DIR, RunLayout
-from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
 from volumetric.errors import InputFileError, VolscanError
 from volumetric.metrics import ScoreHistogram, aupro, aupro_cflow, auroc, average_precision, dice, f1_max, pool_to_grid
 
 log = logging.getLogger(__name__)
-
-# A label map holds a few integer classes (background, lesion, maybe sub-regions); an intensity
-# scan given by mistake has hundreds to thousands of distinct values.
-MAX_LABEL_VALUES = 32
-
 
 @dataclass
 class RunElements:
@@ -211,21 +206,6 @@ def image_metrics(
     return summary, [{"label": int(label)} for label in labels]
 
 
-def check_label_map(values: np.ndarray, path: Path) -> None:
-    """Refuse an array that is not a label map: non-integer values, or more than
-    `MAX_LABEL_VALUES` distinct values (e.g. an intensity scan in the labels folder)."""
-    data = np.asarray(values)
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all() or not np.array_equal(data, np.round(data)):
-            raise InputFileError(path, "not a label map: it holds non-integer values (is this an intensity scan?)")
-    distinct = np.unique(data)
-    if distinct.size > MAX_LABEL_VALUES:
-        raise InputFileError(
-            path, f"not a label map: {distinct.size} distinct values (at most {MAX_LABEL_VALUES}; is this an intensity scan?)"
-        )
-
-
 def label_cube_loader(run_dir: Path, elements: RunElements, labels: Sequence[Path | None]) -> Callable[[int], tuple[bool, np.ndarray]]:
     """`i -> (has lesion, mask at model resolution)` for the run's subjects; None = healthy.
 
@@ -239,12 +219,9 @@ def label_cube_loader(run_dir: Path, elements: RunElements, labels: Sequence[Pat
         path = labels[i]
         if path is None:
             return False, np.zeros(shape, dtype=bool)
+        native = read_mask(path, elements.kind)  # the label rule of `pipelines.labels`
         if elements.kind == "2d":
-            native = load_mask(path)
             return bool(native.any()), resize(native, shape, nearest=True)
-        values = load_volume(path).array
-        check_label_map(values, path)
-        native = values > 0
         mapping = NativeMapping.load(RunLayout(run_dir).mapping(elements.ids[i]))
         if native.shape != mapping.native_shape:
             raise InputFileError(path, f"mask grid {native.shape} does not match its image grid {mapping.native_shape}")
@@ -309,8 +286,7 @@ def evaluate_run(out_dir: str | Path, labels_dir: str | Path, *, force: bool = F
                                                  f"with metrics against {labels_now}")
     for sid, label in matched.items():
         check_label_grid(layout.map_file(sid, elements.kind), label, elements.kind)
-        if elements.kind == "3d":
-            check_label_map(load_volume(label).array, label)
+        read_mask(label, elements.kind)
     bins = int(bins or report.settings.get("histogram_bins", 65536))
     # Every mask is read and checked (label map, grid) before anything in the run is rewritten.
     attach_metrics(run_dir, report, elements, [matched.get(i) for i in elements.ids], bins)

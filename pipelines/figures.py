@@ -8,6 +8,9 @@
 - `montage_figure`: a 2D image with its map overlaid and the mask outlined.
 - `community_figure`: the CoDeGraph collection graph, nodes coloured by Leiden community and
   named by scan id, outlier (consistent-anomaly) communities drawn large with a red edge.
+
+Text holding scan ids is drawn literally (`LITERAL`: no mathtext, no TeX): an id is a file
+name, and `$` in it must be a dollar sign, not the start of a formula matplotlib may fail to parse.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from volumetric.atomic_files import atomic_path
 
 DPI = 100
 OVERLAY_CMAP = "inferno"
+# Text properties for strings from file names (see the module docstring).
+LITERAL = {"parse_math": False, "usetex": False}
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -87,7 +92,7 @@ def montage_figure(
         ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
     ax.set_axis_off()
     figure.colorbar(shown, ax=figure.axes, fraction=0.04, pad=0.02)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=10, **LITERAL)
     return _save(figure, path)
 
 
@@ -167,7 +172,7 @@ def native_panel_figure(
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
     figure.colorbar(shown, ax=figure.axes, fraction=0.015, pad=0.01, label="anomaly score")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=10, **LITERAL)
     return _save(figure, path)
 
 
@@ -208,7 +213,7 @@ def community_figure(
     ax.scatter(coords[:, 0], coords[:, 1], s=sizes, c=colours, edgecolors=edges, linewidths=1.2, zorder=2)
     for v in range(n):  # every node named: the reader looks for a scan id
         ax.annotate(names[v], coords[v], fontsize=7 if v in outliers else 6, xytext=(4, 4), textcoords="offset points",
-                    color="darkred" if v in outliers else "black")
+                    color="darkred" if v in outliers else "black", **LITERAL)
     ax.set_title(f"CoDeGraph: {len(communities)} communities, "
                  f"{len(outlier_communities)} outlier (large, red outline)")
     return _save(figure, path)

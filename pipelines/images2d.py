@@ -15,13 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from volumetric.errors import InputFileError
 
 # Heat-map colours; perceptually uniform and readable for colour-blind users.
 COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
+# EXIF orientations that turn the stored picture by 90 degrees (width and height swap).
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @contextmanager
@@ -48,13 +50,27 @@ def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
         raise InputFileError(path, f"not a readable {what} ({exc})") from None
 
 
+def oriented(image: Image.Image) -> Image.Image:
+    """`image` as it is displayed: its EXIF orientation applied (a camera's or phone's picture is
+    stored sideways with a tag saying so); images and masks both go through it."""
+    return ImageOps.exif_transpose(image)
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of `image` as displayed (EXIF orientation), from its header only."""
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
+    return (width, height) if turned else (height, width)
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """Image file -> (H, W, 3) float32 in [0, 1] (grey images are repeated to three channels).
+    """Image file -> (H, W, 3) float32 in [0, 1] (grey images are repeated to three channels),
+    EXIF-oriented (`oriented`).
 
     Float images with NaN/Inf pixels are refused (as NaN voxels are in 3D)."""
     path = Path(path)
     with open_image(path) as image:
-        image.load()
+        image = oriented(image)
         if image.mode in ("I", "I;16", "I;16B", "F"):
             array = np.asarray(image, dtype=np.float32)
         else:
@@ -65,13 +81,6 @@ def load_image(path: str | Path) -> np.ndarray:
     span = float(array.max() - array.min())
     array = (array - array.min()) / span if span > 0 else np.zeros_like(array)
     return np.repeat(array[..., None], 3, axis=2)
-
-
-def load_mask(path: str | Path) -> np.ndarray:
-    """Mask image -> (H, W) bool; any non-zero pixel is anomalous."""
-    with open_image(path, "mask image") as image:
-        array = np.asarray(image)
-    return (array.max(axis=2) if array.ndim == 3 else array) > 0
 
 
 def resize(array: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:

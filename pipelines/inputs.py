@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.images2d import open_image
+from pipelines.ids import check_id
+from pipelines.images2d import displayed_size, open_image
 from preprocessing.io import NIFTI_SUFFIXES, Volume, check_header, check_same_grid
 from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-# Smallest usable volume edge: registration pyramids and a token grid need several voxels.
+# Smallest usable volume edge (and 2D image side): registration pyramids and a token grid need
+# several voxels.
 MIN_EDGE = 8
 
 
@@ -115,13 +117,24 @@ def nifti_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a 2D image file, read from its header (see `images2d.open_image`)."""
+    """(height, width) of a 2D image file as displayed (EXIF orientation), read from its header
+    (see `images2d.open_image`); the file's structure verified."""
     with open_image(path) as image:
-        width, height = image.size
         try:
-            image.verify()
+            image.verify()  # must come first after opening: it leaves the image unusable
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputFileError(path, f"not a readable image ({exc})") from None
+    with open_image(path) as image:
+        return displayed_size(image)
+
+
+def image_grid(path: Path) -> tuple[int, int]:
+    """(height, width) of a 2D input, refused under `MIN_EDGE` pixels along an axis (as volumes
+    are: a 1 x 1 image has nothing to compare)."""
+    height, width = image_size(path)
+    if min(height, width) < MIN_EDGE:
+        raise InputFileError(path, f"image of {height}x{width} pixels is too small (need at least {MIN_EDGE} "
+                                   "along each axis)")
     return height, width
 
 
@@ -135,7 +148,7 @@ def check_label_grid(image: Path, label: Path, kind: str) -> None:
             grids.append(Volume(array=np.broadcast_to(np.float32(0), shape), affine=affine, path=path))
         check_same_grid(grids[1], grids[0])
     else:
-        image_hw, label_hw = image_size(image), image_size(label)
+        image_hw, label_hw = image_grid(image), image_size(label)
         if image_hw != label_hw:
             raise InputFileError(label, f"mask size {label_hw} does not match image {image.name} size {image_hw}")
 
@@ -196,12 +209,13 @@ def discover_subjects(
 
 
 def validate_subjects(subjects: Sequence[Subject]) -> str:
-    """Check an explicit subject list (unique ids, one kind, readable headers, masks on their
-    image's grid) and return its kind, "3d" or "2d". A broken file is reported before a too
-    small cohort, so a folder with one corrupt scan of two says which one."""
+    """Check an explicit subject list (safe and unique ids, one kind, readable headers, masks
+    on their image's grid) and return its kind, "3d" or "2d". A broken file is reported before
+    a too small cohort, so a folder with one corrupt scan of two says which one."""
     if not subjects:
         raise VolscanError("no inputs given")
     for subject in subjects:
+        check_id(subject.id, subject.image, len(subjects))
         for path in (subject.image, subject.label):
             if path is not None and split_suffix(Path(path)) is None:
                 raise InputFileError(path, "unsupported file type (expected .nii/.nii.gz or .png/.jpg/.tif)")
@@ -220,7 +234,7 @@ def validate_subjects(subjects: Sequence[Subject]) -> str:
         elif kind == "3d":
             nifti_grid(subject.image)
         else:
-            image_size(subject.image)
+            image_grid(subject.image)
     if len(subjects) < 2:
         raise VolscanError(f"mutual scoring needs at least 2 inputs, got {len(subjects)}")
     return kind

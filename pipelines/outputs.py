@@ -31,12 +31,12 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from volumetric.atomic_files import atomic_write_bytes, process_running, umask_mode
+from volumetric.atomic_files import atomic_path, atomic_write_bytes, process_running, umask_mode
 from volumetric.errors import InputFileError
 
 log = logging.getLogger(__name__)
@@ -368,3 +368,15 @@ def _abandoned(owner: Any) -> bool:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """UTF-8 text version of `atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_texts(files: Sequence[tuple[Path, str]]) -> None:
+    """Write several UTF-8 files that belong together (a run's scores.csv, report.json and
+    report.html): every temporary is written first, then all are renamed in the order given,
+    one right after the other, so a crash while they are written (kill -9 included) leaves the
+    previous set, not a new file beside an old one."""
+    with ExitStack() as stack:
+        # ExitStack leaves the last-entered first: enter in reverse to rename in the given order.
+        temporaries = [(stack.enter_context(atomic_path(path)), text) for path, text in reversed(files)]
+        for temporary, text in temporaries:
+            temporary.write_text(text, encoding="utf-8")

@@ -3,7 +3,9 @@
 `report.json` is the machine-readable record (settings, timings per stage, ranking, CoDeGraph
 communities, excluded-element share, metrics, figure paths); `report.html` renders the same
 dictionary as one self-contained page that links the PNG figures and maps by relative path,
-so the run folder can be moved or zipped as a whole.
+so the run folder can be moved or zipped as a whole. Ids are written safely for each
+(`pipelines.safe_text`): CSV cells a spreadsheet would run as a formula get a leading `'`
+(removed again by `read_scores_csv`), links are percent-encoded and escaped, text escaped.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.outputs import atomic_write_text
+from pipelines.outputs import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
+from pipelines.safe_text import csv_cell, csv_value, href
 from volumetric.errors import InputFileError
 
 RANDOM_WEIGHTS_WARNING = (
@@ -119,13 +122,13 @@ def rank_scores(ids: Sequence[str], scores: Sequence[float], labels: Sequence[in
 
 
 def scores_csv_text(rows: Sequence[ScoreRow]) -> str:
-    """`id,score,rank` (+ `label` when every row has one) as CSV text."""
+    """`id,score,rank` (+ `label` when every row has one) as CSV text; ids through `csv_cell`."""
     with_label = bool(rows) and all(row.label is not None for row in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "score", "rank"] + (["label"] if with_label else []))
     for row in rows:
-        writer.writerow([row.id, f"{row.score:.9g}", row.rank] + ([row.label] if with_label else []))
+        writer.writerow([csv_cell(row.id), f"{row.score:.9g}", row.rank] + ([row.label] if with_label else []))
     return buffer.getvalue()
 
 
@@ -144,7 +147,7 @@ def read_scores_csv(path: Path) -> list[ScoreRow]:
             raise InputFileError(path, "expected columns id,score,rank")
         try:
             return [
-                ScoreRow(r["id"], float(r["score"]), int(r["rank"]), int(r["label"]) if r.get("label") else None)
+                ScoreRow(csv_value(r["id"]), float(r["score"]), int(r["rank"]), int(r["label"]) if r.get("label") else None)
                 for r in reader
             ]
         except ValueError as exc:
@@ -165,9 +168,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report_json(path: Path, report: Report) -> None:
-    """Atomically write the report as indented JSON (NaN/inf become null)."""
-    atomic_write_text(path, json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n")
+def report_json_text(report: Report) -> str:
+    """The report as indented JSON (NaN/inf become null)."""
+    return json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
+
 
 
 def read_report_json(path: Path) -> Report:
@@ -269,8 +273,8 @@ class _Raw(str):
     """Already-escaped HTML (links) for `_table`."""
 
 
-def _link(href: str, text: str) -> _Raw:
-    return _Raw(f'<a href="{html.escape(href)}">{html.escape(text)}</a>')
+def _link(path: str, text: str) -> _Raw:
+    return _Raw(f'<a href="{href(path)}">{html.escape(text)}</a>')
 
 
 def _coords(values: Sequence[float] | None, digits: int = 1) -> str:
@@ -371,7 +375,7 @@ def report_html(report: Report) -> str:
         parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "
                      "to the closest RAS orientation, pixels at the voxel spacing), through its hotspot (green "
                      "crosshair); yellow: above-threshold region; cyan: mask.</p>")
-        parts += [f"<figure><img src='{esc(s.panel)}' alt='{esc(s.id)}'></figure>" for s in panels]
+        parts += [f"<figure><img src='{href(s.panel)}' alt='{esc(s.id)}'></figure>" for s in panels]
     metrics = report.metrics
     if metrics:
         parts.append("<h2>Metrics</h2>")
@@ -381,13 +385,13 @@ def report_html(report: Report) -> str:
     figures = report.figures
     plots = {k: v for k, v in figures.items() if k != "community graph"}
     if plots:
-        parts += [f"<figure><img src='{esc(p)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
+        parts += [f"<figure><img src='{href(p)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
                   for name, p in plots.items()]
     graph = report.codegraph
     if graph:
         parts.append("<h2>CoDeGraph communities</h2>")
         if "community graph" in figures:
-            parts.append(f"<figure><img src='{esc(figures['community graph'])}' alt='community graph'></figure>")
+            parts.append(f"<figure><img src='{href(figures['community graph'])}' alt='community graph'></figure>")
         parts += _communities(graph)
     parts.append("<h2>Settings as used</h2>")
     # None left after run-time resolution means the setting does not apply to this run
@@ -412,11 +416,6 @@ def _mask_warnings(preprocess_info: dict[str, Any]) -> list[str]:
         for message in messages:
             scans.setdefault(message, []).append(sid)
     return [f"brain mask of {len(ids)} scan(s) ({', '.join(ids)}): {message}" for message, ids in scans.items()]
-
-
-def write_report_html(path: Path, report: Report) -> None:
-    """Atomically write report.html for `report`."""
-    atomic_write_text(path, report_html(report))
 
 
 def build_report(
@@ -532,7 +531,9 @@ def report_rows(report: Report) -> list[ScoreRow]:
 
 
 def write_run_tables(run_dir: Path, report: Report) -> None:
-    """scores.csv, report.json and report.html of a run from its report."""
-    write_scores_csv(run_dir / SCORES_CSV, report_rows(report))
-    write_report_json(run_dir / REPORT_JSON, report)
-    write_report_html(run_dir / REPORT_HTML, report)
+    """scores.csv, report.json and report.html of a run from its report, as one set
+    (`atomic_write_texts`: `volscan evaluate` rewrites them in a finished run, and a crash must
+    not leave report.html older than report.json)."""
+    atomic_write_texts([(run_dir / SCORES_CSV, scores_csv_text(report_rows(report))),
+                        (run_dir / REPORT_HTML, report_html(report)),
+                        (run_dir / REPORT_JSON, report_json_text(report))])

@@ -7,9 +7,11 @@ failure one `VolscanError` line naming the file or option:
    OUT or the inputs, so a typo is the first error): `seed`, `histogram_bins`, `top`, the
    `backbone_kwargs` shape numbers, the device, the backbone name in timm's registry, the token,
    scoring and preprocessing settings (Nyúl cutoff included);
-2. the subjects: supported, existing, unique, one kind, headers readable and sane against the
-   file size, big enough, not complex, masks on their image's grid (`pipelines.inputs`); 2D
-   images decoded (NaN/Inf pixels, several pages, decompression bombs refused);
+2. the subjects: ids safe to name files with (`pipelines.ids`), supported, existing, unique,
+   one kind, headers readable and sane against the file size, big enough, not complex, masks
+   on their image's grid (`pipelines.inputs`); 2D images decoded (NaN/Inf pixels, several
+   pages, decompression bombs refused); every mask read by the label rule (`pipelines.labels`:
+   integer labels >= 0, no lossy 2D format, no colour or translucent 2D mask);
 3. enough inputs for the method (CoDeGraph needs 3, MuSc 2), before any token is extracted;
 4. the template resolved and loaded (3D);
 5. the backbone BUILT and its weights LOADED (hub, file or random), so a broken, mismatched
@@ -189,8 +191,13 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> Chec
     """The validation pass of a screen run (see the module docstring); returns what it built."""
     from volumetric.devices import resolve_device
 
+    from pipelines.labels import read_mask
+
     check_settings(config)
     kind = validate_subjects(subjects)
+    for subject in subjects:  # a bad mask fails now, not at the metrics after the compute
+        if subject.label is not None:
+            read_mask(subject.label, kind)
     check_cohort_size(len(subjects), config.method)
     if kind == "3d":
         from preprocessing.template import resolve_template

@@ -45,6 +45,8 @@ from volumetric.errors import InputFileError, VolscanError, first_line
 log = logging.getLogger(__name__)
 
 LANDMARKS_FILE = "landmarks.npy"
+# What `check_store` does about a damaged file: it writes nothing, it reports the scan.
+READ_ONLY_MISMATCH = "reported, not rebuilt: this check writes nothing (volscan extract rebuilds it)"
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def check_store(
             scans[subject.record.id] = ("record damaged" if done.get("corrupt")
                                         else "not preprocessed" if not done.get("spatial_key")
                                         else _what_changed(done.get("settings"), subject.settings_key))
-        elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files")):
+        elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files"), READ_ONLY_MISMATCH):
             scans[subject.record.id] = "preprocessed files damaged"
     path = out / LANDMARKS_FILE
     landmarks, info = _stored_landmarks(path)
@@ -200,7 +202,7 @@ def check_store(
             if done.get("final_key") != _final_key(subject.key, landmarks):
                 scans[subject.record.id] = ("not standardised" if not done.get("final_key")
                                             else "standardised with other landmarks")
-            elif not verified_files(out, (subject.record.image_path,), done.get("final_files")):
+            elif not verified_files(out, (subject.record.image_path,), done.get("final_files"), READ_ONLY_MISMATCH):
                 scans[subject.record.id] = "standardised cube damaged"
     result = CohortResult(records=[s.record for s in subjects], landmarks=None if problem else landmarks,
                           landmarks_path=path)

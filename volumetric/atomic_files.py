@@ -79,6 +79,11 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
         yield tmp
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # A failed write (disk full, quota) names no file: name the one being written.
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
         os.close(fd)

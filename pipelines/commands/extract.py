@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.distributed.runners import RaySettings
     from pipelines.distributed.sharding import Part
     from pipelines.inputs import discover_subjects
+    from pipelines.safe_text import printable
     from pipelines.screen_config import resolve_config
     from pipelines.validation import check_settings
 
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.seconds.items())
     print(f"extract {args.stage} of part {args.part}: {len(result.scans)} scan(s), {result.computed} token set(s) "
           f"computed, {len(result.failed)} failed ({timings}); cache: {result.cache_root}")
-    if result.failed:
-        print(f"{len(result.failed)} scan(s) failed, e.g. {result.failed[0].id}: {result.failed[0].error}; "
-              f"error log: {result.error_log}", file=sys.stderr)
+    if result.failed:  # the error text may quote file names: one line, control characters escaped
+        print(printable(f"{len(result.failed)} scan(s) failed, e.g. {result.failed[0].id}: {result.failed[0].error}; "
+                        f"error log: {result.error_log}"), file=sys.stderr)
         return 1
     return 0

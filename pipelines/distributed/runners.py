@@ -2,19 +2,39 @@
 
 Both are context managers with `map(plan, subjects, phase)` yielding one `ScanOutcome` per
 subject in completion order. Ray is imported only when a `RayRunner` is entered, so plain local
-runs never load it (nor need it installed: it is the optional extra `volscan[ray]`).
+runs never load it (nor need it installed: it is the optional extra `volscan[ray]`, which
+installs `ray[client]` so that `ray://` addresses work).
+
+Nothing waits on Ray without a deadline: before `ray.init` the cluster's address must answer a
+TCP connection within `CONNECT_TIMEOUT_S` (Ray itself retries an unreachable address for
+minutes), and before any task is submitted some alive node must hold the CPUs and GPUs one
+scan's task asks for (Ray would keep an infeasible task pending for ever). A local cluster
+started here is shut down on the way out, also on Ctrl-C and SIGTERM (`ray.init` installs its
+own SIGTERM handler; volscan's is put back, so SIGTERM unwinds through `__exit__`), and by a
+watcher process should this one be killed outright (`pipelines.distributed.reaper`).
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import socket
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
+from pipelines.distributed.reaper import Reaper
+from pipelines.failures import Terminated
 from pipelines.inputs import Subject
 from volumetric.errors import VolscanError, first_line
+
+# Seconds the cluster's address has to accept a TCP connection.
+CONNECT_TIMEOUT_S = 10.0
+CLIENT_SCHEME = "ray://"
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,9 @@ class LocalRunner:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def check_feasible(self, plan: ScanPlan) -> None:
+        """This process runs every job it is given."""
+
     def map(self, plan: ScanPlan, subjects: Sequence[Subject], phase: str) -> Iterator[ScanOutcome]:
         """One outcome per subject, in order."""
         for subject in subjects:
@@ -81,6 +104,7 @@ class RayRunner:
         self.settings = settings
         self._started = False
         self._ray: Any = None
+        self._reaper = Reaper()
 
     def __enter__(self) -> "RayRunner":
         try:
@@ -89,24 +113,44 @@ class RayRunner:
             raise VolscanError("--ray needs Ray: pip install 'volscan[ray]'") from None
         self._ray = ray
         if not ray.is_initialized():
-            s = self.settings
-            if s.address is None:
-                try:
-                    ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
-                             include_dashboard=False, log_to_driver=False)
-                except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
-                    raise VolscanError(f"cannot start a local Ray cluster: {first_line(exc)}") from None
-            else:
-                try:
-                    ray.init(address=s.address, log_to_driver=False)
-                except (ConnectionError, ValueError, RuntimeError) as exc:
-                    raise VolscanError(f"cannot connect to the Ray cluster at {s.address!r}: {first_line(exc)}") from None
-            self._started = True
+            try:
+                with _own_sigterm_handler():
+                    self._init(ray)
+            except BaseException:  # refused, interrupted or terminated half-way: stop what started
+                ray.shutdown()
+                self._reaper.stop()
+                raise
         return self
+
+    def _init(self, ray: Any) -> None:
+        """Start a local cluster or connect to `settings.address` (see the module docstring)."""
+        s = self.settings
+        if s.address is None:
+            if s.gpus_per_scan:  # a local cluster has this machine's GPUs: answer before starting it
+                import torch
+
+                if torch.cuda.device_count() < s.gpus_per_scan:
+                    raise VolscanError(f"Ray GPUs per scan {s.gpus_per_scan:g}: this machine has "
+                                       f"{torch.cuda.device_count()} GPU(s) for its local Ray cluster; use "
+                                       "--ray-gpus-per-scan 0 or a cluster with GPUs")
+            self._reaper.start()  # stops the cluster should this process be killed outright, even mid-start
+            try:
+                ray.init(num_cpus=s.local_cpus, object_store_memory=s.object_store_mb * 2**20,
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
+                raise VolscanError(f"cannot start a local Ray cluster: {first_line(exc)}") from None
+        else:
+            check_reachable(s.address)
+            try:
+                ray.init(address=s.address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise VolscanError(f"cannot connect to the Ray cluster at {s.address!r}: {first_line(exc)}") from None
+        self._started = True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._started:
             self._ray.shutdown()
+            self._reaper.stop()
             self._started = False
 
     def gpus_per_scan(self, plan: ScanPlan) -> float:
@@ -116,10 +160,26 @@ class RayRunner:
         has_gpus = self._ray.cluster_resources().get("GPU", 0) > 0
         return 1.0 if has_gpus and plan.config.device != "cpu" else 0.0
 
+    def check_feasible(self, plan: ScanPlan) -> None:
+        """Refuse a scan's task that no alive node of the cluster can run (its CPUs and GPUs):
+        Ray would keep it pending for ever. One line naming the address and what is missing."""
+        cpus, gpus = self.settings.cpus_per_scan, self.gpus_per_scan(plan)
+        nodes = [node.get("Resources", {}) for node in self._ray.nodes() if node.get("Alive")]
+        if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+            return
+        where = f"at {self.settings.address!r}" if self.settings.address else "started on this machine"
+        most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+        most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+        missing = (f"{gpus:g} GPU(s) per scan but its nodes have at most {most_gpus:g} GPU(s)" if most_gpus < gpus
+                   else f"{cpus:g} CPU(s) per scan but its nodes have at most {most_cpus:g} CPU(s)")
+        raise VolscanError(f"the Ray cluster {where} cannot run a scan's task: it asks for {missing} "
+                           "(see --ray-gpus-per-scan / --ray-cpus-per-scan)")
+
     def map(self, plan: ScanPlan, subjects: Sequence[Subject], phase: str) -> Iterator[ScanOutcome]:
         """One outcome per subject, in completion order; a task that failed for good (its worker
         died more than `max_retries` times) comes back as a failed outcome, not an exception."""
         ray = self._ray
+        self.check_feasible(plan)
         task = ray.remote(run_scan).options(
             num_cpus=self.settings.cpus_per_scan, num_gpus=self.gpus_per_scan(plan),
             max_retries=self.settings.max_retries, retry_exceptions=False, name=f"volscan-{phase}",
@@ -139,3 +199,56 @@ class RayRunner:
         finally:
             for ref in pending:  # interrupted: do not leave tasks running on the cluster
                 ray.cancel(ref, force=True)
+
+
+@contextmanager
+def _own_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`, which replaces it with one that
+    calls `sys.exit` (volscan's raises `Terminated`: exit 143, one line, Ray shut down)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        raise Terminated() from None  # SIGTERM came while Ray's handler was in place
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a Ray `address` ("auto", "HOST:PORT", "ray://HOST:PORT") whose host does not
+    accept a TCP connection within `timeout_s`, with one line naming it; `ray://` also needs
+    Ray's client (grpcio)."""
+    target = address
+    if address.startswith(CLIENT_SCHEME):
+        try:
+            import grpc  # noqa: F401  (what `ray[client]` adds)
+        except ImportError:
+            raise VolscanError(f"Ray address {address!r} needs Ray's client: pip install 'volscan[ray]' "
+                               "(it installs ray[client])") from None
+        target = address[len(CLIENT_SCHEME):]
+    elif address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads "auto"
+
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except (ConnectionError, ValueError) as exc:
+            raise VolscanError(f"Ray address 'auto': {first_line(exc)}") from None
+        if target is None:
+            raise VolscanError("Ray address 'auto': no running Ray cluster found on this machine "
+                               "(start one with `ray start --head`, or give its address)")
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")  # IPv6 literals
+    if not host or not port.isdigit():
+        raise VolscanError(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or type(exc).__name__
+        raise VolscanError(f"cannot connect to the Ray cluster at {address!r}: nothing accepts connections at "
+                           f"{host}:{port} within {timeout_s:g} s ({reason}); is its head node running?") from None

@@ -66,7 +66,7 @@ def write_maps(
         else:
             image = load_image(subject.image)
             native = resize(square, image.shape[:2])
-            heat, overlay = path.with_name(f"{subject.id}_heat.png"), path.with_name(f"{subject.id}_overlay.png")
+            heat, overlay = layout.heat_picture(subject.id), layout.overlay_picture(subject.id)
             write_float_map(native, path)
             write_map_pictures(image, native, heat, overlay, low, high)
             files[subject.id] = [layout.relative(p) for p in (path, heat, overlay)]
@@ -83,7 +83,8 @@ def scan_panels(
     import nibabel as nib
 
     from pipelines.figures import montage_figure, native_panel_figure
-    from pipelines.images2d import load_image, load_mask, read_float_map
+    from pipelines.images2d import load_image, read_float_map
+    from pipelines.labels import read_mask
     from pipelines.maps import score_range
 
     by_id = {s.id: s for s in subjects}
@@ -92,7 +93,7 @@ def scan_panels(
     panels = {}
     for entry in ranked[:top]:
         subject = by_id[entry.id]
-        path = layout.figures / f"rank{entry.rank:03d}_{subject.id}.png"
+        path = layout.panel(entry.rank, subject.id)
         hotspot = entry.hotspot
         where = (f"hotspot {', '.join(f'{v:.1f}' for v in hotspot['world_mm_ras'])} mm RAS, voxel "
                  f"{tuple(hotspot['voxel'])}" if hotspot["world_mm_ras"] else f"hotspot pixel {tuple(hotspot['voxel'])}")
@@ -101,12 +102,11 @@ def scan_panels(
             image = nib.load(str(subject.image))
             volume = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
             score_map = np.asarray(nib.load(str(layout.map_file(subject.id, "3d"))).dataobj, dtype=np.float32)
-            mask = (np.asarray(nib.load(str(subject.label)).dataobj).reshape(image.shape[:3]) > 0
-                    if subject.label is not None else None)
+            mask = read_mask(subject.label, "3d") if subject.label is not None else None
             native_panel_figure(volume, score_map, image.affine, hotspot["voxel"], title, path, mask=mask,
                                 low=low, high=high, threshold=threshold)
         else:
-            mask = load_mask(subject.label) if subject.label is not None else None
+            mask = read_mask(subject.label, "2d") if subject.label is not None else None
             montage_figure(load_image(subject.image), read_float_map(layout.map_file(subject.id, "2d")), title, path,
                            mask=mask, low=low, high=high)
         panels[subject.id] = layout.relative(path)
