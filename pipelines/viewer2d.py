@@ -61,7 +61,8 @@ def _display_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 def _image_data(item: ViewerImage, low: float, high: float) -> dict:
     """The three PNGs of one image, at its display size."""
-    from pipelines.images2d import load_image, load_mask, read_float_map, resize
+    from pipelines.images2d import load_image, read_float_map, resize
+    from pipelines.labels import read_mask
 
     image = load_image(item.image)
     shape = _display_shape(image.shape[:2])
@@ -77,7 +78,7 @@ def _image_data(item: ViewerImage, low: float, high: float) -> dict:
         "mask": None,
     }
     if item.label is not None:
-        mask = load_mask(item.label)
+        mask = read_mask(item.label, "2d")
         if mask.shape != shape:
             mask = resize(mask, shape, nearest=True)
         data["mask"] = _png_b64(mask.astype(np.uint8) * 255)

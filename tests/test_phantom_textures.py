@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images2d import load_image, load_mask
+from pipelines.images2d import load_image
+from pipelines.labels import read_mask
 from pipelines.phantom.textures import (
     DEFECT_KINDS,
     TEXTURE_KINDS,
@@ -56,7 +57,7 @@ def test_write_texture_cohort(tmp_path: Path) -> None:
     for sid, image, mask in zip(cohort.ids, cohort.images, cohort.masks):
         assert np.abs(load_image(images / f"{sid}.png") - image).max() <= 0.5 / 255 + 1e-6
         if mask.any():
-            np.testing.assert_array_equal(load_mask(labels / f"{sid}.png"), mask)
+            np.testing.assert_array_equal(read_mask(labels / f"{sid}.png", "2d"), mask)
     facts = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
     assert facts["settings"]["kind"] == "cells" and facts["defects"] == dict(zip(cohort.ids, cohort.defects))
     with Image.open(images / f"{cohort.ids[0]}.png") as picture:
