@@ -97,10 +97,14 @@ def test_score_collections_applies_rscin_to_the_collection_scores() -> None:
                                                                 valid.reshape(9, 20)), dim=1)
     torch.testing.assert_close(result.collection_scores, rscin(plain.collection_scores, descriptors, (1, 2, 3)))
     assert not torch.equal(result.collection_scores, plain.collection_scores)
-    given = torch.nn.functional.normalize(torch.randn(9, 3, generator=torch.Generator().manual_seed(4)).abs(), dim=1)
+    # Given descriptors (raw, norms from 0.5 to 4) are L2-normalised first: cosine similarities.
+    g = torch.Generator().manual_seed(4)
+    given = torch.randn(9, 3, generator=g).abs() * torch.linspace(0.5, 4.0, 9)[:, None]
     with_given = score_collections(layers, valid, "musc", ScoringConfig(rscin=(1, 2), engine=QUIET),
                                    global_features=given)
-    torch.testing.assert_close(with_given.collection_scores, rscin(plain.collection_scores, given, (1, 2)))
+    cosine = rscin(plain.collection_scores, torch.nn.functional.normalize(given, dim=1), (1, 2))
+    torch.testing.assert_close(with_given.collection_scores, cosine)
+    assert not torch.allclose(cosine, rscin(plain.collection_scores, given, (1, 2)))
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

@@ -259,5 +259,10 @@ def test_aupro_cflow_matches_muscs_formulation_and_differs_from_mvtec() -> None:
     assert aupro_cflow(predictions, one) == pytest.approx(_reference_aupro_cflow(one, predictions), abs=1e-9)
     assert aupro_cflow(predictions, one) == pytest.approx(0.15, abs=2e-3)
     assert aupro(predictions, one) == pytest.approx(0.15, abs=2e-3)  # MVTec's to 0.3: 0.3^2 / 2 / 0.3
+    # Maps on a 0.25 grid over [0, 3] with 12 steps: every threshold is a map level, and normal
+    # pixels hold the top level, so counting ties at `t` as positive (`>= t`) would move the
+    # curve's last point (MuSc: only pixels strictly above `t` are positive).
+    levels = np.minimum(0.25 * rng.integers(0, 13, size=masks.shape) + 1.0 * masks, 3.0)
+    assert aupro_cflow(levels, masks, steps=12) == pytest.approx(_reference_aupro_cflow(masks, levels, 12), abs=1e-9)
     with pytest.raises(VolscanError, match="constant"):
         aupro_cflow(np.zeros(masks.shape), masks)

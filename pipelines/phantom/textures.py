@@ -88,11 +88,11 @@ class TextureCohort:
 
 def _texture(kind: str, variant: bool, size: int, rng: np.random.Generator) -> np.ndarray:
     """(S, S) grey structure in about [0, 1] of one normal image."""
-    rows, cols = np.mgrid[:size, :size].astype(np.float64)
     if kind == "noise":
         field = ndimage.gaussian_filter(rng.normal(size=(size, size)), 3.25 if variant else 2.5)
         return 0.5 + 0.18 * field / field.std()
     if kind == "grating":
+        rows, cols = np.mgrid[:size, :size].astype(np.float64)
         angle = np.deg2rad(rng.uniform(-5, 5))
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * (cols * np.cos(angle) + rows * np.sin(angle)) / (13.2 if variant else 12.0) + phase)

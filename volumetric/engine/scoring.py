@@ -118,8 +118,9 @@ def score_collections(
 
     `layers`: list of (N, h, w, C_l) or (N, g, g, g, C_l) tensors (one per backbone layer, same
     N and grid). `valid`: (N, *grid) bool or None. `method`: "codegraph" or "musc".
-    `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection and RsCIN; default the
-    per-layer L2-normalised mean of the valid tokens (`partners.global_features`).
+    `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection and RsCIN (which
+    L2-normalises them: cosine similarities); default the per-layer L2-normalised mean of the
+    valid tokens (`partners.global_features`).
     """
     config = ScoringConfig() if config is None else config
     if method not in METHODS:
