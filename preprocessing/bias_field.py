@@ -3,8 +3,8 @@
 MR scans carry a smooth multiplicative intensity field from the receive coils. Nyúl
 standardisation is global (one piecewise-linear map per scan), so it cannot remove it, and the
 mutual scoring then reads a strongly biased healthy scan as a consistent anomaly: CoDeGraph's
-lesion-free phantom cohorts flag exactly the strongest-biased scans (docs/engine.md, "lesion-free
-false flags are the phantom's bias field"). N4 (Tustison et al. 2010) fits the log field as a
+lesion-free phantom cohorts flag exactly the strongest-biased scans (docs/results/2026-11-30-codegraph-cube224.md,
+"Lesion-free false flags are the phantom's bias field"). N4 (Tustison et al. 2010) fits the log field as a
 B-spline on a shrunken copy of the image, then divides the full-resolution image by it.
 
 The fit uses only brain voxels with positive intensity (N4 works on log intensities); voxels

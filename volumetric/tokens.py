@@ -1,51 +1,26 @@
 """Element tokens from a frozen 2D ViT: one per p^3 cube of a volume, or one per p^2 patch of an image.
 
-Volume (`VolumeTokenizer`, cube S^3, S a multiple of the patch size p = 14):
-for each axis, the S slices go through the backbone in batches (grayscale repeated to 3
-channels, the backbone's own mean/std); each chosen layer's (S/p, S/p) patch grid, passed
-through the backbone's final norm, is averaged over every block of p consecutive slices,
-giving one C-dim feature per p^3 cube; the features are L2-normalised, projected by one
-Gaussian JL matrix (C -> r, fixed by `seed`), the three grids are permuted to the cube's own
-axis order and concatenated: (g, g, g, 3r), g = S/p, per layer. The three axes share one code
-path (the volume is permuted, not the code).
-
-Image (`ImageTokenizer`): one pass, its (H/p, W/p) grid, the same normalisation and projection:
-(h, w, r) per layer, so the engine sees the same kind of input.
+Volume (`VolumeTokenizer`, cube S^3, S a multiple of the patch size p = 14): for each axis the
+S slices go through the backbone in batches (grayscale repeated to 3 channels, the backbone's
+mean/std); each chosen layer's (S/p, S/p) patch grid, through the backbone's final norm, is
+averaged over every block of p consecutive slices (one C-dim feature per p^3 cube), L2-normalised,
+projected by one seeded Gaussian JL matrix (C -> r), and the three axes' grids are permuted to the
+cube's axis order and concatenated: (g, g, g, 3r), g = S/p, per layer. The volume is permuted,
+not the code, so the three axes share one path. Image (`ImageTokenizer`): one pass, its
+(H/p, W/p) grid, the same normalisation and projection: (h, w, r) per layer.
 
 `TokenSettings` holds every token setting as one frozen value; `settings.build()` makes the
-backbone and the tokenizer. Choices the method leaves open (all exposed as settings):
-- Intensities -> [0, 1]: inputs are Nyul-standardised but on an arbitrary scale, so each volume
-  is mapped linearly from its brain voxels' 1st..99th percentiles to [0, 1] and clipped,
-  background (outside the brain mask) set to 0, as the skull-stripped slices the backbone
-  should see. Percentiles rather than min/max so a few hot voxels cannot compress the tissue
-  contrast; 1 % tails are far smaller than the tissue classes yet larger than typical lesion
-  volumes' share of the brain, so a lesion does not set the scale (where the two percentiles
-  coincide, in nearly uniform phantoms, the brain's min..max is used). `value_range=(lo, hi)`
-  replaces this with one fixed map for cohorts whose standard scale is known.
-  Images: uint8 /255, floats already within [0, 1] kept, anything else percentile-mapped.
-- `void_fraction = 0.5`: a cube is void when less than half its voxels are brain ("mostly
-  outside the brain" in the method); void tokens are still computed but left out of scoring.
-- `proj_dim = 128` (tokens of width 3r = 384): see docs/tokens.md for the measurement of
-  nearest-collection distance distortion versus r; 128 keeps the median relative error of
-  d(x, J) at 2.8 % (p95 7 %; r = 64: 3.7 %, p95 11 %) while the engine's N^2 M^2 distance
-  cost stays 8x below the 3 x 1024 raw ViT-L width. Raptor (a related embedding) uses 100.
-- `final_norm = True`: intermediate tokens go through the backbone's final LayerNorm, as
-  DINOv2's `get_intermediate_layers` (norm=True) does in MuSc's extraction; see docs/tokens.md.
-- Images whose sides are not multiples of p are resized (bilinear, antialiased) to the nearest
-  multiple (at least p): the grid then covers the whole image, with no padded void border.
-
-Speed (docs/tokens.md has the measurements):
-- `precision="auto"`: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs that
-  multiply bf16 natively (AVX512-BF16 / AMX), float32 elsewhere; block means always
-  accumulate in float32. bf16 changes tokens slightly (cosine >= 0.999 to fp32), so the
-  precision is part of `settings` and of every cache key.
-- All-zero slices (no brain voxel: background is 0) are never run through the backbone: every
-  one of them is the same image, so its features are computed once per slice size and added
-  to the block sums; tokens equal those of running every slice.
-- `slices_per_block=K` (off by default): only K evenly spaced slices of each p-slice block are
-  extracted, p/K times less work, at the token distortion measured in docs/tokens.md.
-- `prepare` (CPU: checks, intensity map, void) and `extract` (the device work) are separate
-  so a loader (`volumetric.prefetch.prefetch`) can prepare the next volumes meanwhile.
+backbone and the tokenizer. Defaults and why (docs/tokens.md, "Choices and why", with the
+measurements): intensities mapped from the brain's 1st..99th percentiles to [0, 1] (a few hot
+voxels or a lesion cannot set the scale; `value_range` fixes one map), background 0;
+`void_fraction` 0.5 (a cube mostly outside the brain is void, computed but not scored);
+`proj_dim` 128; `final_norm` True (as DINOv2's `get_intermediate_layers(norm=True)` in MuSc);
+images resized to multiples of p so the grid covers them without a void border.
+`precision="auto"` is bf16 where the device multiplies it natively, float32 elsewhere; block
+sums accumulate in float32 and the precision is part of every cache key. All-zero slices are
+computed once per slice size, not per slice (same tokens). `slices_per_block=K` (off) extracts
+K evenly spaced slices per block. `prepare` (CPU) and `extract` (device) are separate so a
+loader (`volumetric.prefetch.prefetch`) can prepare the next volumes meanwhile.
 """
 
 from __future__ import annotations

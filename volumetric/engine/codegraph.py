@@ -5,86 +5,31 @@ those few collections, so top-k mutual scoring calls it normal. Its sorted mutua
 vector "burns out": small for the first ranks, then a jump once the look-alikes are used up.
 CoDeGraph turns the most burnt-out links into a graph of collections, finds unusually dense
 communities (Leiden/CPM), removes their dependent elements from the base of neighbours, and
-scores again. Stages and defaults, each with its evidence:
+scores again. Stages (fields of `CoDeGraph`; defaults and their evidence: docs/engine.md,
+"CoDeGraph", with links to the studies under docs/results/):
 
-1. **Reference rank** `r_ref = round(0.3 N)` (`reference_fraction = 0.3`): the text allows 30-70 %
-   of N; the paper's reference-rank ablation row 0.3 N reproduces its main MVTec-CA table
-   exactly, so 0.3 N is what the paper ran. (0.5 was our earlier default; an ablation option.)
-2. **Weighted endurance ratio** `w(x, i) = d_(i)^(1-eps) / d_(r_ref)` for ranks `i < r_ref` (eq. 3.4:
-   the ratio times `d_(i)^-eps`); `eps = 0.1` (the value is lost in our copy: small, as the text
-   says, it only breaks near-ties towards links with a larger absolute distance).
-3. **Multi-layer graph** (§3.2): per graph view (layer) the mutual similarity vector is sorted,
-   the sorted vectors are averaged across views, and the ratio is read from the average; a link
-   selected at rank i raises one connection to the i-th nearest collection *of each view*, so the
-   total edge weight is links x views ("four layers -> four connections"). `graph="averaged"`
-   switches back to our earlier departure (distances averaged per collection over views, then
-   sorted, one connection per link; needs (T, N) memory).
-4. **Coverage-based link selection** (Algorithm 1): links are added cheapest first, `link_batch`
-   = 64 at a time, until `coverage` = every collection touches one (both values lost; full
-   coverage is the reading without a free number and lets every collection be judged: on the
-   224^3 look-alike cohorts it flags more lesion scans and fewer healthy ones than our earlier
-   0.95, at the price of a community flagged in 5.6 % instead of 2.5 % of pure-noise synthetic
-   batches, docs/engine.md "Session 5"; 64 only moves the stop by less than a batch). Computed
-   in closed form: the coverage target is first reached at the ceil(coverage N)-th smallest
-   per-collection first link value, rounded up to a whole batch.
-5. **Communities**: Leiden, CPM, weighted, resolution = 25th percentile of edge weights (paper).
-   Density = a community's *internal connection strength* (the paper's words; eq. 3.6 is lost):
-   `density="strength"`, the mean internal weighted degree `2 W_in / n` (connections a member
-   keeps inside its community). `density="pair"` (our earlier reading, an option) = internal
-   weight per node pair `W_in / (n (n - 1) / 2)`. Single collections have no internal edges and
-   are never outliers (one scan cannot be a *consistent* anomaly).
-   Measured (all communities of 18 look-alike phantom cohorts, contrast 1.25-2.0, seeds 0-2,
-   N 60/90, plus the 5 distinct lesion-free cohorts among their healthy scans; docs/engine.md,
-   "Outlier rule"): Leiden forms a pure lesion community (9-25 scans) in all 18. Per pair, 2-4
-   scan communities of healthy scans reach densities up to 14.3, as dense as the lesion community
-   (4.9-20.7; a pair's density is the heaviest edge Leiden kept), so the fence over per-pair
-   densities missed the lesion community in 8 of 18 cohorts. Per member, the lesion community
-   (42-311 connections) stands 3.7-42 IQRs above Q3 of the others in all 18, and the "strength"
-   fence with k = 3 flags it in 18 of 18 (per pair, k = 1.5: 10 of 18). The cost, measured: in 3
-   of the 5 lesion-free cohorts a 6-9-scan community of mutually similar healthy scans is flagged
-   too (per pair, k = 1.5: 1 of 5), and targeted filtering then excludes 11-16 % of its elements.
-   Those scans are the ones with the strongest phantom bias fields (a continuous nuisance, not a
-   discrete normal variant: their cubes in the field's extremes find look-alikes only in each
-   other); the same cohorts rendered without the bias field flag nothing (session 3,
-   docs/engine.md "Lesion-free false flags"). No size-aware rule we tried
-   (fence over >= 3-scan communities only, internal fraction W_in / volume, total internal
-   weight, modularity excess, log scales, k up to 6) flags the lesion community in all 18 and
-   nothing on all 5; the best that flags nothing on the 5 (per member, fence over >= 3-scan
-   communities, k = 6) flags it in 11 of 18. At subtler contrast (1.0-1.15: 3 later cohorts),
-   where the look-alike signal is as weak as the structure among healthy scans, the strength
-   fence flags healthy-majority communities and CoDeGraph scores below MuSc at the same f
-   (patient AUROC 87.8 vs 91.5, 92.9 vs 93.8, 90.4 vs 92.3).
-6. **Outliers: Tukey** (paper): density > Q3 + k IQR over the densities of all communities of
-   >= 2 collections, `iqr_k = 3` ("a large k" by default, the paper's value is lost; the classic
-   far-out fence). With the per-member density k = 3 and k = 1.5 both flag the lesion community in
-   18 of 18; beside it k = 3 flags 5 healthy-majority communities (6-9 scans) in those cohorts,
-   k = 1.5 13 (per pair, k = 1.5: 6, of 2-4 scans; docs/engine.md "Outlier rule").
-   One departure, because a measured case needs it: the IQR is floored at `min_spread` = 1
-   connection (per member or per pair; a 2-scan community's density is its edge weight, whole
-   connections), the granularity of a small community's density. Without it a lesion-free batch
-   where most communities have the same link count (IQR = 0) flags any community a little denser
-   (`synthetic_batch(m=64, per_collection=10, consistent=0, seed=1)`: a 2-collection community of
-   strength 3 among 2s, 4 normal elements excluded; test_engine_codegraph.py). On lesion-free
-   synthetic batches (`m=96`, seeds 0-7, IQR floored) k = 1.5 flags noise in 2 of 8 (3 of 8 at
-   coverage 0.95), k = 3 in none: the large k is the default. `min_spread=0` is the plain fence;
-   `fence="robust"` switches back to our earlier departure (each community against the other communities'
-   quartiles, IQR floored at sqrt(max(Q3, 1))).
-7. **Targeted filtering** (Algorithm 2, eq. 3.8): outlier communities one after another (largest
-   first) against the *current* base: earlier exclusions are already masked, so when one pattern
-   is split into two communities, cleaning the first lets the second lose its vouchers too. For
-   community C, each element's dependency ratio = (score without C's collections) / (score),
-   both on the current base; elements of C whose ratio exceeds the `dependency_percentile` = 99th
-   percentile (value lost; ~1 % false exclusions) of the same ratio outside C (among elements
-   still in the base) leave the base.
-   Computed on the stored top-r_ref lists of the graph views: entries whose collection is removed
-   or whose nearest element is excluded are skipped; if fewer than k stay, the missing ones count
-   as d_(r_ref) (a lower bound). `filtering="independent"` switches back to judging each
-   community alone against the full base.
-8. **Final score** (eq. 3.10): mutual scoring with `top_fraction` f = 0.1 (paper) on the refined
-   base, per view, averaged. A second, exact pass over the distances with the exclusion mask
-   (`volumetric.engine.ranked`). Plain Euclidean by default (`squared=False`): MuSc's code and
-   the endurance ratio use it; eq. 3.9 writes the squared distance (`squared=True`), measured in
-   `docs/engine.md`.
+1. Reference rank `r_ref = round(reference_fraction N)`, 0.3: the paper's ablation row that
+   reproduces its main table.
+2. Weighted endurance ratio `w(x, i) = d_(i)^(1-eps) / d_(r_ref)` for ranks `i < r_ref` (eq. 3.4),
+   `eps` = 0.1 (value lost: small, it only breaks near-ties).
+3. Multi-layer graph (§3.2, `graph="layerwise"`): sorted mutual similarity vectors averaged over
+   graph views; a link at rank i adds one connection to the i-th nearest collection of each view.
+4. Link selection (Algorithm 1): links cheapest first, `link_batch` = 64 at a time, until
+   `coverage` (1.0) of the collections touch one; computed in closed form (the ceil(coverage N)-th
+   smallest per-collection first-link value, rounded up to a whole batch).
+5. Communities: Leiden, CPM, resolution = 25th percentile of edge weights; density = internal
+   connection strength `2 W_in / n` (`density="strength"`; "pair" = `W_in` per node pair).
+   Single collections are never outliers (one scan cannot be a *consistent* anomaly).
+6. Outliers: Tukey over communities of >= 2 collections, density > Q3 + `iqr_k` IQR (3.0), the
+   IQR floored at `min_spread` = 1 connection (a small community's density comes in whole
+   connections; with IQR = 0 any slightly denser community would be flagged).
+7. Targeted filtering (Algorithm 2, eq. 3.8): outlier communities largest first against the
+   *current* base; an element leaves the base when its dependency ratio (score without the
+   community / score) exceeds the `dependency_percentile` (99) of the ratio outside it. Read from
+   the stored top-r_ref lists: removed entries skipped, missing ones count as d_(r_ref).
+8. Final score (eq. 3.10): mutual scoring at f = 0.1 on the refined base, an exact second pass
+   over the distances with the exclusion mask (`volumetric.engine.ranked`); plain Euclidean
+   (`squared=False`, MuSc's code) unless `squared=True` (eq. 3.9).
 
 Memory grows with T * r_ref (T = valid elements): per graph view the r_ref nearest collections
 with positions; other views keep only k. `options.memory_mb` bounds it (error naming `subsets`).
