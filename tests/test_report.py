@@ -22,6 +22,7 @@ from test_screen import LESIONS, make_cohort, make_template
 
 from pipelines.cli import main
 from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_rule, rank_percentile
+from volumetric.errors import VolscanError
 
 CUBE = 56
 
@@ -44,8 +45,46 @@ def test_hotspot_voxel_and_ras_mm_on_a_flipped_anisotropic_grid() -> None:
     assert spot.region_voxels == 27 and spot.region_mm3 == pytest.approx(27 * 2 * 3 * 1.5)
     below = find_hotspot(score_map, threshold=2.0, affine=affine)
     assert below.region_voxels == 0 and below.region_mm3 == 0.0
-    flat = find_hotspot(np.zeros((4, 5)), threshold=0.1)
-    assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (0, 0)
+    flat = find_hotspot(np.zeros((5, 7)), threshold=0.1)  # every voxel tied: the centre
+    assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (2, 3)
+
+
+def test_hotspot_stays_in_its_region_and_centres_a_plateau() -> None:
+    """An edge token's interpolated plateau reaches past the brain: the hotspot is the plateau's
+    voxel nearest its centre among brain voxels, never the outermost voxel a plain argmax picks."""
+    score_map = np.zeros((12, 10, 8), dtype=np.float32)
+    score_map[0:5, 2:7, 1:6] = 0.8  # the plateau, partly outside the brain (rows 0-1)
+    score_map[6, 5, 4] = 0.5
+    brain = np.zeros(score_map.shape, dtype=bool)
+    brain[2:11, 1:9, 1:7] = True
+    plain = find_hotspot(score_map, threshold=0.4)
+    assert plain.voxel == (2, 4, 3)  # the plateau's centre among all its voxels (rows 0-4)
+    inside = find_hotspot(score_map, threshold=0.4, region=brain)
+    assert inside.voxel == (3, 4, 3) and inside.value == pytest.approx(0.8)  # centre of rows 2-4
+    outside_only = score_map.copy()
+    outside_only[0, 0, 0] = 5.0  # the map's maximum, outside the brain: never the hotspot
+    assert find_hotspot(outside_only, threshold=0.4, region=brain).voxel == inside.voxel
+    with pytest.raises(VolscanError, match="region shape"):
+        find_hotspot(score_map, threshold=0.4, region=brain[:-1])
+
+
+def test_native_brain_map_is_zero_outside_the_mask() -> None:
+    """The native map equals the plain resampled map inside the brain mask and 0 outside."""
+    from pipelines.maps import native_brain_map
+    from preprocessing.native_mapping import NativeMapping
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    mapping = NativeMapping((10, 10, 10), affine, 10, affine, np.eye(4))
+    rng = np.random.default_rng(0)
+    cube_map = rng.uniform(0.1, 1.0, (10, 10, 10)).astype(np.float32)
+    cube_mask = np.zeros((10, 10, 10), dtype=bool)
+    cube_mask[2:8, 3:9, 1:6] = True
+    native, brain = native_brain_map(cube_map, mapping, cube_mask)
+    assert np.array_equal(brain, cube_mask)  # identical grids: the mask comes back unchanged
+    np.testing.assert_allclose(native[brain], cube_map[cube_mask], rtol=1e-5)
+    assert not native[~brain].any()
+    unmasked, none = native_brain_map(cube_map, mapping, None)
+    assert none is None and np.allclose(unmasked, cube_map, rtol=1e-5)
 
 
 def test_flag_rule_is_the_robust_z_rule_and_says_so() -> None:
@@ -97,6 +136,9 @@ def test_report_json_hotspots_match_each_input_grid(classical_run: dict) -> None
         assert spot["world_mm_ras"] == pytest.approx(expected.tolist(), abs=0.01)
         stored = np.asarray(nib.load(str(classical_run["out"] / entry["map"])).dataobj)
         assert stored[tuple(voxel)] == pytest.approx(stored.max())
+        # Skull-stripped input: the hotspot is on brain (non-zero) and the map is 0 off the brain.
+        scan = np.asarray(image.dataobj)
+        assert scan[tuple(voxel)] != 0 and not stored[scan == 0].any()
         assert spot["region_voxels"] >= 0 and 0.0 <= entry["percentile"] <= 100.0
         assert entry["flagged"] == (entry["score"] > report["summary"]["flag_threshold"])
 
