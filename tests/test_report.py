@@ -186,6 +186,24 @@ def test_phantom_lesion_scan_hotspot_lies_in_or_next_to_its_lesion(tmp_path: Pat
     cube_affine = np.array(json.loads((out / "mappings" / f"{top['id']}.json").read_text())["cube_affine"])
     one_cube_mm = 14 * np.sqrt((cube_affine[:3, :3] ** 2).sum(axis=0)).max()
     assert distance <= one_cube_mm, (top["id"], distance, one_cube_mm)
+    # Raw heads (scalp and skull on): every scan's hotspot lies in its brain mask, the map is 0 outside it.
+    assert_hotspots_in_brain_masks(out, report)
+
+
+def assert_hotspots_in_brain_masks(out: Path, report: dict) -> None:
+    """Each scan's hotspot is a voxel of the run's brain mask brought to the input grid (the cube
+    mask of `elements.npz` through the scan's own `NativeMapping`), and its map is 0 off that mask."""
+    from pipelines.evaluate import RunElements
+    from preprocessing.native_mapping import NativeMapping
+
+    elements = RunElements.load(out / "elements.npz")
+    for entry in report["subjects"]:
+        mapping = NativeMapping.load(out / "mappings" / f"{entry['id']}.json")
+        cube_mask = elements.brain_mask(elements.ids.index(entry["id"]))
+        brain = mapping.to_native(cube_mask.astype(np.float32), order=0) > 0.5
+        stored = np.asarray(nib.load(str(out / entry["map"])).dataobj)
+        assert brain[tuple(entry["hotspot"]["voxel"])], entry["id"]
+        assert not stored[~brain].any(), entry["id"]
 
 
 def test_report_settings_are_the_ones_used(classical_run: dict) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
-from volumetric.engine.lnamd import lnamd
+from volumetric.engine.lnamd import BORDERS, lnamd
 from volumetric.engine.mutual import mutual_scores
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
@@ -44,6 +44,8 @@ class ScoringConfig:
     radii whose views build CoDeGraph's graph (a subset of `lnamd_radii`); None (default) = r = 3
     when it is among `lnamd_radii`, else all views.
     `layer_norm`: LNAMD's per-map LayerNorm (MuSc; False is an ablation switch).
+    `lnamd_border`: "zero" (MuSc's zero padding at the grid's edge) or "shift" (windows moved
+    inside the grid; `volumetric.engine.lnamd`; the screen's default for 2D images).
     `musc_top_fraction`: f for `method="musc"` (MuSc: 0.3); CoDeGraph's f is
     `codegraph.top_fraction` (0.1). `engine`: how to compute (device, precision, blocks, memory
     budget, progress, subsets, pre-selection; `volumetric.engine.options`).
@@ -52,6 +54,7 @@ class ScoringConfig:
     lnamd_radii: tuple[int, ...] = (1, 3, 5)
     graph_radii: tuple[int, ...] | None = None
     layer_norm: bool = True
+    lnamd_border: str = "zero"
     musc_top_fraction: float = 0.3
     codegraph: CoDeGraph = field(default_factory=CoDeGraph)
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -66,6 +69,8 @@ class ScoringConfig:
             if not graph or any(r not in radii for r in graph):
                 raise VolscanError(f"graph_radii: expected a non-empty subset of lnamd_radii {radii}, got {self.graph_radii!r}")
             object.__setattr__(self, "graph_radii", graph)
+        if self.lnamd_border not in BORDERS:
+            raise VolscanError(f"lnamd_border: expected one of {', '.join(BORDERS)}, got {self.lnamd_border!r}")
         check_fraction("musc_top_fraction", self.musc_top_fraction)
         if not isinstance(self.codegraph, CoDeGraph):
             raise VolscanError(f"codegraph: expected a CoDeGraph, got {type(self.codegraph).__name__}")
@@ -143,7 +148,8 @@ def score_collections(
         sub_globals = None if global_features is None else global_features[part]
 
         def views(sub_grids=sub_grids, sub_valid=sub_valid, size=len(part)) -> Iterator[Tensor]:
-            return lnamd_views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm)
+            return lnamd_views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm,
+                               border=config.lnamd_border)
 
         if method == "musc":
             view_scores = [
@@ -169,11 +175,13 @@ def score_collections(
     )
 
 
-def lnamd_views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool) -> Iterator[Tensor]:
+def lnamd_views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool, *,
+                border: str = "zero") -> Iterator[Tensor]:
     """Lazily yield one (n, M, C) LNAMD view per (layer, r), so only one lives at a time."""
     for g in grids:
         for r in radii:
-            yield lnamd(g, r, valid.to(g.device), layer_norm=layer_norm).reshape(g.shape[0], -1, g.shape[-1])
+            view = lnamd(g, r, valid.to(g.device), layer_norm=layer_norm, border=border)
+            yield view.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -> CoDeGraphResult:
