@@ -227,8 +227,9 @@ def test_report_html_reads_top_down(classical_run: dict) -> None:
     out, report = classical_run["out"], classical_run["report"]
     page = (out / "report.html").read_text(encoding="utf-8")
     order = [page.index(marker) for marker in
-             ("class='summary'", "<h2>Ranking</h2>", "<h2>Viewer</h2>", "<h2>Top-ranked scans</h2>",
-              "<h2>Metrics</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>", "<h2>Glossary</h2>")]
+             ("class='summary'", "<h2>Metrics</h2>", "<h2>Ranking</h2>", "<h2>Viewer</h2>",
+              "<h2>Top-ranked scans</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>",
+              "<h2>Glossary</h2>")]
     assert order == sorted(order)
     assert f"{len(report['summary']['flagged'])} of {len(classical_run['truth'])}" in page
     summary = report["summary"]  # what was flagged, and by which rule with its numbers
@@ -240,9 +241,18 @@ def test_report_html_reads_top_down(classical_run: dict) -> None:
     panels = [s["panel"] for s in report["subjects"] if s.get("panel")]
     assert len(panels) == 3 and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in panels)
     graph = report["codegraph"]
-    rows = re.findall(r"<tr><td>\d+</td><td>\d+</td><td>(?:yes)?</td><td>([^<]*)</td></tr>", page)
+    # Each community's density against its fence, and the verdict with its reason.
+    rows = re.findall(r'<tr><td>\d+</td><td>\d+</td><td class="num">[^<]*</td><td(?: class="num")?>[^<]*</td>'
+                      r"<td>((?:yes|no)[^<]*)</td><td>([^<]*)</td></tr>", page)
     assert len(rows) == len(graph["communities"]) >= 1
-    assert sorted(i for row in rows for i in row.split(", ")) == sorted(classical_run["truth"])
+    assert sorted(i for _, row in rows for i in row.split(", ")) == sorted(classical_run["truth"])
+    outliers = {", ".join(c) for c in graph["outlier_communities"]}
+    for verdict, members in rows:
+        assert verdict.startswith("yes: density") == (members in outliers)
+        assert verdict.startswith("no") == (members not in outliers) and ("fence" in verdict or "single" in verdict)
+    # The summary box carries the headline metrics and says why ranked scans may stay unflagged.
+    box = page.split("class='summary'")[1].split("</div>")[0]
+    assert f"patient AUROC {report['metrics']['patient_auroc']:.3f}" in box and "can stay unflagged" in box
     settings_table = page.split("<h2>Settings as used</h2>")[1].split("<h2>")[0]
     assert "<td>layers</td><td>(not used)</td>" in settings_table  # classical features have no layers
     assert "<td>null</td>" not in settings_table

@@ -211,13 +211,16 @@ class ClassicalTokenizer:
             names.append(layer)
         return names
 
-    def describe(self) -> str:
-        """One line saying which features the tokens are, for consoles and reports."""
+    def describe(self, kind: str = "3d") -> str:
+        """One line saying which features the tokens are, for consoles and reports (`kind` "3d"
+        for volumes, "2d" for images)."""
         scales = ", ".join(f"{s:g}" for s in self.scales)
         width = " + ".join(str(len(n)) for n in self.feature_names)
-        return (f"classical features (no neural network, no weights): per {self.patch}-voxel cube, brain-voxel "
+        cell, unit = (f"{self.patch}-pixel patch,", "pixels") if kind == "2d" else \
+            (f"{self.patch}-voxel cube, brain-voxel", "voxels")
+        return (f"classical features (no neural network, no weights): per {cell} "
                 f"mean/std/min/max of robustly standardised intensity, Gaussian smoothing, gradient magnitude and "
-                f"Laplacian of Gaussian at sigma {scales} voxels ({width} channels in {len(self.feature_names)} "
+                f"Laplacian of Gaussian at sigma {scales} {unit} ({width} channels in {len(self.feature_names)} "
                 f"layers), standardised across the batch")
 
     @property
@@ -334,10 +337,10 @@ def standardize_batch(layers: Sequence[torch.Tensor], valid: torch.Tensor) -> li
     return out
 
 
-def describe_tokenizer(tokenizer: Any) -> str:
+def describe_tokenizer(tokenizer: Any, kind: str = "3d") -> str:
     """One line naming the features a tokenizer makes (classical, or a `volumetric.tokens` ViT tokenizer)."""
     if isinstance(tokenizer, ClassicalTokenizer):
-        return tokenizer.describe()
+        return tokenizer.describe(kind)
     identity = tokenizer.identity
     weights = "RANDOM weights (scores meaningless)" if identity.random_weights else f"weights {identity.weights}"
     return (f"ViT tokens of {identity.name} ({weights}), blocks {list(tokenizer.layers)}, "
