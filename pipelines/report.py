@@ -310,8 +310,9 @@ def _summary(report: Report) -> list[str]:
             else f"images resized to {features['size']} x {features['size']} pixels")
     # Why fewer scans may be flagged than the ranking puts on top: the flag is a cut on the
     # score's distance from the cohort's median, not a count of the top ranks.
-    flag_rule = (f"rule: {esc(_flag_rule(summary))}. The ranking below orders every {scans[:-1]} by its score; a "
-                 f"{scans[:-1]} is flagged only when its score stands out from the cohort's own spread by this rule, "
+    one = "a scan" if three_d else "an image"
+    flag_rule = (f"rule: {esc(_flag_rule(summary))}. The ranking below orders every {scans[:-1]} by its score; {one} "
+                 "is flagged only when its score stands out from the cohort's own spread by this rule, "
                  f"so {scans} ranked near the top can stay unflagged")
     lines = [
         "<div class='summary'>",
