@@ -13,11 +13,11 @@ it always lies on tissue that was scored: a token straddling the brain's edge al
 voxels outside it, and an upsampled token grid is flat over the outer half of its edge tokens,
 where a plain argmax lands on the first (outermost) voxel of the plateau. Among voxels tied at
 the maximum (such a plateau), the one nearest their centroid is taken. It is given as native
-voxel indices (i, j, k) as stored in the file, and world millimetres `affine @ (i, j, k, 1)`. NIfTI affines map to RAS+
-(x grows towards the patient's right, y anterior, z superior), the coordinates ITK-SNAP and
-3D Slicer display, so they can be typed into either viewer's cursor box unchanged (SimpleITK
-would give LPS: x and y negated; volscan never reports those). The region is
-the 26-connected component of above-threshold voxels holding the hotspot.
+voxel indices (i, j, k) as stored in the file, and world millimetres `affine @ (i, j, k, 1)`.
+NIfTI affines map to RAS+ (x grows towards the patient's right, y anterior, z superior), the
+coordinates ITK-SNAP and 3D Slicer display, so they can be typed into either viewer's cursor box
+unchanged (SimpleITK would give LPS: x and y negated; volscan never reports those). The region
+is the 26-connected component of above-threshold voxels holding the hotspot.
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | N
 def _peak(data: np.ndarray, region: np.ndarray | None) -> tuple[int, ...]:
     """Index of the maximum of `data` within `region`; among tied voxels (a plateau), the one
     nearest their centroid."""
+    if region is not None and region.shape != data.shape:
+        raise VolscanError(f"region shape {region.shape} does not match the map {data.shape}")
     if region is None or not region.any():
         region = np.ones(data.shape, dtype=bool)
-    if region.shape != data.shape:
-        raise VolscanError(f"region shape {region.shape} does not match the map {data.shape}")
     top = np.max(data[region])
     tied = np.argwhere(region & (data >= top))  # (T, ndim)
     nearest = np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1))
