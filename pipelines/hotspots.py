@@ -7,12 +7,17 @@ anomalies). The same number is the *map threshold*: a map voxel above it scores 
 typical scan's hottest token (the collection score is the maximum of the map's tokens), so
 the above-threshold region of a flagged scan is the part that made it stand out.
 
-The hotspot is the map's maximum on the input's own grid: native voxel indices (i, j, k) as
-stored in the file, and world millimetres `affine @ (i, j, k, 1)`. NIfTI affines map to RAS+
-(x grows towards the patient's right, y anterior, z superior), the coordinates ITK-SNAP and
-3D Slicer display, so they can be typed into either viewer's cursor box unchanged (SimpleITK
-would give LPS: x and y negated; volscan never reports those). The region is
-the 26-connected component of above-threshold voxels holding the hotspot.
+The hotspot is the map's maximum on the input's own grid, searched only inside the scan's brain
+mask on that grid (3D: the cube's brain mask brought back with the scan's `NativeMapping`), so
+it always lies on tissue that was scored: a token straddling the brain's edge also covers
+voxels outside it, and an upsampled token grid is flat over the outer half of its edge tokens,
+where a plain argmax lands on the first (outermost) voxel of the plateau. Among voxels tied at
+the maximum (such a plateau), the one nearest their centroid is taken. It is given as native
+voxel indices (i, j, k) as stored in the file, and world millimetres `affine @ (i, j, k, 1)`.
+NIfTI affines map to RAS+ (x grows towards the patient's right, y anterior, z superior), the
+coordinates ITK-SNAP and 3D Slicer display, so they can be typed into either viewer's cursor box
+unchanged (SimpleITK would give LPS: x and y negated; volscan never reports those). The region
+is the 26-connected component of above-threshold voxels holding the hotspot.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from volumetric.errors import VolscanError
 
 MAD_TO_SIGMA = 1.4826
 
@@ -85,11 +92,15 @@ def flag_rule(collection_scores: np.ndarray, z: float) -> FlagRule:
     return FlagRule(median=median, sd=sd, z=float(z), robust=robust)
 
 
-def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | None = None) -> Hotspot:
+def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | None = None,
+                 region: np.ndarray | None = None) -> Hotspot:
     """Hotspot of a native-grid map (3D (I, J, K) with its (4, 4) RAS `affine`, or 2D (H, W)
-    without) and the size of the connected above-`threshold` region holding it."""
+    without) and the size of the connected above-`threshold` region holding it.
+
+    `region`: bool array of the map's shape (the brain mask on the map's grid); the hotspot is
+    searched only there (None or empty: everywhere)."""
     data = np.nan_to_num(np.asarray(score_map, dtype=np.float32), nan=0.0)
-    voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(data)), data.shape))
+    voxel = _peak(data, None if region is None else np.asarray(region, dtype=bool))
     value = float(data[voxel])
     region_voxels = 0
     if value > threshold:
@@ -101,6 +112,19 @@ def find_hotspot(score_map: np.ndarray, threshold: float, affine: np.ndarray | N
         world = tuple(float(v) for v in affine[:3, :3] @ np.asarray(voxel, dtype=np.float64) + affine[:3, 3])
         region_mm3 = region_voxels * abs(float(np.linalg.det(affine[:3, :3])))
     return Hotspot(voxel, world, value, region_voxels, region_mm3)
+
+
+def _peak(data: np.ndarray, region: np.ndarray | None) -> tuple[int, ...]:
+    """Index of the maximum of `data` within `region`; among tied voxels (a plateau), the one
+    nearest their centroid."""
+    if region is not None and region.shape != data.shape:
+        raise VolscanError(f"region shape {region.shape} does not match the map {data.shape}")
+    if region is None or not region.any():
+        region = np.ones(data.shape, dtype=bool)
+    top = np.max(data[region])
+    tied = np.argwhere(region & (data >= top))  # (T, ndim)
+    nearest = np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1))
+    return tuple(int(v) for v in tied[nearest])
 
 
 def rank_percentile(rank: int, n: int) -> float:

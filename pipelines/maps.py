@@ -5,11 +5,17 @@ which puts each token's value at the centre of its block, like the paper's inter
 Void tokens (outside the brain) have no score (NaN from the engine); they become 0 before
 interpolation, below every real score (distances are non-negative), so the background reads
 as "normal" in the viewer and cannot create a maximum.
+
+On a scan's own grid the map is kept inside its brain mask (`native_brain_map`): a token at the
+brain's edge scores a 14-voxel block that reaches past the brain, and its value, spread over that
+block by the interpolation, would otherwise colour skull, scalp or air, where nothing was scored.
+The cube-space maps that metrics read (`upsample_scores`) are the paper's, unmasked.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +24,9 @@ import torch.nn.functional as F
 
 from volumetric.atomic_files import atomic_path
 from volumetric.errors import InputFileError, VolscanError
+
+if TYPE_CHECKING:
+    from preprocessing.native_mapping import NativeMapping
 
 
 def upsample_scores(grid_scores: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
@@ -29,6 +38,23 @@ def upsample_scores(grid_scores: np.ndarray | torch.Tensor, size: int) -> np.nda
     mode = "trilinear" if grid.ndim == 3 else "bilinear"
     out = F.interpolate(grid[None, None], size=(size,) * grid.ndim, mode=mode, align_corners=False)
     return out[0, 0].numpy()
+
+
+def native_brain_map(
+    cube_map: np.ndarray, mapping: "NativeMapping", cube_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(S, S, S) cube map -> (native map, native brain mask) on the input's own grid.
+
+    The map is resampled linearly (`NativeMapping.to_native`), the cube's brain mask by nearest
+    neighbour; the map is 0 outside that mask. Without a cube mask (or when it maps onto no
+    native voxel) the map is returned unmasked and the mask is None."""
+    native = mapping.to_native(cube_map, order=1)
+    if cube_mask is None:
+        return native, None
+    brain = mapping.to_native(np.asarray(cube_mask, dtype=np.float32), order=0) > 0.5
+    if not brain.any():
+        return native, None
+    return np.where(brain, native, 0.0).astype(np.float32), brain
 
 
 def score_range(element_scores: np.ndarray) -> tuple[float, float]:

@@ -195,6 +195,8 @@ img{max-width:100%;margin:.3em 0}.num{text-align:right;font-variant-numeric:tabu
 .summary{background:#f4f8fb;border:1px solid #bcd;padding:.6em 1em}.flag{color:#b00;font-weight:bold}
 .small{font-size:.85em;color:#555}.vs-frame{width:100%;height:440px;background:#000}
 dt{font-weight:bold;margin-top:.4em}dd{margin-left:1.5em}
+table.wrap{table-layout:fixed;width:100%}table.wrap td{white-space:normal;overflow-wrap:anywhere}
+table.wrap td:first-child{width:14em}.scroll{overflow-x:auto;max-width:100%}
 """
 
 # Metric key -> (name shown, what it means). The Dice protocol is the paper's (pipelines.evaluate).
@@ -249,20 +251,30 @@ TERMS = (
     ("percentile", "the scan's rank as a percentile of the cohort: 100 = most suspicious, 0 = least"),
     ("flagged", "score above the flag threshold = median + z x 1.4826 x MAD of the cohort's scores (a robust "
                 "z-score); the same threshold outlines the above-threshold region in maps and panels"),
-    ("hotspot", "the maximum of the scan's anomaly map on its own grid: world millimetres in RAS (as ITK-SNAP "
-                "and 3D Slicer show them: x to the right, y anterior, z superior) and the voxel indices i, j, k "
-                "of the input file (0-based)"),
+    ("hotspot", "the maximum of the scan's anomaly map inside its brain mask, on its own grid: world "
+                "millimetres in RAS (as ITK-SNAP and 3D Slicer show them: x to the right, y anterior, z "
+                "superior) and the voxel indices i, j, k of the input file (0-based)"),
     ("region", "voxels of the 26-connected above-threshold region holding the hotspot, and its volume"),
+)
+# The same terms for 2D images (no brain mask, no world coordinates).
+TERMS_2D = (
+    ("score", "the image's anomaly score: the highest token score of its map (the engine's collection score); "
+              "higher = more unusual compared with the rest of this set"),
+    ("percentile", "the image's rank as a percentile of the set: 100 = most suspicious, 0 = least"),
+    ("flagged", TERMS[2][1]),
+    ("hotspot", "the maximum of the image's anomaly map at the image's own size: pixel row and column (0-based, "
+                "from the top-left corner)"),
+    ("region", "pixels of the 8-connected above-threshold region holding the hotspot"),
 )
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, css_class: str = "") -> str:
     def cell(value: Any, tag: str) -> str:
         if isinstance(value, float):
             return f'<{tag} class="num">{value:.6g}</{tag}>'
         return f"<{tag}>{value if isinstance(value, _Raw) else html.escape(str(value))}</{tag}>"
 
-    lines = ["<table>"]
+    lines = [f"<table class='{css_class}'>" if css_class else "<table>"]
     if header:
         lines.append("<tr>" + "".join(cell(h, "th") for h in header) + "</tr>")
     lines += ["<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows]
@@ -289,26 +301,49 @@ def _flag_rule(summary: dict[str, Any]) -> str:
     return f"anomaly score above {summary['flag_threshold']:.4g} = median + {summary['flag_z']:g} robust SD"
 
 
+# Headline metrics shown in the summary box, in this order, when present.
+HEADLINE_METRICS = ("patient_auroc", "patient_ap", "image_auroc", "image_ap", "voxel_auroc_brain", "pixel_auroc",
+                    "dice_mean_lesion", "aupro")
+
+
 def _summary(report: Report) -> list[str]:
     esc = html.escape
     summary = report.summary
     features = summary["features"]
     flagged = summary["flagged"]
+    three_d = report.kind == "3d"
+    scans = "scans" if three_d else "images"
     names = ", ".join(esc(i) for i in flagged[:10]) + (" ..." if len(flagged) > 10 else "")
-    return [
+    size = (f"cube {features['size']}<sup>3</sup>" if three_d
+            else f"images resized to {features['size']} x {features['size']} pixels")
+    # Why fewer scans may be flagged than the ranking puts on top: the flag is a cut on the
+    # score's distance from the cohort's median, not a count of the top ranks.
+    one = "a scan" if three_d else "an image"
+    flag_rule = (f"rule: {esc(_flag_rule(summary))}. The ranking below orders every {scans[:-1]} by its score; {one} "
+                 "is flagged only when its score stands out from the cohort's own spread by this rule, "
+                 f"so {scans} ranked near the top can stay unflagged")
+    lines = [
         "<div class='summary'>",
-        f"<p><b>Cohort</b>: {report.n_subjects} {esc(report.kind.upper())} scans from "
+        f"<p><b>Cohort</b>: {report.n_subjects} {esc(report.kind.upper())} {scans} from "
         f"<code>{esc(report.input)}</code>.</p>",
-        f"<p><b>Method</b>: {esc(summary['method'])} (training-free: each scan is compared with all the others).</p>",
-        f"<p><b>Features</b>: {esc(features['description'])}; cube "
-        f"{features['size']}<sup>{3 if report.kind == '3d' else 2}</sup>, token grid "
+        f"<p><b>Method</b>: {esc(summary['method'])} (training-free: each {scans[:-1]} is compared with all the "
+        "others).</p>",
+        f"<p><b>Features</b>: {esc(features['description'])}; {size}, token grid "
         f"{' x '.join(map(str, features['grid']))}.</p>",
         f"<p><b>Flagged as outliers of this cohort</b>: <span class='flag'>{len(flagged)} of {report.n_subjects}"
-        f"</span> scans; rule: {esc(_flag_rule(summary))}" + (f". Flagged: {names}" if flagged else "") + ".</p>",
+        f"</span> {scans}" + (f" ({names})" if flagged else "") + f"; {flag_rule}.</p>",
+    ]
+    metrics = report.metrics or {}
+    shown = [(GLOSSARY[k][0], metrics[k]) for k in HEADLINE_METRICS if isinstance(metrics.get(k), (int, float))]
+    if shown:
+        lines.append("<p><b>Metrics</b> (against the masks given): "
+                     + "; ".join(f"{esc(name)} {value:.3f}" for name, value in shown) + " (all metrics below).</p>")
+    lines += [
         f"<p class='small'>Created {esc(report.created)} by volscan {esc(report.volscan_version)}; "
         f"run folder <code>{esc(report.output)}</code>.</p>",
         "</div>",
     ]
+    return lines
 
 
 def _ranking(report: Report) -> str:
@@ -317,7 +352,7 @@ def _ranking(report: Report) -> str:
     three_d = report.kind == "3d"
     header = ["rank", "id", "score", "percentile", "flagged",
               *(["hotspot RAS mm (x, y, z)", "voxel (i, j, k)"] if three_d else ["hotspot pixel (row, col)"]),
-              "region (voxels" + (" / mm³)" if three_d else ")")] + [k.replace("_", " ") for k in extra] + ["files"]
+              "region (voxels / mm³)" if three_d else "region (pixels)"] + [k.replace("_", " ") for k in extra] + ["files"]
     rows = []
     for s in subjects:
         spot = s.hotspot
@@ -334,20 +369,45 @@ def _ranking(report: Report) -> str:
 
 
 def _communities(graph: dict[str, Any]) -> list[str]:
+    """The community table: each community's density against its fence, and whether (and why)
+    it is an outlier community (`volumetric.engine.codegraph`: density above the Tukey fence)."""
     outliers = {tuple(c) for c in graph["outlier_communities"]}
-    rows = [[i, len(c), "yes" if tuple(c) in outliers else "", ", ".join(c)] for i, c in enumerate(graph["communities"])]
+    details = graph.get("details") or {}
+    densities, fences = details.get("densities"), details.get("density_fences")
+    rows = []
+    for i, members in enumerate(graph["communities"]):
+        outlier = tuple(members) in outliers
+        row: list[Any] = [i, len(members)]
+        if densities is not None and fences is not None:
+            density, fence = float(densities[i]), fences[i]
+            if fence is None:
+                why = "no (a single scan has no internal links)" if len(members) < 2 else "no (no fence: densities do not vary)"
+            elif outlier:
+                why = f"yes: density {density:.3g} > fence {fence:.3g}"
+            else:
+                why = f"no: density {density:.3g} <= fence {fence:.3g}"
+            row += [density, "" if fence is None else float(fence), why]
+        else:
+            row.append("yes" if outlier else "")
+        rows.append(row + [", ".join(members)])
+    header = ["community", "scans"] + (["density", "fence", "outlier"] if densities is not None and fences is not None
+                                       else ["outlier"]) + ["members"]
     return [
         f"<p>{len(graph['communities'])} communities of scans linked by shared suspicious tokens; "
         f"{len(graph['outlier_communities'])} outlier (consistent-anomaly) communities, whose members' "
         f"tokens were excluded from each other's references; excluded elements: "
-        f"{100 * graph['excluded_fraction']:.3f} %.</p>",
-        _table(rows, ["community", "scans", "outlier", "members"]),
+        f"{100 * graph['excluded_fraction']:.3f} %. A community is an outlier when its density (the mean "
+        "weight of the links a member keeps inside it) is above the fence, a Tukey far-out cut over the densities "
+        "of all communities (third quartile + k x inter-quartile range): scans that share suspicious tokens far "
+        "more than the rest of the cohort does. A community below the fence may still hold the top-ranked scans: "
+        "they are then ranked by mutual scoring alone, without excluding anything.</p>",
+        _table(rows, header),
     ]
 
 
 def report_html(report: Report) -> str:
-    """The page a reader opens, top-down: summary, ranking, viewer, scan panels, metrics,
-    CoDeGraph, settings as used, glossary."""
+    """The page a reader opens, top-down: summary (flag rule, headline metrics), metrics,
+    ranking, viewer, scan panels, figures, CoDeGraph, settings as used, glossary."""
     from pipelines.run_layout import RunLayout
     from pipelines.viewer import ERROR_CAPTURE, viewer_html
 
@@ -361,7 +421,13 @@ def report_html(report: Report) -> str:
     ]
     parts += [f"<p class='warn'>{esc(w)}</p>" for w in report.warnings]
     parts += _summary(report)
-    parts += ["<h2>Ranking</h2>", _ranking(report)]
+    metrics = report.metrics
+    if metrics:
+        parts.append("<h2>Metrics</h2>")
+        parts.append(_table([[GLOSSARY.get(k, (k, ""))[0], v] for k, v in metrics.items()
+                             if not isinstance(v, (dict, list))], ["metric", "value"]))
+        parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
+    parts += ["<h2>Ranking</h2>", f"<div class='scroll'>{_ranking(report)}</div>"]
     if report.kind == "3d":
         parts.append("<p class='small'>To look in ITK-SNAP or 3D Slicer: open the scan, add its map "
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
@@ -371,17 +437,14 @@ def report_html(report: Report) -> str:
 
         parts += ["<h2>Viewer</h2>", (viewer_html if report.kind == "3d" else viewer2d_html)(RunLayout(Path(".")))]
     panels = [s for s in report.subjects if s.panel]
-    if panels:
+    if panels and report.kind == "3d":
         parts.append("<h2>Top-ranked scans</h2><p class='small'>Each scan in its own space (axes only reordered "
                      "to the closest RAS orientation, pixels at the voxel spacing), through its hotspot (green "
                      "crosshair); yellow: above-threshold region; cyan: mask.</p>")
-        parts += [f"<figure><img src='{href(s.panel)}' alt='{esc(s.id)}'></figure>" for s in panels]
-    metrics = report.metrics
-    if metrics:
-        parts.append("<h2>Metrics</h2>")
-        parts.append(_table([[GLOSSARY.get(k, (k, ""))[0], v] for k, v in metrics.items()
-                             if not isinstance(v, (dict, list))], ["metric", "value"]))
-        parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
+    elif panels:
+        parts.append("<h2>Top-ranked images</h2><p class='small'>Each image at its own size with its anomaly map "
+                     "on the run's colour scale; cyan: mask.</p>")
+    parts += [f"<figure><img src='{href(s.panel)}' alt='{esc(s.id)}'></figure>" for s in panels]
     figures = report.figures
     plots = {k: v for k, v in figures.items() if k != "community graph"}
     if plots:
@@ -397,14 +460,17 @@ def report_html(report: Report) -> str:
     # None left after run-time resolution means the setting does not apply to this run
     # (e.g. layers with classical features, template for 2D images).
     parts.append(_table([[k, "(not used)" if v is None else json.dumps(_json_safe(v))]
-                         for k, v in report.settings.items()], ["setting", "value"]))
+                         for k, v in report.settings.items()], ["setting", "value"], css_class="wrap"))
     parts.append("<h2>Timings</h2>")
     parts.append(_table([[k, float(v)] for k, v in report.timings_s.items()], ["stage", "seconds"]))
     parts.append("<h2>Glossary</h2><dl>")
-    parts += [f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in TERMS]
+    parts += [f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>"
+              for term, text in (TERMS if report.kind == "3d" else TERMS_2D)]
     used = metrics or {}
     parts += [f"<dt>{esc(name)}</dt><dd>{esc(text)}</dd>" for key, (name, text) in GLOSSARY.items() if key in used]
-    parts.append(f"<dt>Dice protocol</dt><dd>{esc(DICE_PROTOCOL)}</dd></dl>")
+    if "dice_mean_all" in used:
+        parts.append(f"<dt>Dice protocol</dt><dd>{esc(DICE_PROTOCOL)}</dd>")
+    parts.append("</dl>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -133,7 +133,7 @@ def screen_subjects(
         checked = inputs_stage.check_run(subjects, config)
         kind, device = checked.kind, checked.device
         token_options = tokens.tokenizer_options(config, kind, device)
-        scoring_config = score.scoring_options(config, device)
+        scoring_config = score.scoring_options(config, device, kind)
     if labels_given is None:
         labels_given = any(s.label is not None for s in subjects)
     cache_root = (Path(config.cache).expanduser() if config.cache else default_cache_root()).resolve()

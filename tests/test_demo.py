@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 import pipelines.demo as demo
@@ -46,6 +48,12 @@ def test_demo_ranks_lesion_scans_first_and_names_its_features(small_demo, tmp_pa
     auroc = _pairwise_auroc(lesion, healthy)
     assert auroc >= 0.9, (auroc, sorted(scores.items(), key=lambda kv: -kv[1]))
     assert data["metrics"]["patient_auroc"] == pytest.approx(auroc)
+    # Skull-stripped scans: every hotspot on a brain (non-zero) voxel, every map 0 off the brain.
+    for entry in data["subjects"]:
+        scan = np.asarray(nib.load(entry["image"]).dataobj)
+        stored = np.asarray(nib.load(str(out / "screen" / entry["map"])).dataobj)
+        assert scan[tuple(entry["hotspot"]["voxel"])] != 0, entry
+        assert not stored[scan == 0].any(), entry["id"]
     assert not (tmp_path / "user-cache").exists() and (out / "cache").is_dir()
 
 

@@ -33,9 +33,10 @@ def test_equals_musc_on_random_2d_maps(r):
         torch.testing.assert_close(lnamd(x, r), musc_lnamd(x, r), rtol=1e-5, atol=1e-5)
 
 
-def reference_lnamd(x: torch.Tensor, r: int, valid: torch.Tensor) -> torch.Tensor:
+def reference_lnamd(x: torch.Tensor, r: int, valid: torch.Tensor, shift: bool = False) -> torch.Tensor:
     """LayerNorm statistics over the valid tokens of each collection, then the mean over valid
-    in-grid neighbours within r // 2 on every axis, L2-normalised."""
+    in-grid neighbours within r // 2 on every axis, L2-normalised. `shift`: each axis's window
+    of r tokens is moved inside the grid instead (start clamped to [0, n - r]; whole axis if n < r)."""
     out = torch.zeros_like(x)
     grid = x.shape[1:-1]
     h = r // 2
@@ -45,7 +46,11 @@ def reference_lnamd(x: torch.Tensor, r: int, valid: torch.Tensor) -> torch.Tenso
         for index in itertools.product(*(range(s) for s in grid)):
             if not valid[(n, *index)]:
                 continue
-            ranges = [range(max(0, i - h), min(s, i + h + 1)) for i, s in zip(index, grid)]
+            if shift:
+                starts = [min(max(i - h, 0), max(s - r, 0)) for i, s in zip(index, grid)]
+                ranges = [range(a, min(a + r, s)) for a, s in zip(starts, grid)]
+            else:
+                ranges = [range(max(0, i - h), min(s, i + h + 1)) for i, s in zip(index, grid)]
             members = [normed[nb] for nb in itertools.product(*ranges) if valid[(n, *nb)]]
             out[(n, *index)] = torch.nn.functional.normalize(torch.stack(members).mean(0), dim=0).float()
     return out
@@ -60,6 +65,22 @@ def test_matches_neighbourhood_loop_with_void(grid, r):
     actual = lnamd(x, r, valid)
     torch.testing.assert_close(actual, reference_lnamd(x, r, valid), rtol=1e-5, atol=1e-5)
     assert (actual[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("grid", [(5, 6), (2, 7), (3, 4, 5)])
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_shifted_border_matches_neighbourhood_loop_with_void(grid, r):
+    """border="shift": every window holds r tokens per axis (fewer only where the axis is shorter)."""
+    g = torch.Generator().manual_seed(len(grid) * 100 + r)
+    x = torch.randn(2, *grid, 4, generator=g) + 1.0
+    valid = torch.rand(2, *grid, generator=g) > 0.3
+    actual = lnamd(x, r, valid, border="shift")
+    torch.testing.assert_close(actual, reference_lnamd(x, r, valid, shift=True), rtol=1e-5, atol=1e-5)
+    assert (actual[~valid] == 0).all()
+    # Away from the grid's edge both borders agree; MuSc's zero padding stays the default.
+    inner = (slice(None),) + tuple(slice(r // 2, n - r // 2) for n in grid)
+    torch.testing.assert_close(actual[inner], lnamd(x, r, valid)[inner])
+    torch.testing.assert_close(lnamd(x, r, valid, border="zero"), lnamd(x, r, valid))
 
 
 def test_void_values_do_not_leak():
@@ -91,3 +112,8 @@ def test_layer_norm_switch_and_no_mask_means_all_valid():
 def test_bad_input(x, r, valid, message):
     with pytest.raises(VolscanError, match=message):
         lnamd(x, r, valid)
+
+
+def test_unknown_border_is_refused():
+    with pytest.raises(VolscanError, match="border"):
+        lnamd(torch.randn(2, 3, 3, 4), 3, border="reflect")

@@ -22,6 +22,7 @@ from test_screen import LESIONS, make_cohort, make_template
 
 from pipelines.cli import main
 from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_rule, rank_percentile
+from volumetric.errors import VolscanError
 
 CUBE = 56
 
@@ -44,8 +45,46 @@ def test_hotspot_voxel_and_ras_mm_on_a_flipped_anisotropic_grid() -> None:
     assert spot.region_voxels == 27 and spot.region_mm3 == pytest.approx(27 * 2 * 3 * 1.5)
     below = find_hotspot(score_map, threshold=2.0, affine=affine)
     assert below.region_voxels == 0 and below.region_mm3 == 0.0
-    flat = find_hotspot(np.zeros((4, 5)), threshold=0.1)
-    assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (0, 0)
+    flat = find_hotspot(np.zeros((5, 7)), threshold=0.1)  # every voxel tied: the centre
+    assert flat.world_mm is None and flat.region_mm3 is None and flat.voxel == (2, 3)
+
+
+def test_hotspot_stays_in_its_region_and_centres_a_plateau() -> None:
+    """An edge token's interpolated plateau reaches past the brain: the hotspot is the plateau's
+    voxel nearest its centre among brain voxels, never the outermost voxel a plain argmax picks."""
+    score_map = np.zeros((12, 10, 8), dtype=np.float32)
+    score_map[0:5, 2:7, 1:6] = 0.8  # the plateau, partly outside the brain (rows 0-1)
+    score_map[6, 5, 4] = 0.5
+    brain = np.zeros(score_map.shape, dtype=bool)
+    brain[2:11, 1:9, 1:7] = True
+    plain = find_hotspot(score_map, threshold=0.4)
+    assert plain.voxel == (2, 4, 3)  # the plateau's centre among all its voxels (rows 0-4)
+    inside = find_hotspot(score_map, threshold=0.4, region=brain)
+    assert inside.voxel == (3, 4, 3) and inside.value == pytest.approx(0.8)  # centre of rows 2-4
+    outside_only = score_map.copy()
+    outside_only[0, 0, 0] = 5.0  # the map's maximum, outside the brain: never the hotspot
+    assert find_hotspot(outside_only, threshold=0.4, region=brain).voxel == inside.voxel
+    with pytest.raises(VolscanError, match="region shape"):
+        find_hotspot(score_map, threshold=0.4, region=brain[:-1])
+
+
+def test_native_brain_map_is_zero_outside_the_mask() -> None:
+    """The native map equals the plain resampled map inside the brain mask and 0 outside."""
+    from pipelines.maps import native_brain_map
+    from preprocessing.native_mapping import NativeMapping
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    mapping = NativeMapping((10, 10, 10), affine, 10, affine, np.eye(4))
+    rng = np.random.default_rng(0)
+    cube_map = rng.uniform(0.1, 1.0, (10, 10, 10)).astype(np.float32)
+    cube_mask = np.zeros((10, 10, 10), dtype=bool)
+    cube_mask[2:8, 3:9, 1:6] = True
+    native, brain = native_brain_map(cube_map, mapping, cube_mask)
+    assert np.array_equal(brain, cube_mask)  # identical grids: the mask comes back unchanged
+    np.testing.assert_allclose(native[brain], cube_map[cube_mask], rtol=1e-5)
+    assert not native[~brain].any()
+    unmasked, none = native_brain_map(cube_map, mapping, None)
+    assert none is None and np.allclose(unmasked, cube_map, rtol=1e-5)
 
 
 def test_flag_rule_is_the_robust_z_rule_and_says_so() -> None:
@@ -97,6 +136,9 @@ def test_report_json_hotspots_match_each_input_grid(classical_run: dict) -> None
         assert spot["world_mm_ras"] == pytest.approx(expected.tolist(), abs=0.01)
         stored = np.asarray(nib.load(str(classical_run["out"] / entry["map"])).dataobj)
         assert stored[tuple(voxel)] == pytest.approx(stored.max())
+        # Skull-stripped input: the hotspot is on brain (non-zero) and the map is 0 off the brain.
+        scan = np.asarray(image.dataobj)
+        assert scan[tuple(voxel)] != 0 and not stored[scan == 0].any()
         assert spot["region_voxels"] >= 0 and 0.0 <= entry["percentile"] <= 100.0
         assert entry["flagged"] == (entry["score"] > report["summary"]["flag_threshold"])
 
@@ -144,6 +186,24 @@ def test_phantom_lesion_scan_hotspot_lies_in_or_next_to_its_lesion(tmp_path: Pat
     cube_affine = np.array(json.loads((out / "mappings" / f"{top['id']}.json").read_text())["cube_affine"])
     one_cube_mm = 14 * np.sqrt((cube_affine[:3, :3] ** 2).sum(axis=0)).max()
     assert distance <= one_cube_mm, (top["id"], distance, one_cube_mm)
+    # Raw heads (scalp and skull on): every scan's hotspot lies in its brain mask, the map is 0 outside it.
+    assert_hotspots_in_brain_masks(out, report)
+
+
+def assert_hotspots_in_brain_masks(out: Path, report: dict) -> None:
+    """Each scan's hotspot is a voxel of the run's brain mask brought to the input grid (the cube
+    mask of `elements.npz` through the scan's own `NativeMapping`), and its map is 0 off that mask."""
+    from pipelines.evaluate import RunElements
+    from preprocessing.native_mapping import NativeMapping
+
+    elements = RunElements.load(out / "elements.npz")
+    for entry in report["subjects"]:
+        mapping = NativeMapping.load(out / "mappings" / f"{entry['id']}.json")
+        cube_mask = elements.brain_mask(elements.ids.index(entry["id"]))
+        brain = mapping.to_native(cube_mask.astype(np.float32), order=0) > 0.5
+        stored = np.asarray(nib.load(str(out / entry["map"])).dataobj)
+        assert brain[tuple(entry["hotspot"]["voxel"])], entry["id"]
+        assert not stored[~brain].any(), entry["id"]
 
 
 def test_report_settings_are_the_ones_used(classical_run: dict) -> None:
@@ -167,8 +227,9 @@ def test_report_html_reads_top_down(classical_run: dict) -> None:
     out, report = classical_run["out"], classical_run["report"]
     page = (out / "report.html").read_text(encoding="utf-8")
     order = [page.index(marker) for marker in
-             ("class='summary'", "<h2>Ranking</h2>", "<h2>Viewer</h2>", "<h2>Top-ranked scans</h2>",
-              "<h2>Metrics</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>", "<h2>Glossary</h2>")]
+             ("class='summary'", "<h2>Metrics</h2>", "<h2>Ranking</h2>", "<h2>Viewer</h2>",
+              "<h2>Top-ranked scans</h2>", "<h2>CoDeGraph communities</h2>", "<h2>Settings as used</h2>",
+              "<h2>Glossary</h2>")]
     assert order == sorted(order)
     assert f"{len(report['summary']['flagged'])} of {len(classical_run['truth'])}" in page
     summary = report["summary"]  # what was flagged, and by which rule with its numbers
@@ -180,9 +241,18 @@ def test_report_html_reads_top_down(classical_run: dict) -> None:
     panels = [s["panel"] for s in report["subjects"] if s.get("panel")]
     assert len(panels) == 3 and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in panels)
     graph = report["codegraph"]
-    rows = re.findall(r"<tr><td>\d+</td><td>\d+</td><td>(?:yes)?</td><td>([^<]*)</td></tr>", page)
+    # Each community's density against its fence, and the verdict with its reason.
+    rows = re.findall(r'<tr><td>\d+</td><td>\d+</td><td class="num">[^<]*</td><td(?: class="num")?>[^<]*</td>'
+                      r"<td>((?:yes|no)[^<]*)</td><td>([^<]*)</td></tr>", page)
     assert len(rows) == len(graph["communities"]) >= 1
-    assert sorted(i for row in rows for i in row.split(", ")) == sorted(classical_run["truth"])
+    assert sorted(i for _, row in rows for i in row.split(", ")) == sorted(classical_run["truth"])
+    outliers = {", ".join(c) for c in graph["outlier_communities"]}
+    for verdict, members in rows:
+        assert verdict.startswith("yes: density") == (members in outliers)
+        assert verdict.startswith("no") == (members not in outliers) and ("fence" in verdict or "single" in verdict)
+    # The summary box carries the headline metrics and says why ranked scans may stay unflagged.
+    box = page.split("class='summary'")[1].split("</div>")[0]
+    assert f"patient AUROC {report['metrics']['patient_auroc']:.3f}" in box and "can stay unflagged" in box
     settings_table = page.split("<h2>Settings as used</h2>")[1].split("<h2>")[0]
     assert "<td>layers</td><td>(not used)</td>" in settings_table  # classical features have no layers
     assert "<td>null</td>" not in settings_table

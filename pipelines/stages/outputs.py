@@ -1,10 +1,11 @@
 """Stage 5 of `volscan screen`: scores to files a reader uses.
 
 - maps: token scores upsampled to the cube (void -> 0), then `NativeMapping.to_native` onto
-  each input's own grid, saved with the input's affine and qform/sform codes (float32);
+  each input's own grid and kept inside the brain mask there (`pipelines.maps.native_brain_map`),
+  saved with the input's affine and qform/sform codes (float32);
   2D: float TIFF + heat-map PNG + overlay PNG at the image's own size;
-- hotspots: each map's maximum in native voxels and RAS mm, the above-threshold region
-  (`pipelines.hotspots`);
+- hotspots: each map's maximum inside the brain mask in native voxels and RAS mm, the
+  above-threshold region (`pipelines.hotspots`);
 - figures: per-scan panels in the scan's own space through its hotspot (3D) or overlays (2D)
   for the top-ranked scans, the CoDeGraph community graph;
 - the offline viewer (`pipelines.viewer` for 3D, `pipelines.viewer2d` for 2D).
@@ -44,7 +45,7 @@ def write_maps(
 
     from pipelines.images2d import load_image, resize, write_float_map, write_map_pictures
     from pipelines.inputs import nifti_grid
-    from pipelines.maps import save_map_like, score_range, upsample_scores
+    from pipelines.maps import native_brain_map, save_map_like, score_range, upsample_scores
 
     files: dict[str, list[str]] = {}
     hotspots: dict[str, Hotspot] = {}
@@ -55,14 +56,14 @@ def write_maps(
         path.parent.mkdir(exist_ok=True)
         if elements.kind == "3d":
             mapping = prepared.mappings[i]
-            native = mapping.to_native(square, order=1)
+            native, brain = native_brain_map(square, mapping, elements.brain_mask(i))
             save_map_like(native, subject.image, path)
             layout.mapping(subject.id).parent.mkdir(exist_ok=True)
             mapping.save(layout.mapping(subject.id))
             files[subject.id] = [layout.relative(path)]
             # The affine the map was saved with (the input's own header), so the voxel indices
             # and millimetres agree with what a viewer shows for the input file.
-            hotspots[subject.id] = find_hotspot(native, threshold, nifti_grid(subject.image)[1])
+            hotspots[subject.id] = find_hotspot(native, threshold, nifti_grid(subject.image)[1], region=brain)
         else:
             image = load_image(subject.image)
             native = resize(square, image.shape[:2])

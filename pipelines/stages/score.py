@@ -29,13 +29,16 @@ class Scores:
     summary: dict[str, Any] | None = None
 
 
-def scoring_options(config: ScreenConfig, device: str) -> Any:
+def scoring_options(config: ScreenConfig, device: str, kind: str = "3d") -> Any:
     """`volumetric.engine.ScoringConfig` from the config's `scoring` table (nested `codegraph`
     table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
-    device and seed unless the `engine` table says otherwise."""
+    device and seed unless the `engine` table says otherwise. LNAMD's border: MuSc's zero
+    padding for volumes, windows moved inside the grid for 2D images (`kind` "2d"), where the
+    grid's edge is the image's edge (`volumetric.engine.lnamd`), unless the table sets it."""
     from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
 
     settings = dict(config.scoring)
+    settings.setdefault("lnamd_border", "shift" if kind == "2d" else "zero")
     try:
         engine = {"device": device, "seed": config.seed, **dict(settings.get("engine") or {})}
         settings["engine"] = EngineOptions(**engine)

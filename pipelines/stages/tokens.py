@@ -117,7 +117,7 @@ def extract_tokens(
         "cache": str(cache.root.resolve()),
         "grid": list(grids.pop()),
         "random_weights": bool(tokenizer.identity.random_weights),
-        "features": describe_tokenizer(tokenizer),
+        "features": describe_tokenizer(tokenizer, kind),
     }
     log.info("tokens: %d computed, %d from cache", computed, info["cached"])
     return Tokens(token_sets, np.stack(packed_masks) if packed_masks else None, info)

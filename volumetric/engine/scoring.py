@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from volumetric.engine.codegraph import CoDeGraph, CoDeGraphResult
-from volumetric.engine.lnamd import lnamd
+from volumetric.engine.lnamd import BORDERS, lnamd
 from volumetric.engine.mutual import mutual_scores
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
@@ -45,6 +45,8 @@ class ScoringConfig:
     radii whose views build CoDeGraph's graph (a subset of `lnamd_radii`); None (default) = r = 3
     when it is among `lnamd_radii`, else all views.
     `layer_norm`: LNAMD's per-map LayerNorm (MuSc; False is an ablation switch).
+    `lnamd_border`: "zero" (MuSc's zero padding at the grid's edge) or "shift" (windows moved
+    inside the grid; `volumetric.engine.lnamd`; the screen's default for 2D images).
     `musc_top_fraction`: f for `method="musc"` (MuSc: 0.3); CoDeGraph's f is
     `codegraph.top_fraction` (0.1). `rscin`: k-windows of MuSc's RsCIN re-scoring of the
     collection scores over the collections' global descriptors (`volumetric.engine.rscin`; MuSc
@@ -56,6 +58,7 @@ class ScoringConfig:
     lnamd_radii: tuple[int, ...] = (1, 3, 5)
     graph_radii: tuple[int, ...] | None = None
     layer_norm: bool = True
+    lnamd_border: str = "zero"
     musc_top_fraction: float = 0.3
     rscin: tuple[int, ...] | None = None
     codegraph: CoDeGraph = field(default_factory=CoDeGraph)
@@ -71,6 +74,8 @@ class ScoringConfig:
             if not graph or any(r not in radii for r in graph):
                 raise VolscanError(f"graph_radii: expected a non-empty subset of lnamd_radii {radii}, got {self.graph_radii!r}")
             object.__setattr__(self, "graph_radii", graph)
+        if self.lnamd_border not in BORDERS:
+            raise VolscanError(f"lnamd_border: expected one of {', '.join(BORDERS)}, got {self.lnamd_border!r}")
         check_fraction("musc_top_fraction", self.musc_top_fraction)
         if self.rscin is not None:
             object.__setattr__(self, "rscin", check_windows(self.rscin, "rscin"))
@@ -153,7 +158,8 @@ def score_collections(
         sub_globals = None if global_features is None else global_features[part]
 
         def views(sub_grids=sub_grids, sub_valid=sub_valid, size=len(part)) -> Iterator[Tensor]:
-            return lnamd_views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm)
+            return lnamd_views(sub_grids, sub_valid.reshape(size, *grid), config.lnamd_radii, config.layer_norm,
+                               border=config.lnamd_border)
 
         if method == "musc":
             view_scores = [
@@ -183,11 +189,13 @@ def score_collections(
     )
 
 
-def lnamd_views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool) -> Iterator[Tensor]:
+def lnamd_views(grids: list[Tensor], valid: Tensor, radii: tuple[int, ...], layer_norm: bool, *,
+                border: str = "zero") -> Iterator[Tensor]:
     """Lazily yield one (n, M, C) LNAMD view per (layer, r), so only one lives at a time."""
     for g in grids:
         for r in radii:
-            yield lnamd(g, r, valid.to(g.device), layer_norm=layer_norm).reshape(g.shape[0], -1, g.shape[-1])
+            view = lnamd(g, r, valid.to(g.device), layer_norm=layer_norm, border=border)
+            yield view.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -> CoDeGraphResult:
