@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.abc
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -261,4 +262,48 @@ def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp
     entry = sorted((cache / "tokens").rglob("*.safetensors"))[1]
     entry.write_bytes(entry.read_bytes()[:-5])
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "tokens of 1 scan(s)" in err and "(or damaged)" in err
+    assert f"{entry}: not a readable token file" in err and "run volscan extract" in err
+
+
+def test_score_refuses_and_screen_rebuilds_two_swapped_token_files(cohort: dict, tmp_path: Path, capsys) -> None:
+    """Two scans' token files swapped in the cache: each is intact, only its header's key tells
+    that it belongs to the other scan. Score refuses naming the file (and writes nothing);
+    screen rebuilds both with a warning naming each and scores as before the swap."""
+    settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
+    assert main(["extract", *settings, "-o", str(cache)]) == 0
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "clean")]) == 0
+    a, b = sorted((cache / "tokens").rglob("*.safetensors"))[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    err = _refused_score(settings, cache, tmp_path / "run", capsys)
+    assert "token file was written for another scan or settings" in err and (str(a) in err or str(b) in err)
+    assert main(["screen", *settings, "--cache", str(cache), "-o", str(tmp_path / "rebuilt")]) == 0
+    err = capsys.readouterr().err
+    for path in (a, b):
+        assert f"discarding corrupt token cache entry: {path}: token file was written for another scan" in err
+    assert (tmp_path / "rebuilt" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
+
+
+def test_one_cache_whatever_the_inputs_template_and_cache_paths_are_spelled(cohort: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`extract` with relative paths (`--template template`), then `score` through another mount
+    point of the same data with absolute paths and a copy of the template elsewhere: the same
+    store and token files are found (cache keys hold content, not paths)."""
+    _four_scans(cohort, tmp_path / "images")
+    (tmp_path / "template").mkdir()
+    for path in cohort["template"].iterdir():
+        (tmp_path / "template" / path.name).write_bytes(path.read_bytes())
+    other_template = Path(shutil.copytree(tmp_path / "template", tmp_path / "elsewhere" / "atlas"))
+    config = cohort["settings"][cohort["settings"].index("--config") + 1]
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "images", "--config", config, "--template", "template", "--registered",
+                 "--skull-stripped", "-o", "cache"]) == 0
+    mount = tmp_path.parent / f"{tmp_path.name}-mount"
+    mount.symlink_to(tmp_path)  # the same files at another path, as on another cluster node
+    before = _cache_files(tmp_path / "cache")
+    out = tmp_path / "run"
+    assert main(["score", str(mount / "images"), "--config", config, "--template", str(other_template),
+                 "--registered", "--skull-stripped", "--cache", str(mount / "cache"), "-o", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["tokens"]["computed"] == 0
+    assert _cache_files(tmp_path / "cache") == before

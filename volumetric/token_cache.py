@@ -108,9 +108,11 @@ class TokenCache:
         return tokens.save(path, key=key, dtype=STORAGE_DTYPE)
 
     def get_or_compute(self, key: str, compute: Callable[[], TokenSet]) -> TokenSet:
-        """Cached tokens for `key`, computing and storing them on a miss."""
+        """Cached tokens for `key`, computing and storing them on a miss (then returned as a
+        later `load` returns them: `TokenSet.as_stored`)."""
         tokens = self.load(key)
         if tokens is None:
             tokens = compute()
             self.store(key, tokens)
+            tokens = tokens.as_stored(STORAGE_DTYPE)
         return tokens

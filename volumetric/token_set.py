@@ -73,6 +73,13 @@ class TokenSet:
         """True when the tokens came from a randomly initialised backbone (meaningless scores)."""
         return bool(self.meta.get("random_weights", False))
 
+    def as_stored(self, dtype: torch.dtype) -> TokenSet:
+        """These tokens as `load` returns them after `save(..., dtype=dtype)` (float32 layers
+        rounded through float16 where that storage applies), so a run that just computed them
+        scores exactly what a later run reads from the cache."""
+        layers = [_stored(t.detach().float().cpu(), dtype).float() for t in self.layers]
+        return TokenSet(layers, self.void, self.grid, self.meta)
+
     def _tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out = {f"layer_{i}": _stored(t.detach().float().cpu(), dtype).contiguous() for i, t in enumerate(self.layers)}
         out["void"] = self.void.detach().cpu().contiguous()

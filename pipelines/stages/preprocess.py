@@ -57,10 +57,12 @@ def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root:
     inputs, the template or the cache at other paths, or spell them otherwise, share one store.
     With N4 on, `bias_correction` and `n4` are part of the name (screens with and without N4 get
     their own stores)."""
+    from pipelines.inputs import input_kind
     from preprocessing.store import content_fingerprint, content_hash
     from preprocessing.template import find_template_folder, template_files
 
-    template = [content_hash(path) for path in template_files(find_template_folder(config.template))]
+    template = ([content_hash(path) for path in template_files(find_template_folder(config.template))]
+                if input_kind([s.image for s in subjects]) == "3d" else None)  # 2D: its extract logs only
     key = {"inputs": sorted((s.id, content_fingerprint(s.image)) for s in subjects), "size": config.size,
            "template": template}
     settings = config.preprocess_settings()

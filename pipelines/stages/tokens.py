@@ -100,8 +100,7 @@ def extract_tokens(
             missing.append(sid)
             continue
         if tokens is None:
-            tokens = tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array)
-            cache.store(key, tokens)
+            tokens = cache.get_or_compute(key, lambda: tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array))
             computed += 1
         token_sets.append(tokens)
     if missing:
