@@ -16,8 +16,9 @@ landmarks and marker), the temporaries of killed runs under the rules of
 `volumetric.atomic_files.remove_stale_temporaries`, and folders left empty. Anything else in
 the cache folder is counted as "other" and left alone.
 
-An entry's last use is its modification time: writers rewrite a store's marker on every run
-and touch a token file on every cache hit (`volscan score`, which writes nothing, does not).
+An entry's last use is its modification time: `screen` and `extract` touch a store's marker
+on every run (`preprocessing.store.mark_used`) and a token file on every cache hit;
+`volscan score`, which writes nothing, does not.
 """
 
 from __future__ import annotations

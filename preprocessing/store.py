@@ -38,7 +38,7 @@ from volumetric.errors import InputFileError
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = "volscan-preprocess-record/2"
-# In every store volscan writes into: marks it as volscan's, and its time is the last use by a writer.
+# In every store volscan writes into: marks it as volscan's; in a cache, its time is the last use.
 STORE_MARKER = "volscan-store.json"
 STORE_FORMAT = "volscan-store/1"
 
@@ -101,11 +101,21 @@ def store_folders(out: Path) -> list[Path]:
 def open_for_writing(out: Path) -> None:
     """Call before writing into the store at `out`: removes from its folders the temporaries
     that killed volscan runs of this host left (`volumetric.atomic_files`; once per process),
-    and (re)writes its `STORE_MARKER`, whose time is the store's last use by a writer (what
-    `volscan cache prune --older-than` goes by)."""
+    and writes its `STORE_MARKER` when missing."""
     for folder in store_folders(out):
         tidy_before_writing(folder)
-    atomic_write_bytes(out / STORE_MARKER, json.dumps({"format": STORE_FORMAT}).encode())
+    if not (out / STORE_MARKER).is_file():
+        atomic_write_bytes(out / STORE_MARKER, json.dumps({"format": STORE_FORMAT}).encode())
+
+
+def mark_used(out: Path) -> None:
+    """Set the time of the cache store `out`'s `STORE_MARKER` to now: its last use, which
+    `volscan cache prune --older-than` goes by (runs that use a cache call this; a resumed
+    `volscan preprocess` output is left untouched)."""
+    try:
+        os.utime(out / STORE_MARKER)
+    except OSError:
+        log.debug("could not touch %s", out / STORE_MARKER, exc_info=True)
 
 
 def is_store_marker(path: Path) -> bool:

@@ -95,8 +95,11 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
 
     folder = cohort_folder(subjects, config, cache_root)
     if compute:
+        from preprocessing.store import mark_used
+
         result = preprocess_cohort([spec_of(s) for s in subjects], folder, config.preprocess_settings(),
                                    template=config.template, stale="recompute")
+        mark_used(folder)
     else:  # read-only: the store is shared with other parts and runs
         from pipelines.distributed.completeness import require_extracted
 
