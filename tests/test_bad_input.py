@@ -825,3 +825,21 @@ def test_swapped_token_files_are_rebuilt_by_screen_with_a_warning(finished: dict
     for path in (a, b):
         assert f"discarding corrupt token cache entry: {path}: token file was written for another scan" in err
     assert (tmp_path / "rebuilt" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
+
+
+def test_duplicates_are_equal_content_not_equal_size(tmp_path: Path) -> None:
+    """Same size and same sampled blocks but one byte apart: two scans, accepted; the same bytes
+    under two names: refused, naming both."""
+    from pipelines.inputs import Subject, check_duplicates
+    from volumetric.errors import InputFileError
+
+    data = bytearray(np.random.default_rng(3).bytes(3 << 20))
+    a, b, c = (tmp_path / f"{name}.nii" for name in "abc")
+    a.write_bytes(bytes(data))
+    data[(3 << 20) // 2 + 12345] ^= 1  # between the fingerprint's sampled blocks
+    b.write_bytes(bytes(data))
+    subjects = [Subject(p.stem, p) for p in (a, b)]
+    check_duplicates(subjects)
+    c.write_bytes(a.read_bytes())
+    with pytest.raises(InputFileError, match=f"{c}: has the same content as {a}"):
+        check_duplicates([*subjects, Subject("c", c)])
