@@ -204,7 +204,7 @@ def check_store(
                 scans[subject.record.id] = ("not standardised" if not done.get("final_key")
                                             else "standardised with other landmarks")
             elif not verified_files(out, (subject.record.image_path,), done.get("final_files"), rebuild=False):
-                scans[subject.record.id] = "standardised cube damaged"
+                scans[subject.record.id] = f"standardised cube {subject.record.image_path.relative_to(out)} damaged"
     result = CohortResult(records=[s.record for s in subjects], landmarks=None if problem else landmarks,
                           landmarks_path=path)
     return StoreCheck(result, scans, problem)

@@ -255,7 +255,7 @@ def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp
     cube = next((cache / "preprocess").glob("*/images/case02.nii.gz"))
     cube.write_bytes(cube.read_bytes()[:-7])  # truncated
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "1 scan(s)" in err and "case02 (standardised cube damaged)" in err
+    assert "1 scan(s)" in err and "case02 (standardised cube images/case02.nii.gz damaged)" in err
     assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err
     cube.unlink()  # now a damaged token set: named, and left as it is
     assert main(["extract", *settings, "-o", str(cache)]) == 0
