@@ -225,28 +225,36 @@ def _four_scans(cohort: dict, folder: Path) -> list[str]:
     return [str(folder), *cohort["settings"][1:]]
 
 
-def test_score_never_rewrites_the_store_after_a_sharded_rerun(cohort: dict, tmp_path: Path, capsys) -> None:
-    """One part is redone after its scan changed: its landmarks no longer fit the cohort. Score
-    must name the scan and the extract stage to run, and write nothing (other parts' cubes and
-    tokens rely on the stored landmarks); after that stage it scores."""
+def test_a_changed_scan_makes_a_new_cohort_store_and_score_never_rewrites_one(cohort: dict, tmp_path: Path,
+                                                                             capsys) -> None:
+    """One scan changes after a sharded extract: the cohort (named by its inputs' content) gets a
+    new store, so no part mixes cubes standardised with landmarks learned on the old scan. Score
+    names the missing scans and writes nothing; the part's tokens stage asks for the landmarks
+    stage first; after the three stages score runs. The old store is left as it was."""
     settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
-    for stage, parts in (("spatial", ("1/2", "2/2")), ("landmarks", ("1/1",)), ("tokens", ("1/2", "2/2"))):
+    stages = (("spatial", ("1/2", "2/2")), ("landmarks", ("1/1",)), ("tokens", ("1/2", "2/2")))
+    for stage, parts in stages:
         for part in parts:
             assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", part]) == 0
+    [old_store] = (cache / "preprocess").iterdir()
+    old_files = _cache_files(old_store)
     changed = tmp_path / "images" / "case00.nii.gz"
     image = nib.load(str(changed))
     data = np.asarray(image.dataobj, dtype=np.float32)
     data[12:16, 12:16, 12:16] += 40.0
     nib.save(nib.Nifti1Image(data, image.affine), str(changed))
-    for stage in ("spatial", "tokens"):  # case00 is in part 1 of 2
-        assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", "1/2"]) == 0
+    assert main(["extract", *settings, "-o", str(cache), "--stage", "spatial", "--part", "1/2"]) == 0
+    capsys.readouterr()
+    assert main(["extract", *settings, "-o", str(cache), "--stage", "tokens", "--part", "1/2"]) == 2
+    assert "landmarks are not learned yet; run --stage landmarks first" in capsys.readouterr().err
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "landmarks.npy" in err and "learned before case00 was preprocessed" in err
-    assert f"volscan extract {tmp_path / 'images'} --cache {cache} --stage landmarks" in err
-    assert main(["extract", *settings, "-o", str(cache), "--stage", "landmarks"]) == 0
-    for part in ("1/2", "2/2"):
-        assert main(["extract", *settings, "-o", str(cache), "--stage", "tokens", "--part", part]) == 0
+    assert "per-scan stage of 4 scan(s) is missing: case00, case01, case02, case03" in err
+    assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err
+    for stage, parts in stages:
+        for part in parts:
+            assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", part]) == 0
     assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "run")]) == 0
+    assert len(list((cache / "preprocess").iterdir())) == 2 and _cache_files(old_store) == old_files
 
 
 def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp_path: Path, capsys) -> None:
