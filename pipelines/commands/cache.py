@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.cache_files import CacheContents
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 _KINDS = (("store", "preprocessing store(s)"), ("tokens", "token set(s)"), ("log", "extract log(s)"))
 
 
-def _print_contents(contents) -> None:
+def _print_contents(contents: "CacheContents") -> None:
+    """`volscan cache du`'s table: one line per kind of entry, with counts and bytes."""
     from pipelines.cache_files import human_bytes
 
     print(f"{contents.root}: {human_bytes(contents.total)}")
