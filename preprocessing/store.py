@@ -100,12 +100,9 @@ def store_folders(out: Path) -> list[Path]:
 
 def open_for_writing(out: Path) -> None:
     """Call before writing into the store at `out`: removes from its folders the temporaries
-    that killed volscan runs of this host left (`volumetric.atomic_files`; once per process),
-    and writes its `STORE_MARKER` when missing."""
+    that killed volscan runs of this host left (`volumetric.atomic_files`; once per process)."""
     for folder in store_folders(out):
         tidy_before_writing(folder)
-    if not (out / STORE_MARKER).is_file():
-        atomic_write_bytes(out / STORE_MARKER, json.dumps({"format": STORE_FORMAT}).encode())
 
 
 def mark_used(out: Path) -> None:
@@ -160,7 +157,10 @@ def read_record(out: Path, sid: str, *, rebuild: bool = True) -> dict[str, Any]:
 
 
 def write_record(out: Path, sid: str, record: dict[str, Any]) -> None:
-    """Write `record` for subject `sid` (with its id and its own checksum) atomically."""
+    """Write `record` for subject `sid` (with its id and its own checksum) atomically; the
+    store's `STORE_MARKER` comes with its first record (a run that wrote nothing leaves none)."""
+    if not (out / STORE_MARKER).is_file():
+        atomic_write_bytes(out / STORE_MARKER, json.dumps({"format": STORE_FORMAT}).encode())
     body = {**record, "id": sid, "format": RECORD_FORMAT}
     body["checksum"] = _checksum(body)
     atomic_write_bytes(out / "records" / f"{sid}.json", json.dumps(body, indent=1).encode())
