@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "recompute metrics of an existing screen run against labels"),
     "preprocess": ("preprocess", "register, mask, crop, resize and standardise a folder of NIfTI volumes"),
     "template": ("template", "locate or fetch the SRI-24 template"),
+    "cache": ("cache", "show (du) or prune the cache of preprocessed cubes and tokens"),
     "phantom": ("phantom", "generate a synthetic cohort with known lesions"),
     "demo": ("demo", "generate a small phantom cohort and screen it, offline"),
     "reproduce": ("reproduce", "reproduce a published experiment (brats-mets-ixi)"),

@@ -235,6 +235,31 @@ def validate_subjects(subjects: Sequence[Subject]) -> str:
             nifti_grid(subject.image)
         else:
             image_grid(subject.image)
+    check_duplicates(subjects)
     if len(subjects) < 2:
         raise VolscanError(f"mutual scoring needs at least 2 inputs, got {len(subjects)}")
     return kind
+
+
+def check_duplicates(subjects: Sequence[Subject]) -> None:
+    """Refuse two inputs with the same content (byte-identical files), naming both: in mutual
+    scoring each would find a perfect look-alike in the other, so a lesion scan's copy vouches
+    for it (docs/screen.md). Only files of equal size are compared, first by a sampled fingerprint
+    (1 MiB read per file: uncompressed volumes of one grid all have the same size), then by their
+    full hash, remembered for the rest of the run (`preprocessing.store.content_hash`)."""
+    from preprocessing.store import content_fingerprint, content_hash, content_size
+
+    by_size: dict[int, list[Subject]] = {}
+    for subject in subjects:
+        by_size.setdefault(content_size(subject.image), []).append(subject)
+    alike: dict[str, list[Subject]] = {}
+    for group in (g for g in by_size.values() if len(g) > 1):
+        for subject in group:
+            alike.setdefault(content_fingerprint(subject.image), []).append(subject)
+    for group in (g for g in alike.values() if len(g) > 1):
+        seen: dict[str, Subject] = {}
+        for subject in group:
+            first = seen.setdefault(content_hash(subject.image), subject)
+            if first is not subject:
+                raise InputFileError(subject.image, f"has the same content as {first.image} (byte-identical "
+                                                    "copies would vouch for each other); remove one of them")

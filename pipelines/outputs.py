@@ -9,9 +9,9 @@ wrote it and the SHA-256 of each file it wrote. An output written in place (`vol
 holds a marker with `"complete": false` until the command finishes, so an interrupted one
 (`kill -9`) never looks finished. A run killed before its rename leaves its hidden temporary
 folder, owned through `volscan-partial.json` (process id and host), on which the run holds an
-exclusive `flock` for its whole life; the next run into the same OUT removes such a folder only
-when that lock is free (the kernel drops it when the process dies, in any PID namespace) and the
-process is gone from this host, and nothing else. A run killed in the middle of a `--force` swap
+exclusive `flock` for its whole life; the next run into the same OUT or beside it (same parent
+folder) removes such a folder only when that lock is free (the kernel drops it when the process
+dies, in any PID namespace) and the process is gone from this host, and nothing else. A run killed in the middle of a `--force` swap
 (OUT moved aside, the new one not yet in place) gets the previous OUT back from the next run. `--force` replaces a folder only when that
 marker names the same command, never a folder that merely holds a common file name such as
 report.json, and readers (`volscan evaluate`) check the checksums of what they read.
@@ -206,6 +206,7 @@ class AtomicOutputDir:
         self.out = check_output_dir(out_dir, force, protected, command)
         missing = not os.path.lexists(self.out)
         remove_abandoned(self.out)
+        sweep_abandoned(self.out.parent)  # and those of killed runs into other OUTs beside it
         if missing and os.path.lexists(self.out):  # a restored previous OUT needs --force like any other
             self.out = check_output_dir(out_dir, force, protected, command)
         self.force = force
@@ -317,24 +318,36 @@ def remove_abandoned(out: Path) -> list[Path]:
     aside and moving its own in place, the previous OUT is put back first (logged as a warning).
     Anything else (another host's run, a live run in any PID namespace, a folder volscan did not
     mark, a file system without locks) is left alone."""
-    removed = []
     pattern = glob.escape(f".{out.name}")
-    for folder in sorted(out.parent.glob(f"{pattern}.old-*")) + sorted(out.parent.glob(f"{pattern}.partial-*")):
-        fd = _lock_abandoned(folder)
-        if fd is None:
-            continue
-        try:  # the lock is held until the folder is gone: two cleaning runs do not both act on it
-            if folder.name.startswith(f".{out.name}.old-") and (folder / PREVIOUS).is_dir() \
-                    and not os.path.lexists(out):
-                os.replace(folder / PREVIOUS, out)
-                log.warning("restored the previous output %s: the volscan run replacing it was killed "
-                            "while swapping it", out)
-            shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            os.close(fd)
-        log.info("removed %s, left by an interrupted volscan run", folder)
-        removed.append(folder)
-    return removed
+    folders = sorted(out.parent.glob(f"{pattern}.old-*")) + sorted(out.parent.glob(f"{pattern}.partial-*"))
+    return [folder for folder in folders if _remove_if_abandoned(folder, out)]
+
+
+def sweep_abandoned(parent: Path) -> list[Path]:
+    """Remove the hidden `.<name>.partial-*` folders in `parent` that killed runs into any OUT
+    left, under `remove_abandoned`'s ownership rule (a run into another OUT, or none since,
+    would never remove them). `.old-*` folders are left to their own OUT's next run: one may
+    hold the only copy of a previous output, which that run puts back."""
+    return [folder for folder in sorted(parent.glob(".*.partial-*")) if _remove_if_abandoned(folder, None)]
+
+
+def _remove_if_abandoned(folder: Path, out: Path | None) -> bool:
+    """Remove `folder` if its run is provably gone (`_lock_abandoned`); for a `.old-*` folder of
+    `out`, put the previous output it holds back first when OUT is missing. Whether removed."""
+    fd = _lock_abandoned(folder)
+    if fd is None:
+        return False
+    try:  # the lock is held until the folder is gone: two cleaning runs do not both act on it
+        if out is not None and folder.name.startswith(f".{out.name}.old-") and (folder / PREVIOUS).is_dir() \
+                and not os.path.lexists(out):
+            os.replace(folder / PREVIOUS, out)
+            log.warning("restored the previous output %s: the volscan run replacing it was killed "
+                        "while swapping it", out)
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
+    log.info("removed %s, left by an interrupted volscan run", folder)
+    return True
 
 
 def _lock_abandoned(folder: Path) -> int | None:

@@ -83,6 +83,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=dict)
     tokens: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # `pipelines.cache_files.run_usage`
     scoring: dict[str, Any] = field(default_factory=dict)
     token_grid: list[int] = field(default_factory=list)
     codegraph: dict[str, Any] | None = None

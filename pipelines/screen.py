@@ -117,6 +117,7 @@ def screen_subjects(
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
     without a mask then count as healthy. `compute=False`: see `run_screen`.
     """
+    from pipelines.cache_files import run_usage
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
     from pipelines.hotspots import flag_rule
     from pipelines.outputs import AtomicOutputDir
@@ -178,5 +179,7 @@ def screen_subjects(
                 report.viewer = outputs.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)
         report.timings_s = timer.seconds
+        report.cache = run_usage(cache_root, Path(prepared.info["cache"]) if kind == "3d" else None,
+                                 token_sets.files)
         write_run_tables(work, report)
     return ScreenResult(output.out, report_rows(report), report)

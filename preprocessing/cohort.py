@@ -1,7 +1,10 @@
 """A cohort → files on disk (`preprocessing.store` layout) + one set of Nyúl landmarks; resumable.
 
 Each subject runs the one-volume chain (`preprocessing.volume`) unless its record shows the
-same input content and settings and every output still matches its checksum; then landmarks are
+same input content and settings and every output still matches its checksum. Cubes (before
+and after Nyúl) are stored as int16 with a NIfTI scale factor (`save_volume(scaled_int16=True)`:
+half the bytes of float32, each value within 1/65534 of the cube's largest magnitude; the
+scores' change is measured in docs/scale.md); then landmarks are
 learned on the whole cohort (or the fixed `settings.landmarks` are applied) and every cube is
 standardised. Damaged outputs (checksum mismatch, unreadable or non-monotone landmarks) are
 rebuilt with a warning naming the file.
@@ -45,8 +48,6 @@ from volumetric.errors import InputFileError, VolscanError, first_line
 log = logging.getLogger(__name__)
 
 LANDMARKS_FILE = "landmarks.npy"
-# What `check_store` does about a damaged file: it writes nothing, it reports the scan.
-READ_ONLY_MISMATCH = "reported, not rebuilt: this check writes nothing (volscan extract rebuilds it)"
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def preprocess_cohort(
             raise _stale_error(record.image_path)
         cube = load_volume(record.spatial_path)
         standardised = standardize(cube.array, load_volume(record.mask_path).array > 0, landmarks)
-        save_volume(standardised, cube.affine, record.image_path, dtype=np.float32)
+        save_volume(standardised, cube.affine, record.image_path, scaled_int16=True)
         final = {"final_key": final_key, "final_files": file_checksums(out, (record.image_path,))}
         write_record(out, record.id, {**done, **final})
     return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
@@ -170,17 +171,17 @@ def check_store(
     out = Path(out_dir)
     subjects = _subjects(_specs(paths), out, settings, template)
     scans: dict[str, str] = {}
-    records = {s.record.id: read_record(out, s.record.id) for s in subjects}
+    records = {s.record.id: read_record(out, s.record.id, rebuild=False) for s in subjects}
     for subject in subjects:
         done = records[subject.record.id]
         if done.get("spatial_key") != subject.key:
             scans[subject.record.id] = ("record damaged" if done.get("corrupt")
                                         else "not preprocessed" if not done.get("spatial_key")
                                         else _what_changed(done.get("settings"), subject.settings_key))
-        elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files"), READ_ONLY_MISMATCH):
+        elif not verified_files(out, subject.record.spatial_files, done.get("spatial_files"), rebuild=False):
             scans[subject.record.id] = "preprocessed files damaged"
     path = out / LANDMARKS_FILE
-    landmarks, info = _stored_landmarks(path)
+    landmarks, info = _stored_landmarks(path, rebuild=False)
     problem = None
     if landmarks is None:
         problem = "not learned yet"
@@ -202,8 +203,8 @@ def check_store(
             if done.get("final_key") != _final_key(subject.key, landmarks):
                 scans[subject.record.id] = ("not standardised" if not done.get("final_key")
                                             else "standardised with other landmarks")
-            elif not verified_files(out, (subject.record.image_path,), done.get("final_files"), READ_ONLY_MISMATCH):
-                scans[subject.record.id] = "standardised cube damaged"
+            elif not verified_files(out, (subject.record.image_path,), done.get("final_files"), rebuild=False):
+                scans[subject.record.id] = f"standardised cube {subject.record.image_path.relative_to(out)} damaged"
     result = CohortResult(records=[s.record for s in subjects], landmarks=None if problem else landmarks,
                           landmarks_path=path)
     return StoreCheck(result, scans, problem)
@@ -337,7 +338,7 @@ def _spatial_job(pre: VolumePreprocessor, record: SubjectRecord) -> tuple[str, s
             raise  # volscan's own bug, not the scan's: it surfaces with its traceback
         log.debug("preprocessing %s failed", record.source, exc_info=True)
         return str(record.source), f"preprocessing failed: {_library_error(exc)} (details: -vv)"
-    save_volume(result.cube, result.mapping.cube_affine, record.spatial_path, dtype=np.float32)
+    save_volume(result.cube, result.mapping.cube_affine, record.spatial_path, scaled_int16=True)
     save_volume(result.brain_mask, result.mapping.cube_affine, record.mask_path, dtype=np.uint8)
     result.mapping.save(record.mapping_path)
     result.mapping.write_itk_transform(record.transform_path)
@@ -388,8 +389,9 @@ def _cohort_landmarks(
     return learned, path
 
 
-def _stored_landmarks(path: Path) -> tuple[Landmarks | None, dict]:
-    """The landmarks stored at `path` and their sidecar, or (None, {}) when absent or damaged (warning)."""
+def _stored_landmarks(path: Path, *, rebuild: bool = True) -> tuple[Landmarks | None, dict]:
+    """The landmarks stored at `path` and their sidecar, or (None, {}) when absent or damaged
+    (warning; `rebuild`: saying they are rebuilt)."""
     sidecar = path.with_suffix(".json")
     if not path.exists() and not sidecar.exists():
         return None, {}
@@ -400,7 +402,8 @@ def _stored_landmarks(path: Path) -> tuple[Landmarks | None, dict]:
     except (OSError, ValueError, InputFileError, VolscanError):
         intact = False
     if not intact:
-        log.warning("%s: stored landmarks are corrupt or were changed (checksum mismatch); rebuilding them", path)
+        log.warning("%s: stored landmarks are corrupt or were changed (checksum mismatch)%s", path,
+                    "; rebuilding them" if rebuild else "")
         return None, {}
     return landmarks, info
 

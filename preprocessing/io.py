@@ -137,8 +137,13 @@ def save_volume(
     path: str | os.PathLike[str],
     *,
     dtype: np.dtype | type | None = None,
+    scaled_int16: bool = False,
 ) -> Path:
-    """Write `array` (X, Y, Z) with `affine` (4, 4) to NIfTI atomically (temp name, then replace)."""
+    """Write `array` (X, Y, Z) with `affine` (4, 4) to NIfTI atomically (temp name, then replace).
+
+    `scaled_int16`: store a float array as int16 with the NIfTI scale factor max|array| / 32767
+    and no offset (half of float32's bytes before compression; zero stays exactly zero; every
+    value within half a step, max|array| / 65534, of the original, up to float32 rounding); `load_volume` applies it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(array)
@@ -146,10 +151,17 @@ def save_volume(
         data = data.astype(np.uint8)
     if dtype is not None:
         data = data.astype(dtype)
+    slope = None
+    if scaled_int16:
+        top = float(np.abs(data).max()) if data.size else 0.0
+        slope = top / np.iinfo(np.int16).max if top > 0 else 1.0
+        data = np.round(data / slope).astype(np.int16)
     affine = np.asarray(affine, dtype=np.float64)
     import nibabel as nib
 
     image = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
     # Both qform and sform, code 1: ITK (ITK-SNAP, 3D Slicer) and nibabel then agree on the geometry.
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)

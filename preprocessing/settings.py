@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from preprocessing.bias_field import N4Settings
@@ -22,7 +21,8 @@ from preprocessing.registration import RegistrationSettings
 from volumetric.errors import VolscanError
 
 # Bump when a change of the chain changes outputs made with the same settings (invalidates caches).
-PIPELINE_VERSION = 2
+# 3: cubes stored as scaled int16 (`preprocessing.io.save_volume(scaled_int16=True)`).
+PIPELINE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,9 @@ class PreprocessSettings:
         """What changes the cube, mask and mapping (JSON-able), with the resolved `mask_method`.
 
         `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
-        on which weights folder made them (`hdbet_weights`, or volscan's cached download). Bias
-        correction enters only when on: "none" makes the same cubes as before it existed, so
-        stores made then stay valid.
+        on which weights made them (the content of the `hdbet_weights` folder's files, so the
+        same weights mounted at another path are the same key; or volscan's cached download).
+        Bias correction enters only when on: "none" makes the same cubes as before it existed.
         """
         key = {
             "version": PIPELINE_VERSION,
@@ -153,8 +153,8 @@ class PreprocessSettings:
             "registered": self.registered,
             "skull_stripped": self.skull_stripped,
             "mask_method": mask_method,
-            "hdbet_weights": ((str(Path(self.hdbet_weights).expanduser().resolve()) if self.hdbet_weights
-                               else "volscan-cache") if mask_method == "hd-bet" else None),
+            "hdbet_weights": ((_hdbet_identity(self.hdbet_weights) if self.hdbet_weights else "volscan-cache")
+                              if mask_method == "hd-bet" else None),
             "margin_mm": float(self.margin_mm),
             "cubic": self.cubic,
             "background_scale": float(self.background_scale) if mask_method == "template" else None,
@@ -167,3 +167,15 @@ class PreprocessSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (for reports)."""
         return dataclasses.asdict(self)
+
+
+def _hdbet_identity(weights: str) -> str:
+    """Content identity of a user's HD-BET weights folder: its release files' SHA-256 (each read
+    once per process), whatever path it is mounted at."""
+    import hashlib
+
+    from preprocessing.learned_masks import HDBET_FILES, hdbet_weights_dir
+    from preprocessing.store import content_hash
+
+    folder = hdbet_weights_dir(weights, download=False)
+    return "sha256:" + hashlib.sha256(";".join(content_hash(folder / name) for name in HDBET_FILES).encode()).hexdigest()

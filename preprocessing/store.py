@@ -2,13 +2,18 @@
 
 Layout of an output folder (see docs/preprocessing.md): `images/<id>.nii.gz` (standardised
 cube), `masks/<id>.nii.gz`, `mappings/<id>.json`, `transforms/<id>.tfm`, `spatial/<id>.nii.gz`
-(cube before Nyúl), `records/<id>.json`, `landmarks.npy` (+ `.json`).
+(cube before Nyúl), `records/<id>.json`, `landmarks.npy` (+ `.json`), `volscan-store.json`.
 
-`records/<id>.json` holds the cache keys (input content hash + settings), the settings
-themselves, the brain-mask extractor used, and the SHA-256 of every file the subject owns; the
-record carries a checksum of itself. A file whose checksum no longer matches (bit flip,
-truncation, hand edit) makes `verified_files` return False with a warning naming the file, and
-the caller rebuilds it: a damaged cache costs one recomputation, never a persistent error.
+`records/<id>.json` holds the subject id it was written for, the cache keys (input content hash +
+settings), the settings themselves, the brain-mask extractor used, and the SHA-256 of every file
+the subject owns (by its path in the store); the record carries a checksum of itself. So every
+stored file is bound to its key through its record: a file whose checksum no longer matches (bit
+flip, truncation, hand edit, another subject's file copied or moved onto its name) makes
+`verified_files` return False with a warning naming the file, a record moved onto another
+subject's name is refused by `read_record` with a warning naming it, and the caller rebuilds the
+subject: a damaged cache costs one recomputation, never a persistent error or a silently wrong
+cube. Readers that must not write (`volscan score`) pass `rebuild=False`: the warning then does
+not promise a rebuild, and the caller reports the subject instead.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,9 @@ from volumetric.errors import InputFileError
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = "volscan-preprocess-record/2"
+# In every store volscan writes into: marks it as volscan's; in a cache, its time is the last use.
+STORE_MARKER = "volscan-store.json"
+STORE_FORMAT = "volscan-store/1"
 
 
 @dataclass(frozen=True)
@@ -82,36 +92,76 @@ def subject_record(out: Path, sid: str, source: Path, brain_mask: str = "", warn
     )
 
 
+def store_folders(out: Path) -> list[Path]:
+    """The folders of the store at `out` that volscan writes files into (`out` itself first)."""
+    layout = subject_record(out, "_", out)
+    return sorted({out, out / "records", *(p.parent for p in (layout.image_path, *layout.spatial_files))})
+
+
 def open_for_writing(out: Path) -> None:
     """Call before writing into the store at `out`: removes from its folders the temporaries
     that killed volscan runs of this host left (`volumetric.atomic_files`; once per process)."""
-    layout = subject_record(out, "_", out)
-    for folder in sorted({out, out / "records", *(p.parent for p in (layout.image_path, *layout.spatial_files))}):
+    for folder in store_folders(out):
         tidy_before_writing(folder)
 
 
-def read_record(out: Path, sid: str) -> dict[str, Any]:
-    """The stored record of `sid` ({} when absent; {"corrupt": True} with a warning when damaged)."""
+def mark_used(out: Path) -> None:
+    """Set the time of the cache store `out`'s `STORE_MARKER` to now: its last use, which
+    `volscan cache prune --older-than` goes by (runs that use a cache call this; a resumed
+    `volscan preprocess` output is left untouched)."""
+    try:
+        os.utime(out / STORE_MARKER)
+    except OSError:
+        log.debug("could not touch %s", out / STORE_MARKER, exc_info=True)
+
+
+def is_store_marker(path: Path) -> bool:
+    """Whether `path` is a store's `STORE_MARKER` as volscan writes it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == {"format": STORE_FORMAT}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def is_record(path: Path) -> bool:
+    """Whether `path` parses as a subject record volscan wrote (any format version; not verified)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and str(record.get("format", "")).startswith("volscan-preprocess-record/")
+
+
+def read_record(out: Path, sid: str, *, rebuild: bool = True) -> dict[str, Any]:
+    """The stored record of `sid` ({} when absent; {"corrupt": True} with a warning naming it when
+    damaged or written for another subject; `rebuild`: the warning says the subject is rebuilt)."""
     path = out / "records" / f"{sid}.json"
+    then = "; rebuilding that subject" if rebuild else ""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
-        log.warning("%s is unreadable; rebuilding that subject", path)
+        log.warning("%s is unreadable%s", path, then)
         return {"corrupt": True}
     if isinstance(record, dict) and record.get("format") != RECORD_FORMAT and "checksum" not in record:
-        log.info("%s was written by an older volscan; rebuilding that subject", path)
+        log.info("%s was written by an older volscan%s", path, then)
         return {}
     if not isinstance(record, dict) or record.pop("checksum", None) != _checksum(record):
-        log.warning("%s was changed after volscan wrote it (checksum mismatch); rebuilding that subject", path)
+        log.warning("%s was changed after volscan wrote it (checksum mismatch)%s", path, then)
+        return {"corrupt": True}
+    if record.get("id", sid) != sid:
+        log.warning("%s was written for subject %r, not %r%s", path, record["id"], sid, then)
         return {"corrupt": True}
     return record
 
 
 def write_record(out: Path, sid: str, record: dict[str, Any]) -> None:
-    """Write `record` (with its own checksum) atomically."""
-    body = {**record, "format": RECORD_FORMAT}
+    """Write `record` for subject `sid` (with its id and its own checksum) atomically; the
+    store's `STORE_MARKER` comes with its first record (a run that wrote nothing leaves none)."""
+    if not (out / STORE_MARKER).is_file():
+        atomic_write_bytes(out / STORE_MARKER, json.dumps({"format": STORE_FORMAT}).encode())
+    body = {**record, "id": sid, "format": RECORD_FORMAT}
     body["checksum"] = _checksum(body)
     atomic_write_bytes(out / "records" / f"{sid}.json", json.dumps(body, indent=1).encode())
 
@@ -121,31 +171,94 @@ def file_checksums(out: Path, paths: tuple[Path, ...]) -> dict[str, str]:
     return {str(p.relative_to(out)): file_sha256(p) for p in paths}
 
 
-def verified_files(out: Path, paths: tuple[Path, ...], checksums: dict[str, str] | None,
-                   then: str = "rebuilding it") -> bool:
+def verified_files(out: Path, paths: tuple[Path, ...], checksums: dict[str, str] | None, *,
+                   rebuild: bool = True) -> bool:
     """True when every path exists and matches its recorded checksum; False (warning naming the
-    first damaged file and what the caller does `then`) otherwise. Absent files or no
-    checksums: False, silently (never built)."""
+    first damaged file; `rebuild`: saying it is rebuilt) otherwise. Absent files or no checksums:
+    False, silently (never built)."""
     if not checksums or not all(p.exists() for p in paths):
         return False
     for path in paths:
         expected = checksums.get(str(path.relative_to(out)))
         if expected is None or file_sha256(path) != expected:
-            log.warning("%s: cached file is corrupt or was changed (checksum mismatch); %s", path, then)
+            log.warning("%s: cached file is corrupt or was changed (checksum mismatch)%s", path,
+                        "; rebuilding it" if rebuild else "")
             return False
     return True
 
 
 def content_hash(path: Path) -> str:
-    """SHA-256 of an input file, or of every file of a DICOM series folder (sorted by name)."""
+    """SHA-256 of an input file, or of every file of a DICOM series folder (sorted by name).
+
+    Each file is read once per process while it is unchanged (`_file_hash`): the validation
+    pass, the cohort run and `volscan score`'s checks all ask for the same inputs' hashes."""
+    path = Path(path)
+    files = _files(path)
+    if not path.is_dir():
+        return _file_hash(path)
     digest = hashlib.sha256()
+    for file in files:
+        digest.update(_file_hash(file).encode())
+    return digest.hexdigest()
+
+
+def content_size(path: Path) -> int:
+    """Bytes of an input file, or of every file of a DICOM series folder: equal content, equal size."""
+    return sum(file.stat().st_size for file in _files(Path(path)))
+
+
+def content_fingerprint(path: Path) -> str:
+    """Short identity of an input's content that reads at most `_SAMPLES` blocks of `_BLOCK`
+    bytes per file, whatever its size: its size and evenly spaced blocks from its first to its
+    last byte (a gzip file's last 8 bytes are the CRC-32 and length of its whole uncompressed
+    content). For names of shared folders (`pipelines.stages.preprocess.cohort_folder`), never
+    for correctness: every stored file is keyed by the full `content_hash`."""
+    digest = hashlib.sha256()
+    for file in _files(Path(path)):
+        digest.update(_remembered(file, "sampled", _sampled_sha256).encode())
+    return digest.hexdigest()[:32]
+
+
+_SAMPLES, _BLOCK = 16, 1 << 16
+# {(what, device, inode, size, mtime in ns, real path): hex digest} of the files this process read.
+_DIGESTS: dict[tuple[str, int, int, int, int, str], str] = {}
+
+
+def _files(path: Path) -> list[Path]:
+    """`path`, or the files of the folder `path` (sorted); `InputFileError` when there are none."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files or not all(f.exists() for f in files):
         raise InputFileError(path, "no such file or folder")
-    if not path.is_dir():
-        return file_sha256(path)
-    for file in files:
-        digest.update(file_sha256(file).encode())
+    return files
+
+
+def _file_hash(path: Path) -> str:
+    return _remembered(path, "sha256", file_sha256)
+
+
+def _remembered(path: Path, what: str, compute: Callable[[Path], str]) -> str:
+    """`compute(path)`, remembered by this process while the file's inode, size and modification
+    time stay the same."""
+    info = path.stat()
+    key = (what, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, os.path.realpath(path))
+    if key not in _DIGESTS:
+        _DIGESTS[key] = compute(path)
+    return _DIGESTS[key]
+
+
+def _sampled_sha256(file: Path) -> str:
+    """SHA-256 of a file's size and `_SAMPLES` evenly spaced `_BLOCK`-byte blocks (the whole
+    file when it is smaller than those blocks together)."""
+    digest = hashlib.sha256()
+    size = file.stat().st_size
+    digest.update(f"{size};".encode())
+    with open(file, "rb") as handle:
+        if size <= _SAMPLES * _BLOCK:
+            digest.update(handle.read())
+        else:
+            for i in range(_SAMPLES):
+                handle.seek((size - _BLOCK) * i // (_SAMPLES - 1))
+                digest.update(handle.read(_BLOCK))
     return digest.hexdigest()
 
 

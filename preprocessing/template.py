@@ -164,6 +164,15 @@ def _load_template_cached(folder: str, layout: tuple[str, str], _stamps: tuple[i
     return Template(image=image, brain_mask=mask, folder=Path(folder))
 
 
+def template_files(folder: Path) -> tuple[Path, Path]:
+    """The (image, brain mask or skull-stripped image) files of the template folder `folder`
+    (one `find_template_folder` returned)."""
+    layout = _layout(folder)
+    if layout is None:
+        raise VolscanError(f"{folder} is not a template folder; {HOW_TO_PROVIDE}")
+    return folder / layout[0], folder / layout[1]
+
+
 def _layout(folder: Path) -> tuple[str, str] | None:
     for pair in ((SRI24_IMAGE, SRI24_BRAIN), (GENERIC_IMAGE, GENERIC_MASK)):
         if all((folder / name).is_file() for name in pair):

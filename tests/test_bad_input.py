@@ -771,3 +771,81 @@ def test_corrupt_token_cache_entry_is_rebuilt_with_a_warning(finished: dict, tmp
     err = capsys.readouterr().err
     assert "discarding corrupt token cache entry" in err and entry.name in err
     assert entry.is_file()  # rebuilt
+
+
+# ---------------------------------------------------------------- cache entries bound to their key, duplicate inputs
+# (issue 24, Build 1 and 2). Own parametrisation: the table above is collected before this block.
+
+def _score_swapped_token_files(c: Ctx) -> Run:
+    """Two scans' token files swapped in a cache `volscan extract` filled: score refuses, naming
+    the cache's token file (read-only: the cache stays byte-identical)."""
+    inputs, cache = c.inputs(), c.tmp / "cache"
+    assert main(["extract", str(inputs), "-o", str(cache), "--config", str(c.base["config"]), "--template",
+                 str(c.base["template"]), "--registered", "--skull-stripped"]) == 0
+    a, b = sorted((cache / "tokens").rglob("*.safetensors"))[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    argv = c.screen(inputs, c.tmp / "out")
+    argv[0] = "score"
+    return Run(argv, (f"{cache / 'tokens'}/", "token file was written for another scan or settings",
+                      "run volscan extract"), (inputs, cache), c.tmp / "out")
+
+
+def _screen_duplicate_input(c: Ctx) -> Run:
+    """A byte-identical copy of a scan under another name: refused, naming both files."""
+    inputs = c.inputs()
+    first = sorted(inputs.iterdir())[0]
+    copy = inputs / f"zz-copy-of-{first.name}"
+    shutil.copy(first, copy)
+    return Run(c.screen(inputs, c.tmp / "out"), (str(copy), f"same content as {first}", "remove one"), (inputs,),
+               c.tmp / "out")
+
+
+CACHE_CASES = {"score_swapped_token_files": _score_swapped_token_files,
+               "screen_duplicate_input": _screen_duplicate_input}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_CASES))
+def test_bad_input_cache_key_and_duplicates(case: str, finished: dict, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(CASES, case, CACHE_CASES[case])
+    test_bad_input(case, finished, tmp_path, monkeypatch, capsys)
+
+
+def test_swapped_token_files_are_rebuilt_by_screen_with_a_warning(finished: dict, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """The same swap under `volscan screen`: both files rebuilt, each named in a warning, and the
+    scores those of the run before the swap."""
+    ctx = Ctx(finished, tmp_path, pytest.MonkeyPatch())
+    argv = ctx.screen(finished["images"], tmp_path / "clean")
+    assert main(argv) == 0
+    a, b = sorted((tmp_path / "cache" / "tokens").rglob("*.safetensors"))[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    capsys.readouterr()
+    argv[argv.index("-o") + 1] = str(tmp_path / "rebuilt")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    for path in (a, b):
+        assert f"discarding corrupt token cache entry: {path}: token file was written for another scan" in err
+    assert (tmp_path / "rebuilt" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
+
+
+def test_duplicates_are_equal_content_not_equal_size(tmp_path: Path) -> None:
+    """Same size and same sampled blocks but one byte apart: two scans, accepted; the same bytes
+    under two names: refused, naming both."""
+    from pipelines.inputs import Subject, check_duplicates
+    from volumetric.errors import InputFileError
+
+    data = bytearray(np.random.default_rng(3).bytes(3 << 20))
+    a, b, c = (tmp_path / f"{name}.nii" for name in "abc")
+    a.write_bytes(bytes(data))
+    data[(3 << 20) // 2 + 12345] ^= 1  # between the fingerprint's sampled blocks
+    b.write_bytes(bytes(data))
+    subjects = [Subject(p.stem, p) for p in (a, b)]
+    check_duplicates(subjects)
+    c.write_bytes(a.read_bytes())
+    with pytest.raises(InputFileError, match=f"{c}: has the same content as {a}"):
+        check_duplicates([*subjects, Subject("c", c)])

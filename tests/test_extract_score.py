@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.abc
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -226,28 +227,36 @@ def _four_scans(cohort: dict, folder: Path) -> list[str]:
     return [str(folder), *cohort["settings"][1:]]
 
 
-def test_score_never_rewrites_the_store_after_a_sharded_rerun(cohort: dict, tmp_path: Path, capsys) -> None:
-    """One part is redone after its scan changed: its landmarks no longer fit the cohort. Score
-    must name the scan and the extract stage to run, and write nothing (other parts' cubes and
-    tokens rely on the stored landmarks); after that stage it scores."""
+def test_a_changed_scan_makes_a_new_cohort_store_and_score_never_rewrites_one(cohort: dict, tmp_path: Path,
+                                                                             capsys) -> None:
+    """One scan changes after a sharded extract: the cohort (named by its inputs' content) gets a
+    new store, so no part mixes cubes standardised with landmarks learned on the old scan. Score
+    names the missing scans and writes nothing; the part's tokens stage asks for the landmarks
+    stage first; after the three stages score runs. The old store is left as it was."""
     settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
-    for stage, parts in (("spatial", ("1/2", "2/2")), ("landmarks", ("1/1",)), ("tokens", ("1/2", "2/2"))):
+    stages = (("spatial", ("1/2", "2/2")), ("landmarks", ("1/1",)), ("tokens", ("1/2", "2/2")))
+    for stage, parts in stages:
         for part in parts:
             assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", part]) == 0
+    [old_store] = (cache / "preprocess").iterdir()
+    old_files = _cache_files(old_store)
     changed = tmp_path / "images" / "case00.nii.gz"
     image = nib.load(str(changed))
     data = np.asarray(image.dataobj, dtype=np.float32)
     data[12:16, 12:16, 12:16] += 40.0
     nib.save(nib.Nifti1Image(data, image.affine), str(changed))
-    for stage in ("spatial", "tokens"):  # case00 is in part 1 of 2
-        assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", "1/2"]) == 0
+    assert main(["extract", *settings, "-o", str(cache), "--stage", "spatial", "--part", "1/2"]) == 0
+    capsys.readouterr()
+    assert main(["extract", *settings, "-o", str(cache), "--stage", "tokens", "--part", "1/2"]) == 2
+    assert "landmarks are not learned yet; run --stage landmarks first" in capsys.readouterr().err
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "landmarks.npy" in err and "learned before case00 was preprocessed" in err
-    assert f"volscan extract {tmp_path / 'images'} --cache {cache} --stage landmarks" in err
-    assert main(["extract", *settings, "-o", str(cache), "--stage", "landmarks"]) == 0
-    for part in ("1/2", "2/2"):
-        assert main(["extract", *settings, "-o", str(cache), "--stage", "tokens", "--part", part]) == 0
+    assert "per-scan stage of 4 scan(s) is missing: case00, case01, case02, case03" in err
+    assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err
+    for stage, parts in stages:
+        for part in parts:
+            assert main(["extract", *settings, "-o", str(cache), "--stage", stage, "--part", part]) == 0
     assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "run")]) == 0
+    assert len(list((cache / "preprocess").iterdir())) == 2 and _cache_files(old_store) == old_files
 
 
 def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp_path: Path, capsys) -> None:
@@ -256,11 +265,55 @@ def test_score_names_a_damaged_cube_or_token_set_and_leaves_it(cohort: dict, tmp
     cube = next((cache / "preprocess").glob("*/images/case02.nii.gz"))
     cube.write_bytes(cube.read_bytes()[:-7])  # truncated
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "1 scan(s)" in err and "case02 (standardised cube damaged)" in err
+    assert "1 scan(s)" in err and "case02 (standardised cube images/case02.nii.gz damaged)" in err
     assert f"volscan extract {tmp_path / 'images'} --cache {cache}'" in err
     cube.unlink()  # now a damaged token set: named, and left as it is
     assert main(["extract", *settings, "-o", str(cache)]) == 0
     entry = sorted((cache / "tokens").rglob("*.safetensors"))[1]
     entry.write_bytes(entry.read_bytes()[:-5])
     err = _refused_score(settings, cache, tmp_path / "run", capsys)
-    assert "tokens of 1 scan(s)" in err and "(or damaged)" in err
+    assert f"{entry}: not a readable token file" in err and "run volscan extract" in err
+
+
+def test_score_refuses_and_screen_rebuilds_two_swapped_token_files(cohort: dict, tmp_path: Path, capsys) -> None:
+    """Two scans' token files swapped in the cache: each is intact, only its header's key tells
+    that it belongs to the other scan. Score refuses naming the file (and writes nothing);
+    screen rebuilds both with a warning naming each and scores as before the swap."""
+    settings, cache = _four_scans(cohort, tmp_path / "images"), tmp_path / "cache"
+    assert main(["extract", *settings, "-o", str(cache)]) == 0
+    assert main(["score", *settings, "--cache", str(cache), "-o", str(tmp_path / "clean")]) == 0
+    a, b = sorted((cache / "tokens").rglob("*.safetensors"))[:2]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    err = _refused_score(settings, cache, tmp_path / "run", capsys)
+    assert "token file was written for another scan or settings" in err and (str(a) in err or str(b) in err)
+    assert main(["screen", *settings, "--cache", str(cache), "-o", str(tmp_path / "rebuilt")]) == 0
+    err = capsys.readouterr().err
+    for path in (a, b):
+        assert f"discarding corrupt token cache entry: {path}: token file was written for another scan" in err
+    assert (tmp_path / "rebuilt" / "scores.csv").read_bytes() == (tmp_path / "clean" / "scores.csv").read_bytes()
+
+
+def test_one_cache_whatever_the_inputs_template_and_cache_paths_are_spelled(cohort: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`extract` with relative paths (`--template template`), then `score` through another mount
+    point of the same data with absolute paths and a copy of the template elsewhere: the same
+    store and token files are found (cache keys hold content, not paths)."""
+    _four_scans(cohort, tmp_path / "images")
+    (tmp_path / "template").mkdir()
+    for path in cohort["template"].iterdir():
+        (tmp_path / "template" / path.name).write_bytes(path.read_bytes())
+    other_template = Path(shutil.copytree(tmp_path / "template", tmp_path / "elsewhere" / "atlas"))
+    config = cohort["settings"][cohort["settings"].index("--config") + 1]
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "images", "--config", config, "--template", "template", "--registered",
+                 "--skull-stripped", "-o", "cache"]) == 0
+    mount = tmp_path.parent / f"{tmp_path.name}-mount"
+    mount.symlink_to(tmp_path)  # the same files at another path, as on another cluster node
+    before = _cache_files(tmp_path / "cache")
+    out = tmp_path / "run"
+    assert main(["score", str(mount / "images"), "--config", config, "--template", str(other_template),
+                 "--registered", "--skull-stripped", "--cache", str(mount / "cache"), "-o", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["tokens"]["computed"] == 0
+    assert _cache_files(tmp_path / "cache") == before

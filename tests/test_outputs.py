@@ -111,6 +111,20 @@ def test_only_folders_whose_run_is_provably_gone_are_removed(tmp_path: Path, mon
     assert all((folder / PARTIAL_MARKER).exists() for folder in kept) and user.is_dir()
 
 
+def test_a_run_sweeps_the_abandoned_partial_folders_of_other_outputs_beside_it(tmp_path: Path) -> None:
+    """`kill -9` of a run into OUT1, then the user writes OUT2: its folder is swept, under the
+    same ownership rule; a live run's, another host's, an unmarked one and `.old-*` stay."""
+    dead = _dead_pid()
+    gone = _owned(tmp_path / ".out1.partial-a", dead)
+    kept = [_owned(tmp_path / ".out1.partial-b", os.getpid()), _owned(tmp_path / ".out1.partial-c", dead, host="n2"),
+            _owned(tmp_path / ".out1.old-d", dead)]  # may hold out1's previous output: out1's next run decides
+    user = tmp_path / ".notes.partial-e"
+    user.mkdir()
+    _finished(tmp_path / "out2", "x")
+    assert not gone.exists() and all((folder / PARTIAL_MARKER).exists() for folder in kept) and user.is_dir()
+    assert (tmp_path / "out2" / "report.json").is_file()
+
+
 def test_out_names_with_glob_characters_match_only_their_own_folders(tmp_path: Path) -> None:
     dead = _dead_pid()
     own = _owned(tmp_path / ".run[1].partial-a", dead)

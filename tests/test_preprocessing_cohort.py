@@ -165,7 +165,8 @@ def test_check_store_is_read_only_and_names_what_is_not_current(template_dir, in
     before = files(out)
     other = SETTINGS.replace(cutoff=(0.05, 0.95))  # other settings: other landmarks would be learned
     assert check_store(specs, out, SETTINGS, template=template_dir).scans == {"brats_01": "record damaged",
-                                                                              "brats_02": "standardised cube damaged"}
+                                                                              "brats_02": "standardised cube "
+                                                                              "images/brats_02.nii.gz damaged"}
     assert check_store(specs, out, other, template=template_dir).landmarks == "learned on other scans or settings"
     assert files(out) == before
 

@@ -143,3 +143,92 @@ def test_records_name_the_settings_and_checksums(cohort):
     assert set(record["final_files"]) == {"images/s0.nii.gz"}
     assert len(record["checksum"]) == 64
     assert json.loads((clean / "landmarks.json").read_text())["digest"]
+
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # float32 rounding of the scaled values
+SUBJECT_FILES = ("images/{}.nii.gz", "spatial/{}.nii.gz", "masks/{}.nii.gz", "mappings/{}.json", "transforms/{}.tfm")
+
+
+@pytest.mark.parametrize("swap", ["cubes", "whole subjects"])
+def test_two_subjects_swapped_are_rebuilt_with_a_warning_and_refused_read_only(cohort, tmp_path, caplog, swap):
+    """Swapping two subjects' standardised cubes, or every file of theirs records included: the
+    record binds each file (checksum by path) and itself (subject id) to its subject's key."""
+    from preprocessing.cohort import check_store
+
+    template, specs, clean = cohort
+    out = tmp_path / "out"
+    shutil.copytree(clean, out)
+    names = SUBJECT_FILES[:1] if swap == "cubes" else (*SUBJECT_FILES, "records/{}.json")
+    for name in names:
+        a, b = out / name.format("s0"), out / name.format("s1")
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b)
+        b.write_bytes(data_a)
+    first = out / names[-1].format("s0")
+    with caplog.at_level(logging.WARNING):
+        check = check_store(specs, out, SETTINGS, template=template)  # `volscan score`: reads only
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(check.scans) == ["s0", "s1"]
+    assert any(str(first) in w for w in warnings) and not any("rebuilding" in w for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        preprocess_cohort(specs, out, SETTINGS, template=template, stale="recompute", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(str(first) in w and "rebuilding" in w for w in warnings), warnings
+    if swap == "whole subjects":
+        assert any("written for subject 's1', not 's0'" in w for w in warnings), warnings
+    assert _outputs(out) == _outputs(clean)
+    assert check_store(specs, out, SETTINGS, template=template).complete
+
+
+def test_cubes_are_stored_as_scaled_int16_within_half_a_step(cohort, tmp_path):
+    """The store's cubes take int16 with a scale factor: within max|cube| / 65534 (+ float32
+    rounding) of the float32 cube, zero kept; the standardised cube equals Nyúl applied to the
+    stored spatial cube up to that step."""
+    import nibabel as nib
+
+    from preprocessing.intensity import Landmarks, standardize
+
+    _, _, clean = cohort
+    for name in ("images/s1.nii.gz", "spatial/s1.nii.gz"):
+        image = nib.load(str(clean / name))
+        assert image.get_data_dtype() == np.int16 and image.header.get_slope_inter()[1] in (0.0, None)
+    spatial = load_volume(clean / "spatial/s1.nii.gz").array
+    mask = load_volume(clean / "masks/s1.nii.gz").array > 0
+    stored = load_volume(clean / "images/s1.nii.gz").array
+    exact = standardize(spatial, mask, Landmarks.load(clean / "landmarks.npy"))
+    top = float(np.abs(exact).max())
+    assert np.abs(stored - exact).max() <= top / 65534 + 4 * FLOAT32_EPS * top
+    assert np.array_equal(stored[exact == 0], exact[exact == 0])
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal((9, 10, 11)) * 300).astype(np.float32)
+    values[2:4] = 0
+    back = load_volume(save_volume(values, np.eye(4), tmp_path / "q.nii.gz", scaled_int16=True)).array
+    top = float(np.abs(values).max())
+    assert np.abs(back - values).max() <= top / 65534 + 4 * FLOAT32_EPS * top
+    assert not back[2:4].any() and back.dtype == np.float32
+
+
+def test_content_hash_and_fingerprint_follow_content_not_path(tmp_path):
+    from preprocessing.store import content_fingerprint, content_hash, content_size
+
+    rng = np.random.default_rng(2)
+    big = rng.bytes(3 << 20)  # beyond the fingerprint's 16 sampled 64 KiB blocks
+    a, b = tmp_path / "a.nii.gz", tmp_path / "elsewhere" / "b.nii.gz"
+    b.parent.mkdir()
+    a.write_bytes(big)
+    b.write_bytes(big)
+    assert content_hash(a) == content_hash(b) and content_fingerprint(a) == content_fingerprint(b)
+    assert content_size(a) == len(big)
+    changed = bytearray(big)
+    changed[-1] ^= 1  # e.g. a gzip trailer's CRC: the last block is always sampled
+    b.write_bytes(bytes(changed))
+    assert content_hash(a) != content_hash(b) and content_fingerprint(a) != content_fingerprint(b)
+    series = tmp_path / "series"  # a DICOM series folder: every file, sorted by name
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"one")
+    (series / "2.dcm").write_bytes(b"two")
+    assert content_size(series) == 6 and len(content_hash(series)) == 64
+    before = content_hash(series)
+    (series / "2.dcm").write_bytes(b"TWO!")  # another size: remembered hashes are not reused
+    assert content_hash(series) != before

@@ -35,11 +35,19 @@ def tokens(tokenizer, volume):
     return tokenizer(volume)
 
 
-def _assert_same(a: TokenSet, b: TokenSet) -> None:
+def _assert_same(a: TokenSet, b: TokenSet, rtol: float = 0.0) -> None:
+    """Same tokens; `rtol` > 0 for a float16 cache entry (relative rounding <= 2^-11 per value)."""
     assert a.grid == b.grid and a.meta == b.meta and len(a.layers) == len(b.layers)
     assert torch.equal(a.void, b.void)
     for x, y in zip(a.layers, b.layers):
-        assert torch.equal(x, y)
+        assert y.dtype == torch.float32
+        if rtol:
+            torch.testing.assert_close(y, x, rtol=rtol, atol=0.0)
+        else:
+            assert torch.equal(x, y)
+
+
+CACHED = 2.0**-11  # float16 storage: round to nearest, 11 significant bits
 
 
 def test_token_set_round_trip_and_validation(tokens, tmp_path):
@@ -120,7 +128,7 @@ def test_miss_store_hit(tokens, tmp_path):
     assert cache.load(key) is None
     path = cache.store(key, tokens)
     assert path == cache.path(key) and path.is_file()
-    _assert_same(tokens, cache.load(key))
+    _assert_same(tokens, cache.load(key), CACHED)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
@@ -148,8 +156,9 @@ def test_corrupt_entries_are_deleted_and_rebuilt(tokens, tmp_path, damage, caplo
         calls.append(1)
         return tokens
 
-    _assert_same(tokens, cache.get_or_compute(key, compute))
-    _assert_same(tokens, cache.get_or_compute(key, compute))
+    computed = cache.get_or_compute(key, compute)
+    _assert_same(tokens, computed, CACHED)
+    _assert_same(computed, cache.get_or_compute(key, compute))  # computed now = read later, exactly
     assert len(calls) == 1
 
 
@@ -174,3 +183,43 @@ def test_cache_root_must_be_a_folder(tmp_path):
     file.write_text("x", encoding="utf-8")
     with pytest.raises(VolscanError, match="not a folder"):
         TokenCache(file)
+
+
+def test_float16_storage_halves_the_file_and_keeps_out_of_range_layers_exact(tokens, tmp_path):
+    full = tokens.save(tmp_path / "full.safetensors")
+    half = tokens.save(tmp_path / "half.safetensors", dtype=torch.float16)
+    layer_bytes = sum(t.numel() for t in tokens.layers) * 4
+    assert full.stat().st_size - half.stat().st_size >= 0.49 * layer_bytes
+    _assert_same(tokens, TokenSet.load(half), CACHED)
+    wide = torch.full((2, 3, 4), 70000.0)  # beyond float16's largest finite value (65504)
+    nan = torch.full((2, 3, 4), float("nan"))
+    small = torch.linspace(-1, 1, 24).reshape(2, 3, 4)
+    mixed = TokenSet([wide, nan, small], torch.zeros(2, 3, dtype=torch.bool), (2, 3))
+    loaded = TokenSet.load(mixed.save(tmp_path / "mixed.safetensors", dtype=torch.float16))
+    assert torch.equal(loaded.layers[0], wide) and loaded.layers[1].isnan().all()
+    assert not torch.equal(loaded.layers[2], small)  # stored in half precision...
+    torch.testing.assert_close(loaded.layers[2], small, rtol=CACHED, atol=0.0)  # ...within its rounding
+    with pytest.raises(VolscanError, match="float32 or float16"):
+        tokens.save(tmp_path / "x.safetensors", dtype=torch.bfloat16)
+
+
+def test_an_entry_read_under_another_key_is_discarded_or_refused(tokens, tmp_path, caplog):
+    """Two scans' token files swapped: each checksums its own contents, so only the key in its
+    header tells that it belongs to the other scan."""
+    cache = TokenCache(tmp_path)
+    other = TokenSet([t + 1 for t in tokens.layers], tokens.void, tokens.grid, tokens.meta)
+    key_a, key_b = cache.key("scan-a", SETTINGS), cache.key("scan-b", SETTINGS)
+    path_a, path_b = cache.store(key_a, tokens), cache.store(key_b, other)
+    data_a, data_b = path_a.read_bytes(), path_b.read_bytes()
+    path_a.write_bytes(data_b)
+    path_b.write_bytes(data_a)
+    for key, path in ((key_a, path_a), (key_b, path_b)):
+        with pytest.raises(InputFileError, match="written for another scan or settings") as refused:
+            cache.load(key, discard=False)  # a reader that must not write: one error naming the file
+        assert str(path) in str(refused.value) and path.is_file()
+    with caplog.at_level(logging.WARNING, logger="volumetric.token_cache"):
+        assert cache.load(key_a) is None
+    assert f"{path_a}: token file was written for another scan" in caplog.text and "rebuilding" in caplog.text
+    assert not path_a.exists()
+    cache.store(key_a, tokens)  # what the caller does next: rebuild it
+    _assert_same(tokens, cache.load(key_a), CACHED)

@@ -119,6 +119,11 @@ def _locked(path: str) -> bool:
     return False
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `atomic_path`'s temporaries (of any host or process)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str], min_age_s: float = 3600.0) -> int:
     """Remove the temporaries of `atomic_path` in `folder` (not below it) that a killed volscan
     process of this host left: named by this host, their process gone, their lock free (a live

@@ -1,9 +1,15 @@
 """`TokenSet`: the tokens of one collection (a volume or an image), and its one-file format.
 
-A file is a safetensors archive: tensors `layer_<i>` (float32, (*grid, D)) and `void` (bool,
-(*grid)); its metadata holds the grid, the format version, the JSON `meta` and a SHA-256 of all
-tensor bytes, so a truncated, partial or bit-flipped file is refused on load rather than used.
-Writes are atomic (unique temporary name in the same folder, then `os.replace`).
+A file is a safetensors archive: tensors `layer_<i>` ((*grid, D), float32 or float16) and `void`
+(bool, (*grid)); its metadata holds the grid, the format version, the JSON `meta`, a SHA-256 of
+all tensor bytes and, for a cache entry, the cache `key` it was written for. A truncated, partial
+or bit-flipped file is refused on load rather than used, and so is one read under another key
+(a token file moved or copied onto another scan's name). Writes are atomic (unique temporary
+name in the same folder, then `os.replace`).
+
+`save(..., dtype=torch.float16)` stores each layer in half precision (half the bytes; relative
+rounding error <= 2^-11) unless a value lies outside float16's finite range, when that layer
+stays float32; `load` always returns float32 layers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from volumetric.errors import InputFileError, VolscanError
 
 # Bump whenever token construction or the file layout changes: cache keys include it.
 # 2: intermediate tokens through the backbone's final norm (issue 15 / 12).
-TOKEN_FORMAT_VERSION = 2
+# 3: the cache key in the header, float16 layers allowed.
+TOKEN_FORMAT_VERSION = 3
+# Largest finite float16 value: a layer with larger magnitudes is stored in float32.
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -64,17 +73,29 @@ class TokenSet:
         """True when the tokens came from a randomly initialised backbone (meaningless scores)."""
         return bool(self.meta.get("random_weights", False))
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"layer_{i}": t.detach().float().cpu().contiguous() for i, t in enumerate(self.layers)}
+    def as_stored(self, dtype: torch.dtype) -> TokenSet:
+        """These tokens as `load` returns them after `save(..., dtype=dtype)` (float32 layers
+        rounded through float16 where that storage applies), so a run that just computed them
+        scores exactly what a later run reads from the cache."""
+        layers = [_stored(t.detach().float().cpu(), dtype).float() for t in self.layers]
+        return TokenSet(layers, self.void, self.grid, self.meta)
+
+    def _tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {f"layer_{i}": _stored(t.detach().float().cpu(), dtype).contiguous() for i, t in enumerate(self.layers)}
         out["void"] = self.void.detach().cpu().contiguous()
         return out
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically to `path` (safetensors); returns the path."""
+    def save(self, path: str | os.PathLike[str], *, key: str | None = None,
+             dtype: torch.dtype = torch.float32) -> Path:
+        """Write atomically to `path` (safetensors); returns the path. `key`: the cache key the
+        file is written for (`load(path, key=...)` checks it); `dtype`: float32 or float16
+        storage of the layers (see the module docstring)."""
         from safetensors.torch import save_file
 
+        if dtype not in (torch.float32, torch.float16):
+            raise VolscanError(f"token storage dtype must be float32 or float16, got {dtype}")
         path = Path(path)
-        tensors = self._tensors()
+        tensors = self._tensors(dtype)
         try:
             meta_json = json.dumps(self.meta, sort_keys=True)
         except TypeError as exc:
@@ -86,13 +107,16 @@ class TokenSet:
             "meta": meta_json,
             "sha256": _digest(tensors),
         }
+        if key is not None:
+            header["key"] = key
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=header)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TokenSet:
-        """Read a file written by `save`; any damage or version mismatch raises `InputFileError`."""
+    def load(cls, path: str | os.PathLike[str], *, key: str | None = None) -> TokenSet:
+        """Read a file written by `save`; any damage, a version mismatch or (when `key` is given)
+        a file written for another cache key raises `InputFileError`."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -116,4 +140,16 @@ class TokenSet:
             raise InputFileError(path, "token file is missing tensors")
         if _digest(tensors) != expected:
             raise InputFileError(path, "token file checksum mismatch (corrupt)")
-        return cls([tensors[f"layer_{i}"] for i in range(n_layers)], tensors["void"], grid, meta)
+        if key is not None and header.get("key") != key:
+            written = header.get("key")
+            raise InputFileError(path, "token file was written for another scan or settings (cache key "
+                                       f"{written[:12] + '…' if written else 'none'}, read as {key[:12]}…)")
+        return cls([tensors[f"layer_{i}"].float() for i in range(n_layers)], tensors["void"], grid, meta)
+
+
+def _stored(layer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`layer` (float32) as stored: in `dtype`, except float16 for values beyond its finite range."""
+    if dtype != torch.float16:
+        return layer
+    fits = layer.numel() == 0 or bool(layer.abs().max() <= _FLOAT16_MAX)  # NaN compares False: float32
+    return layer.half() if fits else layer

@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     settings = ExtractSettings(part=Part.parse(args.part), stage=args.stage, ray=ray)
     subjects, _ = discover_subjects(args.input, None, registered=config.registered, skull_stripped=config.skull_stripped)
     result = run_extract(subjects, config, settings)
+    from pipelines.cache_files import folder_bytes, human_bytes
+
     timings = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.seconds.items())
     print(f"extract {args.stage} of part {args.part}: {len(result.scans)} scan(s), {result.computed} token set(s) "
-          f"computed, {len(result.failed)} failed ({timings}); cache: {result.cache_root}")
+          f"computed, {len(result.failed)} failed ({timings}); cache: {result.cache_root} "
+          f"({human_bytes(folder_bytes(result.cache_root))}; volscan cache du / prune)")
     if result.failed:  # the error text may quote file names: one line, control characters escaped
         print(printable(f"{len(result.failed)} scan(s) failed, e.g. {result.failed[0].id}: {result.failed[0].error}; "
                         f"error log: {result.error_log}"), file=sys.stderr)

@@ -121,5 +121,9 @@ def print_result(result: Any) -> int:
         print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for warning in result.report["warnings"]:
         print(f"WARNING: {printable(warning)}", file=sys.stderr)
+    if result.report.get("cache"):
+        from pipelines.cache_files import usage_line
+
+        print(usage_line(result.report["cache"]))
     print(f"report: {printable(str(result.report_html))}")
     return 0

@@ -27,7 +27,7 @@ def missing_scans(subjects: Sequence[Subject], config: ScreenConfig, cache_root:
     from preprocessing.store import read_record
 
     store = cohort_folder(subjects, config, cache_root)
-    return sorted(s.id for s in subjects if not read_record(store, s.id).get("final_key"))
+    return sorted(s.id for s in subjects if not read_record(store, s.id, rebuild=False).get("final_key"))
 
 
 def extract_command(subjects: Sequence[Subject], cache_root: Path, stage: str = "") -> str:

@@ -136,6 +136,10 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
                 _run_phase(runner, plan, [s for s in mine if s.id not in failed], phase, errors, result,
                            settings.progress)
             result.seconds[phase] = round(time.perf_counter() - start, 3)
+    if plan.store is not None and plan.store.is_dir():
+        from preprocessing.store import mark_used
+
+        mark_used(plan.store)  # the store's last use, for `volscan cache prune --older-than`
     return result
 
 

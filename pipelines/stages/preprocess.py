@@ -51,10 +51,20 @@ def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[
 def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
     """The cohort's preprocessing store, `<cache>/preprocess/<digest>` (3D; used by `volscan extract` too).
 
-    One folder per cohort (its files) and spatial settings: other cohorts never evict it. With N4
-    on, `bias_correction` and `n4` are part of the name (screens with and without N4 get their own
-    stores); without it the name is the one made before N4 existed."""
-    key = {"inputs": sorted(str(s.image.resolve()) for s in subjects), "size": config.size, "template": config.template}
+    One folder per cohort and spatial settings: other cohorts never evict it. The name holds no
+    path: the inputs by subject id and content fingerprint (`preprocessing.store.content_fingerprint`,
+    a few sampled blocks per file) and the template by its files' content, so jobs that mount the
+    inputs, the template or the cache at other paths, or spell them otherwise, share one store.
+    With N4 on, `bias_correction` and `n4` are part of the name (screens with and without N4 get
+    their own stores)."""
+    from pipelines.inputs import input_kind
+    from preprocessing.store import content_fingerprint, content_hash
+    from preprocessing.template import find_template_folder, template_files
+
+    template = ([content_hash(path) for path in template_files(find_template_folder(config.template))]
+                if input_kind([s.image for s in subjects]) == "3d" else None)  # 2D: its extract logs only
+    key = {"inputs": sorted((s.id, content_fingerprint(s.image)) for s in subjects), "size": config.size,
+           "template": template}
     settings = config.preprocess_settings()
     if settings.bias_correction != "none":
         key.update(bias_correction=settings.bias_correction, n4=settings.n4.key())
@@ -85,8 +95,11 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
 
     folder = cohort_folder(subjects, config, cache_root)
     if compute:
+        from preprocessing.store import mark_used
+
         result = preprocess_cohort([spec_of(s) for s in subjects], folder, config.preprocess_settings(),
                                    template=config.template, stale="recompute")
+        mark_used(folder)
     else:  # read-only: the store is shared with other parts and runs
         from pipelines.distributed.completeness import require_extracted
 

@@ -19,7 +19,7 @@ import numpy as np
 from pipelines.failures import shown
 from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
 from pipelines.stages.preprocess import Prepared, checked_table
-from volumetric.errors import VolscanError
+from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tokens:
     """`sets`: one `TokenSet` per subject; `brain_masks`: packed cube masks (N, S^3/8) uint8
-    (3D) or None; `info`: facts for the report (settings as used, cache hits, grid)."""
+    (3D) or None; `info`: facts for the report (settings as used, cache hits, grid); `files`:
+    the token sets' cache files."""
 
     sets: list[Any]
     brain_masks: np.ndarray | None
     info: dict[str, Any]
+    files: list[Path] = dataclasses.field(default_factory=list)
 
 
 def tokenizer_options(config: ScreenConfig, kind: str, device: str | None = None) -> Any:
@@ -82,19 +84,23 @@ def extract_tokens(
 
     tokenizer, settings = make_tokenizer(config, kind, device, options, backbone)
     cache = TokenCache(cache_root / "tokens")
-    token_sets, packed_masks, computed, missing = [], [], 0, []
+    token_sets, packed_masks, computed, missing, keys = [], [], 0, [], []
     for sid, load in zip(ids, tqdm(prepared.load, desc="tokens", unit="vol" if kind == "3d" else "img")):
         array, brain_mask = load()
         if brain_mask is not None:
             packed_masks.append(pack_mask(brain_mask))
         key = token_key(cache, array, brain_mask, settings)
-        tokens = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
+        keys.append(key)
+        try:
+            tokens = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
+        except InputFileError as exc:  # only when not computing: a damaged or misplaced entry stays
+            raise VolscanError(f"{exc} (tokens of {sid}); run volscan extract with the same settings "
+                               "to rebuild it") from None
         if tokens is None and not compute:
             missing.append(sid)
             continue
         if tokens is None:
-            tokens = tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array)
-            cache.store(key, tokens)
+            tokens = cache.get_or_compute(key, lambda: tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array))
             computed += 1
         token_sets.append(tokens)
     if missing:
@@ -120,4 +126,4 @@ def extract_tokens(
         "features": describe_tokenizer(tokenizer, kind),
     }
     log.info("tokens: %d computed, %d from cache", computed, info["cached"])
-    return Tokens(token_sets, np.stack(packed_masks) if packed_masks else None, info)
+    return Tokens(token_sets, np.stack(packed_masks) if packed_masks else None, info, [cache.path(k) for k in keys])
