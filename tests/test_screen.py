@@ -281,6 +281,16 @@ def test_rerun_reuses_cached_tokens_and_evaluate_matches(cohort: dict, labelled_
     assert main(["evaluate", str(out), "--labels", str(cohort["labels"]), "--force"]) == 0
 
 
+def test_position_aware_screen_reuses_the_tokens(cohort: dict, labelled_run: dict) -> None:
+    """`--window 0`: every token compared with the same cell of the other scans only."""
+    out = cohort["root"] / "run_window"
+    assert main(["screen", *cohort["base"], "--window", "0", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["window"] == 0 and report["tokens"]["cached"] == N_SUBJECTS
+    scores = [s["score"] for s in report["subjects"]]
+    assert len(scores) == N_SUBJECTS and all(np.isfinite(scores))
+
+
 def test_existing_output_needs_force(cohort: dict, labelled_run: dict, capsys) -> None:
     out = labelled_run["out"]
     before = (out / "report.json").read_bytes()

@@ -32,12 +32,15 @@ class Scores:
 def scoring_options(config: ScreenConfig, device: str) -> Any:
     """`volumetric.engine.ScoringConfig` from the config's `scoring` table (nested `codegraph`
     table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
-    device and seed unless the `engine` table says otherwise."""
+    device and seed unless the `engine` table says otherwise; `window` (the flag) wins over the
+    table's."""
     from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
 
     settings = dict(config.scoring)
     try:
         engine = {"device": device, "seed": config.seed, **dict(settings.get("engine") or {})}
+        if config.window is not None:
+            engine["window"] = config.window
         settings["engine"] = EngineOptions(**engine)
         if isinstance(settings.get("codegraph"), dict):
             settings["codegraph"] = CoDeGraph(**settings["codegraph"])
