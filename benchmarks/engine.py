@@ -45,7 +45,8 @@ projected to N = 1000.
 global search, full `mutual_scores` runs (f = 0.3, refinement included) on random unit features
 of N = 60 collections, C = 384, 30 % random void (the "3d" case's features at 16^3, the same
 recipe at 32^3): sides "16^3 global", then "16^3 w" and "32^3 w" for each window w, in rotated
-order per round; printed per round and as medians, with the ratios to the 16^3 global side.
+order per round; printed per round (wall and this process's CPU time) and as medians, with
+the ratios to the 16^3 global side.
     bash benchmarks/engine_gpu.sh                                      # CUDA, <= 8 min on an H200
 """
 
@@ -358,6 +359,7 @@ def window_section(args: argparse.Namespace, device: torch.device) -> None:
         print(f"\n[window] N={n} C={c} void={void:.0%} precision={precision} device={device} "
               f"threads={torch.get_num_threads()} full mutual_scores runs, f={MUSC_FRACTION}", flush=True)
         seconds: dict[str, list[float]] = {side: [] for side in sides}
+        cpu_seconds: dict[str, list[float]] = {side: [] for side in sides}
         order = list(sides)
         for round_ in range(args.repeats):
             load = os.getloadavg()[0]
@@ -366,16 +368,20 @@ def window_section(args: argparse.Namespace, device: torch.device) -> None:
                 features, valid = batches[edge]
                 options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb,
                                         exact_top=args.exact_top, progress=False, window=w)
-                _, wall = timed(lambda: mutual_scores(features, MUSC_FRACTION, valid, options=options,
-                                                      grid=(edge,) * 3), device)
+                _, wall, cpu = timed_cpu(lambda: mutual_scores(features, MUSC_FRACTION, valid, options=options,
+                                                               grid=(edge,) * 3), device)
                 seconds[side].append(wall)
+                cpu_seconds[side].append(cpu)
             print(f"  round {round_ + 1}: load {load:5.1f} -> {os.getloadavg()[0]:5.1f}   "
-                  + "  ".join(f"{side} {seconds[side][-1]:7.1f} s" for side in order), flush=True)
-        base = seconds["16^3 global"]
+                  + "  ".join(f"{side} {seconds[side][-1]:7.1f} s (CPU {cpu_seconds[side][-1]:7.1f} s)"
+                              for side in order), flush=True)
         for side in order:
-            ratios = [b / s for b, s in zip(base, seconds[side])]
-            print(f"  {side:12s} median {statistics.median(seconds[side]):7.1f} s   16^3 global / side: median "
-                  f"{statistics.median(ratios):5.2f}x ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+            ratios = [b / s for b, s in zip(seconds["16^3 global"], seconds[side])]
+            cpu_ratios = [b / s for b, s in zip(cpu_seconds["16^3 global"], cpu_seconds[side])]
+            print(f"  {side:12s} median {statistics.median(seconds[side]):7.1f} s, CPU "
+                  f"{statistics.median(cpu_seconds[side]):7.1f} s   16^3 global / side: wall median "
+                  f"{statistics.median(ratios):5.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), CPU-time median "
+                  f"{statistics.median(cpu_ratios):5.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
