@@ -31,13 +31,13 @@ def dry_ranked_minima(real):
 
     from volumetric.engine.ranked import _block_collections
 
-    def ranked(view, valid, rank, *, base=None, partners=None, nearest=False, options=None):
+    def ranked(view, valid, rank, *, base=None, partners=None, nearest=False, options=None, grid=None):
         n, m = valid.shape
         first = _block_collections(n, m, options.block_mb)
         some = torch.zeros(n, n, dtype=torch.bool)
         some[:first, :first] = True
         some.fill_diagonal_(False)
-        out = real(view, valid, rank, base=base, partners=some, nearest=nearest, options=options)
+        out = real(view, valid, rank, base=base, partners=some, nearest=nearest, options=options, grid=grid)
         g = torch.Generator().manual_seed(1)
         missing = torch.isinf(out.distances)
         rows = missing.nonzero()

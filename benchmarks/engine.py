@@ -39,6 +39,14 @@ projected to N = 1000.
     python benchmarks/engine.py --case none --gemm                     # matrix-product kernels
     python benchmarks/engine.py --case none --codegraph-seeds 0,1,2,3  # bf16 vs fp32 in CoDeGraph
     python benchmarks/engine.py --case none --memory-sizes 50,150      # CoDeGraph memory only
+    python benchmarks/engine.py --case none --windows 2 --precisions bf16  # position-aware scoring
+
+`--windows w1,w2,..`: position-aware scoring (`EngineOptions.window`) side by side with the
+global search, full `mutual_scores` runs (f = 0.3, refinement included) on random unit features
+of N = 60 collections, C = 384, 30 % random void (the "3d" case's features at 16^3, the same
+recipe at 32^3): sides "16^3 global", then "16^3 w" and "32^3 w" for each window w, in rotated
+order per round; printed per round (wall and this process's CPU time) and as medians, with
+the ratios to the 16^3 global side.
     bash benchmarks/engine_gpu.sh                                      # CUDA, <= 8 min on an H200
 """
 
@@ -329,6 +337,53 @@ def memory_section(args: argparse.Namespace) -> None:
             print(f"  N={target:5d}  peak {value:8.0f} MiB  (projected: fit over {[r['n'] for r in rows]})")
 
 
+def window_section(args: argparse.Namespace, device: torch.device) -> None:
+    """Global 16^3 against windowed 16^3 and 32^3 (full runs, medians of rounds)."""
+    windows = [int(w) for w in args.windows.split(",") if w]
+    if not windows:
+        return
+    n, c, void = args.collections or 60, CASES["3d"]["c"], CASES["3d"]["void"]
+    sides: dict[str, tuple[int, int | None]] = {"16^3 global": (16, None)}
+    for w in windows:
+        sides[f"16^3 w={w}"] = (16, w)
+        sides[f"32^3 w={w}"] = (32, w)
+    batches = {}
+    for edge in sorted({edge for edge, _ in sides.values()}):
+        g = torch.Generator().manual_seed(0)
+        m = edge**3
+        features = torch.nn.functional.normalize(torch.randn(n, m, c, generator=g), dim=-1)
+        valid = torch.rand(n, m, generator=g) >= void
+        valid[torch.arange(n), 0] = True
+        batches[edge] = (features, valid)
+    for precision in args.precisions:
+        print(f"\n[window] N={n} C={c} void={void:.0%} precision={precision} device={device} "
+              f"threads={torch.get_num_threads()} full mutual_scores runs, f={MUSC_FRACTION}", flush=True)
+        seconds: dict[str, list[float]] = {side: [] for side in sides}
+        cpu_seconds: dict[str, list[float]] = {side: [] for side in sides}
+        order = list(sides)
+        for round_ in range(args.repeats):
+            load = os.getloadavg()[0]
+            for side in order[round_ % len(order):] + order[: round_ % len(order)]:
+                edge, w = sides[side]
+                features, valid = batches[edge]
+                options = EngineOptions(device=str(device), precision=precision, block_mb=args.block_mb,
+                                        exact_top=args.exact_top, progress=False, window=w)
+                _, wall, cpu = timed_cpu(lambda: mutual_scores(features, MUSC_FRACTION, valid, options=options,
+                                                               grid=(edge,) * 3), device)
+                seconds[side].append(wall)
+                cpu_seconds[side].append(cpu)
+            print(f"  round {round_ + 1}: load {load:5.1f} -> {os.getloadavg()[0]:5.1f}   "
+                  + "  ".join(f"{side} {seconds[side][-1]:7.1f} s (CPU {cpu_seconds[side][-1]:7.1f} s)"
+                              for side in order), flush=True)
+        for side in order:
+            ratios = [b / s for b, s in zip(seconds["16^3 global"], seconds[side])]
+            cpu_ratios = [b / s for b, s in zip(cpu_seconds["16^3 global"], cpu_seconds[side])]
+            print(f"  {side:12s} median {statistics.median(seconds[side]):7.1f} s, CPU "
+                  f"{statistics.median(cpu_seconds[side]):7.1f} s   16^3 global / side: wall median "
+                  f"{statistics.median(ratios):5.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), CPU-time median "
+                  f"{statistics.median(cpu_ratios):5.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--case", choices=[*CASES, "all", "none"], default="all")
@@ -350,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-c", type=int, default=384)
     parser.add_argument("--memory-views", type=int, default=2)
     parser.add_argument("--memory-precision", default="fp32")
+    parser.add_argument("--windows", default="", help="position-aware scoring: comma list of windows w (cells), "
+                        "16^3 and 32^3 windowed against 16^3 global")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -362,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm_section(args)
     codegraph_section(args, device)
     memory_section(args)
+    window_section(args, device)
     return 0
 
 

@@ -76,6 +76,7 @@ class ScreenConfig:
     viewer_scans: int = 20
     precision: str | None = None  # None = TokenSettings' default ("auto")
     slices_per_block: int | None = None  # None = all 14 slices of each block
+    window: int | None = None  # None = the `scoring.engine` table's, else global search (EngineOptions)
     scoring: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +113,8 @@ class ScreenConfig:
             if value is not None and value not in choices:
                 listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
                 raise VolscanError(f"{name.replace('_', '-')} must be {listed}, got {value!r}")
+        if self.window is not None and self.window < 0:
+            raise VolscanError(f"window must be >= 0 (grid cells), got {self.window}")
         if self.histogram_bins < 2:
             raise VolscanError(f"histogram-bins must be >= 2, got {self.histogram_bins}")
         if self.viewer_scans < 0:
@@ -212,7 +215,7 @@ def _check_type(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise VolscanError(f"'{name}' must be a path (a string), got {value!r}")
         return value
-    if name in ("proj_dim", "slices_per_block"):
+    if name in ("proj_dim", "slices_per_block", "window"):
         expected = int
     if expected is bool:
         if not isinstance(value, bool):

@@ -299,6 +299,33 @@ def test_evaluate_after_screen_with_labels_needs_no_force(cohort: dict, labelled
             assert again["metrics"][key] == pytest.approx(value), key
 
 
+def test_position_aware_screen_reuses_the_tokens(cohort: dict, labelled_run: dict) -> None:
+    """`--window 0`: every token compared with the same cell of the other scans only."""
+    out = cohort["root"] / "run_window"
+    assert main(["screen", *cohort["base"], "--window", "0", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["window"] == 0 and report["tokens"]["cached"] == N_SUBJECTS
+    scores = [s["score"] for s in report["subjects"]]
+    assert len(scores) == N_SUBJECTS and all(np.isfinite(scores))
+
+
+def test_classical_tokens_on_a_grid_twice_as_fine_with_a_window(cohort: dict) -> None:
+    """7-voxel classical cubes (a 4^3 grid at cube 28) scored within one cell: the maps, scores and
+    metrics follow the finer grid."""
+    config = cohort["root"] / "classical7.yaml"
+    config.write_text(f"backbone: classical\nsize: 28\ncache: {cohort['root'] / 'cache7'}\ndevice: cpu\ntop: 3\n"
+                      "tokenizer: {patch: 7, void_fraction: 0.1}\n", encoding="utf-8")
+    out = cohort["root"] / "run_classical7"
+    base = [str(cohort["images"]), "--config", str(config), "--template", str(cohort["template"]), "--registered",
+            "--skull-stripped", "--window", "1", "--labels", str(cohort["labels"]), "-o", str(out)]
+    assert main(["screen", *base]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["window"] == 1 and report["tokens"]["settings"]["patch"] == 7
+    assert report["metrics"]["patient_auroc"] >= 0.0
+    image = nib.load(str(cohort["images"] / "case06.nii.gz"))
+    assert nib.load(str(out / "maps" / "case06.nii.gz")).shape == image.shape
+
+
 def test_existing_output_needs_force(cohort: dict, labelled_run: dict, capsys) -> None:
     out = labelled_run["out"]
     before = (out / "report.json").read_bytes()

@@ -17,7 +17,7 @@ from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
 # SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
 SETTINGS = (
     "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block",
+    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block", "window",
 )
 OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
 
@@ -89,6 +89,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     feat.add_argument("--slices-per-block", type=int, metavar="K",
                       help="slices per 14-voxel block through the ViT, evenly spaced (default all 14; fewer = faster)")
     groups["scoring"].add_argument("--method", choices=("codegraph", "musc"), help="scoring method (default codegraph)")
+    groups["scoring"].add_argument("--window", type=int, metavar="W",
+                                   help="position-aware scoring for registered inputs: compare each token only with "
+                                        "the other scans' tokens within W grid cells of its own (Chebyshev; 0 = same "
+                                        "cell; default: every token of every other scan)")
     groups["compute"].add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: the first GPU if any)")
     groups["compute"].add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                                    help="ViT arithmetic (default auto: bf16 on CUDA and on CPUs with native bf16, "

@@ -34,13 +34,16 @@ def scoring_options(config: ScreenConfig, device: str, kind: str = "3d") -> Any:
     table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
     device and seed unless the `engine` table says otherwise. LNAMD's border: MuSc's zero
     padding for volumes, windows moved inside the grid for 2D images (`kind` "2d"), where the
-    grid's edge is the image's edge (`volumetric.engine.lnamd`), unless the table sets it."""
+    grid's edge is the image's edge (`volumetric.engine.lnamd`), unless the table sets it;
+    `window` (the flag) wins over the table's."""
     from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
 
     settings = dict(config.scoring)
     settings.setdefault("lnamd_border", "shift" if kind == "2d" else "zero")
     try:
         engine = {"device": device, "seed": config.seed, **dict(settings.get("engine") or {})}
+        if config.window is not None:
+            engine["window"] = config.window
         settings["engine"] = EngineOptions(**engine)
         if isinstance(settings.get("codegraph"), dict):
             settings["codegraph"] = CoDeGraph(**settings["codegraph"])

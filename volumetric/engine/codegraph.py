@@ -47,13 +47,13 @@ import leidenalg
 import torch
 from torch import Tensor
 
-from volumetric.engine.distances import collection_minima
 from volumetric.engine.mutual import top_k_counts
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
 from volumetric.engine.ranked import BYTES_PER_MB, Ranked, index_dtype, ranked_bytes, ranked_minima
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
+from volumetric.engine.window import scoped_minima
 from volumetric.errors import VolscanError
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,12 @@ class CoDeGraph:
         graph_views: Sequence[int] | None = None,
         global_features: Tensor | None = None,
         options: EngineOptions | None = None,
+        grid: Sequence[int] | None = None,
     ) -> CoDeGraphResult:
         """Score a batch. `graph_views`: indices of the views whose neighbours build the graph
         (None = all). `global_features` (N, D): pre-selection feature (default: mean valid token
-        of the first view). `options.subsets` must be 1 (`score_collections` splits batches)."""
+        of the first view). `options.subsets` must be 1 (`score_collections` splits batches).
+        `grid`: the shape of the M positions (needed with `options.window`)."""
         options = EngineOptions() if options is None else options
         if options.subsets != 1:
             raise VolscanError("subsets: CoDeGraph scores one batch; split batches with score_collections")
@@ -211,12 +213,14 @@ class CoDeGraph:
                 self._check_memory(valid, graph_views, options, r_ref, k)
             in_graph = graph_views is None or index in graph_views
             if in_graph and self.graph == "averaged":
-                minima = collection_minima([view], valid, partners=partners, options=options)
+                minima = scoped_minima([view], valid, grid=grid, partners=partners, options=options)
                 full_minima.append(minima.distances)
                 view_scores = _mean_smallest(minima.distances.sort(1).values[:, :k], k, False)
             else:
                 rank = r_ref if in_graph else k
-                ranked = ranked_minima(view, valid, rank, partners=partners, nearest=in_graph, options=options)
+                ranked = ranked_minima(
+                    view, valid, rank, partners=partners, nearest=in_graph, options=options, grid=grid
+                )
                 view_scores = _mean_smallest(ranked.distances[:, :k], k, False)
                 if in_graph:
                     graph_ranked.append(ranked)
@@ -243,7 +247,7 @@ class CoDeGraph:
         excluded = torch.zeros(n, m, dtype=torch.bool)
         excluded[valid] = excluded_flat
         if bool(excluded_flat.any()) or self.squared:
-            final = self._final_scores(fresh, valid, excluded, partners, k, options)
+            final = self._final_scores(fresh, valid, excluded, partners, k, options, grid)
         else:
             final = musc
         logger.info(
@@ -391,12 +395,13 @@ class CoDeGraph:
         partners: Tensor,
         k: int,
         options: EngineOptions,
+        grid: Sequence[int] | None = None,
     ) -> Tensor:
         """(T,) mean over views of mutual scores on the refined base (exact second pass)."""
         base = valid & ~excluded
         total, count = None, 0
         for view in fresh():
-            ranked = ranked_minima(view, valid, k, base=base, partners=partners, options=options)
+            ranked = ranked_minima(view, valid, k, base=base, partners=partners, options=options, grid=grid)
             scores = _mean_smallest(ranked.distances, k, self.squared)
             total = scores if total is None else total.add_(scores)
             count += 1

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from volumetric.engine.distances import CollectionMinima, collection_minima, element_minima
+from volumetric.engine.distances import CollectionMinima
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
+from volumetric.engine.window import scoped_element_minima, scoped_minima
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,15 @@ def refine_highest(
     partners: Tensor | None,
     options: EngineOptions,
     among: Tensor | None = None,
+    grid: Sequence[int] | None = None,
 ) -> Tensor:
     """Reduced precision made exact where it matters, in place: the distances of the
     highest-scoring elements (`elements_to_refine` with `options.exact_top`) to every partner
     collection are recomputed in fp32.
 
     `minima` from `collection_minima` on these `layers`; `k` (N,) per collection; `among` (T,)
-    bool restricts the choice (e.g. to the collections a caller scores). Returns the refined
+    bool restricts the choice (e.g. to the collections a caller scores); `grid` the shape of the
+    M positions (with `options.window`: the refinement keeps the window). Returns the refined
     element indices (E,) (empty where the products already were fp32 or exact_top = 0). Exact
     per call: scores averaged over several calls (views) are exact where every call refined the
     element. Nearest positions, where kept, stay those of the reduced-precision pass (a near-tie
@@ -123,7 +126,9 @@ def refine_highest(
     if minima.precision == "fp32" or options.exact_top == 0 or minima.distances.shape[0] == 0:
         return torch.empty(0, dtype=torch.long)
     chosen = elements_to_refine(minima, k, options.exact_top, among)
-    minima.distances[chosen] = element_minima(layers, minima.valid, chosen, partners=partners, options=options)
+    minima.distances[chosen] = scoped_element_minima(
+        layers, minima.valid, chosen, grid=grid, partners=partners, options=options
+    )
     return chosen
 
 
@@ -135,6 +140,7 @@ def mutual_scores(
     return_vectors: bool = False,
     global_features: Tensor | None = None,
     options: EngineOptions | None = None,
+    grid: Sequence[int] | None = None,
 ) -> Tensor | MutualDistances:
     """Mutual scores of every element of a batch.
 
@@ -143,7 +149,8 @@ def mutual_scores(
     `valid`: (N, M) bool; invalid elements are neither scored (NaN) nor anyone's neighbour.
     `global_features` (N, D): for pre-selection (default: the mean valid token).
     `options`: device, precision, block size, progress and the pair plan (`subsets`,
-    `preselect_fraction`, `seed`; see `volumetric.engine.partners`). Returns (N, M) float32
+    `preselect_fraction`, `seed`; see `volumetric.engine.partners`) and `window`, which needs
+    `grid`: the shape of the M positions (e.g. (16, 16, 16)). Returns (N, M) float32
     scores, or `MutualDistances` when `return_vectors` is True.
     """
     layers = as_layers(features)
@@ -164,10 +171,11 @@ def mutual_scores(
         min_partners=int(k.max()),
         seed=options.seed,
     )
-    minima = collection_minima(
-        layers, valid, partners=plan.partners, nearest=return_vectors and len(layers) == 1, options=options
+    minima = scoped_minima(
+        layers, valid, grid=grid, partners=plan.partners, nearest=return_vectors and len(layers) == 1,
+        options=options,
     )
-    refine_highest(layers, minima, k, partners=plan.partners, options=options)
+    refine_highest(layers, minima, k, partners=plan.partners, options=options, grid=grid)
     scores = minima_scores(minima, k)
     if not return_vectors:
         return scores

@@ -2,7 +2,7 @@
 
 One frozen object travels from `score_collections` / `CoDeGraph` / `mutual_scores` to
 `collection_minima`, instead of `device`, `precision`, `block_mb`, `progress` and the pair plan
-being re-listed at every layer. Results depend on `subsets`, `preselect_fraction` and `seed`
+being re-listed at every layer. Results depend on `subsets`, `preselect_fraction`, `seed` and `window`
 (which pairs are compared) and, slightly, on `precision`; the rest only changes speed/memory.
 """
 
@@ -34,6 +34,11 @@ class EngineOptions:
     Pair plan (`volumetric.engine.partners`): `subsets` (split the batch
     into s independent subsets), `preselect_fraction` (compare each collection with that share
     of its most similar collections, None = all) and `seed` (subset split).
+    `window`: position-aware scoring for inputs on one shared grid (registered volumes, aligned
+    images): each element is compared only with the elements of the other collections whose
+    grid cell lies within `window` cells of its own (Chebyshev distance; 0 = the same cell);
+    None (default) = every element of every other collection (`volumetric.engine.window`).
+    Results depend on it; the callers pass the grid shape.
     """
 
     device: str | None = None
@@ -45,6 +50,7 @@ class EngineOptions:
     subsets: int = 1
     preselect_fraction: float | None = None
     seed: int = 0
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -61,5 +67,8 @@ class EngineOptions:
             raise VolscanError(f"subsets: must be a positive integer, got {self.subsets!r}")
         if self.preselect_fraction is not None:
             check_fraction("preselect_fraction", self.preselect_fraction)
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 0):
+            raise VolscanError(f"window: must be an integer >= 0 (cells) or None, got {self.window!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise VolscanError(f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}")

@@ -16,14 +16,15 @@ so targeted filtering's final scores are exact, not patched from stored minima.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from volumetric.engine.distances import collection_minima
 from volumetric.engine.options import EngineOptions
+from volumetric.engine.window import scoped_minima
 
 BYTES_PER_MB = 2**20
 
@@ -68,12 +69,14 @@ def ranked_minima(
     partners: Tensor | None = None,
     nearest: bool = False,
     options: EngineOptions | None = None,
+    grid: Sequence[int] | None = None,
 ) -> Ranked:
     """The `rank` smallest `d(x, J)` of every valid element x, over partner collections J != own.
 
     `view` (N, M, C) float; `valid` (N, M) bool (checked by the caller); `base` (N, M) bool
     subset of `valid` (None = valid): only base elements are neighbours. `partners` (N, N)
     symmetric bool pairs to compare (None = all). `nearest`: also keep nearest positions.
+    `grid`: the shape of the M positions (needed with `options.window`).
     """
     options = EngineOptions() if options is None else options
     n, m = valid.shape
@@ -107,9 +110,9 @@ def ranked_minima(
         full_plan = torch.zeros(len(everyone), len(everyone), dtype=torch.bool)
         full_plan[:, :local] = plan
         full_plan[:local, local:] = plan[local:].T
-        minima = collection_minima(
-            [view[everyone]], torch.cat([base[owners], shadow[shadows]]), partners=full_plan, nearest=nearest,
-            options=quiet,
+        minima = scoped_minima(
+            [view[everyone]], torch.cat([base[owners], shadow[shadows]]), grid=grid, partners=full_plan,
+            nearest=nearest, options=quiet,
         )
         rows = torch.cat([row_of[owners][base[owners]], row_of[shadows][shadow[shadows]]])
         new_values = minima.distances[:, :local]

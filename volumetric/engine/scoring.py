@@ -6,7 +6,8 @@ is built from the views of the LNAMD radii in `graph_radii` (default r = 3 only:
 layer, so a link raises one connection per layer as in the paper; r = 1 alone formed no lesion
 community on the phantom ablation, r = 3 formed a pure one: docs/engine.md), and the exclusion
 mask it yields applies to the final mutual scoring of every view. Grids are flattened to M
-elements, so nothing here depends on the grid being 2D or 3D.
+elements, so nothing here depends on the grid being 2D or 3D; the grid's shape travels along for
+position-aware scoring (`EngineOptions.window`), which compares cells, not element indices.
 
 Memory: CoDeGraph keeps, per graph view, each valid element's r_ref nearest collections with
 positions (T x r_ref x 8 bytes; T = valid tokens), other views only k; views are rebuilt
@@ -163,14 +164,16 @@ def score_collections(
 
         if method == "musc":
             view_scores = [
-                mutual_scores(v, config.musc_top_fraction, sub_valid, global_features=sub_globals, options=per_subset)
+                mutual_scores(
+                    v, config.musc_top_fraction, sub_valid, global_features=sub_globals, options=per_subset, grid=grid
+                )
                 for v in views()
             ]
             scores[part] = torch.stack(view_scores).mean(0)
         else:
             result = config.codegraph(
                 views, sub_valid, graph_views=config.graph_views(len(grids)), global_features=sub_globals,
-                options=per_subset,
+                options=per_subset, grid=grid,
             )
             scores[part] = result.scores
             results.append(result)
