@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.ids import check_id
 from pipelines.inputs import Subject, nifti_grid, validate_subjects
 from volumetric.errors import InputFileError, VolscanError, first_line
 
@@ -214,12 +215,16 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> Chec
 
 
 def validate_preprocess(paths: Sequence[Path], template: str | None = None, landmarks: str | None = None) -> None:
-    """The file checks of `volscan preprocess`, before any volume is processed: the template
-    resolved, a reused landmarks file read, every NIfTI header checked (DICOM series are read
+    """The file checks of `volscan preprocess`, before any volume is processed: every id (from
+    the file name) by the screen's rule, the template resolved, a reused landmarks file read, every NIfTI header checked (DICOM series are read
     in full later). Its settings (`PreprocessSettings`, `--workers`) are checked before this."""
     from preprocessing.intensity import Landmarks
+    from preprocessing.io import subject_id
     from preprocessing.template import resolve_template
 
+    # The store names its files by id, as a screen names its outputs: the same rule (pipelines.ids).
+    for path in paths:
+        check_id(subject_id(path), path, len(paths))
     resolve_template(template)
     if landmarks is not None:
         if not Path(landmarks).is_file():

@@ -79,6 +79,14 @@ def _screen_id_backslash(c: Ctx) -> Run:
     return Run(_screen_2d_argv(c, inputs), ("$\\alpha_{$", "path separator '\\'"), (inputs,), c.tmp / "out")
 
 
+def _preprocess_id_terminal_escape(c: Ctx) -> Run:
+    """`volscan preprocess` names its store files by id too: the same rule, before any work."""
+    inputs = c.inputs()
+    first = sorted(inputs.iterdir())[0]
+    first.rename(first.with_name("\x1b[31mred.nii.gz"))
+    return Run(c.preprocess(inputs, c.tmp / "out"), ("\\x1b[31mred", "control character"), (inputs,), c.tmp / "out")
+
+
 def _screen_id_too_long(c: Ctx) -> Run:
     """A 248-byte id: its file name (252 bytes) is fine, `rank001_<id>.png` (260) is not."""
     stem = "x" * 248
@@ -213,7 +221,7 @@ def _template_fetch_dev_zero(c: Ctx) -> Run:
 
 
 CASES = {name[1:]: fn for name, fn in globals().items()
-         if name.startswith(("_screen_", "_evaluate_", "_extract_", "_template_")) and callable(fn)
+         if name.startswith(("_screen_", "_evaluate_", "_extract_", "_template_", "_preprocess_")) and callable(fn)
          and name not in ("_screen_2d_argv",)}
 
 
