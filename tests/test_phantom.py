@@ -236,3 +236,24 @@ def test_contrast_scales_the_rendered_lesion(tmp_path, name):
         assert means[1] > 1.3  # clearly brighter than CSF (1.0)
     with pytest.raises(VolscanError, match="contrast"):
         PhantomConfig(lesions=LesionSettings(contrast=0.0)).validate()
+
+
+def test_dark_polarity_mirrors_the_levels_around_white_matter(tmp_path):
+    """Same seed, `polarity="dark"`: every level v becomes WM^2 / v (WM = 0.36), darker than white
+    matter, and the rendered core is as much darker than white matter as the bright one is brighter."""
+    flat = dict(noise=0.0, bias_strength=0.0, warps=NO_WARP, n_normal=0, n_consistent=0, n_lookalike=0, n_lesion=1,
+                size=64)
+    bright = generate_cohort(tmp_path / "bright", replace(SMALL, **flat), progress=False)
+    dark = generate_cohort(tmp_path / "dark", replace(SMALL, **flat, lesions=replace(SMALL.lesions, polarity="dark")),
+                           progress=False)
+    (subject,) = bright.subjects
+    ours, theirs = bright.info["subjects"][subject], dark.info["subjects"][subject]
+    for key, level in ours["lesions"][0]["levels"].items():
+        assert theirs["lesions"][0]["levels"][key] == pytest.approx(0.36 ** 2 / level, abs=1e-3)
+    assert theirs["lesions"][0]["levels"]["core"] < 0.2 and ours["lesions"][0]["levels"]["core"] > 0.9
+    core = np.asarray(nib.load(bright.label(subject)).dataobj) == LABEL_CORE
+    means = [np.asarray(nib.load(c.image(subject)).dataobj)[core].mean() / c.info["subjects"][subject]["intensity_scale"]
+             for c in (bright, dark)]
+    assert means[0] / 0.36 == pytest.approx(0.36 / means[1], rel=0.05)
+    with pytest.raises(VolscanError, match="polarity"):
+        PhantomConfig(lesions=LesionSettings(polarity="grey")).validate()
