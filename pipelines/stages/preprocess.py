@@ -51,13 +51,13 @@ def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[
 def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
     """The cohort's preprocessing store, `<cache>/preprocess/<digest>` (3D; used by `volscan extract` too).
 
-    One folder per cohort (its files) and spatial settings: other cohorts never evict it. With N4
-    on, `bias_correction` and `n4` are part of the name (screens with and without N4 get their own
+    One folder per cohort (its files) and spatial settings: other cohorts never evict it. When N4
+    applies (`n4`, or `auto` on raw scans), `bias_correction` and `n4` are part of the name (screens with and without N4 get their own
     stores); without it the name is the one made before N4 existed."""
     key = {"inputs": sorted(str(s.image.resolve()) for s in subjects), "size": config.size, "template": config.template}
     settings = config.preprocess_settings()
-    if settings.bias_correction != "none":
-        key.update(bias_correction=settings.bias_correction, n4=settings.n4.key())
+    if settings.n4_applies:
+        key.update(bias_correction="n4", n4=settings.n4.key())
     cohort = digest(key)
     return cache_root / "preprocess" / cohort
 
