@@ -102,6 +102,8 @@ def variants(f_same: float) -> list[tuple[str, str, ScoringConfig]]:
         ("  graph views: all (layer, r)", "codegraph", replace(paper, graph_radii=paper.lnamd_radii)),
         ("  final score: squared Euclidean", "codegraph", replace(paper, codegraph=replace(cdg, squared=True))),
         ("  coverage 0.95 (was)", "codegraph", replace(paper, codegraph=replace(cdg, coverage=0.95))),
+        ("  link stop: largest need, no fence (literal Algorithm 1, was)", "codegraph",
+         replace(paper, codegraph=replace(cdg, stop_fence=None))),
         (f"Oracle: MuSc f={f_same:g}, base without lesion cubes (ceiling)", "oracle", paper),
     ]
 
