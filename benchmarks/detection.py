@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(family, method, settings)
             auc = [f"{100 * row[k]:.1f}" if row[k] is not None else "-" for k in ("collection_auc", "element_auc")]
             links = f"{row['links']:.0f}" if row["links"] is not None else "-"
-            print(f"| {family} | {name} | {row['alone']} / {row['batches']} | {row['normal_flagged']:.2f} | {auc[0]} "
-                  f"| {auc[1]} | {links} |", flush=True)
+            flags = (f"{row['alone']} / {row['batches']} | {row['normal_flagged']:.2f}" if method is not None
+                     else "- | -")  # MuSc flags nothing
+            print(f"| {family} | {name} | {flags} | {auc[0]} | {auc[1]} | {links} |", flush=True)
     return 0
 
 

@@ -39,6 +39,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--polarity", choices=("bright", "dark"), default="bright",
                         help="lesions brighter than the tissue (default) or 'dark': each level mirrored around "
                              "white matter (WM^2 / level), as much darker than white matter as bright ones are brighter")
+    parser.add_argument("--artefact-scans", type=int, default=0,
+                        help="healthy subjects given a whole-scan artefact, labels kept healthy (default 0)")
+    parser.add_argument("--artefacts", nargs="+", default=None, metavar="KIND",
+                        help="artefact kinds used in turn: ghosting, spike, wrap, missing-slices, contrast (default all)")
     parser.add_argument("--noise", type=float, default=0.03, help="Rician noise sigma relative to CSF (default 0.03)")
     parser.add_argument("--bias", type=float, default=0.15, help="bias-field strength (default 0.15)")
     parser.add_argument("--force", action="store_true", help="replace an existing phantom cohort at OUT")
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
                            n_lookalike=args.lookalike, seed=args.seed, size=args.size, template=args.template,
                            lesions_per_subject=tuple(args.lesions_per_subject),
                            lookalike_lesions=tuple(args.lookalike_lesions), noise=args.noise, bias_strength=args.bias,
+                           artefact_scans=args.artefact_scans,
+                           **({"artefacts": tuple(args.artefacts)} if args.artefacts else {}),
                            lesions=LesionSettings(radius_mm=tuple(args.lesion_radius), contrast=_contrast(args.contrast),
                                                    polarity=args.polarity))
     cohort = generate_cohort(args.out, config, force=args.force)
