@@ -102,6 +102,8 @@ def variants(f_same: float) -> list[tuple[str, str, ScoringConfig]]:
         ("  graph views: all (layer, r)", "codegraph", replace(paper, graph_radii=paper.lnamd_radii)),
         ("  final score: squared Euclidean", "codegraph", replace(paper, codegraph=replace(cdg, squared=True))),
         ("  coverage 0.95 (was)", "codegraph", replace(paper, codegraph=replace(cdg, coverage=0.95))),
+        ("  link stop: largest need, no fence (literal Algorithm 1, was)", "codegraph",
+         replace(paper, codegraph=replace(cdg, stop_fence=None))),
         (f"Oracle: MuSc f={f_same:g}, base without lesion cubes (ceiling)", "oracle", paper),
     ]
 
@@ -230,13 +232,14 @@ def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
 
 
 def diagnose(batch: Batch, config: ScoringConfig) -> dict:
-    """Why no lesion community formed with r = 1 graph views: the burn-out of lesion vs healthy
-    cubes in their sorted mutual similarity vectors (layer-wise sorted, averaged, as CoDeGraph
+    """How lesion and healthy cubes burn out with r = 1 graph views (the earlier default; under the
+    per-pair fence no lesion community was flagged with them, under the current fence one is:
+    docs/engine.md): the burn-out in their sorted mutual similarity vectors (layer-wise sorted, averaged, as CoDeGraph
     reads them), and the lesion share of the most suspicious cubes."""
     layers = standardize_batch(batch.layers, batch.valid)
     n = len(batch.ids)
     valid = batch.valid.reshape(n, -1)
-    graph_radius = 1  # the r = 1 graph of the earlier default, where no lesion community formed
+    graph_radius = 1  # the r = 1 graph of the earlier default
     views = [lnamd(layer, graph_radius, batch.valid, layer_norm=config.layer_norm).reshape(n, -1, layer.shape[-1])
              for layer in layers]
     ranked = [ranked_minima(v, valid, n - 1, options=QUIET) for v in views]

@@ -538,7 +538,11 @@ def build_report(
         settings["preprocess"] = plain(config.preprocess_settings())
         # Resolved (flag, else the `preprocess` table, else the default): None would read "(not used)".
         settings["brain_mask"] = settings["preprocess"]["brain_mask"]
-        settings["bias_correction"] = settings["preprocess"]["bias_correction"]
+        preprocess = config.preprocess_settings()
+        # "auto" resolved: N4 unless the inputs are registered and skull-stripped.
+        settings["bias_correction"] = preprocess.bias_correction
+        if preprocess.bias_correction == "auto":
+            settings["bias_correction"] += " (n4)" if preprocess.n4_applies else " (off)"
         # What `auto` resolved to, per scan (H10): {extractor: [scan ids]}.
         used = preprocess_info.get("brain_mask", {})
         settings["brain_mask_used"] = {m: [i for i, v in used.items() if v == m] for m in sorted(set(used.values()))}

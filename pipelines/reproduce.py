@@ -178,6 +178,9 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
 
     methods = method_list(methods)
     check_settings(config)  # a settings typo is the first error, before OUT and the datasets
+    preprocess_keys = {str(k).replace("-", "_") for k in config.preprocess}
+    if config.bias_correction is None and "bias_correction" not in preprocess_keys:
+        config = replace(config, bias_correction="none")  # the paper's protocol has no bias-field step
     output = AtomicOutputDir(out_dir, force, protected=(Path(brats_dir), Path(ixi_dir)),
                              command="reproduce")  # fails before any work
     ixi = choose(find_ixi_t2(ixi_dir), n_ixi, seed, "IXI T2")

@@ -25,7 +25,8 @@ from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
 
-# `PreprocessSettings.bias_correction` values: "none" (the paper's BraTS protocol) or "n4".
+# `PreprocessSettings.bias_correction` values: "auto" (N4 unless the input is registered and
+# skull-stripped), "none" (the paper's BraTS protocol) or "n4".
 # N4 needs a fit region: with fewer positive brain voxels than this share the input is not an MR
 # magnitude image (z-scored or CT-like intensities) and the log-domain model does not apply.
 MIN_POSITIVE_SHARE = 0.5

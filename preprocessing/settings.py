@@ -38,11 +38,14 @@ class PreprocessSettings:
       "cuda", ... for the learned extractors.
     - `margin_mm`, `cubic`: crop box around the template brain; `background_scale`: template-mask
       refinement; `registration`: `RegistrationSettings`.
-    - `bias_correction`: "none" (the paper's BraTS protocol, which has no bias-field step) |
-      "n4": N4 on the cube inside the brain mask, before Nyúl (`preprocessing.bias_field`);
-      recommended for raw scanner data whose bias fields were not corrected (a strongly biased
-      healthy scan otherwise reads as anomalous). `n4`: `N4Settings`, used only with "n4"
-      (non-default `n4` settings with "none" are an error: they would do nothing).
+    - `bias_correction`: "auto" (default) = "n4" for scans volscan registers or skull-strips
+      itself, "none" for `registered` *and* `skull_stripped` inputs (their preprocessing is
+      someone else's, e.g. BraTS, whose protocol has no bias-field step) (`n4_applies`);
+      "none" | "n4" force it off or on. N4 runs on the cube inside the brain mask, before Nyúl
+      (`preprocessing.bias_field`): a strongly biased healthy scan otherwise reads as anomalous
+      (docs/engine.md: without N4 the lesion-free phantom cohorts flag their most biased
+      healthy scans). `n4`: `N4Settings`, used whenever N4 applies (non-default `n4` settings
+      with "none" are an error: they would do nothing).
     - `cutoff`: Nyúl quantiles when learning landmarks; `landmarks`: a `.npy` file of fixed
       landmarks to apply instead of learning them (path, or None).
     """
@@ -58,7 +61,7 @@ class PreprocessSettings:
     cubic: bool = False
     background_scale: float = 0.5
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
-    bias_correction: str = "none"
+    bias_correction: str = "auto"
     n4: N4Settings = field(default_factory=N4Settings)
     cutoff: tuple[float, float] = DEFAULT_CUTOFF
     landmarks: str | None = None
@@ -134,6 +137,13 @@ class PreprocessSettings:
             table["cutoff"] = tuple(table["cutoff"])
         return cls(**table, **fixed)
 
+    @property
+    def n4_applies(self) -> bool:
+        """Whether N4 runs: "n4", or "auto" on inputs volscan registers or skull-strips itself."""
+        if self.bias_correction == "auto":
+            return not (self.registered and self.skull_stripped)
+        return self.bias_correction == "n4"
+
     def replace(self, **changes: Any) -> "PreprocessSettings":
         """A copy with `changes` (e.g. per-subject `registered` / `skull_stripped`)."""
         return dataclasses.replace(self, **changes)
@@ -144,7 +154,8 @@ class PreprocessSettings:
         `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
         on which weights made them (the content of the `hdbet_weights` folder's files, so the
         same weights mounted at another path are the same key; or volscan's cached download).
-        Bias correction enters only when on: "none" makes the same cubes as before it existed.
+        Bias correction enters only when it applies (`n4_applies`, so "auto" and "n4" share stores):
+        without it the key is the one made before it existed.
         """
         key = {
             "version": PIPELINE_VERSION,
@@ -160,8 +171,8 @@ class PreprocessSettings:
             "background_scale": float(self.background_scale) if mask_method == "template" else None,
             "registration": None if self.registered else self.registration.key(),
         }
-        if self.bias_correction != "none":
-            key.update(bias_correction=self.bias_correction, n4=self.n4.key())
+        if self.n4_applies:
+            key.update(bias_correction="n4", n4=self.n4.key())
         return key
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The one-volume chain: register → brain mask → crop the template's brain box → resize to S³
-(→ N4 bias-field correction inside the brain mask, when `settings.bias_correction == "n4"`).
+(→ N4 bias-field correction inside the brain mask, when `settings.n4_applies`).
 
 Spatial steps are composed into a single resampling (registration ∘ crop box ∘ resize), so each
 input is interpolated once. Registered mode skips only the registration: the crop box still
@@ -120,7 +120,7 @@ class VolumePreprocessor:
         if not mask.any():
             hint = " (is it really in template space?)" if self.settings.registered else ""
             raise InputFileError(name, f"brain mask ({choice.method}) is empty inside the template's crop box{hint}")
-        if self.settings.bias_correction == "n4":
+        if self.settings.n4_applies:
             # Fitted in the cube: its grid is the same for every scan, and Nyúl learns on it next.
             spacing = np.linalg.norm(self.cube_affine[:3, :3], axis=0)  # column norms = voxel sizes (mm)
             cube = correct_bias_field(cube, mask, spacing, self.settings.n4, str(name))

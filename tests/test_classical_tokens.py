@@ -95,9 +95,11 @@ def test_standardize_batch_uses_valid_tokens_only():
     inside = layer[valid].double().numpy()
     expected = (inside - inside.mean(0)) / np.where(inside.std(0) > 1e-6, inside.std(0), 1.0)
     np.testing.assert_allclose(out[valid][:, :6].numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert out.shape == layer.shape[:-1] + (7,) and torch.all(out[valid][:, 5] == 0)
-    # The constant reference channel that keeps token lengths through the engine's L2 normalisation.
-    assert torch.all(out[..., 6] == REFERENCE_SCALE * 6 ** 0.5)
+    assert out.shape == layer.shape[:-1] + (8,) and torch.all(out[valid][:, 5] == 0)
+    # The constant reference that keeps token lengths through the engine's L2 normalisation: a pair
+    # of opposite channels (length REFERENCE_SCALE sqrt(D), zero sum: no weight in LayerNorm's mean).
+    torch.testing.assert_close(out[..., 6], torch.full(out.shape[:-1], REFERENCE_SCALE * 3 ** 0.5))
+    assert torch.equal(out[..., 7], -out[..., 6])
     with pytest.raises(VolscanError):
         standardize_batch([layer], torch.zeros_like(valid))
 
@@ -108,11 +110,30 @@ def test_reference_channel_keeps_token_length_through_the_engine_aggregation():
     rng = np.random.default_rng(5)
     valid = torch.ones(3, 3, 3, 3, dtype=torch.bool)
     (out,) = standardize_batch([torch.from_numpy(rng.normal(size=(3, 3, 3, 3, 8)).astype(np.float32))], valid)
-    out[0, 1, 1, 1, :-1] = 3 * out[0, 0, 0, 0, :-1]
+    out[0, 1, 1, 1, :-2] = 3 * out[0, 0, 0, 0, :-2]
     aggregated = lnamd(out, 1, valid)
     gap = torch.linalg.norm(aggregated[0, 1, 1, 1] - aggregated[0, 0, 0, 0])
     typical = torch.linalg.norm(aggregated[1:, 0, 0, 0] - aggregated[1:, 1, 1, 1], dim=-1).median()
     assert gap > 0.5 * typical
+
+
+def test_bright_and_dark_tokens_end_equally_far_from_a_typical_one():
+    """A token +1.5 sd in every channel and one -1.5 sd (a bright and a dark lesion's profile) sit at
+    the same Euclidean distance from the batch's typical token; after LNAMD (LayerNorm over the
+    map, then L2) they must stay equally far. A reference channel inside LayerNorm's mean shifts
+    every channel by about c / (D + 1) and made the bright one 21 % farther."""
+    rng = np.random.default_rng(6)
+    d = 24
+    valid = torch.ones(4, 4, 4, 4, dtype=torch.bool)
+    raw = torch.from_numpy(rng.normal(size=(4, 4, 4, 4, d)).astype(np.float32))
+    (out,) = standardize_batch([raw], valid)
+    out[0, 0, 0, 0, :d] = 0.0  # the typical token
+    out[0, 1, 1, 1, :d] = 1.5
+    out[0, 2, 2, 2, :d] = -1.5
+    aggregated = lnamd(out, 1, valid)
+    bright = torch.linalg.norm(aggregated[0, 1, 1, 1] - aggregated[0, 0, 0, 0])
+    dark = torch.linalg.norm(aggregated[0, 2, 2, 2] - aggregated[0, 0, 0, 0])
+    assert float(bright / dark) == pytest.approx(1.0, abs=0.02)
 
 
 def test_a_bright_blob_is_the_most_anomalous_token():

@@ -237,3 +237,53 @@ def test_contrast_scales_the_rendered_lesion(tmp_path, name):
         assert means[1] > 1.3  # clearly brighter than CSF (1.0)
     with pytest.raises(VolscanError, match="contrast"):
         PhantomConfig(lesions=LesionSettings(contrast=0.0)).validate()
+
+
+def test_dark_polarity_mirrors_the_levels_around_white_matter(tmp_path):
+    """Same seed, `polarity="dark"`: every level v becomes WM^2 / v (WM = 0.36), darker than white
+    matter, and the rendered core is as much darker than white matter as the bright one is brighter."""
+    flat = dict(noise=0.0, bias_strength=0.0, warps=NO_WARP, n_normal=0, n_consistent=0, n_lookalike=0, n_lesion=1,
+                size=64)
+    bright = generate_cohort(tmp_path / "bright", replace(SMALL, **flat), progress=False)
+    dark = generate_cohort(tmp_path / "dark", replace(SMALL, **flat, lesions=replace(SMALL.lesions, polarity="dark")),
+                           progress=False)
+    (subject,) = bright.subjects
+    ours, theirs = bright.info["subjects"][subject], dark.info["subjects"][subject]
+    for key, level in ours["lesions"][0]["levels"].items():
+        assert theirs["lesions"][0]["levels"][key] == pytest.approx(0.36 ** 2 / level, abs=1e-3)
+    assert theirs["lesions"][0]["levels"]["core"] < 0.2 and ours["lesions"][0]["levels"]["core"] > 0.9
+    core = np.asarray(nib.load(bright.label(subject)).dataobj) == LABEL_CORE
+    means = [np.asarray(nib.load(c.image(subject)).dataobj)[core].mean() / c.info["subjects"][subject]["intensity_scale"]
+             for c in (bright, dark)]
+    assert means[0] / 0.36 == pytest.approx(0.36 / means[1], rel=0.05)
+    with pytest.raises(VolscanError, match="polarity"):
+        PhantomConfig(lesions=LesionSettings(polarity="grey")).validate()
+
+
+def test_artefact_scans_are_healthy_subjects_with_a_whole_scan_artefact(tmp_path):
+    """`artefact_scans`: that many `normal` subjects get the listed artefacts in turn; their labels
+    stay 0; every other subject is byte-identical to the same cohort without artefacts (the draw
+    comes last), and each artefact changes its scan."""
+    from pipelines.phantom.artefacts import ARTEFACTS, apply_artefact
+
+    config = replace(SMALL, n_normal=6, n_lesion=1, n_consistent=0)
+    plain = generate_cohort(tmp_path / "plain", config, progress=False)
+    odd = generate_cohort(tmp_path / "odd", replace(config, artefact_scans=2, artefacts=("ghosting", "contrast")),
+                          progress=False)
+    kinds = {s: m["artefact"] for s, m in odd.info["subjects"].items() if m["artefact"]}
+    assert sorted(kinds.values()) == ["contrast", "ghosting"] and set(kinds) <= set(odd.members("normal"))
+    for subject in odd.subjects:
+        ours = np.asarray(nib.load(odd.image(subject)).dataobj)
+        theirs = np.asarray(nib.load(plain.image(subject)).dataobj)
+        assert np.array_equal(ours, theirs) != (subject in kinds)
+        assert np.array_equal(np.asarray(nib.load(odd.label(subject)).dataobj),
+                              np.asarray(nib.load(plain.label(subject)).dataobj))
+    rng = np.random.default_rng(0)
+    image = np.asarray(nib.load(plain.image(plain.subjects[0])).dataobj).astype(np.float32)
+    for name in ARTEFACTS:
+        changed = apply_artefact(image, name, rng)
+        assert changed.shape == image.shape and changed.min() >= 0 and not np.array_equal(changed, image)
+    with pytest.raises(VolscanError, match="artefact scans must be within 0..6"):
+        replace(config, artefact_scans=7).validate()
+    with pytest.raises(VolscanError, match="artefacts must be among"):
+        replace(config, artefacts=("blur",)).validate()

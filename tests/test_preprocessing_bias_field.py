@@ -72,8 +72,8 @@ def test_n4_removes_a_known_smooth_field_and_keeps_a_lesion(scene):
 
 
 def test_settings_validation_mapping_and_cache_keys():
-    assert PreprocessSettings().bias_correction == "none"
-    with pytest.raises(VolscanError, match="unknown bias correction 'N4'; choose one of none, n4"):
+    assert PreprocessSettings().bias_correction == "auto"
+    with pytest.raises(VolscanError, match="unknown bias correction 'N4'; choose one of auto, none, n4"):
         PreprocessSettings(bias_correction="N4")
     with pytest.raises(VolscanError, match="preprocess n4 must be N4Settings"):
         PreprocessSettings(n4={"shrink": 2})
@@ -85,7 +85,7 @@ def test_settings_validation_mapping_and_cache_keys():
                            ({"n4": {"convergence": 0}}, "N4 convergence must be a number > 0"),
                            ({"n4": {"threads": 0}}, "N4 threads must be an integer >= 1"),
                            # N4 options without N4 would do nothing: one line, not silently ignored
-                           ({"n4": {"shrink": 2}}, "^preprocess n4 settings are set but bias_correction is none; "
+                           ({"bias-correction": "none", "n4": {"shrink": 2}}, "^preprocess n4 settings are set but bias_correction is none; "
                                                    "add bias_correction: n4$")):
         with pytest.raises(VolscanError, match=message):
             PreprocessSettings.from_mapping(table)
@@ -93,11 +93,21 @@ def test_settings_validation_mapping_and_cache_keys():
     def key(s):
         return json.dumps(s.spatial_key("template", "nonzero"), sort_keys=True)
 
-    none, n4 = PreprocessSettings(), PreprocessSettings(bias_correction="n4")
+    none, n4 = PreprocessSettings(bias_correction="none"), PreprocessSettings(bias_correction="n4")
     assert len({key(none), key(n4), key(n4.replace(n4=N4Settings(shrink=2)))}) == 3
     with pytest.raises(VolscanError, match="bias_correction is none"):
         n4.replace(n4=N4Settings(threads=2), bias_correction="none")
-    assert PreprocessSettings.from_mapping({"n4": {"shrink": 4}}) == none  # the defaults: nothing ignored
+    assert PreprocessSettings.from_mapping({"n4": {"shrink": 4}}) == PreprocessSettings()  # the defaults
+    # "auto": N4 for scans volscan registers or skull-strips (same store as "n4"), none for
+    # registered and skull-stripped inputs (same store as "none").
+    auto = PreprocessSettings()
+    assert auto.n4_applies and key(auto) == key(n4.replace(bias_correction="auto"))
+    for registered, stripped, applies in ((True, False, True), (False, True, True), (True, True, False)):
+        each = auto.replace(registered=registered, skull_stripped=stripped)
+        assert each.n4_applies == applies
+        reference = (n4 if applies else none).replace(registered=registered, skull_stripped=stripped)
+        assert key(each) == key(reference)
+    assert not none.n4_applies and n4.replace(registered=True, skull_stripped=True).n4_applies
     # Without N4 the key is the one from before N4 existed (those stores stay valid).
     assert "bias_correction" not in none.spatial_key("template", "nonzero")
     assert n4.to_dict()["bias_correction"] == "n4" and n4.to_dict()["n4"]["shrink"] == 4
@@ -243,21 +253,23 @@ def test_screen_flag_and_config_reach_the_preprocess_settings(tmp_path):
 
     config = resolve_config(None, **{name: getattr(args, name) for name in OVERRIDES})
     assert config.bias_correction == "n4" and config.preprocess_settings().bias_correction == "n4"
-    assert resolve_config(None).preprocess_settings().bias_correction == "none"
+    assert resolve_config(None).preprocess_settings().bias_correction == "auto"
     path = tmp_path / "c.toml"
     path.write_text('[preprocess]\nbias_correction = "n4"\nn4 = {shrink = 2, iterations = [30, 20]}\n', encoding="utf-8")
     from_file = resolve_config(path).preprocess_settings()
     assert from_file.bias_correction == "n4" and from_file.n4 == N4Settings(shrink=2, iterations=(30, 20))
     # The flag wins; `--bias-correction none` also drops the table's n4 options (no error for them).
-    assert resolve_config(path, bias_correction="none").preprocess_settings() == PreprocessSettings()
+    assert resolve_config(path, bias_correction="none").preprocess_settings() == PreprocessSettings(bias_correction="none")
     only_n4 = tmp_path / "n4.yaml"
-    only_n4.write_text("preprocess: {n4: {shrink: 2}}\n", encoding="utf-8")
+    only_n4.write_text("preprocess: {n4: {shrink: 2}}\n", encoding="utf-8")  # "auto": used wherever N4 applies
+    assert resolve_config(only_n4).preprocess_settings().n4 == N4Settings(shrink=2)
+    only_n4.write_text("preprocess: {bias_correction: none, n4: {shrink: 2}}\n", encoding="utf-8")
     with pytest.raises(VolscanError, match="^preprocess n4 settings are set but bias_correction is none"):
         resolve_config(only_n4).preprocess_settings()
     top = tmp_path / "top.yaml"
     top.write_text("bias-correction: n4\n", encoding="utf-8")
     assert resolve_config(top).preprocess_settings().bias_correction == "n4"
-    with pytest.raises(VolscanError, match="bias-correction must be none or n4, got 'N4'"):
+    with pytest.raises(VolscanError, match="bias-correction must be auto, none or n4, got 'N4'"):
         ScreenConfig(bias_correction="N4")
     preprocess_args = build_parser("preprocess")[0].parse_args(["preprocess", "in", "-o", "out"])
     assert preprocess_args.bias_correction is None  # unset: PreprocessSettings' default applies
@@ -298,4 +310,7 @@ def test_n4_gets_its_own_cohort_store(tmp_path):
     config = ScreenConfig()
     before = digest({"inputs": sorted(str(s.image.resolve()) for s in subjects), "size": config.size,
                      "template": config.template})
-    assert folders["none"] == cohort_folder(subjects, config, tmp_path) == tmp_path / "preprocess" / before
+    assert folders["none"] == tmp_path / "preprocess" / before
+    # The default "auto": N4's store for raw scans, the store without N4 for registered, skull-stripped ones.
+    assert cohort_folder(subjects, config, tmp_path) == folders["n4"]
+    assert cohort_folder(subjects, ScreenConfig(registered=True, skull_stripped=True), tmp_path) == folders["none"]

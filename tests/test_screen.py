@@ -184,7 +184,8 @@ def test_report_json_fields(cohort: dict, labelled_run: dict) -> None:
     assert settings["method"] == "codegraph" and settings["size"] == 28 and settings["proj_dim"] == 8
     assert settings["layers"] == report["tokens"]["settings"]["layers"] and settings["layers"]  # resolved, not null
     assert settings["registered"] is True and settings["skull_stripped"] is True
-    assert settings["bias_correction"] == settings["preprocess"]["bias_correction"] == "none"  # resolved, not null
+    # resolved, not null: the default "auto" is off for registered, skull-stripped inputs
+    assert settings["preprocess"]["bias_correction"] == "auto" and settings["bias_correction"] == "auto (off)"
     assert settings["backbone_kwargs"] == {"depth": 3, "embed_dim": 48, "num_heads": 2}
     assert set(report["timings_s"]) >= {"inputs", "preprocess", "tokens", "scoring", "maps", "metrics", "figures"}
     assert all(v >= 0 for v in report["timings_s"].values())

@@ -39,7 +39,8 @@ It happens at scoring time, not here, because tokens are extracted and cached on
 a `TokenSet` that needs it carries `meta["batch_standardize"] = True` (`needs_batch_standardize`).
 It is label-free and zero-shot like the rest of the method; a fixed transform would have to
 guess every feature's spread on data it has not seen.
-It also appends one constant *reference channel* of value `REFERENCE_SCALE * sqrt(D)`. Why: the
+It also appends a constant *reference*: two channels `+c / sqrt(2)` and `-c / sqrt(2)` with
+`c = REFERENCE_SCALE * sqrt(D)` (together one direction of length c). Why: the
 engine aggregates tokens as MuSc does (LNAMD), which ends by L2-normalising every token, so only
 a token's direction survives. That suits ViT features (they are compared by direction), but a
 standardised classical token carries its meaning in its *length* (how far each statistic is from
@@ -52,6 +53,12 @@ phantom cohort (8 healthy, 3 lesion scans, cube 112): without the channel the en
 token of every lesion scan lay away from its lesion and healthy and lesion scans' maxima
 overlapped; with c = 4 sqrt(D) the hottest tokens are those of plain Euclidean mutual scoring
 (r = 1) and the lesion scans' maxima are twice the healthy ones'.
+Why two channels of opposite sign: LNAMD starts with a LayerNorm over the whole map, whose mean
+runs over every channel. One channel of value c put c / (D + 1) into that mean and shifted every
+feature channel by it (about 1 sd of the map), so a token +1.5 sd in every channel ended 15-21 %
+farther from a typical token than one -1.5 sd away: bright lesions outweighed dark ones. The pair
+sums to zero, so LayerNorm's mean is the features' own and a bright and a dark profile stay
+equally far (test); LayerNorm's variance only rescales the whole map, which the L2 step discards.
 
 What it cannot see: a lesion whose intensity and texture match normal tissue at these scales
 (e.g. a T1-isointense metastasis, infiltration that only distorts anatomy, a mass effect); it
@@ -86,7 +93,7 @@ BATCH_STANDARDIZE = "batch_standardize"
 _MIN_STD = 1e-6
 # How the filters extend the array past its edge (module docstring, step 2).
 BOUNDARY = "reflect"
-# Value of the constant reference channel `standardize_batch` appends, in units of sqrt(D) (see above).
+# Length of the constant reference `standardize_batch` appends, in units of sqrt(D) (see above).
 REFERENCE_SCALE = 4.0
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -314,10 +321,10 @@ def needs_batch_standardize(token_sets: Sequence[TokenSet]) -> bool:
 
 def standardize_batch(layers: Sequence[torch.Tensor], valid: torch.Tensor) -> list[torch.Tensor]:
     """Per channel: subtract the mean and divide by the standard deviation over the valid tokens of the
-    batch; then append the constant reference channel `REFERENCE_SCALE * sqrt(D)` (module docstring).
+    batch; then append the constant reference pair `+-REFERENCE_SCALE * sqrt(D / 2)` (module docstring).
 
     `layers`: per layer (N, *grid, D) float tensors; `valid`: (N, *grid) bool. Returns new float32
-    tensors (N, *grid, D + 1) (void tokens transformed alike; they are not scored). A channel
+    tensors (N, *grid, D + 2) (void tokens transformed alike; they are not scored). A channel
     constant over the batch is only centred.
     """
     if not bool(valid.any()):
@@ -332,7 +339,8 @@ def standardize_batch(layers: Sequence[torch.Tensor], valid: torch.Tensor) -> li
         std = inside.std(0, unbiased=False)
         std = torch.where(std > _MIN_STD, std, torch.ones_like(std))
         standard = (values - mean.float()) / std.float()
-        reference = torch.full((*standard.shape[:-1], 1), REFERENCE_SCALE * standard.shape[-1] ** 0.5)
+        half = REFERENCE_SCALE * (standard.shape[-1] / 2) ** 0.5
+        reference = torch.tensor([half, -half]).expand(*standard.shape[:-1], 2)
         out.append(torch.cat([standard, reference], dim=-1))
     return out
 

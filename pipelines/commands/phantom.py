@@ -36,6 +36,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="lesion brightness: 'subtle' (0.7: edema like grey matter), 't2' (1.0, default: edema "
                              "between grey matter and CSF, core like CSF), 'bright' (1.5: clearly brighter than CSF), "
                              "or any positive multiplier of the lesion levels")
+    parser.add_argument("--polarity", choices=("bright", "dark"), default="bright",
+                        help="lesions brighter than the tissue (default) or 'dark': each level mirrored around "
+                             "white matter (WM^2 / level), as much darker than white matter as bright ones are brighter")
+    parser.add_argument("--artefact-scans", type=int, default=0,
+                        help="healthy subjects given a whole-scan artefact, labels kept healthy (default 0)")
+    parser.add_argument("--artefacts", nargs="+", default=None, metavar="KIND",
+                        help="artefact kinds used in turn: ghosting, spike, wrap, missing-slices, contrast (default all)")
     parser.add_argument("--noise", type=float, default=0.03, help="Rician noise sigma relative to CSF (default 0.03)")
     parser.add_argument("--bias", type=float, default=0.15, help="bias-field strength (default 0.15)")
     parser.add_argument("--force", action="store_true", help="replace an existing phantom cohort at OUT")
@@ -64,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
                            n_lookalike=args.lookalike, seed=args.seed, size=args.size, template=args.template,
                            lesions_per_subject=tuple(args.lesions_per_subject),
                            lookalike_lesions=tuple(args.lookalike_lesions), noise=args.noise, bias_strength=args.bias,
-                           lesions=LesionSettings(radius_mm=tuple(args.lesion_radius), contrast=_contrast(args.contrast)))
+                           artefact_scans=args.artefact_scans,
+                           **({"artefacts": tuple(args.artefacts)} if args.artefacts else {}),
+                           lesions=LesionSettings(radius_mm=tuple(args.lesion_radius), contrast=_contrast(args.contrast),
+                                                   polarity=args.polarity))
     cohort = generate_cohort(args.out, config, force=args.force)
     counts = ", ".join(f"{len(cohort.members(g))} {g}" for g in GROUPS if cohort.members(g))
     print(f"wrote {len(cohort.subjects)} subjects ({counts}; anatomy: {cohort.info['anatomy']}) to {cohort.root}")

@@ -30,8 +30,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin-mm", type=float, help="crop margin around the template brain (mm, default 4)")
     parser.add_argument("--cubic", action="store_true", help="cubic crop box (same extent on every axis)")
     parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
-                        help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
-                             "protocol; n4 for raw scanner data with uncorrected bias fields)")
+                        help="N4 bias-field correction inside the brain mask before Nyúl (default auto: on for scans "
+                     "volscan registers or skull-strips, off for --registered --skull-stripped inputs; none, n4 force it)")
     parser.add_argument("--landmarks", metavar="FILE", help="reuse Nyúl landmarks (.npy) instead of learning them")
     parser.add_argument(
         "--cutoff", type=float, nargs=2, metavar=("LOW", "HIGH"),

@@ -73,8 +73,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                      help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
                           "if its weights are local, else deepbet, else the template mask with a warning)")
     pre.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
-                     help="N4 bias-field correction inside the brain mask before Nyúl (default none, the paper's "
-                          "protocol; n4 for raw scanner data with uncorrected bias fields)")
+                     help="N4 bias-field correction inside the brain mask before Nyúl (default auto: on for scans "
+                     "volscan registers or skull-strips, off for --registered --skull-stripped inputs; none, n4 force it)")
     pre.add_argument("--template", metavar="PATH", help="template folder (default $VOLSCAN_TEMPLATE or the user cache)")
     feat = groups["features"]
     feat.add_argument("--backbone", metavar="NAME", help=f"timm ViT name, or 'classical' for weights-free intensity and texture features "

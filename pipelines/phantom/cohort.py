@@ -12,7 +12,9 @@ pattern at one template location, each subject seeing it through its own warp: t
 CoDeGraph targets), `lookalike` (1-3 lesions each at random places, all sharing one appearance:
 levels and core / rim fractions; the BraTS-METS vs IXI shape, where metastases look alike across
 patients wherever they grow, so a third of a cohort carrying them vouch for each other in mutual
-scoring). `lookalike_config` is that regime's preset. Subject ids are shuffled across groups so
+scoring). `lookalike_config` is that regime's preset. `artefact_scans` healthy subjects get a
+whole-scan acquisition artefact (`artefacts.py`: ghosting, spike, wrap, missing slices, wrong
+contrast) and stay labelled healthy. Subject ids are shuffled across groups so
 the order says nothing.
 
 Randomness: `SeedSequence(seed)` spawns one stream for cohort-level draws and one per subject,
@@ -39,6 +41,7 @@ from preprocessing.io import save_volume
 from volumetric.errors import InputFileError, VolscanError
 
 from .anatomy import Anatomy, load_atlas_anatomy, procedural_head
+from .artefacts import ARTEFACTS, apply_artefact, check_artefacts
 from .lesions import Lesion, LesionSettings, brain_depth, render_lesion, sample_lesion
 from .warps import SubjectGeometry, WarpSettings, bias_field, sample_geometry, template_points
 
@@ -61,7 +64,8 @@ class PhantomConfig:
     `lookalike_lesions`: the same for the `lookalike` group. `lesions` (radius, levels,
     `contrast`) applies to every group. `skull_stripped`: the procedural head without scalp, skull
     and background (subjects are zero outside their brain, as BraTS releases are); atlas anatomy
-    is always skull-stripped.
+    is always skull-stripped. `artefact_scans`: healthy (`normal`) subjects given a whole-scan
+    artefact (`artefacts.py`), the kinds of `artefacts` in turn; their labels stay healthy.
     """
 
     n_normal: int = 20
@@ -80,6 +84,8 @@ class PhantomConfig:
     n_lookalike: int = 0
     lookalike_lesions: tuple[int, int] = (1, 3)
     skull_stripped: bool = False
+    artefact_scans: int = 0
+    artefacts: tuple[str, ...] = ARTEFACTS
 
     def validate(self) -> None:
         """Raise VolscanError on settings that cannot make a cohort."""
@@ -96,6 +102,10 @@ class PhantomConfig:
         self.lesions.validate()
         if self.size < 32 or self.size > 512:
             raise VolscanError(f"--size must be in 32..512 voxels, got {self.size}")
+        if not 0 <= self.artefact_scans <= self.n_normal:
+            raise VolscanError(f"artefact scans must be within 0..{self.n_normal} (the healthy subjects), "
+                               f"got {self.artefact_scans}")
+        check_artefacts(tuple(self.artefacts))
         if self.noise < 0 or self.bias_strength < 0 or self.n_sites < 1:
             raise VolscanError("noise and bias strength must be >= 0 and there must be at least one site")
 
@@ -234,6 +244,12 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     shared = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_consistent else None
     # Drawn after the consistent lesion, so cohorts without look-alikes keep their old random streams.
     look = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_lookalike else None
+    # Drawn last, so cohorts without artefact scans keep their old random streams.
+    artefact_of = {}
+    if config.artefact_scans:
+        healthy = np.flatnonzero(group_list == "normal")
+        chosen = sorted(cohort_rng.choice(healthy, config.artefact_scans, replace=False).tolist())
+        artefact_of = {int(i): config.artefacts[j % len(config.artefacts)] for j, i in enumerate(chosen)}
 
     with output as tmp:
         save_volume((anatomy.image * 1000.0).astype(np.float32), anatomy.affine, tmp / "template" / "template.nii.gz")
@@ -244,7 +260,7 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
             subject = f"sub-{index:0{width}d}"
             rng = np.random.default_rng(seeds[1 + index])
             subjects[subject] = _write_subject(tmp, subject, str(group), rng, anatomy, config, shared, look,
-                                               depth, site_scales)
+                                               depth, site_scales, artefact_of.get(index))
         info = {"format": FORMAT, "seed": config.seed, "anatomy": anatomy.source, "config": _jsonable(config),
                 "label_names": LABEL_NAMES, "groups": {g: sorted(s for s, m in subjects.items() if m["group"] == g)
                                                       for g in GROUPS},
@@ -259,8 +275,9 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
 
 def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Generator, anatomy: Anatomy,
                    config: PhantomConfig, shared: Lesion | None, look: Lesion | None, depth: np.ndarray,
-                   site_scales: np.ndarray) -> dict:
-    """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry."""
+                   site_scales: np.ndarray, artefact: str | None = None) -> dict:
+    """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry.
+    `artefact`: a whole-scan artefact applied after rendering (drawn from the subject's stream last)."""
     geometry = sample_geometry(rng, anatomy, config.warps)
     site = int(rng.integers(config.n_sites))
     scale = float(site_scales[site] * rng.uniform(0.9, 1.1))
@@ -273,12 +290,14 @@ def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Genera
     else:
         lesions = [shared] if group == "consistent" and shared is not None else []
     image, labels = render_subject(anatomy, geometry, lesions, rng, scale, config)
+    if artefact is not None:
+        image = apply_artefact(image, artefact, rng)
     save_volume(np.clip(np.rint(image), 0, np.iinfo(np.int16).max), geometry.affine,
                 folder / "images" / f"{subject}.nii.gz", dtype=np.int16)
     save_volume(labels, geometry.affine, folder / "labels" / f"{subject}.nii.gz")
     if lesions and not (labels > 0).any():
         log.warning("%s: its lesion fell outside the field of view; it is labelled healthy", subject)
-    return {"group": group, "site": site, "intensity_scale": round(scale, 3), "lesion_voxels": int((labels > 0).sum()),
+    return {"group": group, "site": site, "artefact": artefact, "intensity_scale": round(scale, 3), "lesion_voxels": int((labels > 0).sum()),
             **geometry.describe(), "lesions": [lesion.to_dict() for lesion in lesions]}
 
 

@@ -15,6 +15,10 @@ Contrast (`LesionSettings.contrast`, a multiplier of the three levels; CSF = 1):
 - 0.7, subtle: edema 0.55-0.64 (grey matter is 0.55), core 0.67-0.77 (below CSF);
 - 1.0, T2-like (default): edema between grey matter and CSF, core about as bright as CSF;
 - 1.5, clearly brighter than CSF: edema 1.17-1.38, core 1.43-1.65.
+Polarity (`LesionSettings.polarity`): "bright" (default, the levels above) or "dark", each
+level v (after the contrast) replaced by WM^2 / v with WM = white matter's 0.36: as much darker
+than white matter as the bright lesion is brighter (edema 0.14-0.17, core 0.12-0.14 at contrast
+1.0: a T1-hypointense-like lesion), so a detector can be checked on both signs.
 Look-alike lesions (`sample_lesion(..., appearance=...)`) share one appearance (the three
 levels and the core / rim fractions) and differ in place, size, elongation, rotation and outline,
 as metastases of one primary tumour look alike in one modality wherever they grow.
@@ -30,9 +34,10 @@ from scipy.spatial.transform import Rotation
 
 from volumetric.errors import VolscanError
 
-from .anatomy import Anatomy
+from .anatomy import TISSUE_LEVELS, Anatomy
 
 LABEL_CORE, LABEL_EDEMA, LABEL_RIM = 1, 2, 3
+POLARITIES = ("bright", "dark")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,12 @@ class LesionSettings:
     irregularity: float = 0.12
     edge_mm: float = 1.5
     contrast: float = 1.0
+    polarity: str = "bright"
+
+    def level(self, value: float) -> float:
+        """A drawn level after contrast and polarity ("dark": WM^2 / v, mirrored around white matter)."""
+        value *= self.contrast
+        return TISSUE_LEVELS["white"] ** 2 / value if self.polarity == "dark" else value
 
     def validate(self) -> None:
         """Raise VolscanError on ranges that cannot draw a lesion."""
@@ -60,6 +71,8 @@ class LesionSettings:
                 raise VolscanError(f"lesion {name.replace('_', ' ')} must satisfy 0 < min <= max, got {lo}..{hi}")
         if not self.contrast > 0:
             raise VolscanError(f"lesion contrast must be > 0, got {self.contrast}")
+        if self.polarity not in POLARITIES:
+            raise VolscanError(f"lesion polarity must be one of {', '.join(POLARITIES)}, got {self.polarity!r}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +122,9 @@ def sample_lesion(rng: np.random.Generator, anatomy: Anatomy, settings: LesionSe
         rotation=Rotation.random(random_state=rng).as_matrix().round(6).tolist(),
         core_fraction=round(float(rng.uniform(*settings.core_fraction)), 4),
         rim_fraction=round(float(rng.uniform(*settings.rim_fraction)), 4),
-        levels={"edema": round(float(rng.uniform(*settings.edema_level)) * settings.contrast, 4),
-                "rim": round(float(rng.uniform(*settings.rim_level)) * settings.contrast, 4),
-                "core": round(float(rng.uniform(*settings.core_level)) * settings.contrast, 4)},
+        levels={"edema": round(settings.level(float(rng.uniform(*settings.edema_level))), 4),
+                "rim": round(settings.level(float(rng.uniform(*settings.rim_level))), 4),
+                "core": round(settings.level(float(rng.uniform(*settings.core_level))), 4)},
         harmonic_vectors=directions.round(4).tolist(),
         harmonic_amplitudes=(rng.uniform(0.3, 1.0, settings.harmonics) * settings.irregularity
                              / np.sqrt(settings.harmonics)).round(4).tolist(),

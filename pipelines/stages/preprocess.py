@@ -55,8 +55,8 @@ def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root:
     path: the inputs by subject id and content fingerprint (`preprocessing.store.content_fingerprint`,
     a few sampled blocks per file) and the template by its files' content, so jobs that mount the
     inputs, the template or the cache at other paths, or spell them otherwise, share one store.
-    With N4 on, `bias_correction` and `n4` are part of the name (screens with and without N4 get
-    their own stores)."""
+    When N4 applies (`n4`, or `auto` on raw scans), `bias_correction` and `n4` are part of the
+    name (screens with and without N4 get their own stores)."""
     from pipelines.inputs import input_kind
     from preprocessing.store import content_fingerprint, content_hash
     from preprocessing.template import find_template_folder, template_files
@@ -66,8 +66,8 @@ def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root:
     key = {"inputs": sorted((s.id, content_fingerprint(s.image)) for s in subjects), "size": config.size,
            "template": template}
     settings = config.preprocess_settings()
-    if settings.bias_correction != "none":
-        key.update(bias_correction=settings.bias_correction, n4=settings.n4.key())
+    if settings.n4_applies:
+        key.update(bias_correction="n4", n4=settings.n4.key())
     cohort = digest(key)
     return cache_root / "preprocess" / cohort
 

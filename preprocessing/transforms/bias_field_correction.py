@@ -2,7 +2,7 @@
 
 Wraps `preprocessing.bias_field.correct_bias_field` (each channel divided by its own N4 field,
 fitted on the mask's positive voxels). `VolscanPreprocessd` runs it when
-`settings.bias_correction == "n4"`; use it alone on images already in a common space, e.g.
+`settings.n4_applies`; use it alone on images already in a common space, e.g.
 after `ToTemplateCubed` or on registered, skull-stripped scans loaded with `LoadImaged`.
 """
 

@@ -31,7 +31,7 @@ class ToTemplateCube(InvertibleTransform, Transform):
     """(1, X, Y, Z) MetaTensor → ((1, S, S, S) cube, (1, S, S, S) uint8 brain mask), both in template cube space.
 
     Arguments are those of `VolumePreprocessor` (the template is loaded once, here); with
-    `settings.bias_correction == "n4"` the cube is divided by its N4 field, as there.
+    `settings.n4_applies` the cube is divided by its N4 field, as there.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """`VolscanPreprocessd`: the whole volscan chain as one MONAI dictionary transform.
 
-Register/mask/crop/resize (`ToTemplateCubed`; with `settings.bias_correction == "n4"` its
+Register/mask/crop/resize (`ToTemplateCubed`; with `settings.n4_applies` its
 `VolumePreprocessor` also divides `keys[0]` by its N4 field, and `BiasFieldCorrectiond` does the
 same for the other `image_keys`), then Nyúl (`HistogramStandardized`) when `settings.landmarks`
 names a landmarks file. Learn landmarks on the cohort first (`volscan preprocess` or
@@ -29,8 +29,8 @@ class VolscanPreprocessd(MapTransform, InvertibleTransform):
     """`keys[0]`: the image to register; other keys follow it (see `ToTemplateCubed`).
 
     `settings.landmarks`: Nyúl landmarks (`.npy` path) applied to `image_keys` (default:
-    `keys[0]` only, so labels stay labels); None = no Nyúl step. `settings.bias_correction`
-    "n4": every image key is divided by its own N4 field first.
+    `keys[0]` only, so labels stay labels); None = no Nyúl step. When
+    `settings.n4_applies` every image key is divided by its own N4 field first.
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class VolscanPreprocessd(MapTransform, InvertibleTransform):
         others = [k for k in images if k != self.keys[0]]
         self.bias = (
             BiasFieldCorrectiond(others, settings.n4, mask_key, allow_missing_keys=allow_missing_keys)
-            if settings.bias_correction == "n4" and others else None
+            if settings.n4_applies and others else None
         )
         self.intensity = (
             None

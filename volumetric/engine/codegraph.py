@@ -16,7 +16,10 @@ scores again. Stages (fields of `CoDeGraph`; defaults and their evidence: docs/e
    graph views; a link at rank i adds one connection to the i-th nearest collection of each view.
 4. Link selection (Algorithm 1): links cheapest first, `link_batch` = 64 at a time, until
    `coverage` (1.0) of the collections touch one; computed in closed form (the ceil(coverage N)-th
-   smallest per-collection first-link value, rounded up to a whole batch).
+   smallest per-collection first-link value, rounded up to a whole batch). `stop_fence` = 1.5:
+   a collection's need (the links up to its first one) above Q3 + 1.5 IQR of all N needs does
+   not count, so one collection with a whole-scan artefact (no close look-alike) cannot set the
+   link budget (`None`: the literal rule).
 5. Communities: Leiden, CPM, resolution = 25th percentile of edge weights; density = internal
    connection strength `2 W_in / n` (`density="strength"`; "pair" = `W_in` per node pair).
    Single collections are never outliers (one scan cannot be a *consistent* anomaly).
@@ -142,6 +145,7 @@ class CoDeGraph:
     eps: float = 0.1
     coverage: float = 1.0
     link_batch: int = 64
+    stop_fence: float | None = 1.5
     resolution_quantile: float = 0.25
     iqr_k: float = 3.0
     min_spread: float = 1.0
@@ -162,6 +166,8 @@ class CoDeGraph:
             raise VolscanError(f"eps: must be in [0, 1), got {self.eps!r}")
         if not isinstance(self.link_batch, int) or self.link_batch < 1:
             raise VolscanError(f"link_batch: must be a positive integer, got {self.link_batch!r}")
+        if self.stop_fence is not None and not self.stop_fence >= 0:
+            raise VolscanError(f"stop_fence: must be >= 0 or None, got {self.stop_fence!r}")
         if self.iqr_k < 0:
             raise VolscanError(f"iqr_k: must be >= 0, got {self.iqr_k!r}")
         if self.min_spread < 0:
@@ -318,9 +324,7 @@ class CoDeGraph:
         flat = ratio.flatten()
         for r in ranked:
             first_link.scatter_reduce_(0, r.collections[:, : r_ref - 1].flatten().long(), flat, "amin")
-        cutoff = first_link.kthvalue(math.ceil(self.coverage * n)).values
-        count = int((flat <= cutoff).sum())
-        count = min(len(flat), math.ceil(count / self.link_batch) * self.link_batch)
+        count = min(len(flat), math.ceil(self._stop(first_link, flat) / self.link_batch) * self.link_batch)
         chosen = flat.topk(count, largest=False).indices
         del ratio, flat
         rows, ranks = chosen // (r_ref - 1), chosen % (r_ref - 1)
@@ -334,6 +338,24 @@ class CoDeGraph:
         graph = igraph.Graph(n=n, edges=torch.stack([edges // n, edges % n], 1).tolist())
         graph.es["weight"] = weights[edges].double().tolist()
         return graph, count
+
+    def _stop(self, first_link: Tensor, flat: Tensor) -> int:
+        """Links to select before rounding to a batch: enough that `coverage` of the collections
+        touch one, counting only collections whose own need is not a far-out outlier.
+
+        `first_link` (N,): each collection's cheapest link value; `flat`: every link value. A
+        collection's need = the links cheaper than or equal to its first link (links added
+        cheapest first until it is touched). Needs above Q3 + `stop_fence` IQR of all N needs
+        (a scan with a global artefact finds no close look-alike anywhere, so its first link
+        comes hundreds of links after everyone else's) do not hold the stop back; None = every
+        collection counts (the literal Algorithm 1)."""
+        boundaries = first_link.sort().values
+        needs = torch.bincount(torch.bucketize(flat, boundaries), minlength=len(boundaries) + 1).cumsum(0)[:-1]
+        counted = needs
+        if self.stop_fence is not None:
+            q1, q3 = _quartiles(needs.tolist())
+            counted = needs[needs <= q3 + self.stop_fence * (q3 - q1)]
+        return int(counted[min(len(counted), math.ceil(self.coverage * len(needs))) - 1])
 
     def _communities(self, graph: igraph.Graph) -> tuple[list[list[int]], list[float]]:
         """Leiden/CPM communities (largest first) and their densities."""

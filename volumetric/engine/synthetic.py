@@ -2,7 +2,9 @@
 
 Normal elements come from a few clusters shared by every collection; *random* anomalies are
 unique points; a *consistent* anomaly is one pattern planted in a minority of collections (so
-those elements find look-alikes in each other and fool plain mutual scoring).
+those elements find look-alikes in each other and fool plain mutual scoring). *Odd* collections
+(`with_odd_collections`) are healthy ones with a whole-collection artefact, as a motion-corrupted
+or mis-registered scan in a real cohort: anomalous everywhere, alike to nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor
 from volumetric.errors import VolscanError
 
 NORMAL, RANDOM_ANOMALY, CONSISTENT_ANOMALY = 0, 1, 2
+ARTEFACTS = ("global", "shifted", "noise", "scaled", "half")
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,37 @@ def synthetic_batch(
             features[i, positions] = torch.randn(per_collection, c, generator=g)
             kind[i, positions] = RANDOM_ANOMALY
     return SyntheticBatch(features=features, kind=kind, consistent=sorted(order[:consistent]))
+
+
+def with_odd_collections(batch: SyntheticBatch, artefacts: str, seed: int) -> tuple[Tensor, list[int]]:
+    """`batch.features` with whole-collection artefacts on healthy collections (no planted or random
+    anomaly), one per name in `artefacts` joined by "+" (each on another collection, chosen by `seed`):
+    "global" x * 1.35 + 0.5 noise per channel; "shifted" x + one random offset (spread 0.8) for all
+    elements; "noise" x + 0.6 noise; "scaled" x * 1.6; "half" the global artefact on half the
+    elements. Returns new (N, M, C) features and the odd collections' indices."""
+    names = artefacts.split("+")
+    if any(name not in ARTEFACTS for name in names):
+        raise VolscanError(f"artefacts: expected names from {ARTEFACTS} joined by '+', got {artefacts!r}")
+    features = batch.features.clone()
+    g = torch.Generator().manual_seed(1000 + seed)
+    healthy = [i for i in range(features.shape[0]) if not bool((batch.kind[i] != NORMAL).any())]
+    if len(names) > len(healthy):
+        raise VolscanError(f"artefacts: {len(names)} odd collections asked, {len(healthy)} healthy ones in the batch")
+    order = torch.randperm(len(healthy), generator=g).tolist()
+    odd = []
+    for j, name in enumerate(names):
+        i = healthy[order[j]]
+        x = features[i]
+        if name == "global":
+            features[i] = x * 1.35 + 0.5 * torch.randn(x.shape, generator=g)
+        elif name == "shifted":
+            features[i] = x + 0.8 * torch.randn(x.shape[-1], generator=g)
+        elif name == "noise":
+            features[i] = x + 0.6 * torch.randn(x.shape, generator=g)
+        elif name == "scaled":
+            features[i] = x * 1.6
+        else:
+            half = x.shape[0] // 2
+            features[i, :half] = x[:half] * 1.35 + 0.5 * torch.randn(x[:half].shape, generator=g)
+        odd.append(i)
+    return features, odd
