@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from preprocessing.bias_field import N4Settings
-from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, MASK_METHODS
+from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, HDBET_MODES, MASK_METHODS
 from preprocessing.crop_resize import check_cube_size
 from preprocessing.intensity import DEFAULT_CUTOFF, check_cutoff
 from preprocessing.registration import RegistrationSettings
@@ -33,8 +32,8 @@ class PreprocessSettings:
       space; `skull_stripped`: input already skull-stripped (its non-zero voxels are the brain).
     - `brain_mask`: "auto" | "hd-bet" | "deepbet" | "template" | "nonzero" (see
       `preprocessing.brain_mask`); `contrast`: "auto" (guessed from the file name) | "t1" | "t1c"
-      | "t2" | "flair" | "pd" | "other", used by `auto`; `hdbet_weights`: a local HD-BET weights
-      folder (offline use; default: volscan's cache, downloaded once); `mask_device`: "cpu",
+      | "t2" | "flair" | "pd" | "other", used by `auto`; `hdbet_mode`: "accurate" (HD-BET's
+      default: 5 folds x 8 mirrorings) | "fast" (1 fold, no mirroring); `mask_device`: "cpu",
       "cuda", ... for the learned extractors.
     - `margin_mm`, `cubic`: crop box around the template brain; `background_scale`: template-mask
       refinement; `registration`: `RegistrationSettings`.
@@ -52,7 +51,7 @@ class PreprocessSettings:
     skull_stripped: bool = False
     brain_mask: str = "auto"
     contrast: str = "auto"
-    hdbet_weights: str | None = None
+    hdbet_mode: str = "accurate"
     mask_device: str = "cpu"
     margin_mm: float = 4.0
     cubic: bool = False
@@ -77,6 +76,8 @@ class PreprocessSettings:
             )
         if self.contrast not in CONTRASTS:
             raise VolscanError(f"unknown contrast {self.contrast!r}; choose one of {', '.join(CONTRASTS)}")
+        if self.hdbet_mode not in HDBET_MODES:
+            raise VolscanError(f"unknown HD-BET mode {self.hdbet_mode!r}; choose one of {', '.join(HDBET_MODES)}")
         for name in ("margin_mm", "background_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -96,7 +97,7 @@ class PreprocessSettings:
         except (TypeError, ValueError):
             raise VolscanError(f"Nyúl cutoff must be two numbers (low, high), got {self.cutoff!r}") from None
         object.__setattr__(self, "cutoff", cutoff)
-        for name in ("hdbet_weights", "landmarks", "mask_device"):
+        for name in ("landmarks", "mask_device"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, str(value))
@@ -142,9 +143,8 @@ class PreprocessSettings:
         """What changes the cube, mask and mapping (JSON-able), with the resolved `mask_method`.
 
         `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
-        on which weights folder made them (`hdbet_weights`, or volscan's cached download). Bias
-        correction enters only when on: "none" makes the same cubes as before it existed, so
-        stores made then stay valid.
+        on `hdbet_mode`. Bias correction enters only when on: "none" makes the same cubes as
+        before it existed, so stores made then stay valid.
         """
         key = {
             "version": PIPELINE_VERSION,
@@ -153,13 +153,14 @@ class PreprocessSettings:
             "registered": self.registered,
             "skull_stripped": self.skull_stripped,
             "mask_method": mask_method,
-            "hdbet_weights": ((str(Path(self.hdbet_weights).expanduser().resolve()) if self.hdbet_weights
-                               else "volscan-cache") if mask_method == "hd-bet" else None),
+            "hdbet_weights": None,  # the retired HD-BET 2 weights option: kept so earlier stores stay valid
             "margin_mm": float(self.margin_mm),
             "cubic": self.cubic,
             "background_scale": float(self.background_scale) if mask_method == "template" else None,
             "registration": None if self.registered else self.registration.key(),
         }
+        if mask_method == "hd-bet":
+            key["hdbet_mode"] = self.hdbet_mode
         if self.bias_correction != "none":
             key.update(bias_correction=self.bias_correction, n4=self.n4.key())
         return key
