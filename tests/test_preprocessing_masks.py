@@ -162,7 +162,7 @@ def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_templa
     assert main(["preprocess", str(source.parent), "-o", str(out), "--template", str(folder), "--registered",
                  "--size", str(SIZE), "--brain-mask", "hd-bet", "--hdbet-mode", "fast"]) == 0
     record = json.loads((out / "records" / "head_t2.json").read_text())
-    assert record["brain_mask"] == "hd-bet"
+    assert record["mask"]["method"] == "hd-bet" and record["settings"]["hdbet_mode"] == "fast"
     mask = load_volume(out / "masks" / "head_t2.nii.gz").array > 0
     mapping = preprocessing.native_mapping.NativeMapping.load(out / "mappings" / "head_t2.json")
     assert dice(mask, mapping.to_cube(truth, order=0) > 0) >= 0.9
