@@ -11,8 +11,9 @@ Methods (`PreprocessSettings.brain_mask`):
   partial-volume edges inside the brain. Its boundary follows the template, not the scan: the
   last resort, always with a warning.
 - `auto`: `nonzero` for skull-stripped input; else HD-BET when installed and the extractors run
-  on a GPU (`mask_device` "cuda..."; on a CPU HD-BET takes minutes per scan, deepbet seconds,
-  for similar Dice: docs/preprocessing.md); else deepbet for the contrasts it handles (`DEEPBET_CONTRASTS`);
+  on a GPU (`mask_device` "cuda..."; on a CPU HD-BET takes a CPU minute (fast) to tens of
+  minutes (accurate) per scan, deepbet seconds, and HD-BET fast scored a lower Dice on the two
+  real heads measured: docs/preprocessing.md); else deepbet for the contrasts it handles (`DEEPBET_CONTRASTS`);
   else `template`, with a warning. The choice is made per scan (its contrast comes from
   `PreprocessSettings.contrast` or, for "auto", from the file name).
 """

@@ -66,8 +66,8 @@ class VolumePreprocessor:
             raise VolscanError(f"brain mask method 'deepbet' needs deepbet: {DEEPBET_INSTALL}")
         if method == "hd-bet":
             check_hdbet()
-        # HD-BET on a CPU costs minutes per scan (docs/preprocessing.md), deepbet seconds: `auto`
-        # takes HD-BET only when the extractors run on a GPU.
+        # HD-BET on a CPU costs a CPU minute (fast) to tens of minutes (accurate) per scan, deepbet
+        # seconds, for a better Dice (docs/preprocessing.md): `auto` takes HD-BET only on a GPU.
         self._hdbet_ready = method == "auto" and settings.mask_device.startswith("cuda") and hdbet_installed()
         self._deepbet_ready = method == "auto" and deepbet_available()
         self.box = brain_crop_box(self.template.brain_mask, self.template.image.affine, settings.margin_mm, settings.cubic)
