@@ -688,8 +688,14 @@ def _screen_writing(finished: dict, tmp_path: Path, out: Path) -> tuple[list[str
                              *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 120
-    while not list(out.parent.glob(f".{out.name}.partial-*/*.json")) and proc.poll() is None \
-            and time.monotonic() < deadline:
+    # The owner file is created, then written: wait until it holds its content, not only exists.
+    def owner_written() -> bool:
+        try:
+            return any(p.stat().st_size for p in out.parent.glob(f".{out.name}.partial-*/*.json"))
+        except FileNotFoundError:  # the folder moved on between the listing and the look
+            return False
+
+    while not owner_written() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()  # the run had started writing and was still going
     return argv, proc
