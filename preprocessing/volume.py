@@ -66,8 +66,9 @@ class VolumePreprocessor:
             raise VolscanError(f"brain mask method 'deepbet' needs deepbet: {DEEPBET_INSTALL}")
         if method == "hd-bet":
             check_hdbet()
-        # HD-BET on a CPU costs a CPU minute (fast) to tens of minutes (accurate) per scan, deepbet
-        # seconds, for a better Dice (docs/preprocessing.md): `auto` takes HD-BET only on a GPU.
+        # deepbet scored a higher Dice than HD-BET in both modes on the heads measured, in seconds
+        # (docs/preprocessing.md): `auto` takes HD-BET only without deepbet, and only on a GPU
+        # (on a CPU HD-BET costs a CPU minute (fast) to tens of minutes (accurate) per scan).
         self._hdbet_ready = method == "auto" and settings.mask_device.startswith("cuda") and hdbet_installed()
         self._deepbet_ready = method == "auto" and deepbet_available()
         self.box = brain_crop_box(self.template.brain_mask, self.template.image.affine, settings.margin_mm, settings.cubic)

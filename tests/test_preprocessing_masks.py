@@ -81,7 +81,8 @@ def test_contrast_from_file_name(name, contrast):
 
 def test_auto_prefers_learned_extractors_and_warns_on_the_template():
     assert choose_mask_method("auto", True, "auto", "a_T1.nii.gz", True, True).method == "nonzero"
-    assert choose_mask_method("auto", False, "auto", "a_T2.nii.gz", True, True).method == "hd-bet"
+    assert choose_mask_method("auto", False, "auto", "a_T2.nii.gz", True, True).method == "deepbet"
+    assert choose_mask_method("auto", False, "auto", "a_T2.nii.gz", True, False).method == "hd-bet"
     choice = choose_mask_method("auto", False, "auto", "a_T1.nii.gz", False, True)
     assert (choice.method, choice.contrast, choice.warning) == ("deepbet", "t1", None)
     fallback = choose_mask_method("auto", False, "t2", None, False, False)
@@ -197,13 +198,19 @@ def test_hdbet_command_line_messages(phantom_template, tmp_path, capsys, monkeyp
     assert "invalid choice: 'quick'" in capsys.readouterr().err
 
 
-def test_auto_takes_hdbet_only_on_a_gpu(phantom_template, monkeypatch):
-    """On a CPU `auto` keeps deepbet (seconds per scan) over HD-BET (minutes); on CUDA HD-BET."""
+def test_auto_takes_hdbet_only_without_deepbet_and_on_a_gpu(phantom_template, monkeypatch):
+    """`auto` keeps deepbet (higher Dice on the heads measured, seconds per scan) wherever it is
+    available; HD-BET only without it, and only on CUDA (minutes per scan on a CPU)."""
     monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: True)
-    cpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE), phantom_template[0])
-    assert cpu.mask_choice("a_T1.nii.gz").method == "deepbet"
+    for device in ("cpu", "cuda"):
+        made = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE, mask_device=device),
+                                                       phantom_template[0])
+        assert made.mask_choice("a_T1.nii.gz").method == "deepbet"
+    monkeypatch.setattr(preprocessing.volume, "deepbet_available", lambda: False)
     gpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE, mask_device="cuda"), phantom_template[0])
     assert gpu.mask_choice("a_T1.nii.gz").method == "hd-bet"
+    cpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE), phantom_template[0])
+    assert cpu.mask_choice("a_T1.nii.gz").method == "template"
     monkeypatch.setattr(preprocessing.volume, "hdbet_installed", lambda: False)
     gpu = preprocessing.volume.VolumePreprocessor(PreprocessSettings(size=SIZE, mask_device="cuda"), phantom_template[0])
-    assert gpu.mask_choice("a_T1.nii.gz").method == "deepbet"
+    assert gpu.mask_choice("a_T1.nii.gz").method == "template"
