@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     from pipelines.distributed.extract import ExtractSettings, run_extract
     from pipelines.distributed.runners import RaySettings
-    from pipelines.inputs import discover_subjects
+    from pipelines.subjects import discover_subjects
     from pipelines.phantom import PhantomConfig, generate_cohort
     from pipelines.screen_config import ScreenConfig
 

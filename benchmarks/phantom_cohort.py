@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.outputs import atomic_write_text
+from pipelines.run_folder import atomic_write_text
 from pipelines.phantom import LesionSettings, PhantomConfig, generate_cohort
 from pipelines.reproduce import screen_metrics
 from pipelines.screen import run_screen

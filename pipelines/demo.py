@@ -74,16 +74,16 @@ def run_demo(out_dir: str | Path = "volscan-demo", *, backbone: str = DEMO_BACKB
     """
     from dataclasses import replace
 
-    from pipelines.outputs import check_output_dir, write_run_marker
+    from pipelines.run_folder import check_output_dir, write_run_marker
+    from pipelines.plan import check_settings
     from pipelines.screen import run_screen
     from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
-    from pipelines.validation import check_settings
 
     classical = backbone == CLASSICAL_BACKBONE
     config = ScreenConfig(method="codegraph", backbone=backbone, weights=weights if classical else weights or "random",
                           size=size, device=device, registered=True, skull_stripped=True,
                           backbone_kwargs=dict(backbone_kwargs or {}))
-    check_settings(config)  # a settings typo is the first error, before OUT and the phantom
+    checked = check_settings(config)  # a settings typo is the first error, before OUT and the phantom
     out = check_output_dir(out_dir, force, command="demo")
     out.mkdir(parents=True, exist_ok=True)
     # First, so --force may replace a demo that failed part-way; marked finished only at the end.
@@ -91,7 +91,8 @@ def run_demo(out_dir: str | Path = "volscan-demo", *, backbone: str = DEMO_BACKB
     if not classical and weights is None:
         log.warning(RANDOM_NOTICE)
     made = generate_cohort(out / "cohort", cohort, force=force, progress=progress)
-    config = replace(config, template=str(made.template_dir), cache=str(out / "cache"))
-    result = run_screen(made.images_dir, out / "screen", config, labels_dir=made.labels_dir, force=force)
+    # Neither setting is part of step 1 of the plan (the template is resolved with the inputs).
+    checked = replace(checked, config=replace(config, template=str(made.template_dir), cache=str(out / "cache")))
+    result = run_screen(made.images_dir, out / "screen", checked, labels_dir=made.labels_dir, force=force)
     write_run_marker(out, "demo")
     return DemoResult(made, result)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipelines.figures import histogram_figure, roc_figure
 from pipelines.images2d import resize
-from pipelines.inputs import check_label_grid, match_labels
+from pipelines.subjects import check_label_grid, match_labels
 from pipelines.labels import read_mask
 from pipelines.maps import score_range, upsample_scores
 from pipelines.report import Report, read_report_json, write_run_tables

@@ -85,7 +85,7 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def resize(array: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
     """Resize (H, W) or (H, W, C) to `shape` (bilinear, or nearest for masks); float32 or bool."""
-    import torch  # here, not at import: input checks (pipelines.inputs imports this module) stay fast
+    import torch  # here, not at import: input checks (pipelines.subjects imports this module) stay fast
     import torch.nn.functional as F
 
     tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)

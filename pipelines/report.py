@@ -20,12 +20,16 @@ from collections.abc import Sequence
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.outputs import atomic_write_text, atomic_write_texts
+from pipelines.json_ready import plain
+from pipelines.run_folder import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
 from pipelines.safe_text import csv_cell, csv_value, href
 from volumetric.errors import InputFileError
+
+if TYPE_CHECKING:
+    from pipelines.plan import ScreenPlan
 
 RANDOM_WEIGHTS_WARNING = (
     "Backbone weights are RANDOM: scores and maps are meaningless on real data "
@@ -486,14 +490,10 @@ def _mask_warnings(preprocess_info: dict[str, Any]) -> list[str]:
 
 
 def build_report(
-    subjects: Sequence[Any],
-    kind: str,
-    config: Any,
+    plan: "ScreenPlan",
     *,
     source: str,
     out_dir: Path,
-    device: str,
-    cache_root: Path,
     preprocess_info: dict[str, Any],
     token_info: dict[str, Any],
     scores: Any,
@@ -502,13 +502,13 @@ def build_report(
 ) -> Report:
     """The report of a screen run, before metrics, figures and viewer.
 
-    `subjects`: `Subject`s; `config`: the `ScreenConfig`; `scores`: the score stage's `Scores`;
-    `maps`: the outputs stage's `MapFiles`; `rule`: the `pipelines.hotspots.FlagRule` of the run.
+    `plan`: the run's `ScreenPlan`; `scores`: the score stage's `Scores`;
+    `maps`: the outputs stage's `MapFiles`; `rule`: the `pipelines.flagging.FlagRule` of the run.
     Settings are reported as used: defaults resolved at run time (layers, projection width,
     device, cache, template) are written with their values, paths absolute."""
-    from pipelines.hotspots import rank_percentile
-    from pipelines.stages.score import plain
+    from pipelines.flagging import rank_percentile
 
+    subjects, kind, given = plan.subjects, plan.kind, plan.record
     ids = [s.id for s in subjects]
     by_id = {s.id: s for s in subjects}
     rows = rank_scores(ids, scores.collection_scores)
@@ -524,21 +524,21 @@ def build_report(
     ]
     token_settings = token_info["settings"]
     settings = dict(
-        config.to_dict(),
+        given,
         layers=token_settings.get("layers"),
         proj_dim=token_settings.get("proj_dim"),
         precision=token_settings.get("precision"),
         slices_per_block=token_settings.get("slices_per_block"),
-        device=device,
-        cache=str(cache_root),
-        template=preprocess_info.get("template", config.template),
+        device=plan.device,
+        cache=str(plan.cache.root),
+        template=preprocess_info.get("template", plan.template),
     )
     settings["scoring"] = scores.settings
     if kind == "3d":
-        settings["preprocess"] = plain(config.preprocess_settings())
+        preprocess = plan.preprocess
+        settings["preprocess"] = plain(preprocess)
         # Resolved (flag, else the `preprocess` table, else the default): None would read "(not used)".
         settings["brain_mask"] = settings["preprocess"]["brain_mask"]
-        preprocess = config.preprocess_settings()
         # "auto" resolved: N4 unless the inputs are registered and skull-stripped.
         settings["bias_correction"] = preprocess.bias_correction
         if preprocess.bias_correction == "auto":
@@ -564,13 +564,13 @@ def build_report(
         kind=kind,
         n_subjects=len(ids),
         summary={
-            "method": config.method,
-            "features": {"backbone": config.backbone,
-                         "weights": config.weights or token_settings.get("weights", "none (no network)"),
+            "method": plan.method,
+            "features": {"backbone": given["backbone"],
+                         "weights": given["weights"] or token_settings.get("weights", "none (no network)"),
                          "layers": token_settings.get("layers"), "proj_dim": token_settings.get("proj_dim"),
-                         "size": config.size, "grid": token_info["grid"],
-                         "description": token_info.get("features", config.backbone)},
-            "flag_z": config.flag_z,
+                         "size": plan.size, "grid": token_info["grid"],
+                         "description": token_info.get("features", given["backbone"])},
+            "flag_z": given["flag_z"],
             "flag_threshold": rule.threshold,
             "flag_rule": rule.describe(),
             "flagged": [e.id for e in entries if e.flagged],

@@ -121,7 +121,7 @@ def table_markdown(table: Mapping[str, Any]) -> str:
 def write_table(out_dir: Path, ours: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any],
                 timings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write OUT/table.json and OUT/table.md atomically; return the table dict."""
-    from pipelines.outputs import atomic_write_text
+    from pipelines.run_folder import atomic_write_text
 
     table = results_table(ours, settings, timings)
     atomic_write_text(Path(out_dir) / "table.json", json.dumps(table, indent=1))
@@ -171,16 +171,18 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
     from dataclasses import replace
 
     from pipelines.datasets import choose, find_brats_mets, find_ixi_t2, write_selection
-    from pipelines.inputs import Subject
-    from pipelines.outputs import AtomicOutputDir
-    from pipelines.screen import screen_subjects
-    from pipelines.validation import check_settings
+    from pipelines.run_folder import AtomicOutputDir
+    from pipelines.plan import build_plan, check_settings
+    from pipelines.screen import screen_plan
+    from pipelines.subjects import Subject
+    from pipelines.validation import check_cohort_size
 
     methods = method_list(methods)
-    check_settings(config)  # a settings typo is the first error, before OUT and the datasets
     preprocess_keys = {str(k).replace("-", "_") for k in config.preprocess}
     if config.bias_correction is None and "bias_correction" not in preprocess_keys:
         config = replace(config, bias_correction="none")  # the paper's protocol has no bias-field step
+    # A settings typo is the first error, before OUT and the datasets.
+    checked = check_settings(replace(config, method=methods[0]))
     output = AtomicOutputDir(out_dir, force, protected=(Path(brats_dir), Path(ixi_dir)),
                              command="reproduce")  # fails before any work
     ixi = choose(find_ixi_t2(ixi_dir), n_ixi, seed, "IXI T2")
@@ -189,8 +191,11 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
     subjects = [Subject(id=s.id, image=s.image, label=s.label, registered=s.registered,
                         skull_stripped=s.skull_stripped) for s in scans]
     log.info("%s: %d IXI + %d BraTS-METS scans, methods %s", EXPERIMENT, len(ixi), len(brats), ", ".join(methods))
-    preprocess = config.preprocess_settings()  # the paper's protocol unless a --config file changed it
-    settings = {"backbone": config.backbone, "weights": config.weights or "timm hub", "size": config.size,
+    for method in methods:
+        check_cohort_size(len(subjects), method)
+    plan = build_plan(subjects, checked)  # one plan (backbone loaded once) for every method
+    preprocess = plan.preprocess  # the paper's protocol unless a --config file changed it
+    settings = {"backbone": config.backbone, "weights": config.weights or "timm hub", "size": plan.size,
                 "brain_mask": preprocess.brain_mask, "bias_correction": preprocess.bias_correction,
                 "n_ixi": len(ixi), "n_brats": len(brats), "seed": seed,
                 "brats_rule": f"case list {brats_cases}" if brats_cases else f"timepoint {brats_timepoints}"}
@@ -198,8 +203,8 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
         write_selection(scans, work / "selection.json", seed)
         ours, timings = {}, {}
         for method in methods:
-            result = screen_subjects(subjects, work / method, replace(config, method=method),
-                                     source=f"{EXPERIMENT} selection", labels_given=True)
+            result = screen_plan(replace(plan, method=method, record={**plan.record, "method": method}),
+                                 work / method, source=f"{EXPERIMENT} selection", labels_given=True)
             ours[method] = screen_metrics(result.report)
             timings[method] = result.report.get("timings_s")
         table = write_table(work, ours, settings, timings)

@@ -1,14 +1,15 @@
 """`volscan screen`: a folder of scans in, a ranked list, native-space maps and a report out.
 
 A thin orchestrator over the stage modules in `pipelines.stages` (each timed into
-report.json): inputs (OUT, scans, masks and settings checked before any heavy work) ->
-preprocess -> tokens -> score -> outputs (maps, hotspots, metrics, figures, viewer) -> the
+report.json): inputs (settings, OUT, scans and masks checked before any heavy work, into the
+run's `pipelines.plan.ScreenPlan`, whose parts each stage takes) ->
+preprocess -> tokens -> score -> scan maps (maps, hotspots, metrics, figures, viewer) -> the
 report (`pipelines.report`). The run-folder layout is `pipelines.run_layout`.
 
 Everything is written into a hidden temporary sibling of OUT and renamed into place at the
 end (`AtomicOutputDir`), so a failure never leaves a half-written run. The default cache root
 is `preprocessing.template.cache_dir()` (`$VOLSCAN_CACHE_DIR` or `~/.cache/volscan`), outside
-OUT, so `--force` re-runs keep their cached tokens.
+OUT, so `--force` re-runs keep their cached tokens (`pipelines.cache_locations`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.inputs import Subject
+from pipelines.run_folder import AtomicOutputDir, check_output_dir
+from pipelines.plan import CheckedSettings, ScreenPlan, build_plan, check_settings
 from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig
-from pipelines.stages import inputs as inputs_stage
+from pipelines.subjects import Subject, discover_subjects
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +70,10 @@ class _Timer:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def default_cache_root() -> Path:
-    """Cache root shared with preprocessing (`$VOLSCAN_CACHE_DIR` or `~/.cache/volscan`)."""
-    from preprocessing.template import cache_dir
-
-    return cache_dir()
-
-
 def run_screen(
     input_dir: str | Path,
     out_dir: str | Path,
-    config: ScreenConfig | None = None,
+    config: ScreenConfig | CheckedSettings | None = None,
     *,
     labels_dir: str | Path | None = None,
     force: bool = False,
@@ -86,13 +81,18 @@ def run_screen(
 ) -> ScreenResult:
     """Screen every NIfTI volume (or 2D image) in `input_dir`; write the run into `out_dir`.
 
+    `config`: the settings, or settings already checked (`pipelines.plan.check_settings`).
     `labels_dir`: masks with the inputs' file names (absent or empty = healthy). `compute=False`
     (`volscan score`): the per-scan stage must already be in the cache; missing scans are an error.
     """
-    config = config or ScreenConfig()
-    subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force)
-    return screen_subjects(subjects, out_dir, config, force=force, source=str(Path(input_dir).resolve()),
-                           labels_given=labels_dir is not None, compute=compute)
+    # A settings typo is the first error, before OUT and the inputs are looked at.
+    checked = config if isinstance(config, CheckedSettings) else check_settings(config or ScreenConfig())
+    protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
+    check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
+    subjects, _ = discover_subjects(input_dir, labels_dir, registered=checked.config.registered,
+                                    skull_stripped=checked.config.skull_stripped)
+    return _screen(subjects, out_dir, checked, force=force, source=str(Path(input_dir).resolve()),
+                   labels_given=labels_dir is not None, compute=compute)
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -117,49 +117,70 @@ def screen_subjects(
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
     without a mask then count as healthy. `compute=False`: see `run_screen`.
     """
+    checked = check_settings(config)  # a settings typo is the first error, before OUT is looked at
+    return _screen(subjects, out_dir, checked, force=force, source=source, labels_given=labels_given, compute=compute)
+
+
+def _screen(subjects: Sequence[Subject], out_dir: str | Path, checked: CheckedSettings, *, force: bool, source: str,
+            labels_given: bool | None, compute: bool) -> ScreenResult:
+    """The run of `screen_subjects` once its settings are checked: OUT, the plan, then the stages."""
+    output = _output_dir(subjects, out_dir, force)
+    timer = _Timer()
+    with timer.stage("inputs"):
+        plan = build_plan(subjects, checked)
+    return _run_stages(plan, output, timer, source=source, labels_given=labels_given, compute=compute)
+
+
+def screen_plan(plan: ScreenPlan, out_dir: str | Path, *, force: bool = False, source: str = "subject list",
+                labels_given: bool | None = None, compute: bool = True) -> ScreenResult:
+    """Screen a run already planned (`pipelines.plan.build_plan`; e.g. one plan, several methods);
+    the arguments as for `screen_subjects`."""
+    return _run_stages(plan, _output_dir(plan.subjects, out_dir, force), _Timer(), source=source,
+                       labels_given=labels_given, compute=compute)
+
+
+def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -> AtomicOutputDir:
+    """OUT checked (not overlapping any input or mask folder) and claimed."""
+    protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label})
+    return AtomicOutputDir(out_dir, force, protected)
+
+
+def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, source: str,
+                labels_given: bool | None, compute: bool) -> ScreenResult:
+    """The stages of a planned run, each timed, into `output` (see the module docstring)."""
+    # Here, not at the top: these load torch, timm, monai and matplotlib, which a settings or
+    # input error is answered without.
     from pipelines.cache_files import run_usage
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
-    from pipelines.hotspots import flag_rule
-    from pipelines.outputs import AtomicOutputDir
+    from pipelines.flagging import flag_rule
     from pipelines.report import build_report, report_rows, write_run_tables
-    from pipelines.stages import outputs, preprocess, score, tokens
-    from pipelines.validation import check_settings
+    from pipelines.stages import preprocess, scan_maps, score, tokens
 
-    check_settings(config)  # a settings typo is the first error, before OUT is looked at
-    timer = _Timer()
-    subjects = list(subjects)
-    protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label})
-    output = AtomicOutputDir(out_dir, force, protected)
-    with timer.stage("inputs"):
-        checked = inputs_stage.check_run(subjects, config)
-        kind, device = checked.kind, checked.device
-        token_options = tokens.tokenizer_options(config, kind, device)
-        scoring_config = score.scoring_options(config, device, kind)
+    subjects = list(plan.subjects)
     if labels_given is None:
         labels_given = any(s.label is not None for s in subjects)
-    cache_root = (Path(config.cache).expanduser() if config.cache else default_cache_root()).resolve()
-    settings = config.outputs()
+    kind, settings = plan.kind, plan.outputs
     ids = [s.id for s in subjects]
     with output as work:
         layout = RunLayout(work)
         with timer.stage("preprocess"):
-            prepared = preprocess.prepare(subjects, kind, config, cache_root, compute=compute)
+            prepared = preprocess.prepare(subjects, kind, plan.preprocess, plan.template, plan.cache, compute=compute)
         with timer.stage("tokens"):
-            token_sets = tokens.extract_tokens(ids, kind, prepared, config, device, cache_root, token_options,
-                                               backbone=checked.backbone, compute=compute)
+            token_sets = tokens.extract_tokens(ids, kind, prepared, plan.tokens, plan.size, plan.device,
+                                               plan.cache.tokens, backbone=plan.backbone, compute=compute)
         with timer.stage("scoring"):
-            scores = score.score_tokens(token_sets.sets, config.method, scoring_config)
+            scores = score.score_tokens(token_sets.sets, plan.method, plan.scoring)
         elements = RunElements(ids=ids, element_scores=scores.element_scores,
-                               collection_scores=scores.collection_scores, size=config.size, kind=kind,
+                               collection_scores=scores.collection_scores, size=plan.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
         rule = flag_rule(scores.collection_scores, settings.flag_z)
         threshold = rule.threshold
         with timer.stage("maps"):
-            maps = outputs.write_maps(layout, subjects, elements, prepared, threshold)
+            maps = scan_maps.write_maps(layout, subjects, elements, prepared, threshold)
         report = build_report(
-            subjects, kind, config, source=source, out_dir=output.out, device=device, cache_root=cache_root,
-            preprocess_info=prepared.info, token_info=token_sets.info, scores=scores, maps=maps, rule=rule,
+            plan, source=source, out_dir=output.out, preprocess_info=prepared.info, token_info=token_sets.info,
+            scores=scores, maps=maps, rule=rule,
         )
         if labels_given:
             with timer.stage("metrics"):
@@ -168,18 +189,18 @@ def screen_subjects(
         with timer.stage("figures"):
             if not labels_given:
                 score_figures(work, report, elements.collection_scores, None)
-            panels = outputs.scan_panels(layout, report.subjects, subjects, elements, threshold, settings.top)
+            panels = scan_maps.scan_panels(layout, report.subjects, subjects, elements, threshold, settings.top)
             for entry in report.subjects:
                 entry.panel = panels.get(entry.id)
-            graph = outputs.community_graph(layout, scores, ids, config.seed)
+            graph = scan_maps.community_graph(layout, scores, ids, plan.seed)
             if graph is not None:
                 report.figures["community graph"] = graph
         if settings.viewer_scans:
             with timer.stage("viewer"):
-                report.viewer = outputs.write_viewer_files(layout, report.subjects, subjects, elements,
+                report.viewer = scan_maps.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)
         report.timings_s = timer.seconds
-        report.cache = run_usage(cache_root, Path(prepared.info["cache"]) if kind == "3d" else None,
+        report.cache = run_usage(plan.cache.root, Path(prepared.info["cache"]) if kind == "3d" else None,
                                  token_sets.files)
         write_run_tables(work, report)
     return ScreenResult(output.out, report_rows(report), report)

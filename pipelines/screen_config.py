@@ -16,19 +16,20 @@ Defaults the paper does not pin down:
   real maps while the counters stay at 1 MiB (see `volumetric.metrics.ScoreHistogram`).
 - `device = "auto"`: the first CUDA GPU when torch sees one, else the CPU.
 - `flag_z = 3.0`: a scan is flagged when its score is more than 3 robust standard deviations
-  (1.4826 * MAD) above the cohort median (`pipelines.hotspots`); the same number is the map
+  (1.4826 * MAD) above the cohort median (`pipelines.flagging`); the same number is the map
   threshold of the hotspot regions, the report's panels and the viewer's slider start.
 - `viewer_scans = 20`: the report's viewer embeds each scan it shows (its .nii.gz bytes, the map
   as uint8) in the run folder; 20 top-ranked scans (plus any flagged one) keep a large cohort's
   run folder from doubling the cohort's size, and cover what a reader opens.
 
-Each stage gets its own typed settings from here, whole: `preprocess_settings()`
+The typed settings of each stage are built from here, once per run, by `pipelines.plan` (which
+holds them in the `ScreenPlan`; no stage sees `ScreenConfig`): `preprocess_settings()`
 (`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
 `preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`/`bias_correction`), `token_settings()`
 (`volumetric.tokens.TokenSettings`: the model flags + the `tokenizer` table; the classical
-tokenizer takes the table as its own arguments), `scoring` (`volumetric.engine.ScoringConfig`
-with `EngineOptions`, built in `pipelines.stages.score`) and `outputs()`. Each derives its own
-cache key (`PreprocessSettings.spatial_key`, the tokenizer's `settings`).
+tokenizer takes the table as its own arguments), `scoring_config()` (`volumetric.engine.ScoringConfig`
+with `EngineOptions`) and `outputs()`. Each derives its own cache key
+(`PreprocessSettings.spatial_key`, the tokenizer's `settings`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ from typing import Any
 
 import yaml
 
-from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
+from pipelines.choices import METHODS, listed
 from volumetric.errors import InputFileError, VolscanError
 
-METHODS = ("codegraph", "musc")
 # DINOv2 ViT-L/14 (the paper's backbone) as timm names it.
 DEFAULT_BACKBONE = "vit_large_patch14_dinov2.lvd142m"
 # The weights-free tokenizer (volumetric.classical_tokens.CLASSICAL_BACKBONE; not imported: no torch here).
@@ -99,7 +99,7 @@ class ScreenConfig:
                 raise VolscanError(f"--backbone classical has no neural network; {', '.join(vit_only)} "
                                    f"{'applies' if one else 'apply'} only to ViT backbones: remove {'it' if one else 'them'}")
         if self.method not in METHODS:
-            raise VolscanError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise VolscanError(f"method must be {listed(METHODS)}, got {self.method!r}")
         if self.size < PATCH or self.size % PATCH:
             raise VolscanError(f"size must be a positive multiple of {PATCH} (the ViT patch), got {self.size}")
         if self.proj_dim is not None and self.proj_dim < 1:
@@ -108,11 +108,6 @@ class ScreenConfig:
             raise VolscanError("layers must name at least one backbone layer")
         if self.top < 0:
             raise VolscanError(f"top must be >= 0, got {self.top}")
-        for name, choices in (("brain_mask", MASK_METHODS), ("bias_correction", BIAS_CORRECTIONS)):
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
-                raise VolscanError(f"{name.replace('_', '-')} must be {listed}, got {value!r}")
         if self.window is not None and self.window < 0:
             raise VolscanError(f"window must be >= 0 (grid cells), got {self.window}")
         if self.histogram_bins < 2:
@@ -162,6 +157,31 @@ class ScreenConfig:
             if getattr(self, name) is not None:
                 table[name] = getattr(self, name)
         return TokenSettings(**top, **table)
+
+    def scoring_config(self, device: str, kind: str = "3d") -> Any:
+        """`volumetric.engine.ScoringConfig` from the config's `scoring` table (nested `codegraph`
+        table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
+        device and seed unless the `engine` table says otherwise. LNAMD's border: MuSc's zero
+        padding for volumes, windows moved inside the grid for 2D images (`kind` "2d"), where the
+        grid's edge is the image's edge (`volumetric.engine.lnamd`), unless the table sets it;
+        `window` (the flag) wins over the table's."""
+        from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
+
+        settings = dict(self.scoring)
+        settings.setdefault("lnamd_border", "shift" if kind == "2d" else "zero")
+        try:
+            engine = {"device": device, "seed": self.seed, **dict(settings.get("engine") or {})}
+            if self.window is not None:
+                engine["window"] = self.window
+            settings["engine"] = EngineOptions(**engine)
+            if isinstance(settings.get("codegraph"), dict):
+                settings["codegraph"] = CoDeGraph(**settings["codegraph"])
+            for name in ("lnamd_radii", "rscin"):
+                if isinstance(settings.get(name), list):
+                    settings[name] = tuple(settings[name])
+            return ScoringConfig(**settings)
+        except TypeError as exc:
+            raise VolscanError(f"config 'scoring': {exc}") from None
 
     def outputs(self) -> "OutputSettings":
         """What the outputs stage needs (report figures, flag rule, metric histogram)."""

@@ -408,12 +408,12 @@ def _screen_2d_bomb(c: Ctx) -> Run:
 
 def _screen_disk_full(c: Ctx) -> Run:
     """ENOSPC while the run is written: one line naming the file under OUT, no hidden leftovers."""
-    import pipelines.outputs
+    import pipelines.run_folder
 
     def full(path: Path, payload: bytes) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    c.monkeypatch.setattr(pipelines.outputs, "atomic_write_bytes", full)
+    c.monkeypatch.setattr(pipelines.run_folder, "atomic_write_bytes", full)
     run = _screen_2d(c, "", "No space left on device")  # 2D: a whole run in a second
     run.needles = (f"error: {run.out}/", *run.needles[1:])
     return run
@@ -421,13 +421,13 @@ def _screen_disk_full(c: Ctx) -> Run:
 
 def _interrupted_while_writing(c: Ctx, interrupt: Callable[[], None], code: int, word: str) -> Run:
     """A finished screen interrupted as it commits: exit `code`, one line, no output, no .partial."""
-    import pipelines.outputs
+    import pipelines.run_folder
 
     def marker(folder: Path, command: str) -> Path:
         interrupt()
         raise AssertionError("not interrupted")
 
-    c.monkeypatch.setattr(pipelines.outputs, "write_run_marker", marker)
+    c.monkeypatch.setattr(pipelines.run_folder, "write_run_marker", marker)
     run = _screen_2d(c, "", word, "partial outputs removed")  # 2D: a whole run in a second
     run.needles, run.code = run.needles[1:], code
     return run
@@ -718,7 +718,7 @@ def test_kill_9_leaves_nothing_that_looks_finished_and_the_next_run_cleans_up(fi
     """`kill -9` mid-run: no OUT, only the hidden temporary folder, owned by the dead process
     (volscan-partial.json, no run marker). The next run into OUT removes it, and leaves a
     hidden folder volscan did not mark and one of a live process alone."""
-    from pipelines.outputs import PARTIAL_MARKER, RUN_MARKER
+    from pipelines.run_folder import PARTIAL_MARKER, RUN_MARKER
 
     out = tmp_path / "out"
     argv, proc = _screen_writing(finished, tmp_path, out)
@@ -744,7 +744,7 @@ def test_an_interrupted_preprocess_output_is_marked_unfinished(finished: dict, t
     """`volscan preprocess` writes in place: while it runs (what `kill -9` leaves) its marker says
     it is unfinished, and a reader refuses it; once finished, it says complete."""
     import preprocessing.cohort
-    from pipelines.outputs import read_run_marker, verify_run
+    from pipelines.run_folder import read_run_marker, verify_run
     from volumetric.errors import InputFileError
 
     out, seen = tmp_path / "pre", {}
@@ -842,7 +842,7 @@ def test_swapped_token_files_are_rebuilt_by_screen_with_a_warning(finished: dict
 def test_duplicates_are_equal_content_not_equal_size(tmp_path: Path) -> None:
     """Same size and same sampled blocks but one byte apart: two scans, accepted; the same bytes
     under two names: refused, naming both."""
-    from pipelines.inputs import Subject, check_duplicates
+    from pipelines.subjects import Subject, check_duplicates
     from volumetric.errors import InputFileError
 
     data = bytearray(np.random.default_rng(3).bytes(3 << 20))

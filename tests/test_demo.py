@@ -93,7 +93,7 @@ def test_demo_reports_a_settings_typo_first_and_refuses_random_weights_for_class
 
 
 def test_an_interrupted_demo_is_marked_unfinished(small_demo, monkeypatch, tmp_path):
-    from pipelines.outputs import read_run_marker
+    from pipelines.run_folder import read_run_marker
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what a kill leaves on disk: the demo stops inside the screen

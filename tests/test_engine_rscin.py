@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipelines.screen_config import ScreenConfig
-from pipelines.stages.score import scoring_options
 from volumetric.engine import ScoringConfig, score_collections
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features
@@ -118,7 +117,7 @@ def test_fewer_than_five_images_give_finite_scores(n: int) -> None:
 
 
 def test_rscin_setting_from_a_config_table() -> None:
-    config = scoring_options(ScreenConfig(scoring={"rscin": [1, 8, 9]}), "cpu")
+    config = ScreenConfig(scoring={"rscin": [1, 8, 9]}).scoring_config("cpu")
     assert config.rscin == (1, 8, 9) and ScoringConfig().rscin is None
     with pytest.raises(VolscanError, match="rscin"):
-        scoring_options(ScreenConfig(scoring={"rscin": [0]}), "cpu")
+        ScreenConfig(scoring={"rscin": [0]}).scoring_config("cpu")

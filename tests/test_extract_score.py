@@ -23,7 +23,7 @@ from test_screen_2d import make_images
 from pipelines.cli import main
 from pipelines.distributed.extract import ExtractSettings, run_extract
 from pipelines.distributed.sharding import Part
-from pipelines.inputs import discover_subjects
+from pipelines.subjects import discover_subjects
 from pipelines.screen_config import resolve_config
 from volumetric.errors import VolscanError
 

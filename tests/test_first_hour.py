@@ -226,7 +226,7 @@ def test_every_config_example_in_the_docs_loads(where: str, suffix: str, text: s
     """Through the real loader and the settings check a screen runs first (scoring, preprocess,
     tokens): the docs cannot name a key the code does not take, or put it at the wrong depth."""
     from pipelines.screen_config import resolve_config
-    from pipelines.validation import check_settings
+    from pipelines.plan import check_settings
 
     path = tmp_path / f"example{suffix}"
     path.write_text(text, encoding="utf-8")

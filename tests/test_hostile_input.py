@@ -237,7 +237,7 @@ def test_hostile_input(case: str, finished: dict, tmp_path: Path, monkeypatch: p
 def test_api_path_traversal_is_refused_and_the_victim_kept(finished: dict, tmp_path: Path) -> None:  # noqa: F811
     """`screen_subjects([Subject("../../victim/precious", ...)])` overwrote precious.nii.gz
     outside the output folder."""
-    from pipelines.inputs import Subject
+    from pipelines.subjects import Subject
     from pipelines.screen import screen_subjects
     from pipelines.screen_config import resolve_config
     from volumetric.errors import InputFileError
@@ -360,7 +360,7 @@ def _exif_rotated(array: np.ndarray, path: Path) -> None:
 
 def test_exif_orientation_applies_to_images_and_masks(tmp_path: Path) -> None:
     from pipelines.images2d import load_image
-    from pipelines.inputs import check_label_grid, image_size
+    from pipelines.subjects import check_label_grid, image_size
     from pipelines.labels import read_mask
 
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_atomic_files import REPO, _dead_pid
 
-from pipelines.outputs import (PARTIAL_FORMAT, PARTIAL_MARKER, RUN_MARKER, AtomicOutputDir, remove_abandoned,
+from pipelines.run_folder import (PARTIAL_FORMAT, PARTIAL_MARKER, RUN_MARKER, AtomicOutputDir, remove_abandoned,
                                verify_run)
 from volumetric.errors import InputFileError
 
@@ -26,7 +26,7 @@ from volumetric.errors import InputFileError
 RUN = """
 import os, signal, sys, time
 from pathlib import Path
-import pipelines.outputs as outputs
+import pipelines.run_folder as outputs
 
 out, step = Path(sys.argv[1]), sys.argv[2]
 def die(*args, **kwargs):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.outputs import RUN_MARKER
+from pipelines.run_folder import RUN_MARKER
 from pipelines.phantom import (
     CONTRASTS,
     Cohort,

@@ -13,6 +13,7 @@ from scipy import ndimage
 from test_preprocessing_data import small_template
 
 from pipelines.cli import build_parser, main
+from pipelines.plan import check_settings
 from pipelines.screen_config import ScreenConfig, resolve_config
 from preprocessing.bias_field import N4Settings, correct_bias_field
 from preprocessing.cohort import SubjectSpec, check_store, preprocess_cohort
@@ -272,8 +273,8 @@ def test_screen_flag_and_config_reach_the_preprocess_settings(tmp_path):
     top = tmp_path / "top.yaml"
     top.write_text("bias-correction: n4\n", encoding="utf-8")
     assert resolve_config(top).preprocess_settings().bias_correction == "n4"
-    with pytest.raises(VolscanError, match="bias-correction must be auto, none or n4, got 'N4'"):
-        ScreenConfig(bias_correction="N4")
+    with pytest.raises(VolscanError, match="unknown bias correction 'N4'; choose one of auto, none, n4"):
+        check_settings(ScreenConfig(bias_correction="N4"))  # checked once, by PreprocessSettings
     preprocess_args = build_parser("preprocess")[0].parse_args(["preprocess", "in", "-o", "out"])
     assert preprocess_args.bias_correction is None  # unset: PreprocessSettings' default applies
     for command in ("extract", "score"):  # -o: the cache (extract), the output folder (score)
@@ -303,15 +304,18 @@ def test_n4_output_does_not_depend_on_the_machine_thread_count(scene):
 def test_n4_gets_its_own_cohort_store(tmp_path):
     """Screens with and without N4 (or with other n4 options) never share a preprocessing store;
     "auto" shares the store of what it resolves to."""
-    from pipelines.inputs import Subject
-    from pipelines.stages.preprocess import cohort_folder
+    from pipelines.cache_locations import cohort_folder
+    from pipelines.subjects import Subject
 
     subjects = [Subject(id=f"s{i}", image=save_volume(np.full((8, 8, 8), i + 1.0, np.float32), np.eye(4),
                                                       tmp_path / f"s{i}.nii.gz")) for i in range(3)]
-    folders = {bias: cohort_folder(subjects, ScreenConfig(bias_correction=bias), tmp_path) for bias in ("none", "n4")}
-    other = cohort_folder(subjects, ScreenConfig(bias_correction="n4", preprocess={"n4": {"shrink": 2}}), tmp_path)
+
+    def folder(**settings):
+        return cohort_folder(subjects, "3d", ScreenConfig(**settings).preprocess_settings(), None, tmp_path)
+
+    folders = {bias: folder(bias_correction=bias) for bias in ("none", "n4")}
+    other = folder(bias_correction="n4", preprocess={"n4": {"shrink": 2}})
     assert len({folders["none"], folders["n4"], other}) == 3
-    config = ScreenConfig()
     # The default "auto": N4's store for raw scans, the store without N4 for registered, skull-stripped ones.
-    assert cohort_folder(subjects, config, tmp_path) == folders["n4"]
-    assert cohort_folder(subjects, ScreenConfig(registered=True, skull_stripped=True), tmp_path) == folders["none"]
+    assert folder() == folders["n4"]
+    assert folder(registered=True, skull_stripped=True) == folders["none"]

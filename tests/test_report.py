@@ -21,7 +21,8 @@ import pytest
 from test_screen import LESIONS, make_cohort, make_template
 
 from pipelines.cli import main
-from pipelines.hotspots import MAD_TO_SIGMA, find_hotspot, flag_rule, rank_percentile
+from pipelines.flagging import MAD_TO_SIGMA, flag_rule, rank_percentile
+from pipelines.hotspots import find_hotspot
 from volumetric.errors import VolscanError
 
 CUBE = 56

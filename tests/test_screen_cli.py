@@ -71,6 +71,30 @@ def test_third_party_info_is_quiet_unless_verbose_and_messages_print_once(capsys
     configure_logging(0)
 
 
+def test_extract_refuses_the_scoring_options_and_offers_no_other_choice_lists(capsys) -> None:
+    """`volscan extract` scores nothing: `--method` / `--window` are refused with where they belong
+    (never accepted and dropped), and its help does not list them. Every flag's choices come from
+    `pipelines.choices`."""
+    from pipelines.choices import BIAS_CORRECTIONS, EXTRACT_STAGES, MASK_METHODS, METHODS, PRECISIONS
+    from pipelines.cli import build_parser
+
+    for flag, value in (("--window", "2"), ("--method", "musc")):
+        with pytest.raises(SystemExit) as info:
+            main(["extract", "in", flag, value])
+        assert info.value.code == 2
+        assert f"{flag} applies to scoring, which extract does not do; give it to volscan score" in \
+            capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = capsys.readouterr().out
+    assert "--window" not in text and "--method" not in text and "--precision" in text
+    choices = {a.dest: tuple(a.choices) for a in build_parser("extract")[1]._actions if a.choices}
+    assert choices == {"brain_mask": MASK_METHODS, "bias_correction": BIAS_CORRECTIONS,
+                       "precision": PRECISIONS, "stage": EXTRACT_STAGES}
+    screen = {a.dest: tuple(a.choices) for a in build_parser("screen")[1]._actions if a.choices}
+    assert screen["method"] == METHODS and screen["precision"] == PRECISIONS
+
+
 def test_input_error_before_any_heavy_import(tmp_path) -> None:
     """A missing input folder is answered without importing torch, timm, monai, matplotlib,
     SimpleITK or nibabel (what makes `volscan screen /no/such/folder -o out` answer at once)."""

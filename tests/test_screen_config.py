@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.inputs import discover_subjects
-from pipelines.outputs import AtomicOutputDir
+from pipelines.subjects import discover_subjects
+from pipelines.run_folder import AtomicOutputDir
 from pipelines.report import (
     Report,
     ScanEntry,
@@ -199,15 +199,13 @@ def test_stage_settings_are_typed_and_composed(tmp_path: Path) -> None:
 
 def test_window_flag_and_config_reach_the_engine(tmp_path: Path) -> None:
     """`window` from a config file's top level or its `scoring.engine` table, the flag winning."""
-    from pipelines.stages.score import scoring_options
-
     path = tmp_path / "c.yaml"
     path.write_text("scoring: {engine: {window: 3}}\n", encoding="utf-8")
-    assert scoring_options(resolve_config(path), "cpu").engine.window == 3
-    assert scoring_options(resolve_config(path, window=1), "cpu").engine.window == 1
+    assert resolve_config(path).scoring_config("cpu").engine.window == 3
+    assert resolve_config(path, window=1).scoring_config("cpu").engine.window == 1
     (tmp_path / "top.toml").write_text("window = 2\n", encoding="utf-8")
-    assert scoring_options(resolve_config(tmp_path / "top.toml"), "cpu").engine.window == 2
-    assert scoring_options(resolve_config(), "cpu").engine.window is None
+    assert resolve_config(tmp_path / "top.toml").scoring_config("cpu").engine.window == 2
+    assert resolve_config().scoring_config("cpu").engine.window is None
     with pytest.raises(VolscanError, match="window must be >= 0"):
         resolve_config(window=-1)
     with pytest.raises(VolscanError, match="'window' must be an integer"):

@@ -47,6 +47,7 @@ from volumetric.backbones import (
     patch_size,
     resolve_layers,
 )
+from volumetric.choices import PRECISIONS
 from volumetric.devices import cpu_has_native_bf16, resolve_device
 from volumetric.errors import VolscanError
 from volumetric.projection import jl_matrix, matrix_fingerprint, normalize_project
@@ -61,7 +62,6 @@ DEFAULT_PERCENTILES = (1.0, 99.0)
 # enough to fill an H100/H200 with ViT-L at 224^2 (benchmarks/tokens.py gpu measures others).
 CPU_SLICE_BATCH = 16
 GPU_SLICE_BATCH = 128
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 ArrayLike = np.ndarray | torch.Tensor

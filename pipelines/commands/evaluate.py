@@ -22,7 +22,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute, store and print the metrics."""
     from pipelines.evaluate import evaluate_run
-    from pipelines.outputs import verify_run, write_run_marker
+    from pipelines.run_folder import verify_run, write_run_marker
     from pipelines.run_layout import ELEMENTS_FILE, MAPPINGS_DIR, MAPS_DIR
     from pipelines.validation import MAX_HISTOGRAM_BINS, check_int
 

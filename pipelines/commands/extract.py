@@ -12,7 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.commands.screen import SETTINGS, add_settings_arguments
+from pipelines.choices import EXTRACT_STAGES
+from pipelines.commands.screen import SCORING, SETTINGS, add_settings_arguments
+
+
+class _ScoringOnly(argparse.Action):
+    """A scoring option given to extract (which scores nothing): refused, saying where it belongs."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} applies to scoring, which extract does not do; give it to volscan score")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -20,10 +29,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif)")
     parser.add_argument("-o", "--cache", metavar="DIR", help="the shared cache to fill (default $VOLSCAN_CACHE_DIR "
                         "or ~/.cache/volscan); give the same one to volscan score")
-    add_settings_arguments(parser)
+    add_settings_arguments(parser, scoring=False)  # extract scores nothing: no --method, no --window
+    for flag in SCORING:
+        parser.add_argument(f"--{flag}", action=_ScoringOnly, help=argparse.SUPPRESS)
     parser.add_argument("--part", metavar="I/N", default="1/1",
                         help="only part I of N (1 <= I <= N) of the scans sorted by id, e.g. $SLURM_ARRAY_TASK_ID/100")
-    parser.add_argument("--stage", choices=("all", "spatial", "landmarks", "tokens"), default="all",
+    parser.add_argument("--stage", choices=EXTRACT_STAGES, default="all",
                         help="per-scan phases to run (default all); sharded runs with learned Nyúl landmarks "
                         "run spatial (each part), landmarks (once), tokens (each part)")
     ray = parser.add_argument_group("Ray (pip install 'volscan[ray]')")
@@ -41,16 +52,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the per-scan stage for the chosen part and print a summary."""
-    from pipelines.distributed.extract import ExtractSettings, run_extract
+    # Here, not at the top: `volscan --help` and `volscan extract --help` load none of these.
+    from pipelines.distributed.extract import ExtractSettings, extract_planned
     from pipelines.distributed.runners import RaySettings
     from pipelines.distributed.sharding import Part
-    from pipelines.inputs import discover_subjects
+    from pipelines.plan import build_plan, check_settings
     from pipelines.safe_text import printable
     from pipelines.screen_config import resolve_config
-    from pipelines.validation import check_settings
+    from pipelines.subjects import discover_subjects
 
     config = resolve_config(args.config, cache=args.cache, **{name: getattr(args, name) for name in SETTINGS})
-    check_settings(config)  # before the input folder is read: a typo is the first error
+    checked = check_settings(config)  # before the input folder is read: a typo is the first error
     ray = None
     if args.ray is not None:
         ray = RaySettings(
@@ -59,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = ExtractSettings(part=Part.parse(args.part), stage=args.stage, ray=ray)
     subjects, _ = discover_subjects(args.input, None, registered=config.registered, skull_stripped=config.skull_stripped)
-    result = run_extract(subjects, config, settings)
+    result = extract_planned(build_plan(sorted(subjects, key=lambda s: s.id), checked), settings)
     from pipelines.cache_files import folder_bytes, human_bytes
 
     timings = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result.seconds.items())

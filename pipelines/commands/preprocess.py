@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocessing.io import find_volumes
     from preprocessing.settings import PreprocessSettings
 
-    from pipelines.outputs import check_output_dir, resumable_output
+    from pipelines.run_folder import check_output_dir, resumable_output
     from pipelines.validation import check_int, validate_preprocess
 
     # The validation pass, before any work: the settings first (a typo is the first error); OUT

@@ -10,16 +10,18 @@ import argparse
 import sys
 from typing import Any
 
+from pipelines.choices import BIAS_CORRECTIONS, MASK_METHODS, METHODS, PRECISIONS, listed
 from pipelines.screen_config import DEFAULT_BACKBONE
-from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
-# SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
+# SETTINGS: the per-scan settings of `add_settings_arguments` (shared with `volscan extract`);
+# SCORING: those only the group stage uses (`screen` and `score`; `extract` does not offer them).
 SETTINGS = (
-    "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block", "window",
+    "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
+    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block",
 )
-OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
+SCORING = ("method", "window")
+OVERRIDES = SETTINGS + SCORING + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
 
 
 def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -55,8 +57,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                                    "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and preprocessing settings shared by `screen`, `extract` and `score`.
+def add_settings_arguments(parser: argparse.ArgumentParser, scoring: bool = True) -> None:
+    """The model and preprocessing settings shared by `screen`, `extract` and `score`, and with
+    `scoring` the scoring ones (`--method`, `--window`: not for `extract`, which scores nothing).
 
     Defaults are shown in each help line; flags left unset take the `--config` file's value,
     then the default."""
@@ -88,15 +91,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     feat.add_argument("--seed", type=int, help="seed of the JL projection and random weights (default 0)")
     feat.add_argument("--slices-per-block", type=int, metavar="K",
                       help="slices per 14-voxel block through the ViT, evenly spaced (default all 14; fewer = faster)")
-    groups["scoring"].add_argument("--method", choices=("codegraph", "musc"), help="scoring method (default codegraph)")
-    groups["scoring"].add_argument("--window", type=int, metavar="W",
-                                   help="position-aware scoring for registered inputs: compare each token only with "
-                                        "the other scans' tokens within W grid cells of its own (Chebyshev; 0 = same "
-                                        "cell; default: every token of every other scan)")
+    if scoring:
+        groups["scoring"].add_argument("--method", choices=METHODS,
+                                       help=f"scoring method: {listed(METHODS)} (default codegraph)")
+        groups["scoring"].add_argument("--window", type=int, metavar="W",
+                                       help="position-aware scoring for registered inputs: compare each token only "
+                                            "with the other scans' tokens within W grid cells of its own (Chebyshev; "
+                                            "0 = same cell; default: every token of every other scan)")
     groups["compute"].add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: the first GPU if any)")
-    groups["compute"].add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                                   help="ViT arithmetic (default auto: bf16 on CUDA and on CPUs with native bf16, "
-                                        "else fp32)")
+    groups["compute"].add_argument("--precision", choices=PRECISIONS,
+                                   help=f"ViT arithmetic: {listed(PRECISIONS)} (default auto: bf16 on CUDA and on "
+                                        "CPUs with native bf16, else fp32)")
 
 
 def run(args: argparse.Namespace) -> int:

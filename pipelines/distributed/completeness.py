@@ -13,20 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipelines.cache_locations import CacheLocations
+from pipelines.distributed.error_log import read_error_logs
 from pipelines.failures import shown
-from pipelines.inputs import Subject
-from pipelines.screen_config import ScreenConfig
+from pipelines.subjects import Subject
 from volumetric.errors import VolscanError
 
+if TYPE_CHECKING:
+    from preprocessing.settings import PreprocessSettings
 
-def missing_scans(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> list[str]:
-    """Ids (sorted) of the 3D `subjects` without a standardised cube in the cohort's store."""
-    from pipelines.stages.preprocess import cohort_folder
+
+def missing_scans(subjects: Sequence[Subject], store: Path) -> list[str]:
+    """Ids (sorted) of the 3D `subjects` without a standardised cube in the cohort's `store`."""
     from preprocessing.store import read_record
 
-    store = cohort_folder(subjects, config, cache_root)
     return sorted(s.id for s in subjects if not read_record(store, s.id, rebuild=False).get("final_key"))
 
 
@@ -37,37 +39,31 @@ def extract_command(subjects: Sequence[Subject], cache_root: Path, stage: str = 
     return f"'volscan extract {source} --cache {cache_root}{f' --stage {stage}' if stage else ''}' (same settings)"
 
 
-def require_extracted(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Any:
-    """The 3D cohort's store (`preprocessing.cohort.CohortResult`) when every scan's standardised
-    cube is there, current and intact; otherwise one `VolscanError` naming the scans (with the
-    failures `volscan extract` logged for them, if any) and the command to run. Writes nothing."""
-    from pipelines.distributed.error_log import read_error_logs
-    from pipelines.distributed.extract import extract_folder
-    from pipelines.distributed.per_scan import spec_of
-    from pipelines.stages.preprocess import cohort_folder
+def require_extracted(subjects: Sequence[Subject], settings: "PreprocessSettings", template: str | None,
+                      cache: CacheLocations) -> Any:
+    """The 3D cohort's store `cache.store` (`preprocessing.cohort.CohortResult`) when every scan's
+    standardised cube is there, current and intact; otherwise one `VolscanError` naming the scans
+    (with the failures `volscan extract` logged for them, if any) and the command to run. Writes nothing."""
     from preprocessing.cohort import check_store
 
-    missing = missing_scans(subjects, config, cache_root)
+    missing = missing_scans(subjects, cache.store)
     if missing:
-        logs = extract_folder(subjects, config, cache_root)
-        logged = read_error_logs(logs)
+        logged = read_error_logs(cache.extract_logs)
         failed = [sid for sid in missing if sid in logged]
-        why = (f"; {len(failed)} of them failed (e.g. {failed[0]}: {logged[failed[0]]['error']}), see {logs}/*.jsonl"
-               if failed else f"; run {extract_command(subjects, cache_root)} first")
+        why = (f"; {len(failed)} of them failed (e.g. {failed[0]}: {logged[failed[0]]['error']}), "
+               f"see {cache.extract_logs}/*.jsonl" if failed else f"; run {extract_command(subjects, cache.root)} first")
         raise VolscanError(f"the per-scan stage of {len(missing)} scan(s) is missing: {shown(missing)}{why}")
-    store = cohort_folder(subjects, config, cache_root)
-    check = check_store([spec_of(s) for s in subjects], store, config.preprocess_settings(), template=config.template)
+    check = check_store([s.spec() for s in subjects], cache.store, settings, template=template)
     if check.scans:  # spatial problems first: relearning landmarks needs every spatial output
         stale = sorted(check.scans)
         listed = shown([f"{sid} ({check.scans[sid]})" for sid in stale])
-        raise VolscanError(f"the per-scan stage of {len(stale)} scan(s) in {store} is stale or damaged: {listed}; "
-                           f"run {extract_command(subjects, cache_root)} to redo them")
+        raise VolscanError(f"the per-scan stage of {len(stale)} scan(s) in {cache.store} is stale or damaged: "
+                           f"{listed}; run {extract_command(subjects, cache.root)} to redo them")
     if check.landmarks is not None:
-        learned = not config.preprocess_settings().landmarks  # fixed landmarks have no stage of their own
+        learned = not settings.landmarks  # fixed landmarks have no stage of their own
         raise VolscanError(
             f"{check.result.landmarks_path}: the cohort's Nyúl landmarks are {check.landmarks}; run "
-            + (f"{extract_command(subjects, cache_root, 'landmarks')}, then --stage tokens for every part"
-               if learned else extract_command(subjects, cache_root))
+            + (f"{extract_command(subjects, cache.root, 'landmarks')}, then --stage tokens for every part"
+               if learned else extract_command(subjects, cache.root))
         )
     return check.result
-

@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.distributed.error_log import ErrorLog
-from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, adopt_backbone, spec_of
+from pipelines.choices import EXTRACT_STAGES, listed
+from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, adopt_backbone
 from pipelines.distributed.runners import LocalRunner, RayRunner, RaySettings
 from pipelines.distributed.sharding import Part
-from pipelines.inputs import Subject
+from pipelines.plan import ScreenPlan, build_plan, check_settings
 from pipelines.screen_config import ScreenConfig
+from pipelines.subjects import Subject
 from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
-
-STAGES = ("all", "spatial", "landmarks", "tokens")
-
 
 @dataclass(frozen=True)
 class ExtractSettings:
@@ -48,8 +47,8 @@ class ExtractSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise VolscanError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage not in EXTRACT_STAGES:
+            raise VolscanError(f"--stage must be {listed(EXTRACT_STAGES)}, got {self.stage!r}")
 
 
 @dataclass
@@ -69,34 +68,30 @@ class ExtractResult:
     workers: dict[int, int] = field(default_factory=dict)
 
 
-def extract_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
-    """Where the extract runs of this cohort keep their error logs: `<cache>/extract/<cohort digest>`."""
-    from pipelines.stages.preprocess import cohort_folder
-
-    return cache_root / "extract" / cohort_folder(subjects, config, cache_root).name
-
-
 def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: ExtractSettings = ExtractSettings()) -> ExtractResult:
     """Run `settings.stage` of the per-scan stage for `settings.part` of `subjects` (the whole cohort).
 
-    Every setting and input header is checked first (as `volscan screen` does); then one job
-    per scan of the part runs on the chosen runner. Scans that fail are logged and skipped.
+    Every setting and input header is checked first, into the run's `ScreenPlan` (as `volscan
+    screen` does); then one job per scan of the part runs on the chosen runner. Scans that fail
+    are logged and skipped.
     """
-    from pipelines.screen import default_cache_root
-    from pipelines.stages import inputs as inputs_stage
-    from pipelines.stages.preprocess import cohort_folder
-    from pipelines.stages.tokens import tokenizer_options
+    checked = check_settings(config)
+    plan = build_plan(sorted(subjects, key=lambda s: s.id), checked)  # also loads the backbone: a bad model fails here
+    return extract_planned(plan, settings)
 
-    subjects = sorted(subjects, key=lambda s: s.id)
-    checked = inputs_stage.check_run(subjects, config)  # also builds the backbone once: a bad model fails here
-    kind = checked.kind
-    preprocess = config.preprocess_settings() if kind == "3d" else None
-    cache_root = (Path(config.cache).expanduser() if config.cache else default_cache_root()).resolve()
-    plan = ScanPlan(kind=kind, config=config, device=config.device, cache_root=cache_root,
-                    store=cohort_folder(subjects, config, cache_root) if kind == "3d" else None,
-                    preprocess=preprocess, token_options=tokenizer_options(config, kind))
+
+def scan_plan(plan: ScreenPlan) -> ScanPlan:
+    """The per-scan part of `plan` (what each job needs; the device as asked, resolved per worker)."""
+    return ScanPlan(kind=plan.kind, device=plan.device_setting, cache=plan.cache, preprocess=plan.preprocess,
+                    tokens=plan.tokens, size=plan.size, template=plan.template)
+
+
+def extract_planned(screen: ScreenPlan, settings: ExtractSettings = ExtractSettings()) -> ExtractResult:
+    """`run_extract` for a run already planned (its subjects sorted by id)."""
+    subjects, kind = list(screen.subjects), screen.kind
+    plan = scan_plan(screen)
     part, stage = settings.part, settings.stage
-    fixed_landmarks = kind == "3d" and preprocess.landmarks is not None
+    fixed_landmarks = kind == "3d" and plan.preprocess.landmarks is not None
     if kind == "3d" and stage == "all" and not part.whole and not fixed_landmarks:
         raise VolscanError(
             f"--part {part.index}/{part.count} with learned Nyúl landmarks needs three steps: --stage spatial for "
@@ -105,15 +100,14 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
         )
     chosen = set(part.select(s.id for s in subjects))
     mine = [s for s in subjects if s.id in chosen]
-    folder = extract_folder(subjects, config, cache_root)
     # One log per stage and part: a later stage's run must not erase an earlier stage's failures.
     log_name = {"all": part.label, "landmarks": "landmarks"}.get(stage, f"{stage}-{part.label}")
-    errors = ErrorLog(folder / f"errors-{log_name}.jsonl")
+    errors = ErrorLog(plan.cache.extract_logs / f"errors-{log_name}.jsonl")
     result = ExtractResult(kind=kind, scans=[s.id for s in mine], failed=[], computed=0,
-                           error_log=errors.path, cache_root=cache_root)
+                           error_log=errors.path, cache_root=plan.cache.root)
     if settings.ray is None:
         runner: LocalRunner | RayRunner = LocalRunner()
-        adopt_backbone(plan, checked.backbone, checked.device)
+        adopt_backbone(plan, screen.backbone, screen.device)
     else:
         runner = RayRunner(settings.ray)
     phases = {"all": ("spatial", "landmarks", "tokens"), "spatial": ("spatial",), "landmarks": ("landmarks",),
@@ -136,10 +130,10 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
                 _run_phase(runner, plan, [s for s in mine if s.id not in failed], phase, errors, result,
                            settings.progress)
             result.seconds[phase] = round(time.perf_counter() - start, 3)
-    if plan.store is not None and plan.store.is_dir():
+    if kind == "3d" and plan.cache.store.is_dir():
         from preprocessing.store import mark_used
 
-        mark_used(plan.store)  # the store's last use, for `volscan cache prune --older-than`
+        mark_used(plan.cache.store)  # the store's last use, for `volscan cache prune --older-than`
     return result
 
 
@@ -176,7 +170,7 @@ def _learn_landmarks(plan: ScanPlan, subjects: list[Subject], errors: ErrorLog, 
     failed |= {sid for sid, e in read_error_logs(errors.path.parent).items() if e.get("phase") == "spatial"}
     usable, missing = [], []
     for subject in subjects:
-        if read_record(plan.store, subject.id).get("spatial_key"):
+        if read_record(plan.cache.store, subject.id).get("spatial_key"):
             usable.append(subject)
         elif subject.id not in failed:
             missing.append(subject.id)
@@ -187,7 +181,7 @@ def _learn_landmarks(plan: ScanPlan, subjects: list[Subject], errors: ErrorLog, 
         )
     if not usable:
         raise VolscanError(f"no scan passed the spatial stage; see {errors.path.parent}")
-    preprocess_cohort([spec_of(s) for s in usable], plan.store, plan.preprocess, template=plan.config.template,
+    preprocess_cohort([s.spec() for s in usable], plan.cache.store, plan.preprocess, template=plan.template,
                       stale="recompute", until="landmarks", progress=progress)
 
 
@@ -199,7 +193,7 @@ def _with_landmarks(plan: ScanPlan) -> ScanPlan:
 
     if plan.preprocess.landmarks is not None:
         return plan
-    path = plan.store / LANDMARKS_FILE
+    path = plan.cache.store / LANDMARKS_FILE
     if not path.is_file():
         raise VolscanError(f"{path}: the cohort's landmarks are not learned yet; run --stage landmarks first")
     return dataclasses.replace(plan, preprocess=plan.preprocess.replace(landmarks=str(path)))

@@ -24,10 +24,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.inputs import Subject
-from pipelines.screen_config import ScreenConfig
+from pipelines.cache_locations import CacheLocations
+from pipelines.stages.preprocess import prepare
+from pipelines.plan import ClassicalFeatures
+from pipelines.stages.tokens import make_tokenizer, token_key
+from pipelines.subjects import Subject
+
+if TYPE_CHECKING:
+    from preprocessing.settings import PreprocessSettings
+    from volumetric.tokens import TokenSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +43,24 @@ PHASES = ("spatial", "tokens")
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """Everything a per-scan job needs, the same for every scan of a run (sent once per worker).
+    """Everything a per-scan job needs, the same for every scan of a run (sent once per worker):
+    the parts of the run's `pipelines.plan.ScreenPlan` that one scan's work reads, without the
+    loaded backbone (each worker builds or adopts its own).
 
-    `kind` "3d"/"2d"; `device` as configured ("auto" is resolved in each worker); `cache_root` holds `tokens/` and `preprocess/`;
-    `store`: the cohort's preprocessing store (3D); `preprocess`: `PreprocessSettings` (3D, with
-    the cohort landmarks fixed for the `tokens` phase); `token_options`: from
-    `pipelines.stages.tokens.tokenizer_options`.
+    `kind` "3d"/"2d"; `device` as configured ("auto" is resolved in each worker); `cache`: the
+    cache root, the cohort's preprocessing store and the token cache; `preprocess`:
+    `PreprocessSettings` (with the cohort landmarks fixed for the 3D `tokens` phase);
+    `tokens`: `TokenSettings` or `ClassicalFeatures`; `size`: cube edge / image side;
+    `template`: the template setting (3D).
     """
 
     kind: str
-    config: ScreenConfig
     device: str
-    cache_root: Path
-    store: Path | None = None
-    preprocess: Any = None
-    token_options: Any = None
+    cache: CacheLocations
+    preprocess: "PreprocessSettings"
+    tokens: "TokenSettings | ClassicalFeatures"
+    size: int
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,26 +110,17 @@ def run_scan(plan: ScanPlan, subject: Subject, phase: str) -> ScanOutcome:
                        worker=os.getpid(), models_loaded=_WORKER.models_loaded)
 
 
-def spec_of(subject: Subject) -> Any:
-    """The `preprocessing.cohort.SubjectSpec` of `subject` (per-subject flags kept)."""
-    from preprocessing.cohort import SubjectSpec
-
-    return SubjectSpec(subject.image, subject.registered, subject.skull_stripped, subject.id)
-
-
 def _spatial(plan: ScanPlan, subject: Subject) -> bool:
     from preprocessing.cohort import preprocess_cohort
 
     result = preprocess_cohort(
-        [spec_of(subject)], plan.store, plan.preprocess, template=_WORKER.template(plan),
+        [subject.spec()], plan.cache.store, plan.preprocess, template=_WORKER.template(plan),
         stale="recompute", progress=False, until="spatial",
     )
     return bool(result.computed)
 
 
 def _tokens(plan: ScanPlan, subject: Subject) -> bool:
-    from pipelines.stages.preprocess import prepare
-    from pipelines.stages.tokens import token_key
     from volumetric.token_cache import TokenCache
 
     if plan.kind == "3d":
@@ -127,15 +128,15 @@ def _tokens(plan: ScanPlan, subject: Subject) -> bool:
 
         # The landmarks are fixed in `plan.preprocess`, so this standardises this one scan only.
         result = preprocess_cohort(
-            [spec_of(subject)], plan.store, plan.preprocess, template=_WORKER.template(plan),
+            [subject.spec()], plan.cache.store, plan.preprocess, template=_WORKER.template(plan),
             stale="recompute", progress=False,
         )
         record = result.records[0]
         array, brain_mask = record.load_image(), record.load_mask()
     else:
-        array, brain_mask = prepare([subject], "2d", plan.config, plan.cache_root).load[0]()
+        array, brain_mask = prepare([subject], "2d", plan.preprocess, None, plan.cache).load[0]()
     tokenizer, settings = _WORKER.tokenizer(plan)
-    cache = TokenCache(plan.cache_root / "tokens")
+    cache = TokenCache(plan.cache.tokens)
     key = token_key(cache, array, brain_mask, settings)
     if cache.load(key) is not None:
         return False
@@ -153,23 +154,20 @@ class _WorkerState:
 
     def tokenizer(self, plan: ScanPlan) -> tuple[Any, dict[str, Any]]:
         """(tokenizer, cache settings) for `plan`, built once per worker and model settings."""
-        from pipelines.stages.tokens import make_tokenizer
         from volumetric.devices import resolve_device
 
         if self._tokenizer is None or self._tokenizer[0] != _model_key(plan):
             # Resolved here, in the worker: "auto" means the GPU Ray gave this worker, if any.
             device = str(resolve_device(plan.device))
-            self._tokenizer = (_model_key(plan), make_tokenizer(plan.config, plan.kind, device, plan.token_options))
+            self._tokenizer = (_model_key(plan), make_tokenizer(plan.tokens, plan.size, plan.kind, device))
             self.models_loaded += 1
-            log.info("worker loaded backbone %s on %s", plan.config.backbone, device)
+            log.info("worker loaded backbone %s on %s", getattr(plan.tokens, "backbone", "classical"), device)
         return self._tokenizer[1]
 
     def adopt(self, plan: ScanPlan, backbone: Any, device: str) -> None:
         """Use `backbone`, already loaded on `device` by this process (the validation pass), for
         `plan`'s scans run here, instead of building a second copy."""
-        from pipelines.stages.tokens import make_tokenizer
-
-        self._tokenizer = (_model_key(plan), make_tokenizer(plan.config, plan.kind, device, plan.token_options,
+        self._tokenizer = (_model_key(plan), make_tokenizer(plan.tokens, plan.size, plan.kind, device,
                                                             backbone=backbone))
         self.models_loaded += 1
 
@@ -177,16 +175,15 @@ class _WorkerState:
         """The resolved template (loaded once per worker)."""
         from preprocessing.template import resolve_template
 
-        if self._template is None or self._template[0] != plan.config.template:
-            self._template = (plan.config.template, resolve_template(plan.config.template))
+        if self._template is None or self._template[0] != plan.template:
+            self._template = (plan.template, resolve_template(plan.template))
         return self._template[1]
 
 
 def _model_key(plan: ScanPlan) -> tuple:
-    """What decides a tokenizer: a worker rebuilds its model only when this changes."""
-    c = plan.config
-    return (c.backbone, c.weights, repr(c.backbone_kwargs), c.seed, c.size, plan.kind, plan.device,
-            repr(plan.token_options))
+    """What decides a tokenizer (the token settings hold the backbone, weights, its kwargs and the
+    seed): a worker rebuilds its model only when this changes."""
+    return (plan.size, plan.kind, plan.device, repr(plan.tokens))
 
 
 _WORKER = _WorkerState()

@@ -29,7 +29,7 @@ from typing import Any
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
 from pipelines.distributed.reaper import Reaper
 from pipelines.failures import Terminated
-from pipelines.inputs import Subject
+from pipelines.subjects import Subject
 from volumetric.errors import VolscanError, first_line
 
 # Seconds the cluster's address has to accept a TCP connection.
@@ -158,7 +158,7 @@ class RayRunner:
         if self.settings.gpus_per_scan is not None:
             return self.settings.gpus_per_scan
         has_gpus = self._ray.cluster_resources().get("GPU", 0) > 0
-        return 1.0 if has_gpus and plan.config.device != "cpu" else 0.0
+        return 1.0 if has_gpus and plan.device != "cpu" else 0.0
 
     def check_feasible(self, plan: ScanPlan) -> None:
         """Refuse a scan's task that no alive node of the cluster can run (its CPUs and GPUs):

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from pipelines.outputs import AtomicOutputDir, atomic_write_text
+from pipelines.run_folder import AtomicOutputDir, atomic_write_text
 from preprocessing.io import save_volume
 from volumetric.errors import InputFileError, VolscanError
 
@@ -226,7 +226,7 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     """Generate a phantom cohort into `out_dir` (layout in the module docstring) and return it.
 
     The cohort is written to a temporary sibling folder and moved into place at the end
-    (`pipelines.outputs.AtomicOutputDir`), so an interrupted run never leaves a folder that looks
+    (`pipelines.run_folder.AtomicOutputDir`), so an interrupted run never leaves a folder that looks
     complete. An existing `out_dir` is replaced only with `force=True`, and only if it is empty or
     itself a phantom cohort.
     """

@@ -7,19 +7,19 @@ resumable, one set of Nyúl landmarks for the cohort, per-subject `registered` /
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.inputs import Subject
-from pipelines.screen_config import ScreenConfig
-from volumetric.errors import VolscanError
+from pipelines.cache_locations import CacheLocations
+from pipelines.distributed.completeness import require_extracted
+from pipelines.subjects import Subject
+
+if TYPE_CHECKING:
+    from preprocessing.settings import PreprocessSettings
 
 
 @dataclass
@@ -32,53 +32,13 @@ class Prepared:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def digest(obj: Any) -> str:
-    """Short content key of a JSON-able object (cache folder names)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[str], name: str) -> dict[str, Any]:
-    """Refuse keys of a config table that `target` does not accept (or that volscan sets itself)."""
-    accepted = set(inspect.signature(target).parameters) - fixed
-    for key in table:
-        if key not in accepted:
-            raise VolscanError(
-                f"config '{name}': unknown setting '{key}' (accepted: {', '.join(sorted(accepted)) or 'none'})"
-            )
-    return dict(table)
-
-
-def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
-    """The cohort's preprocessing store, `<cache>/preprocess/<digest>` (3D; used by `volscan extract` too).
-
-    One folder per cohort and spatial settings: other cohorts never evict it. The name holds no
-    path: the inputs by subject id and content fingerprint (`preprocessing.store.content_fingerprint`,
-    a few sampled blocks per file) and the template by its files' content, so jobs that mount the
-    inputs, the template or the cache at other paths, or spell them otherwise, share one store.
-    When N4 applies (`n4`, or `auto` on raw scans), `bias_correction` and `n4` are part of the
-    name (screens with and without N4 get their own stores)."""
-    from pipelines.inputs import input_kind
-    from preprocessing.store import content_fingerprint, content_hash
-    from preprocessing.template import find_template_folder, template_files
-
-    template = ([content_hash(path) for path in template_files(find_template_folder(config.template))]
-                if input_kind([s.image for s in subjects]) == "3d" else None)  # 2D: its extract logs only
-    key = {"inputs": sorted((s.id, content_fingerprint(s.image)) for s in subjects), "size": config.size,
-           "template": template}
-    settings = config.preprocess_settings()
-    if settings.n4_applies:
-        key.update(bias_correction="n4", n4=settings.n4.key())
-    cohort = digest(key)
-    return cache_root / "preprocess" / cohort
-
-
-def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root: Path,
-            *, compute: bool = True) -> Prepared:
-    """Model inputs of every subject (see the module docstring); 3D settings come whole from
-    `config.preprocess_settings()`. `compute=False` (`volscan score`): 3D scans must already be
-    preprocessed (by `volscan extract`); missing, stale or damaged ones are an error naming them,
-    and nothing is written into the shared store."""
-    size = config.size
+def prepare(subjects: Sequence[Subject], kind: str, settings: "PreprocessSettings", template: str | None,
+            cache: CacheLocations, *, compute: bool = True) -> Prepared:
+    """Model inputs of every subject (see the module docstring), by `settings` (3D: every option;
+    2D: the side `settings.size`) into the cohort's store `cache.store`. `compute=False` (`volscan
+    score`): 3D scans must already be preprocessed (by `volscan extract`); missing, stale or
+    damaged ones are an error naming them, and nothing is written into the shared store."""
+    size = settings.size
     if kind == "2d":
         from pipelines.images2d import load_image, resize
 
@@ -89,27 +49,23 @@ def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root
             load_image(subject.image)
         return Prepared(load=[image_loader(s.image) for s in subjects], info={"resized_to": [size, size]})
 
-    from pipelines.distributed.per_scan import spec_of
     from preprocessing.cohort import preprocess_cohort
     from preprocessing.template import find_template_folder
 
-    folder = cohort_folder(subjects, config, cache_root)
+    folder = cache.store
     if compute:
         from preprocessing.store import mark_used
 
-        result = preprocess_cohort([spec_of(s) for s in subjects], folder, config.preprocess_settings(),
-                                   template=config.template, stale="recompute")
+        result = preprocess_cohort([s.spec() for s in subjects], folder, settings, template=template, stale="recompute")
         mark_used(folder)
     else:  # read-only: the store is shared with other parts and runs
-        from pipelines.distributed.completeness import require_extracted
-
-        result = require_extracted(subjects, config, cache_root)
+        result = require_extracted(subjects, settings, template, cache)
     loads = [lambda r=record: (r.load_image(), r.load_mask()) for record in result.records]
     return Prepared(
         load=loads,
         mappings=[record.load_mapping() for record in result.records],
         info={"cache": str(folder.resolve()), "preprocessed_now": len(result.computed),
-              "template": str(find_template_folder(config.template).resolve()),
+              "template": str(find_template_folder(template).resolve()),
               "landmarks": str(Path(result.landmarks_path).resolve()),
               # Per subject: the brain extractor used and any warning (template fallback) for the report.
               "brain_mask": {r.id: r.brain_mask for r in result.records},

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.screen_config import ScreenConfig
-from volumetric.errors import VolscanError
+from pipelines.json_ready import plain
+
+if TYPE_CHECKING:
+    from volumetric.engine import ScoringConfig
 
 
 @dataclass
@@ -29,33 +31,7 @@ class Scores:
     summary: dict[str, Any] | None = None
 
 
-def scoring_options(config: ScreenConfig, device: str, kind: str = "3d") -> Any:
-    """`volumetric.engine.ScoringConfig` from the config's `scoring` table (nested `codegraph`
-    table -> `CoDeGraph`, `engine` table -> `EngineOptions`); the engine runs on the screen's
-    device and seed unless the `engine` table says otherwise. LNAMD's border: MuSc's zero
-    padding for volumes, windows moved inside the grid for 2D images (`kind` "2d"), where the
-    grid's edge is the image's edge (`volumetric.engine.lnamd`), unless the table sets it;
-    `window` (the flag) wins over the table's."""
-    from volumetric.engine import CoDeGraph, EngineOptions, ScoringConfig
-
-    settings = dict(config.scoring)
-    settings.setdefault("lnamd_border", "shift" if kind == "2d" else "zero")
-    try:
-        engine = {"device": device, "seed": config.seed, **dict(settings.get("engine") or {})}
-        if config.window is not None:
-            engine["window"] = config.window
-        settings["engine"] = EngineOptions(**engine)
-        if isinstance(settings.get("codegraph"), dict):
-            settings["codegraph"] = CoDeGraph(**settings["codegraph"])
-        for name in ("lnamd_radii", "rscin"):
-            if isinstance(settings.get(name), list):
-                settings[name] = tuple(settings[name])
-        return ScoringConfig(**settings)
-    except TypeError as exc:
-        raise VolscanError(f"config 'scoring': {exc}") from None
-
-
-def score_tokens(token_sets: list[Any], method: str, scoring_config: Any) -> Scores:
+def score_tokens(token_sets: list[Any], method: str, scoring_config: "ScoringConfig") -> Scores:
     """Mutual scoring (+ CoDeGraph) of every token set against the others."""
     import torch
 
@@ -80,14 +56,3 @@ def score_tokens(token_sets: list[Any], method: str, scoring_config: Any) -> Sco
         scores.excluded_fraction = float(graph.excluded_fraction)
         scores.summary = graph.summary()
     return scores
-
-
-def plain(obj: Any) -> Any:
-    """JSON-ready copy of a dataclass config (other objects as their repr)."""
-    if hasattr(obj, "__dataclass_fields__"):
-        return {name: plain(getattr(obj, name)) for name in obj.__dataclass_fields__}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)

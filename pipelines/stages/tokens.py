@@ -12,14 +12,17 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipelines.failures import shown
-from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
-from pipelines.stages.preprocess import Prepared, checked_table
+from pipelines.plan import ClassicalFeatures
+from pipelines.stages.preprocess import Prepared
 from volumetric.errors import InputFileError, VolscanError
+
+if TYPE_CHECKING:
+    from volumetric.tokens import TokenSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +39,18 @@ class Tokens:
     files: list[Path] = dataclasses.field(default_factory=list)
 
 
-def tokenizer_options(config: ScreenConfig, kind: str, device: str | None = None) -> Any:
-    """The tokens stage's settings, checked before any work: `TokenSettings` for a ViT (the model
-    flags + the config's `tokenizer` table), the checked table for the classical tokenizer."""
-    if config.backbone == CLASSICAL_BACKBONE:
-        from volumetric.classical_tokens import ClassicalTokenizer
-
-        return checked_table(config.tokenizer, ClassicalTokenizer, set(), "tokenizer")
-    return config.token_settings(device)
-
-
 def make_tokenizer(
-    config: ScreenConfig, kind: str, device: str, options: Any, backbone: Any = None
+    tokens: "TokenSettings | ClassicalFeatures", size: int, kind: str, device: str, backbone: Any = None
 ) -> tuple[Any, dict[str, Any]]:
     """(tokenizer, its settings as cached: every token setting plus the cube/image `size`);
-    `options`: from `tokenizer_options`; `backbone`: the model the validation pass already
-    loaded (built here when None)."""
-    if config.backbone == CLASSICAL_BACKBONE:  # weights-free: no backbone, same grid, void rule and cache
+    `backbone`: the model the validation pass already loaded (built here when None)."""
+    if isinstance(tokens, ClassicalFeatures):  # weights-free: no backbone, same grid, void rule and cache
         from volumetric.classical_tokens import ClassicalTokenizer
 
-        tokenizer = ClassicalTokenizer(**options)
+        tokenizer = ClassicalTokenizer(**tokens.options)
     else:
-        tokenizer = dataclasses.replace(options, device=device).build(kind, model=backbone)
-    return tokenizer, dict(tokenizer.settings, size=config.size)
+        tokenizer = dataclasses.replace(tokens, device=device).build(kind, model=backbone)
+    return tokenizer, dict(tokenizer.settings, size=size)
 
 
 def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, settings: dict[str, Any]) -> str:
@@ -70,20 +62,21 @@ def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, sett
 
 
 def extract_tokens(
-    ids: list[str], kind: str, prepared: Prepared, config: ScreenConfig, device: str, cache_root: Path,
-    options: Any, *, compute: bool = True, backbone: Any = None,
+    ids: list[str], kind: str, prepared: Prepared, tokens: "TokenSettings | ClassicalFeatures", size: int,
+    device: str, cache_dir: Path, *, compute: bool = True, backbone: Any = None,
 ) -> Tokens:
-    """Token sets of every subject (cached or extracted); one grid for all, none all void.
+    """Token sets of every subject (cached or extracted) in the token cache `cache_dir`; one grid
+    for all, none all void; `size`: the cube edge / image side (part of the cache settings).
 
     `compute=False` extracts nothing: subjects whose tokens are not cached are an error naming them."""
     from tqdm.auto import tqdm
 
-    from pipelines.evaluate import pack_mask
+    from pipelines.evaluate import pack_mask  # loads torch and monai (see pipelines.stages)
     from volumetric.classical_tokens import describe_tokenizer
     from volumetric.token_cache import TokenCache
 
-    tokenizer, settings = make_tokenizer(config, kind, device, options, backbone)
-    cache = TokenCache(cache_root / "tokens")
+    tokenizer, settings = make_tokenizer(tokens, size, kind, device, backbone)
+    cache = TokenCache(cache_dir)
     token_sets, packed_masks, computed, missing, keys = [], [], 0, [], []
     for sid, load in zip(ids, tqdm(prepared.load, desc="tokens", unit="vol" if kind == "3d" else "img")):
         array, brain_mask = load()
@@ -92,17 +85,17 @@ def extract_tokens(
         key = token_key(cache, array, brain_mask, settings)
         keys.append(key)
         try:
-            tokens = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
+            token_set = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
         except InputFileError as exc:  # only when not computing: a damaged or misplaced entry stays
             raise VolscanError(f"{exc} (tokens of {sid}); run volscan extract with the same settings "
                                "to rebuild it") from None
-        if tokens is None and not compute:
+        if token_set is None and not compute:
             missing.append(sid)
             continue
-        if tokens is None:
-            tokens = cache.get_or_compute(key, lambda: tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array))
+        if token_set is None:
+            token_set = cache.get_or_compute(key, lambda: tokenizer(array, brain_mask) if kind == "3d" else tokenizer(array))
             computed += 1
-        token_sets.append(tokens)
+        token_sets.append(token_set)
     if missing:
         raise VolscanError(f"tokens of {len(missing)} scan(s) are not in {cache.root} (or damaged): {shown(missing)}; "
                            "run volscan extract with the same settings first")

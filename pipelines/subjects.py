@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,12 @@ class Subject:
         object.__setattr__(self, "image", Path(self.image))
         if self.label is not None:
             object.__setattr__(self, "label", Path(self.label))
+
+    def spec(self) -> Any:
+        """This scan as `preprocessing.cohort.SubjectSpec` (per-subject flags kept)."""
+        from preprocessing.cohort import SubjectSpec  # here: it loads torch, which input checks do not need
+
+        return SubjectSpec(self.image, self.registered, self.skull_stripped, self.id)
 
 
 def split_suffix(path: Path) -> tuple[str, str] | None:

@@ -1,4 +1,4 @@
-"""Stage 5 of `volscan screen`: scores to files a reader uses.
+"""Stage 5 of `volscan screen` (scan maps): scores to files a reader uses.
 
 - maps: token scores upsampled to the cube (void -> 0), then `NativeMapping.to_native` onto
   each input's own grid and kept inside the brain mask there (`pipelines.maps.native_brain_map`),
@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines.evaluate import RunElements
 from pipelines.hotspots import Hotspot, find_hotspot
-from pipelines.inputs import Subject
+from pipelines.subjects import Subject
 from pipelines.report import ScanEntry
 from pipelines.run_layout import RunLayout
 from pipelines.stages.preprocess import Prepared
@@ -44,7 +44,7 @@ def write_maps(
     from tqdm.auto import tqdm
 
     from pipelines.images2d import load_image, resize, write_float_map, write_map_pictures
-    from pipelines.inputs import nifti_grid
+    from pipelines.subjects import nifti_grid
     from pipelines.maps import native_brain_map, save_map_like, score_range, upsample_scores
 
     files: dict[str, list[str]] = {}
