@@ -20,6 +20,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pipelines.failures import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, os_error_line, sigterm_raises
+from pipelines.safe_text import printable
 from volumetric.errors import VolscanError
 
 log = logging.getLogger("volscan")
@@ -114,8 +116,6 @@ class _PrintableFormatter(logging.Formatter):
     traceback (-vv) keeps its own lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from pipelines.safe_text import printable
-
         return printable(super().formatMessage(record))
 
 
@@ -143,9 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     configure_logging(args.verbose)
-    from pipelines.failures import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, os_error_line, sigterm_raises
-    from pipelines.safe_text import printable
-
     try:
         with sigterm_raises():
             code = args._run(args)

@@ -24,14 +24,14 @@ reaches only patient AUROC 0.89 (the 18-scan demo 0.99); CoDeGraph scoring, as `
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+import pipelines.screen  # called through the module: tests stand in for `run_screen`
 from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, WarpSettings, generate_cohort
-
-if TYPE_CHECKING:
-    from pipelines.screen import ScreenResult
+from pipelines.plan import check_settings
+from pipelines.run_folder import check_output_dir, write_run_marker
+from pipelines.screen import ScreenResult
+from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,6 @@ def run_demo(out_dir: str | Path = "volscan-demo", *, backbone: str = DEMO_BACKB
     `backbone_kwargs` build smaller timm models (tests). Refuses an existing OUT unless `force`,
     and `force` only replaces a previous demo.
     """
-    from dataclasses import replace
-
-    from pipelines.run_folder import check_output_dir, write_run_marker
-    from pipelines.plan import check_settings
-    from pipelines.screen import run_screen
-    from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
-
     classical = backbone == CLASSICAL_BACKBONE
     config = ScreenConfig(method="codegraph", backbone=backbone, weights=weights if classical else weights or "random",
                           size=size, device=device, registered=True, skull_stripped=True,
@@ -93,6 +86,6 @@ def run_demo(out_dir: str | Path = "volscan-demo", *, backbone: str = DEMO_BACKB
     made = generate_cohort(out / "cohort", cohort, force=force, progress=progress)
     # Neither setting is part of step 1 of the plan (the template is resolved with the inputs).
     checked = replace(checked, config=replace(config, template=str(made.template_dir), cache=str(out / "cache")))
-    result = run_screen(made.images_dir, out / "screen", checked, labels_dir=made.labels_dir, force=force)
+    result = pipelines.screen.run_screen(made.images_dir, out / "screen", checked, labels_dir=made.labels_dir, force=force)
     write_run_marker(out, "demo")
     return DemoResult(made, result)

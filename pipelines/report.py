@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.flagging import rank_percentile
 from pipelines.json_ready import plain
 from pipelines.run_folder import atomic_write_text, atomic_write_texts
-from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
+from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV, RunLayout
 from pipelines.safe_text import csv_cell, csv_value, href
+from pipelines.viewer import ERROR_CAPTURE, viewer_html
+from pipelines.viewer2d import viewer2d_html
 from volumetric.errors import InputFileError
 
 if TYPE_CHECKING:
@@ -413,9 +416,6 @@ def _communities(graph: dict[str, Any]) -> list[str]:
 def report_html(report: Report) -> str:
     """The page a reader opens, top-down: summary (flag rule, headline metrics), metrics,
     ranking, viewer, scan panels, figures, CoDeGraph, settings as used, glossary."""
-    from pipelines.run_layout import RunLayout
-    from pipelines.viewer import ERROR_CAPTURE, viewer_html
-
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -438,8 +438,6 @@ def report_html(report: Report) -> str:
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "
                      "millimetres into the cursor box (or go to the voxel i, j, k).</p>")
     if report.viewer:
-        from pipelines.viewer2d import viewer2d_html
-
         parts += ["<h2>Viewer</h2>", (viewer_html if report.kind == "3d" else viewer2d_html)(RunLayout(Path(".")))]
     panels = [s for s in report.subjects if s.panel]
     if panels and report.kind == "3d":
@@ -506,8 +504,6 @@ def build_report(
     `maps`: the outputs stage's `MapFiles`; `rule`: the `pipelines.flagging.FlagRule` of the run.
     Settings are reported as used: defaults resolved at run time (layers, projection width,
     device, cache, template) are written with their values, paths absolute."""
-    from pipelines.flagging import rank_percentile
-
     subjects, kind, given = plan.subjects, plan.kind, plan.record
     ids = [s.id for s in subjects]
     by_id = {s.id: s for s in subjects}

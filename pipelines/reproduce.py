@@ -16,11 +16,17 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipelines.screen_config import ScreenConfig
+from pipelines.datasets import choose, find_brats_mets, find_ixi_t2, write_selection
+from pipelines.plan import build_plan, check_settings
+from pipelines.run_folder import AtomicOutputDir, atomic_write_text
+from pipelines.screen import screen_plan
+from pipelines.screen_config import ScreenConfig
+from pipelines.subjects import Subject
+from pipelines.validation import check_cohort_size
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +127,6 @@ def table_markdown(table: Mapping[str, Any]) -> str:
 def write_table(out_dir: Path, ours: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any],
                 timings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write OUT/table.json and OUT/table.md atomically; return the table dict."""
-    from pipelines.run_folder import atomic_write_text
-
     table = results_table(ours, settings, timings)
     atomic_write_text(Path(out_dir) / "table.json", json.dumps(table, indent=1))
     atomic_write_text(Path(out_dir) / "table.md", table_markdown(table))
@@ -158,7 +162,7 @@ def screen_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | Path, config: "ScreenConfig", *,
+def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | Path, config: ScreenConfig, *,
                      n_brats: int = 50, n_ixi: int = 100, seed: int = 0, brats_timepoints: str = "000",
                      brats_cases: str | Path | None = None, methods: Sequence[str] = ("codegraph", "musc"),
                      force: bool = False) -> dict[str, Any]:
@@ -168,15 +172,6 @@ def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | 
     its `method` is replaced by each entry of `methods` in turn, the runs sharing one cache so
     preprocessing and tokens are computed once.
     """
-    from dataclasses import replace
-
-    from pipelines.datasets import choose, find_brats_mets, find_ixi_t2, write_selection
-    from pipelines.run_folder import AtomicOutputDir
-    from pipelines.plan import build_plan, check_settings
-    from pipelines.screen import screen_plan
-    from pipelines.subjects import Subject
-    from pipelines.validation import check_cohort_size
-
     methods = method_list(methods)
     preprocess_keys = {str(k).replace("-", "_") for k in config.preprocess}
     if config.bias_correction is None and "bias_correction" not in preprocess_keys:

@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.run_folder import AtomicOutputDir, check_output_dir
+from pipelines.cache_files import run_usage
+from pipelines.flagging import flag_rule
 from pipelines.plan import CheckedSettings, ScreenPlan, build_plan, check_settings
+from pipelines.report import build_report, report_rows, write_run_tables
 from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig
+from pipelines.stages import preprocess, score, tokens
 from pipelines.subjects import Subject, discover_subjects
 
 log = logging.getLogger(__name__)
@@ -148,13 +152,10 @@ def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -
 def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, source: str,
                 labels_given: bool | None, compute: bool) -> ScreenResult:
     """The stages of a planned run, each timed, into `output` (see the module docstring)."""
-    # Here, not at the top: these load torch, timm, monai and matplotlib, which a settings or
-    # input error is answered without.
-    from pipelines.cache_files import run_usage
+    # Here, not at the top: these load torch, monai and matplotlib, which a settings or input
+    # error is answered without.
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
-    from pipelines.flagging import flag_rule
-    from pipelines.report import build_report, report_rows, write_run_tables
-    from pipelines.stages import preprocess, scan_maps, score, tokens
+    from pipelines.stages import scan_maps
 
     subjects = list(plan.subjects)
     if labels_given is None:

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from pipelines.choices import METHODS, listed
+from pipelines.config_schema import check_table
 from volumetric.errors import InputFileError, VolscanError
 
 # DINOv2 ViT-L/14 (the paper's backbone) as timm names it.
@@ -290,8 +291,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         try:
             settings[name] = _check_type(name, value)
             if name in _SCHEMA_TABLES:
-                from pipelines.config_schema import check_table
-
                 settings[name] = check_table(name, settings[name])
         except VolscanError as exc:
             raise InputFileError(path, str(exc)) from None

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.ids import check_id
+from pipelines.images2d import load_image
+from pipelines.labels import read_mask
 from pipelines.subjects import Subject, nifti_grid, validate_subjects
 from volumetric.errors import InputFileError, VolscanError, first_line
 
@@ -94,8 +96,6 @@ def load_backbone(name: str, weights: str | None, device: str, seed: int,
 def validate_inputs(subjects: Sequence[Subject], method: str, template: str | None) -> str:
     """The file checks of a screen run (see the module docstring, 2-4; 2D images are decoded by
     `decode_images`); returns the kind, "3d" or "2d"."""
-    from pipelines.labels import read_mask
-
     kind = validate_subjects(subjects)
     for subject in subjects:  # a bad mask fails now, not at the metrics after the compute
         if subject.label is not None:
@@ -110,8 +110,6 @@ def validate_inputs(subjects: Sequence[Subject], method: str, template: str | No
 
 def decode_images(subjects: Sequence[Subject]) -> None:
     """2D images are small: decode each now, so NaN/Inf pixels fail before the model loads."""
-    from pipelines.images2d import load_image
-
     for subject in subjects:
         load_image(subject.image)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.images2d import load_image, read_float_map, resize
+from pipelines.labels import read_mask
 from pipelines.run_layout import RunLayout
 from pipelines.viewer import COMMON_SCRIPT, write_data_scripts
 
@@ -61,9 +63,6 @@ def _display_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 def _image_data(item: ViewerImage, low: float, high: float) -> dict:
     """The three PNGs of one image, at its display size."""
-    from pipelines.images2d import load_image, read_float_map, resize
-    from pipelines.labels import read_mask
-
     image = load_image(item.image)
     shape = _display_shape(image.shape[:2])
     scores = read_float_map(item.map_path)

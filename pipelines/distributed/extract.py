@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.distributed.error_log import ErrorLog
 from pipelines.choices import EXTRACT_STAGES, listed
+from pipelines.distributed.error_log import ErrorLog, read_error_logs
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, adopt_backbone
 from pipelines.distributed.runners import LocalRunner, RayRunner, RaySettings
 from pipelines.distributed.sharding import Part
@@ -162,7 +162,6 @@ def _learn_landmarks(plan: ScanPlan, subjects: list[Subject], errors: ErrorLog, 
 
     Scans that failed in this run or in a logged spatial stage are left out (`volscan score`
     names them later); scans never run through the spatial stage are an error naming them."""
-    from pipelines.distributed.error_log import read_error_logs
     from preprocessing.cohort import preprocess_cohort
     from preprocessing.store import read_record
 

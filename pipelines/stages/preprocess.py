@@ -16,6 +16,7 @@ import numpy as np
 
 from pipelines.cache_locations import CacheLocations
 from pipelines.distributed.completeness import require_extracted
+from pipelines.images2d import load_image, resize
 from pipelines.subjects import Subject
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ def prepare(subjects: Sequence[Subject], kind: str, settings: "PreprocessSetting
     damaged ones are an error naming them, and nothing is written into the shared store."""
     size = settings.size
     if kind == "2d":
-        from pipelines.images2d import load_image, resize
-
         def image_loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:
             return lambda: (resize(load_image(path), (size, size)), None)
 

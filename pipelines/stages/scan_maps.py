@@ -16,15 +16,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from pipelines.evaluate import RunElements
+from pipelines.figures import community_figure, montage_figure, native_panel_figure
 from pipelines.hotspots import Hotspot, find_hotspot
-from pipelines.subjects import Subject
+from pipelines.images2d import load_image, read_float_map, resize, write_float_map, write_map_pictures
+from pipelines.labels import read_mask
+from pipelines.maps import native_brain_map, save_map_like, score_range, upsample_scores
 from pipelines.report import ScanEntry
 from pipelines.run_layout import RunLayout
 from pipelines.stages.preprocess import Prepared
 from pipelines.stages.score import Scores
+from pipelines.subjects import Subject, nifti_grid
+from pipelines.viewer import ViewerScan, write_viewer
+from pipelines.viewer2d import ViewerImage, write_viewer2d
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +49,6 @@ def write_maps(
     layout: RunLayout, subjects: list[Subject], elements: RunElements, prepared: Prepared, threshold: float
 ) -> MapFiles:
     """Native-grid anomaly maps of every subject and their hotspots (see the module docstring)."""
-    from tqdm.auto import tqdm
-
-    from pipelines.images2d import load_image, resize, write_float_map, write_map_pictures
-    from pipelines.subjects import nifti_grid
-    from pipelines.maps import native_brain_map, save_map_like, score_range, upsample_scores
-
     files: dict[str, list[str]] = {}
     hotspots: dict[str, Hotspot] = {}
     low, high = score_range(elements.element_scores)
@@ -81,13 +83,6 @@ def scan_panels(
 ) -> dict[str, str]:
     """{subject id: run-relative PNG} for the `top` ranked entries of the report: native-space
     panels through the hotspot (3D) or the image with its map (2D); masks outlined."""
-    import nibabel as nib
-
-    from pipelines.figures import montage_figure, native_panel_figure
-    from pipelines.images2d import load_image, read_float_map
-    from pipelines.labels import read_mask
-    from pipelines.maps import score_range
-
     by_id = {s.id: s for s in subjects}
     low, high = score_range(elements.element_scores)
     layout.figures.mkdir(exist_ok=True)
@@ -118,8 +113,6 @@ def community_graph(layout: RunLayout, scores: Scores, ids: list[str], seed: int
     """Run-relative PNG of the CoDeGraph collection graph, or None (MuSc has no graph)."""
     if scores.graph is None:
         return None
-    from pipelines.figures import community_figure
-
     path = layout.figures / "communities.png"
     layout.figures.mkdir(exist_ok=True)
     community_figure(scores.graph, scores.communities, scores.outlier_communities, ids, path, seed=seed)
@@ -132,14 +125,9 @@ def write_viewer_files(
 ) -> list[str]:
     """The offline viewer (NiiVue for 3D, `pipelines.viewer2d` for 2D) with the `limit` top-ranked
     scans plus every flagged one, in rank order; returns their ids."""
-    from pipelines.maps import score_range
-    from pipelines.viewer import ViewerScan, write_viewer
-
     by_id = {s.id: s for s in subjects}
     shown = [entry for entry in ranked if entry.rank <= limit or entry.flagged]
     if elements.kind == "2d":
-        from pipelines.viewer2d import ViewerImage, write_viewer2d
-
         items = [ViewerImage(entry.id, by_id[entry.id].image, layout.map_file(entry.id, "2d"), by_id[entry.id].label,
                              entry.rank, entry.score, entry.flagged, tuple(entry.hotspot["voxel"]))
                  for entry in shown]
