@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +131,6 @@ def check_settings(config: ScreenConfig) -> CheckedSettings:
 def _classical_options(table: dict[str, Any]) -> dict[str, Any]:
     """The `tokenizer` table as the classical tokenizer's options: a ViT-only key or an unknown
     one is refused (never silently dropped), and the values are checked by building it once."""
-    import inspect
-
     from volumetric.classical_tokens import ClassicalTokenizer
     from volumetric.tokens import TokenSettings
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.choices import METHODS
 from pipelines.datasets import choose, find_brats_mets, find_ixi_t2, write_selection
 from pipelines.plan import build_plan, check_settings
 from pipelines.run_folder import AtomicOutputDir, atomic_write_text
@@ -27,6 +28,7 @@ from pipelines.screen import screen_plan
 from pipelines.screen_config import ScreenConfig
 from pipelines.subjects import Subject
 from pipelines.validation import check_cohort_size
+from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,6 @@ def write_table(out_dir: Path, ours: Mapping[str, Mapping[str, Any]], settings: 
 
 def method_list(methods: Sequence[str]) -> list[str]:
     """Validated, de-duplicated list of methods to run."""
-    from volumetric.errors import VolscanError
-
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise VolscanError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
@@ -164,7 +164,7 @@ def screen_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_reproduction(brats_dir: str | Path, ixi_dir: str | Path, out_dir: str | Path, config: ScreenConfig, *,
                      n_brats: int = 50, n_ixi: int = 100, seed: int = 0, brats_timepoints: str = "000",
-                     brats_cases: str | Path | None = None, methods: Sequence[str] = ("codegraph", "musc"),
+                     brats_cases: str | Path | None = None, methods: Sequence[str] = METHODS,
                      force: bool = False) -> dict[str, Any]:
     """Run the experiment; write OUT/{table.md, table.json, selection.json, <method>/}; return the table.
 

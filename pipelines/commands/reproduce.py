@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.choices import METHODS, listed
+
 EXPERIMENTS = ("brats-mets-ixi",)
 
 
@@ -21,7 +23,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="regular expression for the pre-treatment timepoint suffix of BraTS case ids "
                              "(default '000': the first scan of each patient)")
     parser.add_argument("--brats-cases", help="file listing the BraTS case ids to use (replaces --brats-timepoints)")
-    parser.add_argument("--methods", nargs="+", default=["codegraph", "musc"], help="methods to score (default both)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help=f"methods to score, of {listed(METHODS)} (default both)")
     parser.add_argument("--backbone", help="timm backbone (default vit_large_patch14_dinov2.lvd142m, the paper's)")
     parser.add_argument("--weights", help="backbone weights file for offline use, or 'random' (pipeline check only)")
     parser.add_argument("--size", type=int, help="cube edge in voxels (default 224, as published)")

@@ -17,6 +17,7 @@ Stages (`--stage`), see `per_scan` for the phases:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -186,8 +187,6 @@ def _learn_landmarks(plan: ScanPlan, subjects: list[Subject], errors: ErrorLog, 
 
 def _with_landmarks(plan: ScanPlan) -> ScanPlan:
     """`plan` with the cohort's stored landmarks fixed, so each tokens job standardises its scan only."""
-    import dataclasses
-
     from preprocessing.cohort import LANDMARKS_FILE
 
     if plan.preprocess.landmarks is not None:
