@@ -180,11 +180,12 @@ def test_2d_images_extract_in_parts_and_score_as_screen(tmp_path: Path, tiny_vit
     spec = dict(tiny_vit_spec)
     config = write_config(tmp_path / "config.yaml", spec, tmp_path / "cache-screen")
     config.write_text(config.read_text(encoding="utf-8").replace("size: 28", "size: 42"), encoding="utf-8")
-    settings = [str(images), "--config", str(config), "--method", "musc"]
-    assert main(["screen", *settings, "-o", str(tmp_path / "screen")]) == 0
-    for part in ("1/2", "2/2"):
+    settings = [str(images), "--config", str(config)]
+    assert main(["screen", *settings, "--method", "musc", "-o", str(tmp_path / "screen")]) == 0
+    for part in ("1/2", "2/2"):  # extract scores nothing: it takes no --method
         assert main(["extract", *settings, "-o", str(tmp_path / "cache"), "--part", part]) == 0
-    assert main(["score", *settings, "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "run")]) == 0
+    assert main(["score", *settings, "--method", "musc", "--cache", str(tmp_path / "cache"),
+                 "-o", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "scores.csv").read_bytes() == (tmp_path / "screen" / "scores.csv").read_bytes()
 
 
