@@ -93,6 +93,7 @@ class Report:
     figures: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     viewer: list[str] = field(default_factory=list)
+    methods: str = ""  # `pipelines.methods_text.methods_paragraph`
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (what report.json holds)."""
@@ -409,6 +410,7 @@ def _communities(graph: dict[str, Any]) -> list[str]:
 def report_html(report: Report) -> str:
     """The page a reader opens, top-down: summary (flag rule, headline metrics), metrics,
     ranking, viewer, scan panels, figures, CoDeGraph, settings as used, glossary."""
+    from pipelines.methods_text import methods_html
     from pipelines.run_layout import RunLayout
     from pipelines.viewer import ERROR_CAPTURE, viewer_html
 
@@ -457,6 +459,7 @@ def report_html(report: Report) -> str:
         if "community graph" in figures:
             parts.append(f"<figure><img src='{href(figures['community graph'])}' alt='community graph'></figure>")
         parts += _communities(graph)
+    parts += methods_html(report)
     parts.append("<h2>Settings as used</h2>")
     # None left after run-time resolution means the setting does not apply to this run
     # (e.g. layers with classical features, template for 2D images).

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.bids import BidsSelection
 from pipelines.inputs import Subject
 from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig
@@ -83,16 +84,20 @@ def run_screen(
     labels_dir: str | Path | None = None,
     force: bool = False,
     compute: bool = True,
+    bids: BidsSelection | None = None,
+    exports: Sequence[str] = (),
 ) -> ScreenResult:
     """Screen every NIfTI volume (or 2D image) in `input_dir`; write the run into `out_dir`.
 
     `labels_dir`: masks with the inputs' file names (absent or empty = healthy). `compute=False`
     (`volscan score`): the per-scan stage must already be in the cache; missing scans are an error.
+    A BIDS dataset root is read by `pipelines.bids` (`bids`: suffix and participants; default
+    T1w, all). `exports`: extra output formats (`"mood"`: `pipelines.mood`).
     """
     config = config or ScreenConfig()
-    subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force)
+    subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force, bids)
     return screen_subjects(subjects, out_dir, config, force=force, source=str(Path(input_dir).resolve()),
-                           labels_given=labels_dir is not None, compute=compute)
+                           labels_given=labels_dir is not None, compute=compute, exports=exports)
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -111,15 +116,18 @@ def screen_subjects(
     source: str = "subject list",
     labels_given: bool | None = None,
     compute: bool = True,
+    exports: Sequence[str] = (),
 ) -> ScreenResult:
     """Screen an explicit subject list (per-subject flags, e.g. BraTS registered + IXI raw).
 
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
-    without a mask then count as healthy. `compute=False`: see `run_screen`.
+    without a mask then count as healthy. `compute=False`, `exports`: see `run_screen`.
     """
     from pipelines.cache_files import run_usage
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
     from pipelines.hotspots import flag_rule
+    from pipelines.methods_text import methods_paragraph, write_references
+    from pipelines.mood import check_exports, write_mood_export
     from pipelines.outputs import AtomicOutputDir
     from pipelines.report import build_report, report_rows, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
@@ -133,6 +141,7 @@ def screen_subjects(
     with timer.stage("inputs"):
         checked = inputs_stage.check_run(subjects, config)
         kind, device = checked.kind, checked.device
+        check_exports(exports, kind, subjects)  # bids/mood wiring: an unknown or 2D export refused before any work
         token_options = tokens.tokenizer_options(config, kind, device)
         scoring_config = score.scoring_options(config, device, kind)
     if labels_given is None:
@@ -157,6 +166,8 @@ def screen_subjects(
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = outputs.write_maps(layout, subjects, elements, prepared, threshold)
+        if "mood" in exports:  # bids/mood wiring: MOOD challenge files from the maps just written
+            write_mood_export(layout, subjects, elements, maps)
         report = build_report(
             subjects, kind, config, source=source, out_dir=output.out, device=device, cache_root=cache_root,
             preprocess_info=prepared.info, token_info=token_sets.info, scores=scores, maps=maps, rule=rule,
@@ -179,6 +190,8 @@ def screen_subjects(
                 report.viewer = outputs.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)
         report.timings_s = timer.seconds
+        report.methods = methods_paragraph(report)  # bids/methods wiring: paragraph + references.bib
+        write_references(work, report)
         report.cache = run_usage(cache_root, Path(prepared.info["cache"]) if kind == "3d" else None,
                                  token_sets.files)
         write_run_tables(work, report)

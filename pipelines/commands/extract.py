@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.commands.screen import SETTINGS, add_settings_arguments
+from pipelines.commands.screen import SETTINGS, add_bids_arguments, add_settings_arguments
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `volscan extract`."""
-    parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif)")
+    parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif), "
+                        "or a BIDS dataset root")
     parser.add_argument("-o", "--cache", metavar="DIR", help="the shared cache to fill (default $VOLSCAN_CACHE_DIR "
                         "or ~/.cache/volscan); give the same one to volscan score")
+    add_bids_arguments(parser.add_argument_group("BIDS input"))
     add_settings_arguments(parser)
     parser.add_argument("--part", metavar="I/N", default="1/1",
                         help="only part I of N (1 <= I <= N) of the scans sorted by id, e.g. $SLURM_ARRAY_TASK_ID/100")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.distributed.extract import ExtractSettings, run_extract
     from pipelines.distributed.runners import RaySettings
     from pipelines.distributed.sharding import Part
-    from pipelines.inputs import discover_subjects
+    from pipelines.bids import cohort_subjects
+    from pipelines.commands.screen import bids_selection
     from pipelines.safe_text import printable
     from pipelines.screen_config import resolve_config
     from pipelines.validation import check_settings
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_scan=args.ray_gpus_per_scan, max_retries=args.ray_max_retries, local_cpus=args.ray_local_cpus,
         )
     settings = ExtractSettings(part=Part.parse(args.part), stage=args.stage, ray=ray)
-    subjects, _ = discover_subjects(args.input, None, registered=config.registered, skull_stripped=config.skull_stripped)
+    subjects = cohort_subjects(args.input, bids_selection(args), None, registered=config.registered,
+                               skull_stripped=config.skull_stripped)  # plain folder or BIDS root (pipelines.bids)
     result = run_extract(subjects, config, settings)
     from pipelines.cache_files import folder_bytes, human_bytes
 

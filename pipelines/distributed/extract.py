@@ -46,6 +46,7 @@ class ExtractSettings:
     stage: str = "all"
     ray: RaySettings | None = None
     progress: bool = True
+    ids: frozenset[str] | None = None  # only these scans of the part (`volscan bids --participant-label`)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -97,13 +98,15 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
                     preprocess=preprocess, token_options=tokenizer_options(config, kind))
     part, stage = settings.part, settings.stage
     fixed_landmarks = kind == "3d" and preprocess.landmarks is not None
-    if kind == "3d" and stage == "all" and not part.whole and not fixed_landmarks:
+    if kind == "3d" and stage == "all" and not (part.whole and settings.ids is None) and not fixed_landmarks:
         raise VolscanError(
             f"--part {part.index}/{part.count} with learned Nyúl landmarks needs three steps: --stage spatial for "
             "every part, then --stage landmarks once, then --stage tokens for every part (or fix the landmarks: "
             "config preprocess: {landmarks: FILE})"
         )
     chosen = set(part.select(s.id for s in subjects))
+    if settings.ids is not None:
+        chosen &= settings.ids
     mine = [s for s in subjects if s.id in chosen]
     folder = extract_folder(subjects, config, cache_root)
     # One log per stage and part: a later stage's run must not erase an earlier stage's failures.

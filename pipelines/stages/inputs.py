@@ -6,26 +6,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.inputs import Subject, discover_subjects
+from pipelines.bids import BidsSelection, bids_protected, cohort_subjects, is_bids_root
+from pipelines.inputs import Subject
 from pipelines.outputs import check_output_dir
 from pipelines.screen_config import ScreenConfig
 from pipelines.validation import CheckedScreen
 
 
 def find_subjects(
-    input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool
+    input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool,
+    bids: BidsSelection | None = None,
 ) -> list[Subject]:
     """The subjects of `input_dir` (masks from `labels_dir`), after refusing bad settings
-    (`pipelines.validation.check_settings`: a typo is the first error) and a bad OUT."""
+    (`pipelines.validation.check_settings`: a typo is the first error) and a bad OUT. A BIDS
+    dataset root (or any input with `bids` given) is read by `pipelines.bids`."""
     from pipelines.validation import check_settings
 
     check_settings(config)  # cheap and repeated by `check_run`: here it comes before OUT and the inputs
-    protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
+    bids_input = bids is not None or is_bids_root(input_dir)  # BIDS input (pipelines.bids)
+    # A BIDS root's own `derivatives/` folder is where outputs belong: protect its participants.
+    inputs = bids_protected(input_dir) if bids_input else (Path(input_dir),)
+    protected = inputs + ((Path(labels_dir),) if labels_dir is not None else ())
     check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
-    subjects, _ = discover_subjects(
-        input_dir, labels_dir, registered=config.registered, skull_stripped=config.skull_stripped
-    )
-    return subjects
+    return cohort_subjects(input_dir, bids, labels_dir, registered=config.registered,
+                           skull_stripped=config.skull_stripped)
 
 
 def check_run(subjects: Sequence[Subject], config: ScreenConfig) -> CheckedScreen:
