@@ -5,103 +5,31 @@ feature description with the weights' identity), so the paragraph says what was 
 what the defaults would have done: registration and skull stripping only when volscan did them,
 N4 only when it ran, the template by name (SRI-24 only when it is the bundled atlas), the
 backbone and its weights file hash or "classical" features. The paragraph cites BibTeX keys
-of `REFERENCES`; `references.bib` holds the entries it cites.
+of `methods_references.bib`; the run's `references.bib` holds the entries it cites.
 """
 
 from __future__ import annotations
 
 import html
+import re
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 REFERENCES_BIB = "references.bib"
 
-# BibTeX entries, from each paper's published record (journal, volume, pages, DOI or arXiv id).
-REFERENCES: dict[str, str] = {
-    "rohlfing2010sri24": """@article{rohlfing2010sri24,
-  author  = {Rohlfing, Torsten and Zahr, Natalie M. and Sullivan, Edith V. and Pfefferbaum, Adolf},
-  title   = {The {SRI24} multichannel atlas of normal adult human brain structure},
-  journal = {Human Brain Mapping},
-  volume  = {31},
-  number  = {5},
-  pages   = {798--819},
-  year    = {2010},
-  doi     = {10.1002/hbm.20906}
-}""",
-    "nyul2000standardization": """@article{nyul2000standardization,
-  author  = {Ny{\\'u}l, L{\\'a}szl{\\'o} G. and Udupa, Jayaram K. and Zhang, Xuan},
-  title   = {New variants of a method of {MRI} scale standardization},
-  journal = {IEEE Transactions on Medical Imaging},
-  volume  = {19},
-  number  = {2},
-  pages   = {143--150},
-  year    = {2000},
-  doi     = {10.1109/42.836373}
-}""",
-    "tustison2010n4": """@article{tustison2010n4,
-  author  = {Tustison, Nicholas J. and Avants, Brian B. and Cook, Philip A. and Zheng, Yuanjie and Egan, Alexander
-             and Yushkevich, Paul A. and Gee, James C.},
-  title   = {{N4ITK}: Improved {N3} Bias Correction},
-  journal = {IEEE Transactions on Medical Imaging},
-  volume  = {29},
-  number  = {6},
-  pages   = {1310--1320},
-  year    = {2010},
-  doi     = {10.1109/TMI.2010.2046908}
-}""",
-    "isensee2019hdbet": """@article{isensee2019hdbet,
-  author  = {Isensee, Fabian and Schell, Marianne and Pflueger, Irada and Brugnara, Gianluca and Bonekamp, David
-             and Neuberger, Ulf and Wick, Antje and Schlemmer, Heinz-Peter and Heiland, Sabine and Wick, Wolfgang
-             and Bendszus, Martin and Maier-Hein, Klaus H. and Kickingereder, Philipp},
-  title   = {Automated brain extraction of multisequence {MRI} using artificial neural networks},
-  journal = {Human Brain Mapping},
-  volume  = {40},
-  number  = {17},
-  pages   = {4952--4964},
-  year    = {2019},
-  doi     = {10.1002/hbm.24750}
-}""",
-    "fisch2024deepbet": """@article{fisch2024deepbet,
-  author  = {Fisch, Lukas and Zumdick, Stefan and Barkhau, Carlotta and Emden, Daniel and Ernsting, Jan
-             and Leenings, Ramona and Sarink, Kelvin and Winter, Nils R. and Risse, Benjamin and Dannlowski, Udo
-             and Hahn, Tim},
-  title   = {deepbet: Fast brain extraction of {T1}-weighted {MRI} using Convolutional Neural Networks},
-  journal = {Computers in Biology and Medicine},
-  volume  = {179},
-  pages   = {108845},
-  year    = {2024},
-  doi     = {10.1016/j.compbiomed.2024.108845}
-}""",
-    "oquab2024dinov2": """@article{oquab2024dinov2,
-  author  = {Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and Vo, Huy and Szafraniec, Marc
-             and Khalidov, Vasil and Fernandez, Pierre and Haziza, Daniel and Massa, Francisco and El-Nouby, Alaaeldin
-             and Assran, Mahmoud and Ballas, Nicolas and Galuba, Wojciech and Howes, Russell and Huang, Po-Yao
-             and Li, Shang-Wen and Misra, Ishan and Rabbat, Michael and Sharma, Vasu and Synnaeve, Gabriel
-             and Xu, Hu and J{\\'e}gou, Herv{\\'e} and Mairal, Julien and Labatut, Patrick and Joulin, Armand
-             and Bojanowski, Piotr},
-  title   = {{DINOv2}: Learning Robust Visual Features without Supervision},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2024},
-  eprint  = {2304.07193},
-  archivePrefix = {arXiv}
-}""",
-    "li2024musc": """@inproceedings{li2024musc,
-  author    = {Li, Xurui and Huang, Ziming and Xue, Feng and Zhou, Yu},
-  title     = {{MuSc}: Zero-Shot Industrial Anomaly Classification and Segmentation with Mutual Scoring of the
-               Unlabeled Images},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024},
-  eprint    = {2401.16753},
-  archivePrefix = {arXiv}
-}""",
-    "legia2025codegraph": """@article{legia2025codegraph,
-  author  = {Le-Gia, Tai and Ahn, Jaehyun},
-  title   = {On the Problem of Consistent Anomalies in Zero-Shot Industrial Anomaly Detection},
-  journal = {Transactions on Machine Learning Research},
-  year    = {2025}
-}""",
-}
+# The BibTeX entries, from each paper's published record, in a data file beside this module.
+REFERENCES_FILE = Path(__file__).with_name("methods_references.bib")
+
+
+@lru_cache(maxsize=1)
+def references() -> dict[str, str]:
+    """{BibTeX key: entry} of `methods_references.bib`, in file order."""
+    text = REFERENCES_FILE.read_text(encoding="utf-8")
+    entries = re.split(r"\n(?=@)", text[text.index("@"):])
+    return {re.match(r"@\w+\{([^,]+),", entry).group(1): entry.strip() for entry in entries}
+
 
 # Brain extractor (settings' `brain_mask_used`) -> (words, BibTeX key or None).
 EXTRACTORS: dict[str, tuple[str, str | None]] = {
@@ -219,15 +147,15 @@ def methods_paragraph(report: Any) -> str:
 
 
 def cited_keys(paragraph: str) -> list[str]:
-    """The BibTeX keys a paragraph cites, in `REFERENCES` order."""
-    return [key for key in REFERENCES if key in paragraph]
+    """The BibTeX keys a paragraph cites, in `methods_references.bib` order."""
+    return [key for key in references() if key in paragraph]
 
 
 def write_references(folder: Path, report: Any) -> Path:
     """`folder/references.bib` with the entries the report's methods paragraph cites."""
     from volumetric.atomic_files import atomic_write_bytes
 
-    text = "\n\n".join(REFERENCES[key] for key in cited_keys(report.methods)) + "\n"
+    text = "\n\n".join(references()[key] for key in cited_keys(report.methods)) + "\n"
     return atomic_write_bytes(Path(folder) / REFERENCES_BIB, text.encode("utf-8"))
 
 
