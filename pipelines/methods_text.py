@@ -131,7 +131,8 @@ def methods_paragraph(report: Any) -> str:
     three_d = report.kind == "3d"
     what = "volumes" if three_d else "images"
     sentences = [f"Anomaly screening of {report.n_subjects} {what} was done with volscan {report.volscan_version} "
-                 f"(PyTorch {_version('torch')}), training-free and without labels."]
+                 f"(PyTorch {_version('torch')}), training-free and label-free (masks, when given, only measure the "
+                 "result)."]
     if three_d:
         sentences += _preprocessing(report, keys)
     else:

@@ -110,7 +110,8 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
     mine = [s for s in subjects if s.id in chosen]
     folder = extract_folder(subjects, config, cache_root)
     # One log per stage and part: a later stage's run must not erase an earlier stage's failures.
-    log_name = {"all": part.label, "landmarks": "landmarks"}.get(stage, f"{stage}-{part.label}")
+    label = part.label if settings.ids is None else f"{part.label}-ids-{_ids_tag(settings.ids)}"
+    log_name = {"all": label, "landmarks": "landmarks"}.get(stage, f"{stage}-{label}")
     errors = ErrorLog(folder / f"errors-{log_name}.jsonl")
     result = ExtractResult(kind=kind, scans=[s.id for s in mine], failed=[], computed=0,
                            error_log=errors.path, cache_root=cache_root)
@@ -144,6 +145,13 @@ def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: Ext
 
         mark_used(plan.store)  # the store's last use, for `volscan cache prune --older-than`
     return result
+
+
+def _ids_tag(ids: frozenset[str]) -> str:
+    """A short name for a set of scan ids (runs for different participants log apart)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:12]
 
 
 def _run_phase(runner: Any, plan: ScanPlan, subjects: list[Subject], phase: str, errors: ErrorLog,
