@@ -183,9 +183,9 @@ def find_scans(root: str | Path, selection: BidsSelection) -> list[BidsScan]:
     _read_description(root)
     scans: dict[str, BidsScan] = {}
     for folder, subject, session in _anat_folders(root, selection.participants):
-        candidates = [p for p in sorted(folder.glob(f"*_{selection.suffix}.nii*")) if p.is_file()
-                      and p.name.endswith(tuple(f"_{selection.suffix}{e}" for e in EXTENSIONS))] if folder.is_dir() else []
-        for path in candidates:
+        endings = tuple(f"_{selection.suffix}{e}" for e in EXTENSIONS)
+        candidates = sorted(folder.glob(f"*_{selection.suffix}.nii*")) if folder.is_dir() else []
+        for path in (p for p in candidates if p.is_file() and p.name.endswith(endings)):
             entities, suffix, _ = parse_name(path)
             if entities["sub"] != subject or entities.get("ses") != session:
                 where = f"sub-{subject}" + (f"/ses-{session}" if session else "")

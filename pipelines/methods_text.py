@@ -117,7 +117,8 @@ def _scoring(report: Any, keys: list[str]) -> str:
     mutual = (f"Every token was scored by mutual scoring {_cite(keys, 'li2024musc')} against the tokens of every "
               f"other scan" + (f" (LNAMD aggregation radii {', '.join(map(str, radii))})" if radii else ""))
     if report.summary.get("method") == "musc":
-        return mutual + f", keeping the mean of the lowest fraction f = {scoring.get('musc_top_fraction')} of distances."
+        return mutual + (f", averaging the lowest fraction f = {scoring.get('musc_top_fraction')} of each token's "
+                         "distances.")
     graph = scoring.get("codegraph") or {}
     return (mutual + f"; CoDeGraph {_cite(keys, 'legia2025codegraph')} then excluded the tokens of scans sharing a "
             f"consistent anomaly from each other's references (f = {graph.get('top_fraction')}, reference fraction "

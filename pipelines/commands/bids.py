@@ -33,7 +33,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--histogram-bins", type=int, help="bins of the streaming voxel AUROC (default 65536)")
     group.add_argument("--viewer-scans", type=int, metavar="N", help="scans in the report's viewer (default 20)")
     group.add_argument("--export", action="append", choices=EXPORTS, default=[],
-                       help="also write the MOOD challenge files into the run folder (OUTPUT_DIR/volscan/<suffix>/mood)")
+                       help="also write the MOOD challenge files into the run folder "
+                       "(OUTPUT_DIR/volscan/<suffix>/mood)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     selection = BidsSelection(args.bids_suffix or "T1w", tuple(args.participant_label or ()))
     if args.analysis_level == "participant":
         result = run_participant(args.bids_dir, args.output_dir, config, selection, stage=args.stage)
-        print(f"participant level ({args.stage}): {len(result.scans)} scan(s), {result.computed} token set(s) computed, "
-              f"{len(result.failed)} failed; cache: {result.cache_root}")
+        print(f"participant level ({args.stage}): {len(result.scans)} scan(s), {result.computed} token set(s) "
+              f"computed, {len(result.failed)} failed; cache: {result.cache_root}")
         if result.failed:
             print(printable(f"{len(result.failed)} scan(s) failed, e.g. {result.failed[0].id}: "
                             f"{result.failed[0].error}; error log: {result.error_log}"))
