@@ -8,10 +8,13 @@ choice is added once, in the package that owns the option: preprocessing's in
 from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
 from volumetric.choices import PRECISIONS
 
-__all__ = ["BIAS_CORRECTIONS", "EXTRACT_STAGES", "MASK_METHODS", "METHODS", "PRECISIONS", "listed"]
+__all__ = ["BIAS_CORRECTIONS", "BIDS_SUFFIXES", "EXPORTS", "EXTRACT_STAGES", "MASK_METHODS", "METHODS", "PRECISIONS",
+           "listed"]
 
 METHODS = ("codegraph", "musc")  # scoring methods (`volumetric.engine.score_collections`)
 EXTRACT_STAGES = ("all", "spatial", "landmarks", "tokens")  # `volscan extract --stage`
+BIDS_SUFFIXES = ("T1w", "T2w", "FLAIR")  # `--bids-suffix` (`pipelines.bids`)
+EXPORTS = ("mood",)  # `--export` (`pipelines.mood`)
 
 
 def listed(choices: tuple[str, ...]) -> str:

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "screen": ("screen", "score a folder of volumes/images; write ranks, maps and a report"),
     "extract": ("extract", "per-scan stage only (preprocess + tokens) into the cache; --part i/n, --ray"),
     "score": ("score", "group stage only: screen from tokens cached by extract (computes no tokens)"),
+    "bids": ("bids", "BIDS App: bids_dir output_dir participant|group, writing BIDS Derivatives"),
     "evaluate": ("evaluate", "recompute metrics of an existing screen run against labels"),
     "preprocess": ("preprocess", "register, mask, crop, resize and standardise a folder of NIfTI volumes"),
     "template": ("template", "locate or fetch the SRI-24 template"),

@@ -85,6 +85,7 @@ def save_map_like(array: np.ndarray, reference: str | Path, path: str | Path) ->
     image = nib.Nifti1Image(data, ref.affine, header=header)
     image.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
     image.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
-    with atomic_path(path, suffix=".tmp.nii.gz") as tmp:
+    # nibabel compresses by the name's extension: the temporary keeps the target's (.nii or .nii.gz).
+    with atomic_path(path, suffix=".tmp.nii" if str(path).endswith(".nii") else ".tmp.nii.gz") as tmp:
         nib.save(image, tmp)
     return Path(path)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.flagging import rank_percentile
 from pipelines.json_ready import plain
+from pipelines.methods_text import methods_html
 from pipelines.run_folder import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV, RunLayout
 from pipelines.safe_text import csv_cell, csv_value, href
@@ -100,6 +101,7 @@ class Report:
     figures: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     viewer: list[str] = field(default_factory=list)
+    methods: str = ""  # `pipelines.methods_text.methods_paragraph`
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (what report.json holds)."""
@@ -459,6 +461,7 @@ def report_html(report: Report) -> str:
         if "community graph" in figures:
             parts.append(f"<figure><img src='{href(figures['community graph'])}' alt='community graph'></figure>")
         parts += _communities(graph)
+    parts += methods_html(report)
     parts.append("<h2>Settings as used</h2>")
     # None left after run-time resolution means the setting does not apply to this run
     # (e.g. layers with classical features, template for 2D images).

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.run_folder import AtomicOutputDir, check_output_dir
+from pipelines.bids import BidsSelection, bids_protected, cohort_subjects, is_bids_root
 from pipelines.cache_files import run_usage
 from pipelines.flagging import flag_rule
+from pipelines.methods_text import methods_paragraph, write_references
+from pipelines.mood import check_exports, write_mood_export
 from pipelines.plan import CheckedSettings, ScreenPlan, build_plan, check_settings
 from pipelines.report import build_report, report_rows, write_run_tables
+from pipelines.run_folder import AtomicOutputDir, check_output_dir
 from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig
 from pipelines.stages import preprocess, score, tokens
-from pipelines.subjects import Subject, discover_subjects
+from pipelines.subjects import Subject
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +85,28 @@ def run_screen(
     labels_dir: str | Path | None = None,
     force: bool = False,
     compute: bool = True,
+    bids: BidsSelection | None = None,
+    exports: Sequence[str] = (),
 ) -> ScreenResult:
     """Screen every NIfTI volume (or 2D image) in `input_dir`; write the run into `out_dir`.
 
     `config`: the settings, or settings already checked (`pipelines.plan.check_settings`).
     `labels_dir`: masks with the inputs' file names (absent or empty = healthy). `compute=False`
     (`volscan score`): the per-scan stage must already be in the cache; missing scans are an error.
+    A BIDS dataset root is read by `pipelines.bids` (`bids`: suffix and participants; default
+    T1w, all). `exports`: extra output formats (`"mood"`: `pipelines.mood`).
     """
     # A settings typo is the first error, before OUT and the inputs are looked at.
     checked = config if isinstance(config, CheckedSettings) else check_settings(config or ScreenConfig())
-    protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
+    bids_input = bids is not None or is_bids_root(input_dir)
+    # A BIDS root's own `derivatives/` folder is where outputs belong: protect its participants.
+    inputs = bids_protected(input_dir) if bids_input else (Path(input_dir),)
+    protected = inputs + ((Path(labels_dir),) if labels_dir is not None else ())
     check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
-    subjects, _ = discover_subjects(input_dir, labels_dir, registered=checked.config.registered,
-                                    skull_stripped=checked.config.skull_stripped)
+    subjects = cohort_subjects(input_dir, bids, labels_dir, registered=checked.config.registered,
+                               skull_stripped=checked.config.skull_stripped)
     return _screen(subjects, out_dir, checked, force=force, source=str(Path(input_dir).resolve()),
-                   labels_given=labels_dir is not None, compute=compute)
+                   labels_given=labels_dir is not None, compute=compute, exports=exports)
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -109,38 +119,45 @@ def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
 def screen_subjects(
     subjects: Sequence[Subject],
     out_dir: str | Path,
-    config: ScreenConfig,
+    config: ScreenConfig | CheckedSettings,
     *,
     force: bool = False,
     source: str = "subject list",
     labels_given: bool | None = None,
     compute: bool = True,
+    exports: Sequence[str] = (),
 ) -> ScreenResult:
     """Screen an explicit subject list (per-subject flags, e.g. BraTS registered + IXI raw).
 
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
-    without a mask then count as healthy. `compute=False`: see `run_screen`.
+    without a mask then count as healthy. `compute=False`, `exports`: see `run_screen`.
     """
-    checked = check_settings(config)  # a settings typo is the first error, before OUT is looked at
-    return _screen(subjects, out_dir, checked, force=force, source=source, labels_given=labels_given, compute=compute)
+    # A settings typo is the first error, before OUT is looked at.
+    checked = config if isinstance(config, CheckedSettings) else check_settings(config)
+    return _screen(subjects, out_dir, checked, force=force, source=source, labels_given=labels_given, compute=compute,
+                   exports=exports)
 
 
 def _screen(subjects: Sequence[Subject], out_dir: str | Path, checked: CheckedSettings, *, force: bool, source: str,
-            labels_given: bool | None, compute: bool) -> ScreenResult:
+            labels_given: bool | None, compute: bool, exports: Sequence[str]) -> ScreenResult:
     """The run of `screen_subjects` once its settings are checked: OUT, the plan, then the stages."""
     output = _output_dir(subjects, out_dir, force)
     timer = _Timer()
     with timer.stage("inputs"):
         plan = build_plan(subjects, checked)
-    return _run_stages(plan, output, timer, source=source, labels_given=labels_given, compute=compute)
+        check_exports(exports, plan.kind, subjects)  # an unknown or 2D export refused before any work
+    return _run_stages(plan, output, timer, source=source, labels_given=labels_given, compute=compute,
+                       exports=exports)
 
 
 def screen_plan(plan: ScreenPlan, out_dir: str | Path, *, force: bool = False, source: str = "subject list",
-                labels_given: bool | None = None, compute: bool = True) -> ScreenResult:
+                labels_given: bool | None = None, compute: bool = True,
+                exports: Sequence[str] = ()) -> ScreenResult:
     """Screen a run already planned (`pipelines.plan.build_plan`; e.g. one plan, several methods);
     the arguments as for `screen_subjects`."""
+    check_exports(exports, plan.kind, plan.subjects)
     return _run_stages(plan, _output_dir(plan.subjects, out_dir, force), _Timer(), source=source,
-                       labels_given=labels_given, compute=compute)
+                       labels_given=labels_given, compute=compute, exports=exports)
 
 
 def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -> AtomicOutputDir:
@@ -150,7 +167,7 @@ def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -
 
 
 def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, source: str,
-                labels_given: bool | None, compute: bool) -> ScreenResult:
+                labels_given: bool | None, compute: bool, exports: Sequence[str]) -> ScreenResult:
     """The stages of a planned run, each timed, into `output` (see the module docstring)."""
     # Here, not at the top: these load torch, monai and matplotlib, which a settings or input
     # error is answered without.
@@ -179,6 +196,8 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = scan_maps.write_maps(layout, subjects, elements, prepared, threshold)
+        if "mood" in exports:  # bids/mood wiring: MOOD challenge files from the maps just written
+            write_mood_export(layout, subjects, elements, maps)
         report = build_report(
             plan, source=source, out_dir=output.out, preprocess_info=prepared.info, token_info=token_sets.info,
             scores=scores, maps=maps, rule=rule,
@@ -201,6 +220,8 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
                 report.viewer = scan_maps.write_viewer_files(layout, report.subjects, subjects, elements,
                                                               threshold, settings.viewer_scans)
         report.timings_s = timer.seconds
+        report.methods = methods_paragraph(report)
+        write_references(work, report)
         report.cache = run_usage(plan.cache.root, Path(prepared.info["cache"]) if kind == "3d" else None,
                                  token_sets.files)
         write_run_tables(work, report)

@@ -23,7 +23,7 @@ PACKAGES = ("pipelines", "volumetric", "preprocessing")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipelines.cli",),
     ("pipelines.commands",),
-    ("pipelines.demo", "pipelines.reproduce"),
+    ("pipelines.demo", "pipelines.reproduce", "pipelines.bids_app"),
     ("pipelines.screen", "pipelines.distributed.extract"),
     ("pipelines.distributed.runners", "pipelines.distributed.reaper"),
     ("pipelines.distributed.per_scan",),

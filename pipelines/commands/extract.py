@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from pipelines.choices import EXTRACT_STAGES
-from pipelines.commands.screen import SCORING, SETTINGS, add_settings_arguments
+from pipelines.commands.screen import SCORING, SETTINGS, add_bids_arguments, add_settings_arguments
 
 
 class _ScoringOnly(argparse.Action):
@@ -26,9 +26,11 @@ class _ScoringOnly(argparse.Action):
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `volscan extract`."""
-    parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif)")
+    parser.add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images (.png/.jpg/.tif), "
+                        "or a BIDS dataset root")
     parser.add_argument("-o", "--cache", metavar="DIR", help="the shared cache to fill (default $VOLSCAN_CACHE_DIR "
                         "or ~/.cache/volscan); give the same one to volscan score")
+    add_bids_arguments(parser.add_argument_group("BIDS input"))
     add_settings_arguments(parser, scoring=False)  # extract scores nothing: no --method, no --window
     for flag in SCORING:
         parser.add_argument(f"--{flag}", action=_ScoringOnly, help=argparse.SUPPRESS)
@@ -56,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.distributed.extract import ExtractSettings, extract_planned
     from pipelines.distributed.runners import RaySettings
     from pipelines.distributed.sharding import Part
+    from pipelines.bids import cohort_subjects
+    from pipelines.commands.screen import bids_selection
     from pipelines.plan import build_plan, check_settings
     from pipelines.safe_text import printable
     from pipelines.screen_config import resolve_config
-    from pipelines.subjects import discover_subjects
 
     config = resolve_config(args.config, cache=args.cache, **{name: getattr(args, name) for name in SETTINGS})
     checked = check_settings(config)  # before the input folder is read: a typo is the first error
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_scan=args.ray_gpus_per_scan, max_retries=args.ray_max_retries, local_cpus=args.ray_local_cpus,
         )
     settings = ExtractSettings(part=Part.parse(args.part), stage=args.stage, ray=ray)
-    subjects, _ = discover_subjects(args.input, None, registered=config.registered, skull_stripped=config.skull_stripped)
+    subjects = cohort_subjects(args.input, bids_selection(args), None, registered=config.registered,
+                               skull_stripped=config.skull_stripped)  # plain folder or BIDS root (pipelines.bids)
     result = extract_planned(build_plan(sorted(subjects, key=lambda s: s.id), checked), settings)
     from pipelines.cache_files import folder_bytes, human_bytes
 

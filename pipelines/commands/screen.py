@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from pipelines.choices import BIAS_CORRECTIONS, MASK_METHODS, METHODS, PRECISIONS, listed
+from pipelines.choices import BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, MASK_METHODS, METHODS, PRECISIONS, listed
 from pipelines.screen_config import DEFAULT_BACKBONE
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
@@ -40,9 +40,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `volscan screen`, grouped as `--help` shows them."""
     groups = _groups(parser)
     groups["inputs"].add_argument("input", help="folder of NIfTI volumes (.nii/.nii.gz) or of 2D images "
-                                  "(.png/.jpg/.tif)")
+                                  "(.png/.jpg/.tif), or a BIDS dataset root")
     groups["inputs"].add_argument("--labels", metavar="DIR",
                                   help="masks with the inputs' file names (absent/empty = healthy); adds metrics")
+    add_bids_arguments(groups["inputs"])
     add_settings_arguments(parser)
     out = groups["outputs"]
     out.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
@@ -53,8 +54,27 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--viewer-scans", type=int, metavar="N", help="scans in the report's interactive viewer: the N "
                      "top-ranked plus every flagged one (default 20; 0 = no viewer)")
     out.add_argument("--force", action="store_true", help="replace a previous screen output folder")
+    out.add_argument("--export", action="append", choices=EXPORTS, default=[],
+                     help="also write OUT/mood/: per-scan score and map in [0, 1] as the MOOD challenge reads them")
     groups["compute"].add_argument("--cache", metavar="DIR", help="cache of preprocessed cubes and tokens "
                                    "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")
+
+
+def add_bids_arguments(group: argparse._ArgumentGroup) -> None:
+    """The BIDS input selection (`pipelines.bids`), shared with `volscan bids`."""
+    group.add_argument("--bids-suffix", choices=BIDS_SUFFIXES, help="BIDS input: the scans' suffix (default T1w)")
+    group.add_argument("--participant-label", nargs="+", metavar="LABEL",
+                       help="BIDS input: only these participants (with or without 'sub-'; default all)")
+
+
+def bids_selection(args: argparse.Namespace) -> Any:
+    """The `BidsSelection` of the flags, or None when neither is given (plain folders, or a BIDS
+    root read with its defaults)."""
+    from pipelines.bids import BidsSelection
+
+    if args.bids_suffix is None and not args.participant_label:
+        return None
+    return BidsSelection(args.bids_suffix or "T1w", tuple(args.participant_label or ()))
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, scoring: bool = True) -> None:
@@ -110,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.screen_config import resolve_config
 
     config = resolve_config(args.config, **{name: getattr(args, name) for name in OVERRIDES})
-    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force)
+    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force,
+                        bids=bids_selection(args), exports=args.export)
     return print_result(result)
 
 

@@ -46,6 +46,7 @@ class ExtractSettings:
     stage: str = "all"
     ray: RaySettings | None = None
     progress: bool = True
+    ids: frozenset[str] | None = None  # only these scans of the part (`volscan bids --participant-label`)
 
     def __post_init__(self) -> None:
         if self.stage not in EXTRACT_STAGES:
@@ -93,16 +94,19 @@ def extract_planned(screen: ScreenPlan, settings: ExtractSettings = ExtractSetti
     plan = scan_plan(screen)
     part, stage = settings.part, settings.stage
     fixed_landmarks = kind == "3d" and plan.preprocess.landmarks is not None
-    if kind == "3d" and stage == "all" and not part.whole and not fixed_landmarks:
+    if kind == "3d" and stage == "all" and not (part.whole and settings.ids is None) and not fixed_landmarks:
         raise VolscanError(
             f"--part {part.index}/{part.count} with learned Nyúl landmarks needs three steps: --stage spatial for "
             "every part, then --stage landmarks once, then --stage tokens for every part (or fix the landmarks: "
             "config preprocess: {landmarks: FILE})"
         )
     chosen = set(part.select(s.id for s in subjects))
+    if settings.ids is not None:
+        chosen &= settings.ids
     mine = [s for s in subjects if s.id in chosen]
     # One log per stage and part: a later stage's run must not erase an earlier stage's failures.
-    log_name = {"all": part.label, "landmarks": "landmarks"}.get(stage, f"{stage}-{part.label}")
+    label = part.label if settings.ids is None else f"{part.label}-ids-{_ids_tag(settings.ids)}"
+    log_name = {"all": label, "landmarks": "landmarks"}.get(stage, f"{stage}-{label}")
     errors = ErrorLog(plan.cache.extract_logs / f"errors-{log_name}.jsonl")
     result = ExtractResult(kind=kind, scans=[s.id for s in mine], failed=[], computed=0,
                            error_log=errors.path, cache_root=plan.cache.root)
@@ -136,6 +140,13 @@ def extract_planned(screen: ScreenPlan, settings: ExtractSettings = ExtractSetti
 
         mark_used(plan.cache.store)  # the store's last use, for `volscan cache prune --older-than`
     return result
+
+
+def _ids_tag(ids: frozenset[str]) -> str:
+    """A short name for a set of scan ids (runs for different participants log apart)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:12]
 
 
 def _run_phase(runner: Any, plan: ScanPlan, subjects: list[Subject], phase: str, errors: ErrorLog,
