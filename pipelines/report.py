@@ -93,6 +93,7 @@ class Report:
     figures: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     viewer: list[str] = field(default_factory=list)
+    reference: dict[str, Any] | None = None  # `--reference` runs: `pipelines.reference.ReferenceRun.annotate`
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (what report.json holds)."""
@@ -409,6 +410,7 @@ def _communities(graph: dict[str, Any]) -> list[str]:
 def report_html(report: Report) -> str:
     """The page a reader opens, top-down: summary (flag rule, headline metrics), metrics,
     ranking, viewer, scan panels, figures, CoDeGraph, settings as used, glossary."""
+    from pipelines.reference import reference_html
     from pipelines.run_layout import RunLayout
     from pipelines.viewer import ERROR_CAPTURE, viewer_html
 
@@ -429,6 +431,7 @@ def report_html(report: Report) -> str:
                              if not isinstance(v, (dict, list))], ["metric", "value"]))
         parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
     parts += ["<h2>Ranking</h2>", f"<div class='scroll'>{_ranking(report)}</div>"]
+    parts += reference_html(report.reference)  # --reference: both cohorts apart
     if report.kind == "3d":
         parts.append("<p class='small'>To look in ITK-SNAP or 3D Slicer: open the scan, add its map "
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "

@@ -83,16 +83,18 @@ def run_screen(
     labels_dir: str | Path | None = None,
     force: bool = False,
     compute: bool = True,
+    reference: Any = None,
 ) -> ScreenResult:
     """Screen every NIfTI volume (or 2D image) in `input_dir`; write the run into `out_dir`.
 
     `labels_dir`: masks with the inputs' file names (absent or empty = healthy). `compute=False`
     (`volscan score`): the per-scan stage must already be in the cache; missing scans are an error.
+    `reference`: a `pipelines.reference.ReferenceRequest` (`--reference RUN`), or None.
     """
     config = config or ScreenConfig()
     subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force)
     return screen_subjects(subjects, out_dir, config, force=force, source=str(Path(input_dir).resolve()),
-                           labels_given=labels_dir is not None, compute=compute)
+                           labels_given=labels_dir is not None, compute=compute, reference=reference)
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -111,30 +113,40 @@ def screen_subjects(
     source: str = "subject list",
     labels_given: bool | None = None,
     compute: bool = True,
+    reference: Any = None,
 ) -> ScreenResult:
     """Screen an explicit subject list (per-subject flags, e.g. BraTS registered + IXI raw).
 
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
-    without a mask then count as healthy. `compute=False`: see `run_screen`.
+    without a mask then count as healthy. `compute=False`, `reference`: see `run_screen`.
     """
     from pipelines.cache_files import run_usage
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
     from pipelines.hotspots import flag_rule
     from pipelines.outputs import AtomicOutputDir
+    from pipelines.reference import open_reference, save_cohort
     from pipelines.report import build_report, report_rows, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
+    from pipelines.stages.score import plain
     from pipelines.validation import check_settings
 
     check_settings(config)  # a settings typo is the first error, before OUT is looked at
+    # --reference (1/5): read and verify the reference run; new scans take its Nyúl landmarks
+    base = open_reference(reference) if reference is not None else None
+    config = base.adapt(config) if base is not None else config
     timer = _Timer()
     subjects = list(subjects)
     protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label})
     output = AtomicOutputDir(out_dir, force, protected)
     with timer.stage("inputs"):
-        checked = inputs_stage.check_run(subjects, config)
+        checked = inputs_stage.check_run(subjects, config, len(base.ids) if base is not None else 0)
         kind, device = checked.kind, checked.device
         token_options = tokens.tokenizer_options(config, kind, device)
         scoring_config = score.scoring_options(config, device, kind)
+        if base is not None:  # --reference (2/5): same settings as the reference, its tokens loaded
+            base.check(config, kind, tokens.make_tokenizer(config, kind, device, token_options, checked.backbone)[1],
+                       plain(scoring_config))
+            reference_sets = base.tokens()
     if labels_given is None:
         labels_given = any(s.label is not None for s in subjects)
     cache_root = (Path(config.cache).expanduser() if config.cache else default_cache_root()).resolve()
@@ -148,12 +160,17 @@ def screen_subjects(
             token_sets = tokens.extract_tokens(ids, kind, prepared, config, device, cache_root, token_options,
                                                backbone=checked.backbone, compute=compute)
         with timer.stage("scoring"):
-            scores = score.score_tokens(token_sets.sets, config.method, scoring_config)
+            if base is None:
+                scores = score.score_tokens(token_sets.sets, config.method, scoring_config)
+                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded)
+            else:  # --reference (3/5): the new scans against the reference's tokens
+                base.check_distinct(ids, token_sets.files)
+                scores = base.score(token_sets.sets, reference_sets, config.method, scoring_config)
         elements = RunElements(ids=ids, element_scores=scores.element_scores,
                                collection_scores=scores.collection_scores, size=config.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
-        rule = flag_rule(scores.collection_scores, settings.flag_z)
+        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule  # --reference (4/5)
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = outputs.write_maps(layout, subjects, elements, prepared, threshold)
@@ -161,6 +178,8 @@ def screen_subjects(
             subjects, kind, config, source=source, out_dir=output.out, device=device, cache_root=cache_root,
             preprocess_info=prepared.info, token_info=token_sets.info, scores=scores, maps=maps, rule=rule,
         )
+        if base is not None:  # --reference (5/5): percentiles of the reference, both cohorts in the report
+            base.annotate(report)
         if labels_given:
             with timer.stage("metrics"):
                 attach_metrics(work, report, elements, [s.label for s in subjects], settings.histogram_bins)

@@ -188,8 +188,10 @@ def load_backbone(config: "ScreenConfig", device: str) -> "nn.Module | None":
                            f"cannot be built ({first_line(exc)})") from None
 
 
-def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> CheckedScreen:
-    """The validation pass of a screen run (see the module docstring); returns what it built."""
+def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig", reference_scans: int = 0) -> CheckedScreen:
+    """The validation pass of a screen run (see the module docstring); returns what it built.
+    `reference_scans`: scans of a `--reference` run scored beside the subjects (count for the
+    method's minimum cohort)."""
     from volumetric.devices import resolve_device
 
     from pipelines.labels import read_mask
@@ -199,7 +201,7 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig") -> Chec
     for subject in subjects:  # a bad mask fails now, not at the metrics after the compute
         if subject.label is not None:
             read_mask(subject.label, kind)
-    check_cohort_size(len(subjects), config.method)
+    check_cohort_size(len(subjects) + reference_scans, config.method)
     if kind == "3d":
         from preprocessing.template import resolve_template
 

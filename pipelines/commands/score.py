@@ -25,5 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.screen_config import resolve_config
 
     config = resolve_config(args.config, **{name: getattr(args, name) for name in screen_command.OVERRIDES})
-    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force, compute=False)
+    result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force, compute=False,
+                        reference=screen_command.reference_request(args))
     return screen_command.print_result(result)

@@ -28,10 +28,11 @@ def find_subjects(
     return subjects
 
 
-def check_run(subjects: Sequence[Subject], config: ScreenConfig) -> CheckedScreen:
+def check_run(subjects: Sequence[Subject], config: ScreenConfig, reference_scans: int = 0) -> CheckedScreen:
     """The one validation pass (`pipelines.validation.validate_screen`: settings, subjects,
-    cohort size, template, backbone built with its weights loaded), before minutes of
-    preprocessing. Returns kind, device and the loaded backbone."""
+    cohort size (counting `reference_scans` of a `--reference` run), template, backbone built
+    with its weights loaded), before minutes of preprocessing. Returns kind, device and the
+    loaded backbone."""
     from pipelines.validation import validate_screen
 
-    return validate_screen(subjects, config)
+    return validate_screen(subjects, config, reference_scans)
