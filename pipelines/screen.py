@@ -92,7 +92,8 @@ def run_screen(
     `reference`: a `pipelines.reference.ReferenceRequest` (`--reference RUN`), or None.
     """
     config = config or ScreenConfig()
-    subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force)
+    subjects = inputs_stage.find_subjects(input_dir, out_dir, config, labels_dir, force,
+                                          minimum=1 if reference is not None else 2)  # --reference: one new scan
     return screen_subjects(subjects, out_dir, config, force=force, source=str(Path(input_dir).resolve()),
                            labels_given=labels_dir is not None, compute=compute, reference=reference)
 

@@ -197,7 +197,7 @@ def validate_screen(subjects: Sequence[Subject], config: "ScreenConfig", referen
     from pipelines.labels import read_mask
 
     check_settings(config)
-    kind = validate_subjects(subjects)
+    kind = validate_subjects(subjects, 1 if reference_scans else 2)
     for subject in subjects:  # a bad mask fails now, not at the metrics after the compute
         if subject.label is not None:
             read_mask(subject.label, kind)

@@ -13,17 +13,18 @@ from pipelines.validation import CheckedScreen
 
 
 def find_subjects(
-    input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool
+    input_dir: str | Path, out_dir: str | Path, config: ScreenConfig, labels_dir: str | Path | None, force: bool,
+    minimum: int = 2,
 ) -> list[Subject]:
-    """The subjects of `input_dir` (masks from `labels_dir`), after refusing bad settings
-    (`pipelines.validation.check_settings`: a typo is the first error) and a bad OUT."""
+    """The subjects of `input_dir` (masks from `labels_dir`; at least `minimum`), after refusing
+    bad settings (`pipelines.validation.check_settings`: a typo is the first error) and a bad OUT."""
     from pipelines.validation import check_settings
 
     check_settings(config)  # cheap and repeated by `check_run`: here it comes before OUT and the inputs
     protected = (Path(input_dir),) + ((Path(labels_dir),) if labels_dir is not None else ())
     check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
     subjects, _ = discover_subjects(
-        input_dir, labels_dir, registered=config.registered, skull_stripped=config.skull_stripped
+        input_dir, labels_dir, registered=config.registered, skull_stripped=config.skull_stripped, minimum=minimum
     )
     return subjects
 
