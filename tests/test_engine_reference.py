@@ -143,3 +143,20 @@ def test_unsupported_settings_are_one_line_errors():
                                     config)
     with pytest.raises(VolscanError, match="does not match base"):
         reference_mutual_scores(torch.zeros(1, 5, 3), torch.zeros(3, 5, 4), 0.3)
+
+
+@pytest.mark.parametrize("nearest", [False, True])
+def test_collection_minima_reduces_only_the_scored_collections(nearest):
+    from volumetric.engine.distances import collection_minima
+
+    query, base, query_valid, base_valid = batch(3, 6, 40, 5, seed=4, layers=1)
+    layers = [torch.cat([query[0], base[0]])]
+    valid = torch.cat([query_valid, base_valid])
+    small = EngineOptions(progress=False, block_mb=0.01)  # many blocks, some straddling the scored prefix
+    full = collection_minima(layers, valid, nearest=nearest, options=small)
+    part = collection_minima(layers, valid, nearest=nearest, options=small, scored=3)
+    rows = full.owner < 3
+    assert torch.equal(part.distances[rows], full.distances[rows])
+    assert bool(torch.isinf(part.distances[~rows][:, 3:]).all())  # unscored rows were not reduced
+    if nearest:
+        assert torch.equal(part.nearest[rows], full.nearest[rows])

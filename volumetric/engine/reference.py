@@ -6,8 +6,8 @@ floor(f (n - 1)))` with n the batch x would be scored in: N + q (the reference p
 or, `independent`, N + 1 (the reference plus x's own collection), so k equals what a full screen
 of that batch would use. Reference elements are only neighbours, never scored: the pairs computed
 are query x reference (and query x query unless `independent`), each once, through the same
-blocked kernels as the full batch (`window.scoped_minima`, `mutual.refine_highest`): cost
-O(q N M^2) instead of O((N + q)^2 M^2).
+blocked kernels as the full batch (`distances.collection_minima`, told that only the queries'
+minima are read, and `mutual.refine_highest`): cost O(q N M^2) instead of O((N + q)^2 M^2).
 
 `independent`: each query collection is scored in its own call against the reference alone, so
 its scores are the same, bit for bit, whether it comes alone or with others (the centring,
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from volumetric.engine.distances import collection_minima
 from volumetric.engine.mutual import minima_scores, refine_highest, top_k_counts
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.scoring import METHODS, ScoringConfig, lnamd_views
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
-from volumetric.engine.window import scoped_minima
 from volumetric.errors import VolscanError
 
 
@@ -107,30 +107,33 @@ def reference_mutual_scores(
     scores = torch.full((n_query, m), torch.nan)
     for group in groups:
         scores[group] = _group_scores(
-            [torch.cat([b, q[group].to(b.device)]) for b, q in zip(bases, queries)],
-            torch.cat([base_valid, query_valid[group]]), len(group), k, squared, options,
+            [torch.cat([q[group].to(b.device), b]) for b, q in zip(bases, queries)],
+            torch.cat([query_valid[group], base_valid]), len(group), k, squared, options,
         )
     return scores
 
 
 def _group_scores(layers: list[Tensor], valid: Tensor, q: int, k: int, squared: bool,
                   options: EngineOptions) -> Tensor:
-    """(q, M) scores of the last q collections of `layers` (N + q, M, C) against all the others."""
+    """(q, M) scores of the first q collections of `layers` (q + N, M, C) against all the others.
+
+    Queries first: each query meets the base (and the later queries) as one run of partner
+    collections, and only the query elements' minima are reduced (`collection_minima(scored=q)`)."""
     layers = as_layers(layers)
     n = valid.shape[0]
     partners = torch.zeros(n, n, dtype=torch.bool)
-    partners[n - q :] = True
-    partners[:, n - q :] = True
+    partners[:q] = True
+    partners[:, :q] = True
     partners.fill_diagonal_(False)
-    minima = scoped_minima(layers, valid, partners=partners, options=options)
+    minima = collection_minima(layers, valid, partners=partners, options=options, scored=q)
     if squared:
         minima.distances.square_()
     ks = torch.full((n,), k, dtype=torch.long)
-    among = minima.owner >= n - q  # the queries' elements only: base rows are not scored
+    among = minima.owner < q  # the queries' elements only: base rows are not scored
     chosen = refine_highest(layers, minima, ks, partners=partners, options=options, among=among)
     if squared and len(chosen):
         minima.distances[chosen] = minima.distances[chosen].square_()
-    return minima_scores(minima, ks)[n - q :]
+    return minima_scores(minima, ks)[:q]
 
 
 def _as_mask(valid: Tensor | None, n: int, m: int) -> Tensor:
