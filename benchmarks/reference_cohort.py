@@ -7,7 +7,8 @@ shared cache) all 60, the 48 reference scans, and the 12 new ones `--reference` 
 without `--independent`). Prints and writes `results.json`:
 
 - ranks: each new scan's rank in the merged ranking (reference run's scores + new scores) against
-  its rank in the full screen of 60 (max |difference|);
+  its rank in the full screen of 60, and its rank among the reference scans only (the reference
+  run's scores / the full screen's scores of the same scans) (max |difference|);
 - patient AUROC of the merged 60 against the full screen's (look-alike scans positive);
 - scoring time: the full screen's score stage (`score_tokens` on the 60 token sets) against the
   reference score stage for the 12 (`ReferenceRun.score`), side by side in one process, rounds
@@ -31,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipelines.demo import DEMO_WARPS
 from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, generate_cohort
@@ -97,7 +99,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112, help="cube edge of the screen (grid size / 14)")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds")
     parser.add_argument("--methods", nargs="+", default=["musc", "codegraph"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the timed scoring (default torch's; 1 on a shared, loaded machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -112,7 +118,7 @@ def main() -> None:
     positive = {sid: cohort.groups[sid] != "normal" for sid in cohort.subjects}
     base = ScreenConfig(backbone="classical", size=args.size, registered=True, skull_stripped=True,
                         template=str(cohort.template_dir), cache=str(out / "cache"), viewer_scans=0, device="cpu")
-    results: dict = {"cpu": cpu_name(), "cohort": {"normal": args.normal, "lookalike": args.lookalike,
+    results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "cohort": {"normal": args.normal, "lookalike": args.lookalike,
                                                      "contrast": args.contrast, "seed": args.seed, "size": args.size,
                                                      "new": parts["new"]}, "methods": {}}
     for method in args.methods:
@@ -133,9 +139,15 @@ def main() -> None:
             merged = {**reference_scores, **run_scores(folder)}
             merged_ranks = ranks_of(merged)
             key = "independent" if independent else "dependent"
+            new_scores = run_scores(folder)
+            # rank among the reference scans only (1..N+1), against the reference run / in the full screen
+            among = {s: (1 + sum(v > new_scores[s] for v in reference_scores.values()),
+                         1 + sum(full_scores[r] > full_scores[s] for r in reference_scores)) for s in parts["new"]}
             row[key] = {
                 "max_rank_difference": max(abs(merged_ranks[s] - full_ranks[s]) for s in parts["new"]),
                 "ranks": {s: [merged_ranks[s], full_ranks[s]] for s in parts["new"]},
+                "max_rank_difference_among_reference": max(abs(a - b) for a, b in among.values()),
+                "ranks_among_reference": among,
                 "merged_auroc": auroc(np.array([merged[s] for s in cohort.subjects]),
                                       np.array([positive[s] for s in cohort.subjects])),
             }

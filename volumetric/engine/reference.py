@@ -9,9 +9,11 @@ are query x reference (and query x query unless `independent`), each once, throu
 blocked kernels as the full batch (`distances.collection_minima`, told that only the queries'
 minima are read, and `mutual.refine_highest`): cost O(q N M^2) instead of O((N + q)^2 M^2).
 
-`independent`: each query collection is scored in its own call against the reference alone, so
-its scores are the same, bit for bit, whether it comes alone or with others (the centring,
-scale, padding and block shapes of a call depend on what the call holds).
+`independent`: query x query pairs are left out of the plan and k is that of a batch of N + 1,
+so a query's scores do not depend on the other queries: equal alone or with others up to the
+float32 rounding of the call's shared centring, scale and block shapes (tested to 1e-5; with bf16,
+elements outside the refined share keep bf16's error, and which elements are refined depends on
+the batch; collection scores and peaks are fp32-exact either way).
 
 CoDeGraph with a reference: the caller passes the reference run's exclusion mask as `excluded`;
 excluded reference elements are nobody's neighbour (the reference's refined base), and the
@@ -103,19 +105,14 @@ def reference_mutual_scores(
     # k as in a full batch of the reference (all of it, also collections left empty) + the queries
     batch = n_base + (1 if independent else n_query)
     k = int(top_k_counts(torch.tensor([batch]), top_fraction))
-    groups = [[i] for i in range(n_query)] if independent else [list(range(n_query))]
-    scores = torch.full((n_query, m), torch.nan)
-    for group in groups:
-        scores[group] = _group_scores(
-            [torch.cat([q[group].to(b.device), b]) for b, q in zip(bases, queries)],
-            torch.cat([query_valid[group], base_valid]), len(group), k, squared, options,
-        )
-    return scores
+    return _query_scores([torch.cat([q.to(b.device), b]) for b, q in zip(bases, queries)],
+                         torch.cat([query_valid, base_valid]), n_query, k, independent, squared, options)
 
 
-def _group_scores(layers: list[Tensor], valid: Tensor, q: int, k: int, squared: bool,
+def _query_scores(layers: list[Tensor], valid: Tensor, q: int, k: int, independent: bool, squared: bool,
                   options: EngineOptions) -> Tensor:
-    """(q, M) scores of the first q collections of `layers` (q + N, M, C) against all the others.
+    """(q, M) scores of the first q collections of `layers` (q + N, M, C) against the base (and
+    each other unless `independent`).
 
     Queries first: each query meets the base (and the later queries) as one run of partner
     collections, and only the query elements' minima are reduced (`collection_minima(scored=q)`)."""
@@ -124,6 +121,8 @@ def _group_scores(layers: list[Tensor], valid: Tensor, q: int, k: int, squared: 
     partners = torch.zeros(n, n, dtype=torch.bool)
     partners[:q] = True
     partners[:, :q] = True
+    if independent:
+        partners[:q, :q] = False
     partners.fill_diagonal_(False)
     minima = collection_minima(layers, valid, partners=partners, options=options, scored=q)
     if squared:
