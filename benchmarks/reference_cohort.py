@@ -13,7 +13,9 @@ without `--independent`). Prints and writes `results.json`:
 - scoring time: the full screen's score stage (`score_tokens` on the 60 token sets) against the
   reference score stage for the 12 (`ReferenceRun.score`), side by side in one process, rounds
   alternating, medians (wall and this process's CPU time);
-- independence: each new scan scored alone (`--independent`) against its score among the 12.
+- independence: each new scan scored alone (`--independent`) against its score among the 12;
+- the batch's own effect: the reference scans' ranks among themselves in their own run and in
+  the full screen.
 
     python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~15 min on 2 shared cores
     python benchmarks/reference_cohort.py --out /tmp/rb --normal 20 --lookalike 8 --new 6 --repeats 1
@@ -135,6 +137,12 @@ def main() -> None:
         full_ranks = ranks_of(full_scores)
         row: dict = {"full_auroc": auroc(np.array([full_scores[s] for s in cohort.subjects]),
                                          np.array([positive[s] for s in cohort.subjects]))}
+        # How much the batch alone moves ranks: the reference scans among themselves, screened as
+        # 48 (their own run) and inside the 60 (the full screen).
+        own, inside = ranks_of(reference_scores), ranks_of({s: full_scores[s] for s in reference_scores})
+        changes = [abs(own[s] - inside[s]) for s in reference_scores]
+        row["reference_scans_rank_change"] = {"max": max(changes), "within_2": sum(c <= 2 for c in changes),
+                                              "of": len(changes)}
         for independent, folder in new.items():
             merged = {**reference_scores, **run_scores(folder)}
             merged_ranks = ranks_of(merged)

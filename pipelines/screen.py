@@ -128,7 +128,6 @@ def screen_subjects(
     from pipelines.reference import open_reference, save_cohort
     from pipelines.report import build_report, report_rows, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
-    from pipelines.stages.score import plain
     from pipelines.validation import check_settings
 
     check_settings(config)  # a settings typo is the first error, before OUT is looked at
@@ -146,7 +145,7 @@ def screen_subjects(
         scoring_config = score.scoring_options(config, device, kind)
         if base is not None:  # --reference (2/5): same settings as the reference, its tokens loaded
             base.check(config, kind, tokens.make_tokenizer(config, kind, device, token_options, checked.backbone)[1],
-                       plain(scoring_config))
+                       score.plain(scoring_config))
             reference_sets = base.tokens()
     if labels_given is None:
         labels_given = any(s.label is not None for s in subjects)
