@@ -205,7 +205,7 @@ def find_scans(root: str | Path, selection: BidsSelection) -> list[BidsScan]:
 
 def bids_subjects(
     root: str | Path, selection: BidsSelection, labels_dir: str | Path | None = None, *, registered: bool = False,
-    skull_stripped: bool = False,
+    skull_stripped: bool = False, minimum: int = 2,
 ) -> list[Subject]:
     """`pipelines.subjects.Subject`s of `find_scans` (id = entities), masks matched by id from
     `labels_dir` (`sub-01_ses-02_run-1.nii.gz`), every header checked (`validate_subjects`)."""
@@ -213,17 +213,18 @@ def bids_subjects(
     labels = match_labels(labels_dir, [s.id for s in scans], "3d") if labels_dir is not None else {}
     subjects = [Subject(id=s.id, image=s.path, label=labels.get(s.id), registered=registered,
                         skull_stripped=skull_stripped) for s in scans]
-    validate_subjects(subjects)
+    validate_subjects(subjects, minimum)
     return subjects
 
 
 def cohort_subjects(
     input_dir: str | Path, bids: BidsSelection | None, labels_dir: str | Path | None, *, registered: bool,
-    skull_stripped: bool,
+    skull_stripped: bool, minimum: int = 2,
 ) -> list[Subject]:
     """The subjects of an input: a BIDS dataset root (or any input when `bids` is given) by
     `bids_subjects`, a plain folder by `pipelines.subjects.discover_subjects`."""
     if bids is not None or is_bids_root(input_dir):
         return bids_subjects(input_dir, bids or BidsSelection(), labels_dir, registered=registered,
-                             skull_stripped=skull_stripped)
-    return discover_subjects(input_dir, labels_dir, registered=registered, skull_stripped=skull_stripped)[0]
+                             skull_stripped=skull_stripped, minimum=minimum)
+    return discover_subjects(input_dir, labels_dir, registered=registered, skull_stripped=skull_stripped,
+                             minimum=minimum)[0]

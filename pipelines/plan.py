@@ -175,14 +175,15 @@ def check_no_3d_settings(config: ScreenConfig) -> None:
         raise VolscanError(f"the setting(s) {', '.join(volume_only)} apply to 3D volumes only; remove them for 2D images")
 
 
-def build_plan(subjects: Sequence[Subject], checked: CheckedSettings) -> ScreenPlan:
+def build_plan(subjects: Sequence[Subject], checked: CheckedSettings, reference_scans: int = 0) -> ScreenPlan:
     """Step 2 (see the module docstring): the inputs checked (`validate_inputs`: files, masks,
     cohort size, template; 2D images decoded), then the device, the backbone loaded and every
-    stage's settings; before minutes of preprocessing."""
+    stage's settings; before minutes of preprocessing. `reference_scans`: scans of a
+    `--reference` run scored beside `subjects` (they count for the method's minimum cohort)."""
     from volumetric.devices import resolve_device
 
     config = checked.config
-    kind = validate_inputs(subjects, config.method, config.template)
+    kind = validate_inputs(subjects, config.method, config.template, reference_scans)
     if kind == "2d":
         check_no_3d_settings(config)
         decode_images(subjects)

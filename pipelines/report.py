@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.flagging import rank_percentile
 from pipelines.json_ready import plain
 from pipelines.methods_text import methods_html
+from pipelines.reference_report import reference_html
 from pipelines.run_folder import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV, RunLayout
 from pipelines.safe_text import csv_cell, csv_value, href
@@ -102,6 +103,7 @@ class Report:
     timings_s: dict[str, float] = field(default_factory=dict)
     viewer: list[str] = field(default_factory=list)
     methods: str = ""  # `pipelines.methods_text.methods_paragraph`
+    reference: dict[str, Any] | None = None  # `--reference` runs: `pipelines.reference.ReferenceRun.annotate`
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (what report.json holds)."""
@@ -435,6 +437,7 @@ def report_html(report: Report) -> str:
                              if not isinstance(v, (dict, list))], ["metric", "value"]))
         parts += [f"<p class='small'>note: {esc(n)}</p>" for n in metrics.get("notes", [])]
     parts += ["<h2>Ranking</h2>", f"<div class='scroll'>{_ranking(report)}</div>"]
+    parts += reference_html(report.reference)  # --reference: both cohorts apart
     if report.kind == "3d":
         parts.append("<p class='small'>To look in ITK-SNAP or 3D Slicer: open the scan, add its map "
                      "(<code>maps/&lt;id&gt;.nii.gz</code>, same grid) as an overlay, and type the hotspot's RAS "

@@ -3,6 +3,7 @@
     OUT/
       report.html  report.json  scores.csv   the record (see `pipelines.report`)
       elements.npz                           token-grid scores, collection scores, brain masks
+      cohort.npz                             token-cache keys and CoDeGraph exclusions (`--reference`)
       maps/<id>.nii.gz                       anomaly map on the input's own grid (2D: <id>.tiff,
                                              <id>_heat.png, <id>_overlay.png)
       mappings/<id>.json                     cube <-> input grid (3D; `NativeMapping`)
@@ -21,6 +22,7 @@ SCORES_CSV = "scores.csv"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 ELEMENTS_FILE = "elements.npz"
+COHORT_FILE = "cohort.npz"
 MAPS_DIR = "maps"
 MAPPINGS_DIR = "mappings"
 FIGURES_DIR = "figures"
@@ -52,6 +54,11 @@ class RunLayout:
     def elements(self) -> Path:
         """Token-grid scores etc. kept for `volscan evaluate`."""
         return self.root / ELEMENTS_FILE
+
+    @property
+    def cohort(self) -> Path:
+        """What a later `--reference` screen reads: token keys, CoDeGraph exclusions."""
+        return self.root / COHORT_FILE
 
     @property
     def figures(self) -> Path:

@@ -28,6 +28,7 @@ from pipelines.flagging import flag_rule
 from pipelines.methods_text import methods_paragraph, write_references
 from pipelines.mood import check_exports, write_mood_export
 from pipelines.plan import CheckedSettings, ScreenPlan, build_plan, check_settings
+from pipelines.reference import ReferenceRequest, ReferenceRun, open_reference, save_cohort
 from pipelines.report import build_report, report_rows, write_run_tables
 from pipelines.run_folder import AtomicOutputDir, check_output_dir
 from pipelines.run_layout import REPORT_HTML, RunLayout
@@ -87,6 +88,7 @@ def run_screen(
     compute: bool = True,
     bids: BidsSelection | None = None,
     exports: Sequence[str] = (),
+    reference: ReferenceRequest | None = None,
 ) -> ScreenResult:
     """Screen every NIfTI volume (or 2D image) in `input_dir`; write the run into `out_dir`.
 
@@ -94,7 +96,8 @@ def run_screen(
     `labels_dir`: masks with the inputs' file names (absent or empty = healthy). `compute=False`
     (`volscan score`): the per-scan stage must already be in the cache; missing scans are an error.
     A BIDS dataset root is read by `pipelines.bids` (`bids`: suffix and participants; default
-    T1w, all). `exports`: extra output formats (`"mood"`: `pipelines.mood`).
+    T1w, all). `exports`: extra output formats (`"mood"`: `pipelines.mood`). `reference`: the
+    inputs are new scans scored against a finished run (`--reference RUN`, `pipelines.reference`).
     """
     # A settings typo is the first error, before OUT and the inputs are looked at.
     checked = config if isinstance(config, CheckedSettings) else check_settings(config or ScreenConfig())
@@ -104,9 +107,11 @@ def run_screen(
     protected = inputs + ((Path(labels_dir),) if labels_dir is not None else ())
     check_output_dir(out_dir, force, protected)  # refuse a bad OUT before reading any input
     subjects = cohort_subjects(input_dir, bids, labels_dir, registered=checked.config.registered,
-                               skull_stripped=checked.config.skull_stripped)
+                               skull_stripped=checked.config.skull_stripped,
+                               minimum=1 if reference is not None else 2)  # --reference: one new scan
     return _screen(subjects, out_dir, checked, force=force, source=str(Path(input_dir).resolve()),
-                   labels_given=labels_dir is not None, compute=compute, exports=exports)
+                   labels_given=labels_dir is not None, compute=compute, exports=exports,
+                   reference=reference)
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -126,28 +131,36 @@ def screen_subjects(
     labels_given: bool | None = None,
     compute: bool = True,
     exports: Sequence[str] = (),
+    reference: ReferenceRequest | None = None,
 ) -> ScreenResult:
     """Screen an explicit subject list (per-subject flags, e.g. BraTS registered + IXI raw).
 
     Metrics are computed when `labels_given` (default: when any subject has a mask); subjects
-    without a mask then count as healthy. `compute=False`, `exports`: see `run_screen`.
+    without a mask then count as healthy. `compute=False`, `exports`, `reference`: see `run_screen`.
     """
     # A settings typo is the first error, before OUT is looked at.
     checked = config if isinstance(config, CheckedSettings) else check_settings(config)
     return _screen(subjects, out_dir, checked, force=force, source=source, labels_given=labels_given, compute=compute,
-                   exports=exports)
+                   exports=exports, reference=reference)
 
 
 def _screen(subjects: Sequence[Subject], out_dir: str | Path, checked: CheckedSettings, *, force: bool, source: str,
-            labels_given: bool | None, compute: bool, exports: Sequence[str]) -> ScreenResult:
+            labels_given: bool | None, compute: bool, exports: Sequence[str],
+            reference: ReferenceRequest | None) -> ScreenResult:
     """The run of `screen_subjects` once its settings are checked: OUT, the plan, then the stages."""
+    # --reference: read and verify the reference run; new scans take its Nyúl landmarks
+    base = open_reference(reference) if reference is not None else None
+    checked = base.adapt(checked) if base is not None else checked
     output = _output_dir(subjects, out_dir, force)
     timer = _Timer()
     with timer.stage("inputs"):
-        plan = build_plan(subjects, checked)
+        plan = build_plan(subjects, checked, len(base.ids) if base is not None else 0)
         check_exports(exports, plan.kind, subjects)  # an unknown or 2D export refused before any work
+        if base is not None:  # --reference: same settings as the reference, its tokens loaded
+            base.check(plan, tokens.make_tokenizer(plan.tokens, plan.size, plan.kind, plan.device, plan.backbone)[1])
+            base = base.with_tokens()
     return _run_stages(plan, output, timer, source=source, labels_given=labels_given, compute=compute,
-                       exports=exports)
+                       exports=exports, base=base)
 
 
 def screen_plan(plan: ScreenPlan, out_dir: str | Path, *, force: bool = False, source: str = "subject list",
@@ -167,8 +180,10 @@ def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -
 
 
 def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, source: str,
-                labels_given: bool | None, compute: bool, exports: Sequence[str]) -> ScreenResult:
-    """The stages of a planned run, each timed, into `output` (see the module docstring)."""
+                labels_given: bool | None, compute: bool, exports: Sequence[str],
+                base: ReferenceRun | None = None) -> ScreenResult:
+    """The stages of a planned run, each timed, into `output` (see the module docstring); `base`:
+    the reference run of a `--reference` screen, its tokens loaded."""
     # Here, not at the top: these load torch, monai and matplotlib, which a settings or input
     # error is answered without.
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
@@ -187,12 +202,17 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
             token_sets = tokens.extract_tokens(ids, kind, prepared, plan.tokens, plan.size, plan.device,
                                                plan.cache.tokens, backbone=plan.backbone, compute=compute)
         with timer.stage("scoring"):
-            scores = score.score_tokens(token_sets.sets, plan.method, plan.scoring)
+            if base is None:
+                scores = score.score_tokens(token_sets.sets, plan.method, plan.scoring)
+                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded)
+            else:  # --reference: the new scans against the reference's tokens
+                base.check_distinct(ids, token_sets.files)
+                scores = base.score(token_sets.sets, plan.method, plan.scoring)
         elements = RunElements(ids=ids, element_scores=scores.element_scores,
                                collection_scores=scores.collection_scores, size=plan.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
-        rule = flag_rule(scores.collection_scores, settings.flag_z)
+        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = scan_maps.write_maps(layout, subjects, elements, prepared, threshold)
@@ -202,6 +222,8 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
             plan, source=source, out_dir=output.out, preprocess_info=prepared.info, token_info=token_sets.info,
             scores=scores, maps=maps, rule=rule,
         )
+        if base is not None:  # --reference: percentiles of the reference, both cohorts in the report
+            base.annotate(report)
         if labels_given:
             with timer.stage("metrics"):
                 attach_metrics(work, report, elements, [s.label for s in subjects], settings.histogram_bins)

@@ -193,11 +193,13 @@ def discover_subjects(
     *,
     registered: bool = False,
     skull_stripped: bool = False,
+    minimum: int = 2,
 ) -> tuple[list[Subject], str]:
     """Subjects of `input_dir` (sorted by id) and their kind ("3d" or "2d").
 
     Masks in `labels_dir` are matched by id (same file name, any supported extension of the
-    same kind). Every input header and every mask grid is checked here.
+    same kind). Every input header and every mask grid is checked here. `minimum`: inputs
+    needed (1 when they are scored against a `--reference` run).
     """
     input_dir = Path(input_dir)
     images = supported_files(input_dir, "input")
@@ -212,13 +214,14 @@ def discover_subjects(
         Subject(id=stem, image=path, label=labels.get(stem), registered=registered, skull_stripped=skull_stripped)
         for stem, path in images.items()
     ]
-    return subjects, validate_subjects(subjects)
+    return subjects, validate_subjects(subjects, minimum)
 
 
-def validate_subjects(subjects: Sequence[Subject]) -> str:
+def validate_subjects(subjects: Sequence[Subject], minimum: int = 2) -> str:
     """Check an explicit subject list (safe and unique ids, one kind, readable headers, masks
-    on their image's grid) and return its kind, "3d" or "2d". A broken file is reported before
-    a too small cohort, so a folder with one corrupt scan of two says which one."""
+    on their image's grid; at least `minimum` of them) and return its kind, "3d" or "2d". A
+    broken file is reported before a too small cohort, so a folder with one corrupt scan of two
+    says which one."""
     if not subjects:
         raise VolscanError("no inputs given")
     for subject in subjects:
@@ -243,8 +246,8 @@ def validate_subjects(subjects: Sequence[Subject]) -> str:
         else:
             image_grid(subject.image)
     check_duplicates(subjects)
-    if len(subjects) < 2:
-        raise VolscanError(f"mutual scoring needs at least 2 inputs, got {len(subjects)}")
+    if len(subjects) < minimum:
+        raise VolscanError(f"mutual scoring needs at least {minimum} inputs, got {len(subjects)}")
     return kind
 
 

@@ -93,14 +93,15 @@ def load_backbone(name: str, weights: str | None, device: str, seed: int,
                            f"cannot be built ({first_line(exc)})") from None
 
 
-def validate_inputs(subjects: Sequence[Subject], method: str, template: str | None) -> str:
+def validate_inputs(subjects: Sequence[Subject], method: str, template: str | None, reference_scans: int = 0) -> str:
     """The file checks of a screen run (see the module docstring, 2-4; 2D images are decoded by
-    `decode_images`); returns the kind, "3d" or "2d"."""
-    kind = validate_subjects(subjects)
+    `decode_images`); returns the kind, "3d" or "2d". `reference_scans`: scans of a `--reference`
+    run scored beside the subjects (they count for the method's minimum cohort)."""
+    kind = validate_subjects(subjects, 1 if reference_scans else 2)
     for subject in subjects:  # a bad mask fails now, not at the metrics after the compute
         if subject.label is not None:
             read_mask(subject.label, kind)
-    check_cohort_size(len(subjects), method)
+    check_cohort_size(len(subjects) + reference_scans, method)
     if kind == "3d":
         from preprocessing.template import resolve_template
 

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipelines.commands",),
     ("pipelines.demo", "pipelines.reproduce", "pipelines.bids_app"),
     ("pipelines.screen", "pipelines.distributed.extract"),
+    ("pipelines.reference",),
     ("pipelines.distributed.runners", "pipelines.distributed.reaper"),
     ("pipelines.distributed.per_scan",),
     ("pipelines.stages.scan_maps",),

@@ -26,5 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args.config, **{name: getattr(args, name) for name in screen_command.OVERRIDES})
     result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force, compute=False,
-                        bids=screen_command.bids_selection(args), exports=args.export)
+                        bids=screen_command.bids_selection(args), exports=args.export,
+                        reference=screen_command.reference_request(args))
     return screen_command.print_result(result)

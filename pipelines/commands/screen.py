@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipelines.choices import BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, MASK_METHODS, METHODS, PRECISIONS, listed
@@ -44,6 +45,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     groups["inputs"].add_argument("--labels", metavar="DIR",
                                   help="masks with the inputs' file names (absent/empty = healthy); adds metrics")
     add_bids_arguments(groups["inputs"])
+    groups["scoring"].add_argument("--reference", metavar="RUN",
+                                   help="score the inputs as new scans against a finished screen/score run's cached "
+                                        "tokens, on its scale (percentiles and flag rule of the reference)")
+    groups["scoring"].add_argument("--independent", action="store_true",
+                                   help="with --reference: score each new scan against the reference alone, so its "
+                                        "score does not depend on the other new scans")
     add_settings_arguments(parser)
     out = groups["outputs"]
     out.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
@@ -131,8 +138,21 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args.config, **{name: getattr(args, name) for name in OVERRIDES})
     result = run_screen(args.input, args.out, config, labels_dir=args.labels, force=args.force,
-                        bids=bids_selection(args), exports=args.export)
+                        bids=bids_selection(args), exports=args.export,
+                        reference=reference_request(args))
     return print_result(result)
+
+
+def reference_request(args: argparse.Namespace) -> Any:
+    """`--reference RUN [--independent]` as a `ReferenceRequest`, or None; `--independent` alone is an error."""
+    from pipelines.reference import ReferenceRequest
+    from volumetric.errors import VolscanError
+
+    if args.reference is None:
+        if args.independent:
+            raise VolscanError("--independent applies to --reference RUN only")
+        return None
+    return ReferenceRequest(Path(args.reference), independent=args.independent)
 
 
 def print_result(result: Any) -> int:

@@ -29,6 +29,7 @@ class Scores:
     outlier_communities: list[int] | None = None
     excluded_fraction: float = 0.0
     summary: dict[str, Any] | None = None
+    excluded: np.ndarray | None = None  # (N, *grid) bool: CoDeGraph's exclusions (kept for `--reference`)
 
 
 def score_tokens(token_sets: list[Any], method: str, scoring_config: "ScoringConfig") -> Scores:
@@ -54,5 +55,6 @@ def score_tokens(token_sets: list[Any], method: str, scoring_config: "ScoringCon
         scores.communities = [list(map(int, c)) for c in graph.communities]
         scores.outlier_communities = [int(c) for c in graph.outlier_communities]
         scores.excluded_fraction = float(graph.excluded_fraction)
+        scores.excluded = graph.excluded.reshape(scores.element_scores.shape).numpy()
         scores.summary = graph.summary()
     return scores

@@ -88,6 +88,7 @@ def collection_minima(
     partners: Tensor | None = None,
     nearest: bool = False,
     options: EngineOptions | None = None,
+    scored: int | None = None,
 ) -> CollectionMinima:
     """Minimum distances from each valid element to each partner collection.
 
@@ -95,7 +96,10 @@ def collection_minima(
     (`nearest` then needs exactly one layer, because the nearest element differs per layer).
     `valid`: checked (N, M) bool. `partners`: (N, N) symmetric bool of pairs to compute
     (None = all pairs). `options`: device, precision, block size, progress (the pair plan
-    fields are not read here: `partners` is the plan).
+    fields are not read here: `partners` is the plan). `scored`: only the elements of the first
+    `scored` collections are read by the caller (reference scoring: the queries first); the
+    minima of later collections' elements are then not reduced (left +inf), which halves the
+    reductions of blocks between a scored and an unscored collection. None = all.
     """
     if nearest and len(layers) != 1:
         raise ValueError("nearest elements are defined per layer; pass a single layer")
@@ -115,7 +119,8 @@ def collection_minima(
     arg: Tensor | None = None
     for layer in layers:
         dist, arg = _layer_minima(
-            layer.to(dev)[valid.to(dev)].float(), bank, partners, nearest, precision, block_elements, options.progress
+            layer.to(dev)[valid.to(dev)].float(), bank, partners, nearest, precision, block_elements, options.progress,
+            n if scored is None else scored,
         )
         total = dist if total is None else total.add_(dist)
     total = total.div_(len(layers)).cpu()
@@ -312,8 +317,10 @@ def _layer_minima(
     precision: str,
     block_elements: int,
     progress: bool,
+    scored: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """(T, N) distances (and nearest positions) for one layer's valid tokens `x` (T, C) on device."""
+    """(T, N) distances (and nearest positions) for one layer's valid tokens `x` (T, C) on device;
+    only the rows of the first `scored` collections are reduced (`collection_minima`)."""
     n, width, offsets = len(bank.offsets) - 1, bank.width, bank.offsets
     dtype = DTYPES[precision]
     rows_op, cols_op, offset, scale = _operands(x, bank, n, dtype)
@@ -336,7 +343,7 @@ def _layer_minima(
                 for j0, j1 in _even_chunks(run[0], run[-1] + 1, per_block):
                     c0, c1 = j0 * width, j1 * width
                     dist = rows_by_columns(cols_op[c0:c1], rows_op[r0:r1], buffer)
-                    _reduce_block(dist, out, arg, bank, i, r0, r1, j0, j1, c0, c1)
+                    _reduce_block(dist, out, arg, bank, i, r0, r1, j0, j1, c0, c1, scored)
         bar.update(len(later))
     bar.close()
     empty = [j for j in range(n) if offsets[j + 1] == offsets[j]]
@@ -350,24 +357,29 @@ def _layer_minima(
 
 def _reduce_block(
     dist: Tensor, out: Tensor, arg: Tensor | None, bank: _PaddedBank,
-    i: int, r0: int, r1: int, j0: int, j1: int, c0: int, c1: int,
+    i: int, r0: int, r1: int, j0: int, j1: int, c0: int, c1: int, scored: int,
 ) -> None:
     """Fold one block (partner slots c0:c1 of collections j0:j1, x tokens r0:r1 of collection i)
-    into `out` / `arg` (per slot): one reduction per direction."""
+    into `out` / `arg` (per slot): one reduction per direction, each only where its elements
+    belong to the first `scored` collections."""
     s0 = i * bank.width + r0 - bank.offsets[i]
     s1 = s0 + r1 - r0
-    # d(b, I) for every partner slot b, combined over the row blocks of I.
-    current = out[c0:c1, i]
-    if arg is None:
-        torch.minimum(current, dist.amin(1).float(), out=current)
-    else:
-        values, where = dist.min(1)
-        values = values.float()
-        better = values < current
-        current.copy_(torch.where(better, values, current))
-        found = bank.positions[i, r0 - bank.offsets[i] + where]
-        nearest_so_far = arg[c0:c1, i]
-        nearest_so_far.copy_(torch.where(better, found, nearest_so_far))
+    # d(b, I) for every partner slot b (of a scored collection), combined over the row blocks of I.
+    kept = min(c1, scored * bank.width) - c0
+    if kept > 0:
+        current = out[c0 : c0 + kept, i]
+        if arg is None:
+            torch.minimum(current, dist[:kept].amin(1).float(), out=current)
+        else:
+            values, where = dist[:kept].min(1)
+            values = values.float()
+            better = values < current
+            current.copy_(torch.where(better, values, current))
+            found = bank.positions[i, r0 - bank.offsets[i] + where]
+            nearest_so_far = arg[c0 : c0 + kept, i]
+            nearest_so_far.copy_(torch.where(better, found, nearest_so_far))
+    if i >= scored:
+        return
     # d(a, J) for every token a of the row block and every J of the block: one reduction.
     grouped = dist.view(j1 - j0, bank.width, r1 - r0)
     if arg is None:

@@ -1,0 +1,196 @@
+"""Reference cohorts (`volscan screen NEW --reference RUN`) against a full screen of everyone.
+
+One command: generates a phantom cohort (co-registered, skull-stripped procedural heads as in
+`volscan demo`; 44 healthy + 16 with look-alike lesions by default), splits it at random (seeded)
+into 48 reference + 12 new scans, and for MuSc and CoDeGraph screens (classical tokens, one
+shared cache) all 60, the 48 reference scans, and the 12 new ones `--reference` the 48 (with and
+without `--independent`). Prints and writes `results.json`:
+
+- ranks: each new scan's rank in the merged ranking (reference run's scores + new scores) against
+  its rank in the full screen of 60, and its rank among the reference scans only (the reference
+  run's scores / the full screen's scores of the same scans) (max |difference|);
+- patient AUROC of the merged 60 against the full screen's (look-alike scans positive);
+- scoring time: the full screen's score stage (`score_tokens` on the 60 token sets) against the
+  reference score stage for the 12 (`ReferenceRun.score`), side by side in one process, rounds
+  alternating, medians (wall and this process's CPU time);
+- independence: each new scan scored alone (`--independent`) against its score among the 12;
+- the batch's own effect: the reference scans' ranks among themselves in their own run and in
+  the full screen.
+
+    python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~15 min on 2 shared cores
+    python benchmarks/reference_cohort.py --out /tmp/rb --normal 20 --lookalike 8 --new 6 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.demo import DEMO_WARPS
+from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, generate_cohort
+from pipelines.reference import ReferenceRequest, open_reference
+from pipelines.screen import run_screen
+from pipelines.screen_config import ScreenConfig
+from pipelines.stages.score import score_tokens
+from volumetric.metrics import auroc
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def split_cohort(cohort: Cohort, out: Path, new: int, seed: int) -> dict[str, list[str]]:
+    """Copy the images (and labels) into OUT/split/{all,reference,new}; the new scans drawn at random."""
+    ids = cohort.subjects
+    chosen = set(random.Random(seed).sample(ids, new))
+    parts = {"all": ids, "reference": [s for s in ids if s not in chosen], "new": sorted(chosen)}
+    for name, members in parts.items():
+        folder = out / "split" / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        (folder / "images").mkdir(parents=True)
+        for sid in members:
+            shutil.copy(cohort.image(sid), folder / "images" / cohort.image(sid).name)
+    return parts
+
+
+def ranks_of(scores: dict[str, float]) -> dict[str, int]:
+    """Rank 1 = highest score."""
+    order = sorted(scores, key=lambda s: -scores[s])
+    return {sid: i + 1 for i, sid in enumerate(order)}
+
+
+def run_scores(run: Path) -> dict[str, float]:
+    """id -> score of a finished run (report.json)."""
+    report = json.loads((run / "report.json").read_text())
+    return {s["id"]: float(s["score"]) for s in report["subjects"]}
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall s, process CPU s) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--normal", type=int, default=44)
+    parser.add_argument("--lookalike", type=int, default=16)
+    parser.add_argument("--new", type=int, default=12)
+    parser.add_argument("--contrast", type=float, default=1.5, help="lesion contrast (the demo's 1.5)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (the split uses it too)")
+    parser.add_argument("--size", type=int, default=112, help="cube edge of the screen (grid size / 14)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds")
+    parser.add_argument("--methods", nargs="+", default=["musc", "codegraph"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the timed scoring (default torch's; 1 on a shared, loaded machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    phantom = PhantomConfig(n_normal=args.normal, n_lesion=0, n_consistent=0, n_lookalike=args.lookalike,
+                            lookalike_lesions=(1, 3), seed=args.seed, size=64, template="procedural",
+                            skull_stripped=True, warps=DEMO_WARPS,
+                            lesions=LesionSettings(radius_mm=(12.0, 20.0), contrast=args.contrast))
+    cohort_dir = out / "cohort"
+    cohort = Cohort.load(cohort_dir) if (cohort_dir / "cohort.json").is_file() else generate_cohort(
+        cohort_dir, phantom, progress=False)
+    parts = split_cohort(cohort, out, args.new, args.seed)
+    positive = {sid: cohort.groups[sid] != "normal" for sid in cohort.subjects}
+    base = ScreenConfig(backbone="classical", size=args.size, registered=True, skull_stripped=True,
+                        template=str(cohort.template_dir), cache=str(out / "cache"), viewer_scans=0, device="cpu")
+    results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "cohort": {"normal": args.normal, "lookalike": args.lookalike,
+                                                     "contrast": args.contrast, "seed": args.seed, "size": args.size,
+                                                     "new": parts["new"]}, "methods": {}}
+    for method in args.methods:
+        config = replace(base, method=method)
+        runs = out / "runs" / method
+        full = run_screen(out / "split/all/images", runs / "full", config, force=True).out_dir
+        reference = run_screen(out / "split/reference/images", runs / "reference", config, force=True).out_dir
+        new = {}
+        for independent in (False, True):
+            name = "new-independent" if independent else "new"
+            new[independent] = run_screen(out / "split/new/images", runs / name, config, force=True,
+                                          reference=ReferenceRequest(reference, independent)).out_dir
+        full_scores, reference_scores = run_scores(full), run_scores(reference)
+        full_ranks = ranks_of(full_scores)
+        row: dict = {"full_auroc": auroc(np.array([full_scores[s] for s in cohort.subjects]),
+                                         np.array([positive[s] for s in cohort.subjects]))}
+        # How much the batch alone moves ranks: the reference scans among themselves, screened as
+        # 48 (their own run) and inside the 60 (the full screen).
+        own, inside = ranks_of(reference_scores), ranks_of({s: full_scores[s] for s in reference_scores})
+        changes = [abs(own[s] - inside[s]) for s in reference_scores]
+        row["reference_scans_rank_change"] = {"max": max(changes), "within_2": sum(c <= 2 for c in changes),
+                                              "of": len(changes)}
+        for independent, folder in new.items():
+            merged = {**reference_scores, **run_scores(folder)}
+            merged_ranks = ranks_of(merged)
+            key = "independent" if independent else "dependent"
+            new_scores = run_scores(folder)
+            # rank among the reference scans only (1..N+1), against the reference run / in the full screen
+            among = {s: (1 + sum(v > new_scores[s] for v in reference_scores.values()),
+                         1 + sum(full_scores[r] > full_scores[s] for r in reference_scores)) for s in parts["new"]}
+            row[key] = {
+                "max_rank_difference": max(abs(merged_ranks[s] - full_ranks[s]) for s in parts["new"]),
+                "ranks": {s: [merged_ranks[s], full_ranks[s]] for s in parts["new"]},
+                "max_rank_difference_among_reference": max(abs(a - b) for a, b in among.values()),
+                "ranks_among_reference": among,
+                "merged_auroc": auroc(np.array([merged[s] for s in cohort.subjects]),
+                                      np.array([positive[s] for s in cohort.subjects])),
+            }
+
+        # Side by side in this process: the score stage of the full screen and of the reference screen.
+        scoring = replace(config, scoring={"engine": {"progress": False}}).scoring_config("cpu", "3d")
+        everyone = open_reference(ReferenceRequest(full))
+        sets = dict(zip(everyone.ids, everyone.tokens()))
+        ref_runs = {ind: open_reference(ReferenceRequest(reference, ind)).with_tokens() for ind in (False, True)}
+        new_sets = [sets[s] for s in parts["new"]]
+        full_sets = [sets[s] for s in everyone.ids]
+        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": []}
+        for _ in range(args.repeats):
+            times["full"].append(timed(lambda: score_tokens(full_sets, method, scoring)))
+            for ind, key in ((False, "dependent"), (True, "independent")):
+                times[key].append(timed(lambda r=ref_runs[ind]: r.score(new_sets, method, scoring)))
+        medians = {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
+                   for k, v in times.items()}
+        for key in ("dependent", "independent"):
+            row[key]["speedup_wall"] = medians["full"]["wall_s"] / medians[key]["wall_s"]
+            row[key]["speedup_cpu"] = medians["full"]["cpu_s"] / medians[key]["cpu_s"]
+            row[key]["speedup_per_round_cpu"] = [f[1] / r[1] for f, r in zip(times["full"], times[key])]
+        row["timings"] = medians
+
+        # Independence: each new scan alone against the reference vs among the others.
+        together = ref_runs[True].score(new_sets, method, scoring).collection_scores
+        alone = [float(ref_runs[True].score([t], method, scoring).collection_scores[0]) for t in new_sets]
+        row["independent"]["max_abs_alone_vs_together"] = float(np.max(np.abs(np.asarray(alone) - together)))
+        dependent = ref_runs[False].score(new_sets, method, scoring).collection_scores
+        row["dependent"]["max_abs_alone_vs_together"] = float(np.max(np.abs(np.asarray(alone) - dependent)))
+        results["methods"][method] = row
+        print(json.dumps({method: row}, indent=1), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"CPU: {results['cpu']}; results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

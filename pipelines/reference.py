@@ -1,0 +1,262 @@
+"""Reference cohorts: `volscan screen NEW/ --reference RUN` scores new scans against a finished run.
+
+A finished screen/score run records what a later reference screen needs in `cohort.npz`
+(`save_cohort`): its scans' ids, the token-cache keys and cache folder of their tokens, and
+CoDeGraph's exclusion mask. `open_reference` reads it with the run's report (settings) and
+collection scores, all checksum-verified against the run's `volscan-run.json`; the new screen
+then takes the reference's Nyúl landmarks (`adapt`), is checked to have the reference's settings
+(`check`: kind, method, token settings incl. grid and backbone, preprocessing, template, scoring;
+one line naming the first difference, before any preprocessing), and its tokens are scored by
+`volumetric.engine.reference.score_against_reference` against the reference's cached tokens
+(`score`). Scores are put on the reference's scale (`annotate`): each new scan's percentile among
+the reference scans' scores, flagged by the reference run's flag rule. Why CoDeGraph's exclusions
+are reused and not recomputed over the union: docs/screen.md, "Reference cohorts".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.flagging import flag_rule
+from pipelines.json_ready import plain
+from pipelines.plan import CheckedSettings, ScreenPlan, check_settings
+from pipelines.run_folder import read_run_marker, verify_run
+from pipelines.run_layout import COHORT_FILE, ELEMENTS_FILE, REPORT_JSON, RunLayout
+from volumetric.errors import InputFileError, VolscanError
+
+# Engine fields that change speed or memory, not scores: a reference may be re-scored with others.
+COMPUTE_ONLY = ("device", "progress", "block_mb", "memory_mb")
+# Preprocessing fields that may differ: the new scans take the reference's landmarks (`adapt`),
+# and the brain-extraction device changes where it runs, not what it extracts.
+PREPROCESS_FREE = ("landmarks", "mask_device")
+
+
+@dataclass(frozen=True)
+class ReferenceRequest:
+    """`--reference RUN` and `--independent` as given: the run folder and whether each new scan is
+    scored against the reference alone (its score then does not depend on the other new scans)."""
+
+    run: Path
+    independent: bool = False
+
+
+def save_cohort(path: Path, ids: list[str], token_files: list[Path], excluded: np.ndarray | None) -> None:
+    """Write `cohort.npz`: `ids` (N,), `token_keys` (N,) (the token files' names are their keys),
+    `token_cache` (the folder holding them), `excluded` (N, *grid) bool packed, or absent (MuSc)."""
+    caches = {str(Path(f).parent.parent.resolve()) for f in token_files}
+    if len(caches) != 1:
+        raise VolscanError(f"token files of one run lie in {len(caches)} cache folders")
+    arrays: dict[str, Any] = dict(ids=np.asarray(ids), token_keys=np.asarray([Path(f).name.split(".")[0]
+                                                                             for f in token_files]),
+                                  token_cache=np.asarray(caches.pop()))
+    if excluded is not None:
+        arrays.update(excluded=np.packbits(np.asarray(excluded, dtype=bool).ravel()),
+                      excluded_shape=np.asarray(excluded.shape, dtype=np.int64))
+    np.savez_compressed(path, **arrays)
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """A finished run read back for reference scoring. `ids` (N,); `scores` (N,) its collection
+    scores; `token_keys` (N,) in `token_cache`; `excluded` (N, *grid) bool or None; `report`: its
+    report.json as a dictionary; `independent`: the request's option."""
+
+    folder: Path
+    ids: list[str]
+    scores: np.ndarray
+    token_keys: list[str]
+    token_cache: Path
+    excluded: np.ndarray | None
+    report: dict[str, Any]
+    independent: bool
+    token_sets: tuple[Any, ...] = ()  # the reference scans' tokens, once `with_tokens` loaded them
+
+    @property
+    def rule(self) -> Any:
+        """The reference run's flag rule (its scores, its --flag-z)."""
+        return flag_rule(self.scores, float(self.report["summary"]["flag_z"]))
+
+    def adapt(self, checked: CheckedSettings) -> CheckedSettings:
+        """`checked` with the reference's Nyúl landmarks: new scans are standardised as the
+        reference scans were (3D; the landmarks the reference learned or was given)."""
+        landmarks = (self.report.get("preprocess") or {}).get("landmarks")
+        if self.report["kind"] != "3d" or not landmarks:
+            return checked
+        if not Path(landmarks).is_file():
+            raise InputFileError(landmarks, f"Nyúl landmarks of the reference run {self.folder} are gone "
+                                            "(cache pruned?); re-run the reference screen")
+        config = checked.config
+        # The preprocessing settings change, so they are checked again (cheap: no file, no torch).
+        return check_settings(dataclasses.replace(config, preprocess={**dict(config.preprocess), "landmarks": landmarks}))
+
+    def check(self, plan: ScreenPlan, token_settings: dict[str, Any]) -> None:
+        """One line naming the first setting that differs from the reference run's (before any
+        preprocessing): kind, method, each token setting (`token_settings`, as cached: grid size,
+        backbone, weights, layers...), preprocessing, template, each scoring setting (engine
+        compute fields excepted)."""
+        theirs = self.report
+        pairs: list[tuple[str, Any, Any]] = [("kind", theirs["kind"], plan.kind),
+                                             ("method", theirs["summary"]["method"], plan.method)]
+        pairs += _differences("token setting", (theirs.get("tokens") or {}).get("settings", {}), token_settings, ())
+        if plan.kind == "3d":
+            pairs += _differences("preprocessing setting", theirs["settings"].get("preprocess", {}),
+                                  plain(plan.preprocess), PREPROCESS_FREE)
+            pairs.append(("template", _template_digest(theirs["settings"].get("template")),
+                          _template_digest(plan.template)))
+        pairs += _differences("scoring setting", theirs.get("scoring", {}), plain(plan.scoring), COMPUTE_ONLY)
+        for name, reference, ours in pairs:
+            if reference != ours:
+                raise VolscanError(f"--reference {self.folder}: {name} differs (reference {_shown(reference)}, "
+                                   f"this run {_shown(ours)}); screen with the reference's settings")
+
+    def tokens(self) -> list[Any]:
+        """The reference scans' token sets from its cache (read-only); one line naming what is missing."""
+        from pipelines.failures import shown
+        from volumetric.token_cache import TokenCache
+
+        cache = TokenCache(self.token_cache)
+        sets, missing = [], []
+        for sid, key in zip(self.ids, self.token_keys):
+            try:
+                tokens = cache.load(key, discard=False)
+            except InputFileError as exc:
+                raise VolscanError(f"--reference {self.folder}: {exc} (tokens of {sid})") from None
+            if tokens is None:
+                missing.append(sid)
+            sets.append(tokens)
+        if missing:
+            raise VolscanError(f"--reference {self.folder}: tokens of {len(missing)} reference scan(s) are no longer in "
+                               f"{cache.root}: {shown(missing)}; re-run the reference (volscan score) to rebuild them")
+        return sets
+
+    def with_tokens(self) -> ReferenceRun:
+        """This run with its scans' token sets loaded (`tokens`), as `score` needs them."""
+        return dataclasses.replace(self, token_sets=tuple(self.tokens()))
+
+    def check_distinct(self, ids: list[str], token_files: list[Path]) -> None:
+        """Refuse a new scan whose model input is a reference scan's (same token key): it would
+        vouch for itself."""
+        ours = {Path(f).name.split(".")[0]: sid for sid, f in zip(ids, token_files)}
+        for sid, key in zip(self.ids, self.token_keys):
+            if key in ours:
+                raise VolscanError(f"new scan {ours[key]} is the same image as reference scan {sid} of "
+                                   f"{self.folder}; remove it from the new scans")
+
+    def score(self, token_sets: list[Any], method: str, scoring_config: Any) -> Any:
+        """The score stage's `Scores` of the new scans against the reference (classical tokens are
+        standardised with the reference scans' statistics, as the reference run was)."""
+        import torch
+
+        from pipelines.stages.score import Scores
+        from volumetric.classical_tokens import needs_batch_standardize, standardize_batch
+        from volumetric.engine.reference import score_against_reference
+
+        everyone = list(self.token_sets) + list(token_sets)
+        n = len(self.token_sets)
+        layers = [torch.stack([t.layers[i] for t in everyone]) for i in range(len(everyone[0].layers))]
+        valid = ~torch.stack([t.void for t in everyone])
+        if needs_batch_standardize(everyone):
+            statistics_from = valid.clone()
+            statistics_from[n:] = False
+            layers = standardize_batch(layers, statistics_from)
+        excluded = None if self.excluded is None or method != "codegraph" else torch.from_numpy(self.excluded)
+        result = score_against_reference([g[n:] for g in layers], [g[:n] for g in layers], valid[n:], valid[:n],
+                                         method, scoring_config, excluded=excluded, independent=self.independent)
+        return Scores(element_scores=result.element_scores.numpy().astype(np.float32),
+                      collection_scores=result.collection_scores.double().numpy(), settings=plain(scoring_config))
+
+    def percentile(self, score: float) -> float:
+        """Share of reference scans scoring below `score` (ties count half), in percent."""
+        below = float(np.sum(self.scores < score)) + 0.5 * float(np.sum(self.scores == score))
+        return 100.0 * below / len(self.scores)
+
+    def annotate(self, report: Any) -> None:
+        """Put a finished report of new scans on the reference's scale: each scan's percentile
+        among the reference's scores, and `report.reference`, the merged table both cohorts apart."""
+        rule = self.rule
+        for entry in report.subjects:
+            entry.percentile = round(self.percentile(entry.score), 1)
+        rows = [{"id": e.id, "cohort": "new", "score": e.score, "percentile": e.percentile, "flagged": e.flagged}
+                for e in report.subjects]
+        rows += [{"id": sid, "cohort": "reference", "score": float(s), "percentile": round(self.percentile(s), 1),
+                  "flagged": bool(s > rule.threshold)} for sid, s in zip(self.ids, self.scores)]
+        rows.sort(key=lambda r: -r["score"])
+        report.reference = {
+            "run": str(self.folder), "scans": len(self.ids), "independent": self.independent,
+            "codegraph_exclusions": "reused from the reference run" if self.excluded is not None else None,
+            "flag_rule": rule.describe(), "scans_by_score": rows,
+        }
+        report.settings["reference"] = str(self.folder)
+        report.settings["independent"] = self.independent
+
+
+def open_reference(request: ReferenceRequest) -> ReferenceRun:
+    """Read and verify the reference run `request.run`; one line naming what is wrong."""
+    folder = Path(request.run).expanduser().resolve()
+    marker = read_run_marker(folder)
+    command = marker["command"] if marker and marker["command"] in ("screen", "score") else "screen"
+    verify_run(folder, command, prefixes=(REPORT_JSON, ELEMENTS_FILE, COHORT_FILE))
+    layout = RunLayout(folder)
+    if not layout.cohort.is_file():
+        raise InputFileError(layout.cohort, "missing: the reference must be a screen or score run that "
+                             "records its tokens (not itself a --reference run, nor one of an older volscan); "
+                             "re-run it with volscan score")
+    try:
+        report = json.loads(layout.report_json.read_text(encoding="utf-8"))
+        with np.load(layout.cohort, allow_pickle=False) as data:
+            ids = [str(i) for i in data["ids"]]
+            keys = [str(k) for k in data["token_keys"]]
+            cache = Path(str(data["token_cache"]))
+            excluded = (np.unpackbits(data["excluded"], count=int(np.prod(data["excluded_shape"])))
+                        .astype(bool).reshape(tuple(data["excluded_shape"])) if "excluded" in data.files else None)
+        with np.load(layout.elements, allow_pickle=False) as data:
+            scores = np.asarray(data["collection_scores"], dtype=np.float64)
+            element_ids = [str(i) for i in data["ids"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputFileError(folder, f"not a readable volscan run ({exc})") from None
+    if element_ids != ids or len(keys) != len(ids):
+        raise InputFileError(layout.cohort, "does not match the run's elements.npz")
+    return ReferenceRun(folder=folder, ids=ids, scores=scores, token_keys=keys, token_cache=cache,
+                        excluded=excluded, report=report, independent=request.independent)
+
+
+def _differences(what: str, reference: dict[str, Any], ours: dict[str, Any], free: tuple[str, ...],
+                 prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(name, reference value, our value) for every key of either table, nested tables flattened."""
+    pairs = []
+    for key in sorted(set(reference) | set(ours)):
+        if key in free:
+            continue
+        mine, theirs = ours.get(key), reference.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            pairs += _differences(what, theirs, mine, free, f"{prefix}{key}.")
+        else:
+            pairs.append((f"{what} '{prefix}{key}'", _as_json(theirs), _as_json(mine)))
+    return pairs
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as JSON reads it back (tuples as lists), so a setting compares equal to its report."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _template_digest(template: str | None) -> list[str] | str:
+    """Content hashes of a template folder's files (the folder may be spelled or mounted otherwise)."""
+    from preprocessing.store import content_hash
+    from preprocessing.template import find_template_folder, template_files
+
+    try:
+        return [content_hash(p) for p in template_files(find_template_folder(template))]
+    except VolscanError:
+        return f"{template} (not found)"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
