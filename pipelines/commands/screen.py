@@ -11,13 +11,13 @@ import sys
 from typing import Any
 
 from pipelines.screen_config import DEFAULT_BACKBONE
-from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
+from preprocessing.choices import BIAS_CORRECTIONS, HDBET_MODES, MASK_METHODS
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
 # SETTINGS: those of `add_settings_arguments` (shared with `volscan extract` and `score`).
 SETTINGS = (
-    "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block", "window",
+    "method", "backbone", "weights", "layers", "size", "proj_dim", "device", "registered", "skull_stripped",
+    "brain_mask", "hdbet_mode", "bias_correction", "template", "seed", "precision", "slices_per_block", "window",
 )
 OVERRIDES = SETTINGS + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
 
@@ -70,8 +70,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--skull-stripped", action=argparse.BooleanOptionalAction, default=None,
                      help="inputs are already skull-stripped (default no)")
     pre.add_argument("--brain-mask", choices=MASK_METHODS,
-                     help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
-                          "if its weights are local, else deepbet, else the template mask with a warning)")
+                     help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else deepbet, "
+                          "else HD-BET on a GPU, else the template mask with a warning)")
+    pre.add_argument("--hdbet-mode", choices=HDBET_MODES,
+                     help="HD-BET: accurate (default; 5 folds with test-time mirroring) or fast (1 fold, no mirroring)")
     pre.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                      help="N4 bias-field correction inside the brain mask before Nyúl (default auto: on for scans "
                      "volscan registers or skull-strips, off for --registered --skull-stripped inputs; none, n4 force it)")
