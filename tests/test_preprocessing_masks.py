@@ -191,17 +191,18 @@ def test_hdbet_gets_the_scan_in_fsl_standard_order(monkeypatch):
     affine[0, 1], affine[1, 2], affine[2, 0], affine[3, 3] = -1.0, -2.0, 3.0, 1.0
     seen = {}
 
-    def segment(zyx, spacing, mode, where):
+    def probability(zyx, spacing, folds, mirror, where):
         seen.update(zyx=zyx, spacing=spacing)
-        return zyx > 0.5  # stands in for the network: a mask on the grid it was given
+        return np.where(zyx > 0.5, 0.75, 0.25)  # stands in for the network, on the grid it was given
 
     monkeypatch.setattr(preprocessing.hdbet, "check_hdbet", lambda: None)
-    monkeypatch.setattr(preprocessing.hdbet, "hdbet_segment", segment)
-    monkeypatch.setattr(preprocessing.hdbet, "to_input_grid", lambda brain, shape: brain)
+    monkeypatch.setattr(preprocessing.hdbet, "hdbet_probability", probability)
     mask = preprocessing.hdbet.hdbet_mask(Volume(permuted, affine), "fast")
     np.testing.assert_array_equal(seen["zyx"], ras[::-1].transpose(2, 1, 0))  # LAS, then (z, y, x)
     assert seen["spacing"] == (3.0, 2.0, 1.0)
-    np.testing.assert_array_equal(mask, permuted > 0.5)
+    largest = ndimage.label(permuted > 0.5, np.ones((3, 3, 3)))[0]
+    largest = largest == np.argmax(np.bincount(largest.ravel())[1:]) + 1
+    np.testing.assert_array_equal(mask, largest)  # HD-BET's post-processing: the largest component
 
 
 @pytest.fixture
@@ -248,7 +249,7 @@ def test_screen_with_hdbet_records_the_extractor_per_scan_offline(phantom_templa
     out = tmp_path / "run"
     assert main(["screen", str(images), "-o", str(out), "--template", str(folder), "--registered",
                  "--brain-mask", "hd-bet", "--hdbet-mode", "fast", "--backbone", "classical", "--method", "musc",
-                 "--size", str(SIZE), "--device", "cpu", "--cache", str(tmp_path / "cache"), "--viewer-scans", "0"]) == 0
+                 "--size", str(2 * SIZE), "--device", "cpu", "--cache", str(tmp_path / "cache"), "--viewer-scans", "0"]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert {s["id"]: s["brain_mask"] for s in report["subjects"]} == {"head_a": "hd-bet", "head_b": "hd-bet"}
     assert report["settings"]["brain_mask_used"] == {"hd-bet": ["head_a", "head_b"]}
