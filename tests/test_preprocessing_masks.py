@@ -247,9 +247,10 @@ def test_screen_with_hdbet_records_the_extractor_per_scan_offline(phantom_templa
     save_volume(head * 900.0, affine, images / "head_a.nii.gz", dtype=np.float32)
     save_volume(*_permuted(head * 1000.0, affine), images / "head_b.nii.gz", dtype=np.float32)
     out = tmp_path / "run"
+    size = str(2 * SIZE)  # a 4^3 token grid: at 2^3 no token of this small head is half brain
     assert main(["screen", str(images), "-o", str(out), "--template", str(folder), "--registered",
                  "--brain-mask", "hd-bet", "--hdbet-mode", "fast", "--backbone", "classical", "--method", "musc",
-                 "--size", str(2 * SIZE), "--device", "cpu", "--cache", str(tmp_path / "cache"), "--viewer-scans", "0"]) == 0
+                 "--size", size, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--viewer-scans", "0"]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert {s["id"]: s["brain_mask"] for s in report["subjects"]} == {"head_a": "hd-bet", "head_b": "hd-bet"}
     assert report["settings"]["brain_mask_used"] == {"hd-bet": ["head_a", "head_b"]}
