@@ -5,11 +5,11 @@ choice is added once, in the package that owns the option: preprocessing's in
 `preprocessing.choices`, the tokens' in `volumetric.choices`, the pipeline's here.
 """
 
-from preprocessing.choices import BIAS_CORRECTIONS, MASK_METHODS
+from preprocessing.choices import BIAS_CORRECTIONS, HDBET_MODES, MASK_METHODS
 from volumetric.choices import PRECISIONS
 
-__all__ = ["BIAS_CORRECTIONS", "BIDS_SUFFIXES", "EXPORTS", "EXTRACT_STAGES", "MASK_METHODS", "METHODS", "PRECISIONS",
-           "listed"]
+__all__ = ["BIAS_CORRECTIONS", "BIDS_SUFFIXES", "EXPORTS", "EXTRACT_STAGES", "HDBET_MODES", "MASK_METHODS", "METHODS",
+           "PRECISIONS", "listed"]
 
 METHODS = ("codegraph", "musc")  # scoring methods (`volumetric.engine.score_collections`)
 EXTRACT_STAGES = ("all", "spatial", "landmarks", "tokens")  # `volscan extract --stage`

@@ -25,7 +25,8 @@ Defaults the paper does not pin down:
 The typed settings of each stage are built from here, once per run, by `pipelines.plan` (which
 holds them in the `ScreenPlan`; no stage sees `ScreenConfig`): `preprocess_settings()`
 (`preprocessing.settings.PreprocessSettings`, every option of the chain, from the
-`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`/`bias_correction`), `token_settings()`
+`preprocess` table + `size`/`registered`/`skull_stripped`/`brain_mask`/`bias_correction`/`hdbet_mode`),
+`token_settings()`
 (`volumetric.tokens.TokenSettings`: the model flags + the `tokenizer` table; the classical
 tokenizer takes the table as its own arguments), `scoring_config()` (`volumetric.engine.ScoringConfig`
 with `EngineOptions`) and `outputs()`. Each derives its own cache key
@@ -68,6 +69,7 @@ class ScreenConfig:
     skull_stripped: bool = False
     brain_mask: str | None = None  # None = the `preprocess` table's, else "auto" (PreprocessSettings)
     bias_correction: str | None = None  # None = the `preprocess` table's, else "none" (PreprocessSettings)
+    hdbet_mode: str | None = None  # None = the `preprocess` table's, else "accurate" (PreprocessSettings)
     template: str | None = None
     cache: str | None = None
     seed: int = 0
@@ -121,12 +123,12 @@ class ScreenConfig:
     def preprocess_settings(self) -> Any:
         """Every preprocessing option, typed and checked (`PreprocessSettings`): the config's
         `preprocess` table plus the top-level `size`, `registered` and `skull_stripped`
-        (`brain_mask` and `bias_correction`, when set, win over the table's; an explicit
+        (`brain_mask`, `bias_correction` and `hdbet_mode`, when set, win over the table's; an explicit
         `bias_correction` none also drops the table's `n4` options)."""
         from preprocessing.settings import PreprocessSettings
 
         table = dict(self.preprocess)
-        for name in ("brain_mask", "bias_correction"):  # the flag wins over the table; else the table's or the default
+        for name in ("brain_mask", "bias_correction", "hdbet_mode"):  # the flag wins over the table; else the table's or the default
             if getattr(self, name) is not None:
                 table[name] = getattr(self, name)
         if self.bias_correction == "none":  # `--bias-correction none` over a config with N4 on: no N4, no options

@@ -24,6 +24,10 @@ from volumetric.errors import VolscanError
 # 3: cubes stored as scaled int16 (`preprocessing.io.save_volume(scaled_int16=True)`).
 PIPELINE_VERSION = 3
 
+# HD-BET masks changed when the scan went in FSL standard order and came back by HD-BET v1's
+# resize (`preprocessing.hdbet`): stores made with older HD-BET masks are not reused.
+HDBET_MASK_REVISION = 2
+
 
 @dataclass(frozen=True)
 class PreprocessSettings:
@@ -171,6 +175,7 @@ class PreprocessSettings:
         }
         if mask_method == "hd-bet":
             key["hdbet_mode"] = self.hdbet_mode
+            key["hdbet_revision"] = HDBET_MASK_REVISION
         if self.n4_applies:
             key.update(bias_correction="n4", n4=self.n4.key())
         return key

@@ -10,6 +10,7 @@ import socket
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from test_preprocessing_data import dice, small_template
 
 import preprocessing.hdbet
@@ -20,7 +21,7 @@ from pipelines.phantom.anatomy import procedural_head
 from preprocessing import learned_masks
 from preprocessing.brain_mask import TEMPLATE_WARNING, choose_mask_method, guess_contrast
 from preprocessing.cohort import SubjectSpec, preprocess_cohort
-from preprocessing.io import load_volume, save_volume
+from preprocessing.io import Volume, load_volume, save_volume
 from preprocessing.resample import resample_to_grid
 from preprocessing.settings import PreprocessSettings
 from volumetric.errors import VolscanError
@@ -144,14 +145,70 @@ def phantom_template(tmp_path_factory):
     return folder, head.image[crop], affine, head.brain_mask[crop]
 
 
-@pytest.mark.slow  # one HD-BET pass (fast mode) over its minimum 128^3 grid: ~40 CPU s
-def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_template, tmp_path, monkeypatch):
-    """HD-BET's own networks on a procedural head in a permuted voxel order, through `volscan
-    preprocess`, with every network connection refused."""
-    folder, head, affine, brain = phantom_template
-    image, stored = _permuted(head * 900.0, affine)
-    source = save_volume(image, stored, tmp_path / "in" / "head_t2.nii.gz", dtype=np.float32)
-    truth, _ = _permuted(brain, affine)
+def test_hdbet_mode_of_screen_flag_over_config_table(tmp_path):
+    """`volscan screen --hdbet-mode` (and a top-level `hdbet_mode` key) win over the `preprocess` table's."""
+    from pipelines.plan import check_settings
+    from pipelines.screen_config import resolve_config
+
+    path = tmp_path / "screen.yaml"
+    path.write_text("preprocess: {hdbet_mode: fast}\n", encoding="utf-8")
+    assert resolve_config(path).preprocess_settings().hdbet_mode == "fast"
+    assert resolve_config(path, hdbet_mode="accurate").preprocess_settings().hdbet_mode == "accurate"
+    assert resolve_config(None).preprocess_settings().hdbet_mode == "accurate"
+    with pytest.raises(VolscanError, match="unknown HD-BET mode 'quick'"):  # checked once, into the plan
+        check_settings(resolve_config(None, hdbet_mode="quick"))
+
+
+def _ball(shape: tuple[int, ...], step: tuple[float, ...], centre: np.ndarray, radius: float) -> np.ndarray:
+    """Voxels of a grid of `shape` whose centres, at fine-grid coordinates (k + 0.5) * step - 0.5
+    (the edge-aligned convention of a resize), lie within `radius` of `centre`."""
+    axes = np.meshgrid(*[(np.arange(n) + 0.5) * s - 0.5 for n, s in zip(shape, step)], indexing="ij")
+    return sum((a - c) ** 2 for a, c in zip(axes, centre)) <= radius**2
+
+
+def test_hdbet_mask_returns_to_the_exact_input_grid_unshifted():
+    """A ball on HD-BET's 1.5 mm grid comes back onto a 155-slice 1 mm grid (not a multiple of
+    1.5 mm) where it was: resized to the exact shape as HD-BET v1 does, not to a rounded shape then
+    padded, which shifts an off-centre ball by ~0.6 voxel and drops Dice to 0.973."""
+    shape = (155, 64, 64)
+    coarse_shape = tuple(int(round(n / 1.5)) for n in shape)
+    centre = (np.array(shape) - 1) / 2 + np.array([20.0, 0.0, 0.0])
+    coarse = _ball(coarse_shape, tuple(n / m for n, m in zip(shape, coarse_shape)), centre, 25.0)
+    truth = _ball(shape, (1.0, 1.0, 1.0), centre, 25.0)
+    back = preprocessing.hdbet.to_input_grid(coarse, shape)
+    assert back.shape == shape and dice(back, truth) >= 0.98
+    shift = np.array(ndimage.center_of_mass(back)) - np.array(ndimage.center_of_mass(truth))
+    assert np.abs(shift).max() < 0.2
+
+
+def test_hdbet_gets_the_scan_in_fsl_standard_order(monkeypatch):
+    """HD-BET is handed any scan as fslreorient2std would store it (LAS), transposed to (z, y, x),
+    with the voxel sizes in that order; its mask comes back in the scan's own voxel order."""
+    rng = np.random.default_rng(0)
+    ras = rng.random((12, 10, 8)).astype(np.float32)  # (R, A, S) voxel order, 1.0 / 2.0 / 3.0 mm
+    lps = ras[::-1, ::-1]  # the same image, voxel axes pointing to L, P, S
+    permuted = np.ascontiguousarray(lps.transpose(2, 0, 1))  # stored (S, L, P)
+    affine = np.zeros((4, 4))
+    affine[0, 1], affine[1, 2], affine[2, 0], affine[3, 3] = -1.0, -2.0, 3.0, 1.0
+    seen = {}
+
+    def probability(zyx, spacing, folds, mirror, where):
+        seen.update(zyx=zyx, spacing=spacing)
+        return np.where(zyx > 0.5, 0.75, 0.25)  # stands in for the network, on the grid it was given
+
+    monkeypatch.setattr(preprocessing.hdbet, "check_hdbet", lambda: None)
+    monkeypatch.setattr(preprocessing.hdbet, "hdbet_probability", probability)
+    mask = preprocessing.hdbet.hdbet_mask(Volume(permuted, affine), "fast")
+    np.testing.assert_array_equal(seen["zyx"], ras[::-1].transpose(2, 1, 0))  # LAS, then (z, y, x)
+    assert seen["spacing"] == (3.0, 2.0, 1.0)
+    largest = ndimage.label(permuted > 0.5, np.ones((3, 3, 3)))[0]
+    largest = largest == np.argmax(np.bincount(largest.ravel())[1:]) + 1
+    np.testing.assert_array_equal(mask, largest)  # HD-BET's post-processing: the largest component
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every network connection of this test raises (HD-BET would fetch a missing fold)."""
 
     def refuse(*args, **kwargs):
         raise OSError("network blocked by the test")
@@ -159,6 +216,16 @@ def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_templa
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.slow  # one HD-BET pass (fast mode) over its minimum 128^3 grid: ~40 CPU s
+def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_template, tmp_path, no_network):
+    """HD-BET's own networks on a procedural head in a permuted voxel order, through `volscan
+    preprocess`, with every network connection refused."""
+    folder, head, affine, brain = phantom_template
+    image, stored = _permuted(head * 900.0, affine)
+    source = save_volume(image, stored, tmp_path / "in" / "head_t2.nii.gz", dtype=np.float32)
+    truth, _ = _permuted(brain, affine)
     out = tmp_path / "out"
     assert main(["preprocess", str(source.parent), "-o", str(out), "--template", str(folder), "--registered",
                  "--size", str(SIZE), "--brain-mask", "hd-bet", "--hdbet-mode", "fast"]) == 0
@@ -170,6 +237,25 @@ def test_hdbet_fast_masks_a_head_offline_through_the_command_line(phantom_templa
     # The extractor alone, on the stored voxel order: the mask comes back on the input's grid.
     alone = preprocessing.hdbet.hdbet_mask(load_volume(source), "fast")
     assert alone.shape == image.shape and dice(alone, truth) >= 0.9
+
+
+@pytest.mark.slow  # two HD-BET passes (fast mode): ~80 CPU s
+def test_screen_with_hdbet_records_the_extractor_per_scan_offline(phantom_template, tmp_path, no_network):
+    """`volscan screen --brain-mask hd-bet --hdbet-mode fast` on raw heads (scalp and skull on),
+    the network blocked: report.json names the extractor of every scan and the mode used."""
+    folder, head, affine, _ = phantom_template
+    images = tmp_path / "heads"
+    save_volume(head * 900.0, affine, images / "head_a.nii.gz", dtype=np.float32)
+    save_volume(*_permuted(head * 1000.0, affine), images / "head_b.nii.gz", dtype=np.float32)
+    out = tmp_path / "run"
+    size = str(2 * SIZE)  # a 4^3 token grid: at 2^3 no token of this small head is half brain
+    assert main(["screen", str(images), "-o", str(out), "--template", str(folder), "--registered",
+                 "--brain-mask", "hd-bet", "--hdbet-mode", "fast", "--backbone", "classical", "--method", "musc",
+                 "--size", size, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--viewer-scans", "0"]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert {s["id"]: s["brain_mask"] for s in report["subjects"]} == {"head_a": "hd-bet", "head_b": "hd-bet"}
+    assert report["settings"]["brain_mask_used"] == {"hd-bet": ["head_a", "head_b"]}
+    assert report["settings"]["preprocess"]["hdbet_mode"] == "fast"
 
 
 def test_hdbet_command_line_messages(phantom_template, tmp_path, capsys, monkeypatch):

@@ -75,8 +75,8 @@ def test_extract_refuses_the_scoring_options_and_offers_no_other_choice_lists(ca
     """`volscan extract` scores nothing: `--method` / `--window` are refused with where they belong
     (never accepted and dropped), and its help does not list them. Every flag's choices come from
     `pipelines.choices`."""
-    from pipelines.choices import (BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, EXTRACT_STAGES, MASK_METHODS, METHODS,
-                                   PRECISIONS)
+    from pipelines.choices import (BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, EXTRACT_STAGES, HDBET_MODES, MASK_METHODS,
+                                   METHODS, PRECISIONS)
     from pipelines.cli import build_parser
 
     for flag, value in (("--window", "2"), ("--method", "musc")):
@@ -91,7 +91,8 @@ def test_extract_refuses_the_scoring_options_and_offers_no_other_choice_lists(ca
     assert "--window" not in text and "--method" not in text and "--precision" in text
     choices = {a.dest: tuple(a.choices) for a in build_parser("extract")[1]._actions if a.choices}
     assert choices == {"brain_mask": MASK_METHODS, "bias_correction": BIAS_CORRECTIONS,
-                       "precision": PRECISIONS, "stage": EXTRACT_STAGES, "bids_suffix": BIDS_SUFFIXES}
+                       "precision": PRECISIONS, "stage": EXTRACT_STAGES, "bids_suffix": BIDS_SUFFIXES,
+                       "hdbet_mode": HDBET_MODES}
     screen = {a.dest: tuple(a.choices) for a in build_parser("screen")[1]._actions if a.choices}
     assert screen["method"] == METHODS and screen["precision"] == PRECISIONS and screen["export"] == EXPORTS
 

@@ -17,8 +17,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registered", action="store_true", help="inputs are already in template space (skip registration)")
     parser.add_argument(
         "--brain-mask", choices=MASK_METHODS,
-        help="brain extractor (default auto: nonzero if --skull-stripped, else HD-BET if installed and "
-             "--mask-device is a GPU, else deepbet, else the registered template mask with a warning)",
+        help="brain extractor (default auto: nonzero if --skull-stripped, else deepbet, else HD-BET if "
+             "installed and --mask-device is a GPU, else the registered template mask with a warning)",
     )
     parser.add_argument(
         "--contrast", choices=CONTRASTS,

@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.choices import BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, MASK_METHODS, METHODS, PRECISIONS, listed
+from pipelines.choices import (BIAS_CORRECTIONS, BIDS_SUFFIXES, EXPORTS, HDBET_MODES, MASK_METHODS, METHODS, PRECISIONS,
+                               listed)
 from pipelines.screen_config import DEFAULT_BACKBONE
 
 # CLI flag -> ScreenConfig field for the settings that can also come from the config file.
 # SETTINGS: the per-scan settings of `add_settings_arguments` (shared with `volscan extract`);
 # SCORING: those only the group stage uses (`screen` and `score`; `extract` does not offer them).
 SETTINGS = (
-    "backbone", "weights", "layers", "size", "proj_dim", "device", "registered",
-    "skull_stripped", "brain_mask", "bias_correction", "template", "seed", "precision", "slices_per_block",
+    "backbone", "weights", "layers", "size", "proj_dim", "device", "registered", "skull_stripped", "brain_mask",
+    "hdbet_mode", "bias_correction", "template", "seed", "precision", "slices_per_block",
 )
 SCORING = ("method", "window")
 OVERRIDES = SETTINGS + SCORING + ("cache", "top", "histogram_bins", "flag_z", "viewer_scans")
@@ -100,8 +101,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, scoring: bool = True
     pre.add_argument("--skull-stripped", action=argparse.BooleanOptionalAction, default=None,
                      help="inputs are already skull-stripped (default no)")
     pre.add_argument("--brain-mask", choices=MASK_METHODS,
-                     help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else HD-BET "
-                          "if its weights are local, else deepbet, else the template mask with a warning)")
+                     help="brain extractor for raw scans (default auto: nonzero if skull-stripped, else deepbet, "
+                          "else HD-BET on a GPU, else the template mask with a warning)")
+    pre.add_argument("--hdbet-mode", choices=HDBET_MODES,
+                     help="HD-BET: accurate (default; 5 folds with test-time mirroring) or fast (1 fold, no mirroring)")
     pre.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                      help="N4 bias-field correction inside the brain mask before Nyúl (default auto: on for scans "
                      "volscan registers or skull-strips, off for --registered --skull-stripped inputs; none, n4 force it)")
