@@ -26,6 +26,7 @@ from pipelines.outputs import atomic_write_text, atomic_write_texts
 from pipelines.run_layout import REPORT_HTML, REPORT_JSON, SCORES_CSV
 from pipelines.safe_text import csv_cell, csv_value, href
 from volumetric.errors import InputFileError
+from volumetric.hashing import volscan_version
 
 RANDOM_WEIGHTS_WARNING = (
     "Backbone weights are RANDOM: scores and maps are meaningless on real data "
@@ -557,7 +558,7 @@ def build_report(
             "details": scores.summary,
         }
     return Report(
-        volscan_version=_version(),
+        volscan_version=volscan_version(),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         input=source,
         output=str(Path(out_dir).resolve()),
@@ -585,15 +586,6 @@ def build_report(
         excluded_fraction=codegraph["excluded_fraction"] if codegraph else 0.0,
         subjects=entries,
     )
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("volscan")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def report_rows(report: Report) -> list[ScoreRow]:

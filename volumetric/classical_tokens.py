@@ -79,8 +79,9 @@ import torch
 from scipy import ndimage
 
 from volumetric.backbones import BackboneIdentity
+from volumetric.cache_keys import TOKEN_FORMAT_VERSION
 from volumetric.errors import VolscanError
-from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
+from volumetric.token_set import TokenSet
 from volumetric.tokens import DEFAULT_VOID_FRACTION, void_from_mask
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from pipelines.distributed.runners import LocalRunner, RayRunner, RaySettings
 from pipelines.distributed.sharding import Part
 from pipelines.inputs import Subject
 from pipelines.screen_config import ScreenConfig
+from volumetric.cache_keys import extract_logs
 from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def extract_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root
     """Where the extract runs of this cohort keep their error logs: `<cache>/extract/<cohort digest>`."""
     from pipelines.stages.preprocess import cohort_folder
 
-    return cache_root / "extract" / cohort_folder(subjects, config, cache_root).name
+    return extract_logs(cache_root, cohort_folder(subjects, config, cache_root).name)
 
 
 def run_extract(subjects: Sequence[Subject], config: ScreenConfig, settings: ExtractSettings = ExtractSettings()) -> ExtractResult:

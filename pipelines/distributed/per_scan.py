@@ -28,6 +28,7 @@ from typing import Any
 
 from pipelines.inputs import Subject
 from pipelines.screen_config import ScreenConfig
+from volumetric.cache_keys import model_input_hash, token_key, tokens_root
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,6 @@ def _spatial(plan: ScanPlan, subject: Subject) -> bool:
 
 def _tokens(plan: ScanPlan, subject: Subject) -> bool:
     from pipelines.stages.preprocess import prepare
-    from pipelines.stages.tokens import token_key
     from volumetric.token_cache import TokenCache
 
     if plan.kind == "3d":
@@ -135,8 +135,8 @@ def _tokens(plan: ScanPlan, subject: Subject) -> bool:
     else:
         array, brain_mask = prepare([subject], "2d", plan.config, plan.cache_root).load[0]()
     tokenizer, settings = _WORKER.tokenizer(plan)
-    cache = TokenCache(plan.cache_root / "tokens")
-    key = token_key(cache, array, brain_mask, settings)
+    cache = TokenCache(tokens_root(plan.cache_root))
+    key = token_key(model_input_hash(array, brain_mask), settings)
     if cache.load(key) is not None:
         return False
     cache.store(key, tokenizer(array, brain_mask) if plan.kind == "3d" else tokenizer(array))

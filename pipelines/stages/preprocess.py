@@ -7,9 +7,7 @@ resumable, one set of Nyúl landmarks for the cohort, per-subject `registered` /
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 
 from pipelines.inputs import Subject
 from pipelines.screen_config import ScreenConfig
+from volumetric.cache_keys import preprocess_store, store_name
 from volumetric.errors import VolscanError
 
 
@@ -30,11 +29,6 @@ class Prepared:
     load: list[Callable[[], tuple[np.ndarray, np.ndarray | None]]]
     mappings: list[Any] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def digest(obj: Any) -> str:
-    """Short content key of a JSON-able object (cache folder names)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[str], name: str) -> dict[str, Any]:
@@ -49,27 +43,18 @@ def checked_table(table: dict[str, Any], target: Callable[..., Any], fixed: set[
 
 
 def cohort_folder(subjects: Sequence[Subject], config: ScreenConfig, cache_root: Path) -> Path:
-    """The cohort's preprocessing store, `<cache>/preprocess/<digest>` (3D; used by `volscan extract` too).
-
-    One folder per cohort and spatial settings: other cohorts never evict it. The name holds no
-    path: the inputs by subject id and content fingerprint (`preprocessing.store.content_fingerprint`,
-    a few sampled blocks per file) and the template by its files' content, so jobs that mount the
-    inputs, the template or the cache at other paths, or spell them otherwise, share one store.
-    When N4 applies (`n4`, or `auto` on raw scans), `bias_correction` and `n4` are part of the
-    name (screens with and without N4 get their own stores)."""
+    """The cohort's preprocessing store, `<cache>/preprocess/<name>` (3D; used by `volscan extract`
+    too): one folder per cohort and spatial settings, named by `volumetric.cache_keys.store_name`
+    (no path in it: jobs that mount the inputs, the template or the cache elsewhere share it)."""
     from pipelines.inputs import input_kind
-    from preprocessing.store import content_fingerprint, content_hash
     from preprocessing.template import find_template_folder, template_files
 
-    template = ([content_hash(path) for path in template_files(find_template_folder(config.template))]
+    template = (template_files(find_template_folder(config.template))
                 if input_kind([s.image for s in subjects]) == "3d" else None)  # 2D: its extract logs only
-    key = {"inputs": sorted((s.id, content_fingerprint(s.image)) for s in subjects), "size": config.size,
-           "template": template}
     settings = config.preprocess_settings()
-    if settings.n4_applies:
-        key.update(bias_correction="n4", n4=settings.n4.key())
-    cohort = digest(key)
-    return cache_root / "preprocess" / cohort
+    name = store_name([(s.id, s.image) for s in subjects], config.size, template,
+                      settings.n4.key() if settings.n4_applies else None)
+    return preprocess_store(cache_root, name)
 
 
 def prepare(subjects: list[Subject], kind: str, config: ScreenConfig, cache_root: Path,

@@ -8,7 +8,6 @@ with the same settings extracts nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from pipelines.failures import shown
 from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
 from pipelines.stages.preprocess import Prepared, checked_table
+from volumetric.cache_keys import model_input_hash, token_key, token_settings, tokens_root
 from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,7 @@ def make_tokenizer(
         tokenizer = ClassicalTokenizer(**options)
     else:
         tokenizer = dataclasses.replace(options, device=device).build(kind, model=backbone)
-    return tokenizer, dict(tokenizer.settings, size=config.size)
-
-
-def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, settings: dict[str, Any]) -> str:
-    """The one cache-key recipe: content of the model input (and brain mask) + token settings."""
-    from volumetric.token_cache import content_hash
-
-    source = content_hash(array) + (content_hash(brain_mask) if brain_mask is not None else "")
-    return cache.key(hashlib.sha256(source.encode()).hexdigest(), settings)
+    return tokenizer, token_settings(tokenizer.settings, config.size)
 
 
 def extract_tokens(
@@ -83,13 +75,13 @@ def extract_tokens(
     from volumetric.token_cache import TokenCache
 
     tokenizer, settings = make_tokenizer(config, kind, device, options, backbone)
-    cache = TokenCache(cache_root / "tokens")
+    cache = TokenCache(tokens_root(cache_root))
     token_sets, packed_masks, computed, missing, keys = [], [], 0, [], []
     for sid, load in zip(ids, tqdm(prepared.load, desc="tokens", unit="vol" if kind == "3d" else "img")):
         array, brain_mask = load()
         if brain_mask is not None:
             packed_masks.append(pack_mask(brain_mask))
-        key = token_key(cache, array, brain_mask, settings)
+        key = token_key(model_input_hash(array, brain_mask), settings)
         keys.append(key)
         try:
             tokens = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache
