@@ -121,7 +121,8 @@ def screen_subjects(
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
     from pipelines.hotspots import flag_rule
     from pipelines.outputs import AtomicOutputDir
-    from pipelines.report import build_report, report_rows, write_run_tables
+    from pipelines.report import report_rows
+    from pipelines.report_build import build_report, write_run_tables
     from pipelines.stages import outputs, preprocess, score, tokens
     from pipelines.validation import check_settings
 
