@@ -18,6 +18,7 @@ from preprocessing.intensity import Landmarks
 from preprocessing.settings import PreprocessSettings
 from preprocessing.template import find_template_folder, resolve_template, template_files
 from volumetric.cache_keys import (
+    keyed_token_settings,
     landmarks_key,
     model_input_hash,
     preprocess_store,
@@ -26,7 +27,6 @@ from volumetric.cache_keys import (
     store_name,
     token_file,
     token_key,
-    token_settings,
     tokens_root,
 )
 from volumetric.classical_tokens import ClassicalTokenizer
@@ -90,7 +90,7 @@ def test_keys_are_the_released_ones(inputs, tmp_path):
         "7f5e6514aad00a19926734843b135275f7db894810627f5c0b0e8f6f2db30c84"
     assert token_key(model_input_hash(array, None), vit) == \
         "28e3db0d70c9aa66c55e18b3ac01dbf292f7ece1bb243850be9cc0b776d2bf1a"
-    classical = token_settings(ClassicalTokenizer().settings, 112)
+    classical = keyed_token_settings(ClassicalTokenizer().settings, 112)
     assert token_key(model_input_hash(array, mask), classical) == \
         "e3ca8ef0e4717f859ee1e30f024b900ea1e4494e8c719715806024ccadc5adf6"
     assert token_key("abc", {"x": 1}) == "52653a6ba246baa584794e152d8d98fd15e55716619b5e9876966291d0d4ac89"

@@ -113,14 +113,14 @@ def model_input_hash(array: np.ndarray, brain_mask: np.ndarray | None) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-def token_settings(tokenizer_settings: Mapping[str, Any], size: int) -> dict[str, Any]:
+def keyed_token_settings(tokenizer_settings: Mapping[str, Any], size: int) -> dict[str, Any]:
     """What a token entry is keyed by besides its input: the tokenizer's `settings` and the
     cube or image `size`."""
     return dict(tokenizer_settings, size=size)
 
 
 def token_key(input_hash: str, settings: Mapping[str, Any]) -> str:
-    """Hex key of a token entry from its input's hash (`model_input_hash`) and `token_settings`."""
+    """Hex key of a token entry from its input's hash (`model_input_hash`) and `keyed_token_settings`."""
     try:
         blob = json.dumps({"input": input_hash, "settings": dict(settings), "format": TOKEN_FORMAT_VERSION},
                           sort_keys=True, separators=(",", ":"))

@@ -18,7 +18,7 @@ import numpy as np
 from pipelines.failures import shown
 from pipelines.screen_config import CLASSICAL_BACKBONE, ScreenConfig
 from pipelines.stages.preprocess import Prepared, checked_table
-from volumetric.cache_keys import model_input_hash, token_key, token_settings, tokens_root
+from volumetric.cache_keys import keyed_token_settings, model_input_hash, token_key, tokens_root
 from volumetric.errors import InputFileError, VolscanError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def make_tokenizer(
         tokenizer = ClassicalTokenizer(**options)
     else:
         tokenizer = dataclasses.replace(options, device=device).build(kind, model=backbone)
-    return tokenizer, token_settings(tokenizer.settings, config.size)
+    return tokenizer, keyed_token_settings(tokenizer.settings, config.size)
 
 
 def extract_tokens(
