@@ -1,6 +1,7 @@
 """What volscan keeps in a cache folder, how big it is, and pruning it (`volscan cache du|prune`).
 
-A cache folder (`--cache`, default `$VOLSCAN_CACHE_DIR` or `~/.cache/volscan`) holds:
+A cache folder (`--cache`, default `$VOLSCAN_CACHE_DIR` or `~/.cache/volscan`) holds
+(locations and keys: `volumetric.cache_keys`):
 
 - `preprocess/<cohort digest>/`: one preprocessing store per cohort (`preprocessing.store`),
   marked by its `volscan-store.json` and its subject records;
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from volumetric.atomic_files import is_temporary, remove_stale_temporaries
+from volumetric.cache_keys import extract_logs_root, preprocess_root, tokens_root
 from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
@@ -95,16 +97,16 @@ def scan_cache(root: str | os.PathLike[str]) -> CacheContents:
         raise VolscanError(f"{root}: no such cache folder")
     contents = CacheContents(root)
     claimed: set[Path] = set()
-    for folder in sorted((root / "preprocess").glob("*/")):
+    for folder in sorted(preprocess_root(root).glob("*/")):
         entry = _store_entry(folder)
         if entry is not None:
             contents.entries.append(entry)
             claimed.update(entry.files)
-    for path in sorted((root / "tokens").glob("??/*.safetensors")):
+    for path in sorted(tokens_root(root).glob("??/*.safetensors")):
         if _TOKEN_NAME.fullmatch(path.name) and path.parent.name == path.name[:2] and _is_token_file(path):
             contents.entries.append(_file_entry("tokens", path))
             claimed.add(path)
-    for path in sorted((root / "extract").glob("*/errors-*.jsonl")):
+    for path in sorted(extract_logs_root(root).glob("*/errors-*.jsonl")):
         if _LOG_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
             contents.entries.append(_file_entry("log", path))
             claimed.add(path)

@@ -43,23 +43,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 OWN_LOGGERS = ("volscan", "volumetric", "preprocessing", "pipelines", "benchmarks")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("volscan")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
     """(top-level parser, the `chosen` sub-command's parser); only the chosen sub-command's
     module adds its arguments."""
+    from volumetric.hashing import volscan_version  # not at the top: it imports numpy, which `--help` does not need
+
     parser = argparse.ArgumentParser(
         prog="volscan",
         description="Training-free anomaly detection in 3D medical images.",
     )
-    parser.add_argument("--version", action="version", version=f"volscan {_version()}")
+    parser.add_argument("--version", action="version", version=f"volscan {volscan_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging: -v adds other packages' INFO lines, -vv debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -15,10 +15,10 @@ demo then shows *detection*, not only the pipeline. The ViT path is one option a
 (`backbone=DEMO_VIT_BACKBONE`, with `weights=PATH` for meaningful scores; without weights it runs
 on RANDOM weights and says so loudly). The console and the report name the features used.
 
-Defaults (chosen, measured in docs/demo.md): cube 84 (a 6^3 token grid, ~25 mm per token);
-lesion contrast 1.5 (clearly brighter than CSF): with it both the demo and the 9-scan cohort of
-its test rank every lesion scan first, while at the T2-like contrast 1.0 the 9-scan cohort
-reaches only patient AUROC 0.89 (the 18-scan demo 0.99); CoDeGraph scoring, as `volscan screen`.
+Defaults (why, with the measurements: docs/demo.md): cube 84 (a 6^3 token grid, ~25 mm per
+token); lesion contrast 1.5 (clearly brighter than CSF, so that a cohort this small, whose
+look-alike lesions vouch for each other, ranks every lesion scan first, in the demo and in the
+smaller cohort of its test); CoDeGraph scoring, as `volscan screen`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from pipelines.images2d import resize
 from pipelines.subjects import check_label_grid, match_labels
 from pipelines.labels import read_mask
 from pipelines.maps import score_range, upsample_scores
-from pipelines.report import Report, read_report_json, write_run_tables
+from pipelines.report import Report, read_report_json
+from pipelines.report_build import write_run_tables
 from pipelines.run_layout import FIGURES_DIR, RunLayout
 from preprocessing.native_mapping import NativeMapping
 from volumetric.errors import InputFileError, VolscanError

@@ -248,7 +248,7 @@ def _as_json(value: Any) -> Any:
 
 def _template_digest(template: str | None) -> list[str] | str:
     """Content hashes of a template folder's files (the folder may be spelled or mounted otherwise)."""
-    from preprocessing.store import content_hash
+    from volumetric.hashing import content_hash
     from preprocessing.template import find_template_folder, template_files
 
     try:

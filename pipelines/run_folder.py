@@ -62,7 +62,7 @@ def read_run_marker(folder: str | Path) -> dict[str, Any] | None:
 
 
 def _checksums(folder: Path) -> dict[str, str]:
-    from volumetric.backbones import file_sha256
+    from volumetric.hashing import file_sha256
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (RUN_MARKER, PARTIAL_MARKER))
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
@@ -72,14 +72,10 @@ def write_run_marker(folder: str | Path, command: str, *, complete: bool = True,
     """Write `folder`/volscan-run.json naming `command`, with the SHA-256 of every file in `folder`
     (none with `checksums=False`, or `complete=False`: the folder is volscan's but its command
     has not finished)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from volumetric.hashing import volscan_version
 
     folder = Path(folder)
-    try:
-        release = version("volscan")
-    except PackageNotFoundError:
-        release = "unknown"
-    marker = {"format": MARKER_FORMAT, "command": command, "volscan_version": release,
+    marker = {"format": MARKER_FORMAT, "command": command, "volscan_version": volscan_version(),
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": complete,
               "checksums": _checksums(folder) if complete and checksums else {}}
     return atomic_write_bytes(folder / RUN_MARKER, json.dumps(marker, indent=1).encode("utf-8"))
@@ -88,7 +84,7 @@ def write_run_marker(folder: str | Path, command: str, *, complete: bool = True,
 def verify_run(folder: str | Path, command: str, prefixes: Sequence[str] = ("",)) -> dict[str, Any]:
     """Check that `folder` is a finished `command` output and that every file it recorded whose
     path starts with one of `prefixes` is unchanged; raise `InputFileError` naming the first bad one."""
-    from volumetric.backbones import file_sha256
+    from volumetric.hashing import file_sha256
 
     folder = Path(folder)
     if not folder.is_dir():

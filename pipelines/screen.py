@@ -29,7 +29,8 @@ from pipelines.methods_text import methods_paragraph, write_references
 from pipelines.mood import check_exports, write_mood_export
 from pipelines.plan import CheckedSettings, ScreenPlan, build_plan, check_settings
 from pipelines.reference import ReferenceRequest, ReferenceRun, open_reference, save_cohort
-from pipelines.report import build_report, report_rows, write_run_tables
+from pipelines.report import report_rows
+from pipelines.report_build import build_report, write_run_tables
 from pipelines.run_folder import AtomicOutputDir, check_output_dir
 from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig

@@ -256,8 +256,8 @@ def check_duplicates(subjects: Sequence[Subject]) -> None:
     scoring each would find a perfect look-alike in the other, so a lesion scan's copy vouches
     for it (docs/screen.md). Only files of equal size are compared, first by a sampled fingerprint
     (1 MiB read per file: uncompressed volumes of one grid all have the same size), then by their
-    full hash, remembered for the rest of the run (`preprocessing.store.content_hash`)."""
-    from preprocessing.store import content_fingerprint, content_hash, content_size
+    full hash, remembered for the rest of the run (`volumetric.hashing.content_hash`)."""
+    from volumetric.hashing import content_fingerprint, content_hash, content_size
 
     by_size: dict[int, list[Subject]] = {}
     for subject in subjects:

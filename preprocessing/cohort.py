@@ -32,8 +32,6 @@ from preprocessing.io import load_volume, save_volume, subject_id
 from preprocessing.settings import PreprocessSettings
 from preprocessing.store import (
     SubjectRecord,
-    content_hash,
-    digest,
     file_checksums,
     open_for_writing,
     read_record,
@@ -43,6 +41,7 @@ from preprocessing.store import (
 )
 from preprocessing.template import Template, resolve_template
 from preprocessing.volume import VolumePreprocessor
+from volumetric.cache_keys import landmarks_key, scan_key, standardised_key
 from volumetric.errors import InputFileError, VolscanError, first_line
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ def preprocess_cohort(
     if until == "landmarks":
         return CohortResult(records=records, landmarks=landmarks, landmarks_path=landmarks_path, computed=computed)
     for subject in tqdm(subjects, desc="standardise", unit="vol", disable=not progress):
-        record, final_key = subject.record, _final_key(subject.key, landmarks)
+        record, final_key = subject.record, standardised_key(subject.key, landmarks.digest)
         done = read_record(out, record.id)
         if not force and done.get("final_key") == final_key:
             if verified_files(out, (record.image_path,), done.get("final_files")):
@@ -188,7 +187,7 @@ def check_store(
     elif settings.landmarks:
         if Landmarks.load(settings.landmarks).digest != landmarks.digest:
             problem = f"not the fixed landmarks {settings.landmarks}"
-    elif info.get("cohort_key") != _cohort_key(subjects, settings.cutoff):
+    elif info.get("cohort_key") != landmarks_key(((s.record.id, s.key) for s in subjects), settings.cutoff):
         learned_on = info.get("spatial")
         changed = sorted(s.record.id for s in subjects if not isinstance(learned_on, dict)
                          or learned_on.get(s.record.id) != s.key)
@@ -200,7 +199,7 @@ def check_store(
             done = records[subject.record.id]
             if subject.record.id in scans:
                 continue
-            if done.get("final_key") != _final_key(subject.key, landmarks):
+            if done.get("final_key") != standardised_key(subject.key, landmarks.digest):
                 scans[subject.record.id] = ("not standardised" if not done.get("final_key")
                                             else "standardised with other landmarks")
             elif not verified_files(out, (subject.record.image_path,), done.get("final_files"), rebuild=False):
@@ -253,19 +252,8 @@ def _subjects(specs: list[SubjectSpec], out: Path, settings: PreprocessSettings,
         choice = pre.mask_choice(spec.path)
         record = subject_record(out, spec.id, spec.path, choice.method, (choice.warning,) if choice.warning else ())
         settings_key = pre.settings_key(spec.path)
-        key = digest({"input": content_hash(spec.path), "settings": settings_key})
-        subjects.append(_Subject(pre, choice, record, key, settings_key))
+        subjects.append(_Subject(pre, choice, record, scan_key(spec.path, settings_key), settings_key))
     return subjects
-
-
-def _cohort_key(subjects: list[_Subject], cutoff: tuple[float, float]) -> str:
-    """Key of learned landmarks: every subject's spatial output and the cutoff."""
-    return digest({"subjects": sorted((s.record.id, s.key) for s in subjects), "cutoff": list(cutoff)})
-
-
-def _final_key(spatial_key: str, landmarks: Landmarks) -> str:
-    """Key of a standardised cube: its spatial output and the landmarks applied."""
-    return digest({"spatial": spatial_key, "landmarks": landmarks.digest})
 
 
 def _mask_entry(choice: MaskChoice) -> dict:
@@ -371,7 +359,7 @@ def _cohort_landmarks(
                 raise _stale_error(path)
             given.save(path, extra={"digest": given.digest})
         return given, path
-    cohort_key = _cohort_key(subjects, cutoff)
+    cohort_key = landmarks_key(((s.record.id, s.key) for s in subjects), cutoff)
     if stored is not None and not force:
         if info.get("cohort_key") == cohort_key:
             return stored, path

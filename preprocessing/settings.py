@@ -18,15 +18,8 @@ from preprocessing.choices import BIAS_CORRECTIONS, CONTRASTS, HDBET_MODES, MASK
 from preprocessing.crop_resize import check_cube_size
 from preprocessing.intensity import DEFAULT_CUTOFF, check_cutoff
 from preprocessing.registration import RegistrationSettings
+from volumetric.cache_keys import HDBET_MASK_REVISION, PIPELINE_VERSION
 from volumetric.errors import VolscanError
-
-# Bump when a change of the chain changes outputs made with the same settings (invalidates caches).
-# 3: cubes stored as scaled int16 (`preprocessing.io.save_volume(scaled_int16=True)`).
-PIPELINE_VERSION = 3
-
-# HD-BET masks changed when the scan went in FSL standard order and came back by HD-BET v1's
-# resize (`preprocessing.hdbet`): stores made with older HD-BET masks are not reused.
-HDBET_MASK_REVISION = 2
 
 
 @dataclass(frozen=True)

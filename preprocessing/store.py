@@ -18,11 +18,9 @@ not promise a rebuild, and the caller reports the subject instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,7 @@ import numpy as np
 from preprocessing.io import load_volume
 from preprocessing.native_mapping import NativeMapping
 from volumetric.atomic_files import atomic_write_bytes, tidy_before_writing
-from volumetric.backbones import file_sha256
-from volumetric.errors import InputFileError
+from volumetric.hashing import digest, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -187,85 +184,5 @@ def verified_files(out: Path, paths: tuple[Path, ...], checksums: dict[str, str]
     return True
 
 
-def content_hash(path: Path) -> str:
-    """SHA-256 of an input file, or of every file of a DICOM series folder (sorted by name).
-
-    Each file is read once per process while it is unchanged (`_file_hash`): the validation
-    pass, the cohort run and `volscan score`'s checks all ask for the same inputs' hashes."""
-    path = Path(path)
-    files = _files(path)
-    if not path.is_dir():
-        return _file_hash(path)
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(_file_hash(file).encode())
-    return digest.hexdigest()
-
-
-def content_size(path: Path) -> int:
-    """Bytes of an input file, or of every file of a DICOM series folder: equal content, equal size."""
-    return sum(file.stat().st_size for file in _files(Path(path)))
-
-
-def content_fingerprint(path: Path) -> str:
-    """Short identity of an input's content that reads at most `_SAMPLES` blocks of `_BLOCK`
-    bytes per file, whatever its size: its size and evenly spaced blocks from its first to its
-    last byte (a gzip file's last 8 bytes are the CRC-32 and length of its whole uncompressed
-    content). For names of shared folders (`pipelines.stages.preprocess.cohort_folder`), never
-    for correctness: every stored file is keyed by the full `content_hash`."""
-    digest = hashlib.sha256()
-    for file in _files(Path(path)):
-        digest.update(_remembered(file, "sampled", _sampled_sha256).encode())
-    return digest.hexdigest()[:32]
-
-
-_SAMPLES, _BLOCK = 16, 1 << 16
-# {(what, device, inode, size, mtime in ns, real path): hex digest} of the files this process read.
-_DIGESTS: dict[tuple[str, int, int, int, int, str], str] = {}
-
-
-def _files(path: Path) -> list[Path]:
-    """`path`, or the files of the folder `path` (sorted); `InputFileError` when there are none."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if not files or not all(f.exists() for f in files):
-        raise InputFileError(path, "no such file or folder")
-    return files
-
-
-def _file_hash(path: Path) -> str:
-    return _remembered(path, "sha256", file_sha256)
-
-
-def _remembered(path: Path, what: str, compute: Callable[[Path], str]) -> str:
-    """`compute(path)`, remembered by this process while the file's inode, size and modification
-    time stay the same."""
-    info = path.stat()
-    key = (what, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, os.path.realpath(path))
-    if key not in _DIGESTS:
-        _DIGESTS[key] = compute(path)
-    return _DIGESTS[key]
-
-
-def _sampled_sha256(file: Path) -> str:
-    """SHA-256 of a file's size and `_SAMPLES` evenly spaced `_BLOCK`-byte blocks (the whole
-    file when it is smaller than those blocks together)."""
-    digest = hashlib.sha256()
-    size = file.stat().st_size
-    digest.update(f"{size};".encode())
-    with open(file, "rb") as handle:
-        if size <= _SAMPLES * _BLOCK:
-            digest.update(handle.read())
-        else:
-            for i in range(_SAMPLES):
-                handle.seek((size - _BLOCK) * i // (_SAMPLES - 1))
-                digest.update(handle.read(_BLOCK))
-    return digest.hexdigest()
-
-
-def digest(obj: object) -> str:
-    """Short key of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 def _checksum(record: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(record, 64)

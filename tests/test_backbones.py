@@ -10,12 +10,12 @@ import torch
 from volumetric.backbones import (
     create_backbone,
     default_layers,
-    file_sha256,
     patch_size,
     resolve_layers,
     save_backbone_weights,
 )
 from volumetric.errors import InputFileError, VolscanError
+from volumetric.hashing import file_sha256
 
 
 def _split(spec: dict) -> tuple[str, dict]:

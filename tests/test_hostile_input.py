@@ -403,13 +403,13 @@ def test_mask_rule_reduces_what_is_unambiguous(tmp_path: Path) -> None:
 
 _KILL_AFTER_RENDERING = """
 import os, signal, sys
-import pipelines.report as report
-real = report.report_html
+import pipelines.report_build as report_build
+real = report_build.report_html
 def render(*args, **kwargs):
     text = real(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while the run's tables are being written
     return text
-report.report_html = render
+report_build.report_html = render
 from pipelines.cli import main
 sys.exit(main())
 """

@@ -36,8 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "pipelines.distributed"),
     # The run's files: metrics, report, figures, viewers, cache accounting.
     ("pipelines.evaluate",),
-    ("pipelines.report", "pipelines.figures", "pipelines.viewer", "pipelines.viewer2d", "pipelines.cache_files",
-     "pipelines.datasets"),
+    ("pipelines.report_build", "pipelines.report_html", "pipelines.report", "pipelines.figures", "pipelines.viewer",
+     "pipelines.viewer2d", "pipelines.cache_files", "pipelines.datasets"),
     ("pipelines.plan",),
     ("pipelines.validation",),
     ("pipelines.screen_config", "pipelines.config_schema"),

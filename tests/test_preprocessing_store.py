@@ -207,28 +207,3 @@ def test_cubes_are_stored_as_scaled_int16_within_half_a_step(cohort, tmp_path):
     top = float(np.abs(values).max())
     assert np.abs(back - values).max() <= top / 65534 + 4 * FLOAT32_EPS * top
     assert not back[2:4].any() and back.dtype == np.float32
-
-
-def test_content_hash_and_fingerprint_follow_content_not_path(tmp_path):
-    from preprocessing.store import content_fingerprint, content_hash, content_size
-
-    rng = np.random.default_rng(2)
-    big = rng.bytes(3 << 20)  # beyond the fingerprint's 16 sampled 64 KiB blocks
-    a, b = tmp_path / "a.nii.gz", tmp_path / "elsewhere" / "b.nii.gz"
-    b.parent.mkdir()
-    a.write_bytes(big)
-    b.write_bytes(big)
-    assert content_hash(a) == content_hash(b) and content_fingerprint(a) == content_fingerprint(b)
-    assert content_size(a) == len(big)
-    changed = bytearray(big)
-    changed[-1] ^= 1  # e.g. a gzip trailer's CRC: the last block is always sampled
-    b.write_bytes(bytes(changed))
-    assert content_hash(a) != content_hash(b) and content_fingerprint(a) != content_fingerprint(b)
-    series = tmp_path / "series"  # a DICOM series folder: every file, sorted by name
-    series.mkdir()
-    (series / "1.dcm").write_bytes(b"one")
-    (series / "2.dcm").write_bytes(b"two")
-    assert content_size(series) == 6 and len(content_hash(series)) == 64
-    before = content_hash(series)
-    (series / "2.dcm").write_bytes(b"TWO!")  # another size: remembered hashes are not reused
-    assert content_hash(series) != before

@@ -17,10 +17,10 @@ from pipelines.report import (
     ScanEntry,
     rank_scores,
     read_scores_csv,
-    report_html,
     scores_csv_text,
     write_scores_csv,
 )
+from pipelines.report_html import report_html
 from pipelines.screen_config import ScreenConfig, read_config_file, resolve_config
 from volumetric.errors import InputFileError, VolscanError
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from volumetric.backbones import create_backbone
+from volumetric.cache_keys import token_key
 from volumetric.errors import InputFileError, VolscanError
-from volumetric.token_cache import TokenCache, content_hash
+from volumetric.token_cache import TokenCache
 from volumetric.token_set import TokenSet
 from volumetric.tokens import VolumeTokenizer
 
@@ -77,46 +78,18 @@ def test_failed_write_leaves_nothing(tokens, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_content_hash_of_files_and_arrays(tmp_path, volume):
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(b"volume bytes")
-    b.write_bytes(b"volume bytes")
-    assert content_hash(a) == content_hash(str(b))
-    b.write_bytes(b"volume bytez")
-    assert content_hash(a) != content_hash(b)
-    assert content_hash(volume) == content_hash(torch.from_numpy(volume.copy()))
-    assert content_hash(volume) != content_hash(volume.astype(np.float64))
-    assert content_hash(volume) != content_hash(volume.reshape(28, 784))
-    changed = volume.copy()
-    changed[3, 4, 5] += 1
-    assert content_hash(volume) != content_hash(changed)
-    with pytest.raises(VolscanError, match="missing.nii.gz: cannot read"):
-        content_hash(tmp_path / "missing.nii.gz")
-
-
-def test_key_depends_on_input_and_every_setting(tmp_path):
-    cache = TokenCache(tmp_path)
-    base = cache.key("abc", SETTINGS)
-    assert base == cache.key("abc", dict(reversed(list(SETTINGS.items()))))
-    assert base != cache.key("abd", SETTINGS)
-    changed = {"backbone": "vit_large_patch14_dinov2", "weights": "file:00", "layers": [2, 1], "proj_dim": 32,
-               "seed": 1, "size": 56, "void_fraction": 0.25}
-    for name, value in changed.items():
-        assert cache.key("abc", dict(SETTINGS, **{name: value})) != base, name
-    with pytest.raises(VolscanError, match="JSON"):
-        cache.key("abc", {"x": object()})
+def test_invalid_key_is_refused(tmp_path):
     with pytest.raises(VolscanError, match="invalid token cache key"):
-        cache.path("../../etc/passwd")
+        TokenCache(tmp_path).path("../../etc/passwd")
 
 
-def test_tokenizer_settings_key_the_cache(tokenizer, tmp_path):
-    cache = TokenCache(tmp_path)
+def test_tokenizer_settings_key_the_cache(tokenizer):
     other = VolumeTokenizer(tokenizer.backbone, proj_dim=16, seed=1, progress=False)
-    assert cache.key("h", tokenizer.settings) != cache.key("h", other.settings)
-    assert cache.key("h", tokenizer.settings) == cache.key("h", VolumeTokenizer(
+    assert token_key("h", tokenizer.settings) != token_key("h", other.settings)
+    assert token_key("h", tokenizer.settings) == token_key("h", VolumeTokenizer(
         tokenizer.backbone, proj_dim=16, progress=False).settings)
     # every setting that changes tokens changes the key: bf16 tokens differ slightly from fp32 ones
-    keys = {cache.key("h", VolumeTokenizer(tokenizer.backbone, proj_dim=16, progress=False, **change).settings)
+    keys = {token_key("h", VolumeTokenizer(tokenizer.backbone, proj_dim=16, progress=False, **change).settings)
             for change in (dict(precision="fp32"), dict(precision="bf16"), dict(precision="fp32", final_norm=False),
                            dict(precision="fp32", slices_per_block=7))}
     assert len(keys) == 4
@@ -124,7 +97,7 @@ def test_tokenizer_settings_key_the_cache(tokenizer, tmp_path):
 
 def test_miss_store_hit(tokens, tmp_path):
     cache = TokenCache(tmp_path / "cache")
-    key = cache.key("abc", SETTINGS)
+    key = token_key("abc", SETTINGS)
     assert cache.load(key) is None
     path = cache.store(key, tokens)
     assert path == cache.path(key) and path.is_file()
@@ -134,7 +107,7 @@ def test_miss_store_hit(tokens, tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
 def test_corrupt_entries_are_deleted_and_rebuilt(tokens, tmp_path, damage, caplog):
     cache = TokenCache(tmp_path)
-    key = cache.key("abc", SETTINGS)
+    key = token_key("abc", SETTINGS)
     path = cache.store(key, tokens)
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -164,7 +137,7 @@ def test_corrupt_entries_are_deleted_and_rebuilt(tokens, tmp_path, damage, caplo
 
 def test_partial_write_is_invisible_and_version_mismatch_refused(tokens, tmp_path, monkeypatch):
     cache = TokenCache(tmp_path)
-    key = cache.key("abc", SETTINGS)
+    key = token_key("abc", SETTINGS)
     final = cache.path(key)
     final.parent.mkdir(parents=True)
     # what an interrupted TokenSet.save leaves: only a temporary next to the final name
@@ -208,7 +181,7 @@ def test_an_entry_read_under_another_key_is_discarded_or_refused(tokens, tmp_pat
     header tells that it belongs to the other scan."""
     cache = TokenCache(tmp_path)
     other = TokenSet([t + 1 for t in tokens.layers], tokens.void, tokens.grid, tokens.meta)
-    key_a, key_b = cache.key("scan-a", SETTINGS), cache.key("scan-b", SETTINGS)
+    key_a, key_b = token_key("scan-a", SETTINGS), token_key("scan-b", SETTINGS)
     path_a, path_b = cache.store(key_a, tokens), cache.store(key_b, other)
     data_a, data_b = path_a.read_bytes(), path_b.read_bytes()
     path_a.write_bytes(data_b)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from torch import nn
 from volumetric.atomic_files import atomic_path
 from volumetric.devices import resolve_device
 from volumetric.errors import InputFileError, VolscanError, first_line
+from volumetric.hashing import file_sha256
 from volumetric.hub import HubUnavailable, hub_offline, require_hub_weights
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,6 @@ def check_backbone_name(name: str) -> None:
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*dinov2*')"
     raise VolscanError(f"unknown backbone {name!r}{hint}")
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _build(name: str, model_kwargs: dict, **timm_kwargs) -> nn.Module:

@@ -1,70 +1,32 @@
 """Weights-free element tokens: multi-scale intensity and texture statistics per p^3 cube (or p^2 patch).
 
-`ClassicalTokenizer` is the baseline researchers compare the ViT path against, a fast CPU triage
-mode, and the instrument that lets tests and benchmarks without pretrained weights measure
-*detection*. It returns the same `TokenSet` as `volumetric.tokens` (same p = 14 grid, same void
-rule, same cache and engine), for a cube volume (S, S, S) or an image (H, W) / (H, W, 3).
+`ClassicalTokenizer` is the baseline to compare the ViT path against, a fast CPU triage mode,
+and what lets tests and benchmarks without pretrained weights measure *detection*. It returns
+the same `TokenSet` as `volumetric.tokens` (same p = 14 grid, void rule, cache and engine) for a
+cube (S, S, S) or an image (H, W) / (H, W, 3). Per volume or image, independent of the batch (so
+cached like ViT tokens):
+1. Intensities: brain voxels (mask, or voxels != 0) centred on their median and divided by their
+   inter-quartile range (a lesion of a few percent of the brain moves neither; nothing is
+   clipped, so a lesion brighter than CSF stays brighter); outside the brain the value of 0.
+2. Responses over the whole volume (a cube sees its surroundings): the intensity `u`, Gaussian
+   smoothing `G_s * u` at each scale s (default 1, 2, 4 voxels), the gradient magnitude
+   `|grad(G_s * u)|` and the scale-normalised Laplacian of Gaussian `s^2 lap(G_s * u)`. Past the
+   array's edge the filters see it mirrored (`BOUNDARY`: repeating the edge value would give an
+   image's frame cells a profile of their own).
+3. Per cube, over its brain voxels: mean and standard deviation of every response, minimum and
+   maximum of the finest smoothing and of every LoG (a lesion smaller than a cube shows in the
+   extremes before it moves the mean).
+4. Two token layers, as the ViT path has two backbone layers: the intensity and finest scale,
+   then the coarser scales.
 
-Recipe (per volume or image, independent of the batch, so it is cached like ViT tokens):
-1. Intensities: brain voxels (mask, or voxels != 0) are centred on their median and divided by
-   their inter-quartile range (robust: a lesion of a few percent of the brain moves neither;
-   unlike the ViT path's [0, 1] map nothing is clipped, so a lesion brighter than CSF stays
-   brighter). Outside the brain the value is that of 0, as for skull-stripped scans.
-2. Responses, each a filter over the whole volume (so a cube sees its surroundings): the
-   intensity `u`; Gaussian smoothing `G_s * u` at each scale s (default 1, 2, 4 voxels); the
-   gradient magnitude `|grad(G_s * u)|` (central differences); the scale-normalised Laplacian of
-   Gaussian `s^2 lap(G_s * u)` (negative on bright blobs of radius ~ s*sqrt(d), positive on dark).
-   The brain's border is an edge every scan shares, so it is normal by mutual comparison.
-   Beyond the array's edge the filters see the array mirrored (`mode="reflect"`): an image's
-   border is tissue cut by the frame, and a mirror continues a texture's local statistics,
-   whereas repeating the edge value (`"nearest"`) flattens the smoothing, gradient and LoG
-   there, which gave 2D border cells a profile of their own, matched only by the few border
-   cells of other images: on a 15-image 224^2 blob cohort, corner tokens of healthy images scored
-   1.90x the interior mean before, 1.54x with "reflect" alone (docs/engine.md, "Border tokens
-   in 2D"). In 3D the cube's faces lie outside the brain, where both agree.
-   (Tried and dropped: Gaussians normalised to the mask, G*(u m)/G*m, so nothing outside the
-   brain leaks in. On 30 look-alike phantoms, cube 112, template mask, engine MuSc: patient
-   AUROC 0.90 instead of 0.98, 8 instead of 10 lesion scans with the hottest token on a lesion:
-   the border cells then describe whatever the mask happens to cut, which varies per scan.)
-3. Per cube, over its brain voxels only: mean and standard deviation of every response, and the
-   minimum and maximum of `G_s * u` at the finest scale and of the LoG at every scale (a lesion
-   smaller than a cube shows in the extremes before it moves the mean).
-4. Two token layers, as the ViT path has two backbone layers: layer 0 the intensity and finest
-   scale, layer 1 the coarser scales; the engine scores each and averages (LNAMD, CoDeGraph).
-
-Standardisation across the batch (`standardize_batch`): the features have unrelated units, so
-before scoring each channel is centred and scaled by its mean and standard deviation over all
-non-void tokens of the batch (every channel then weighs the same in the Euclidean distance).
-It happens at scoring time, not here, because tokens are extracted and cached one scan at a time;
-a `TokenSet` that needs it carries `meta["batch_standardize"] = True` (`needs_batch_standardize`).
-It is label-free and zero-shot like the rest of the method; a fixed transform would have to
-guess every feature's spread on data it has not seen.
-It also appends a constant *reference*: two channels `+c / sqrt(2)` and `-c / sqrt(2)` with
-`c = REFERENCE_SCALE * sqrt(D)` (together one direction of length c). Why: the
-engine aggregates tokens as MuSc does (LNAMD), which ends by L2-normalising every token, so only
-a token's direction survives. That suits ViT features (they are compared by direction), but a
-standardised classical token carries its meaning in its *length* (how far each statistic is from
-the batch's typical value): a typical token is a short, noisy vector whose direction is random,
-and "the same profile, brighter" has the same direction. With the constant channel the
-normalisation becomes a smooth projection x -> (x, c) / |(x, c)| that keeps distances between
-typical tokens almost proportional to their Euclidean distance (a token of length sqrt(D) sits
-14 degrees from the pole at c = 4 sqrt(D)) and only compresses far-out ones. Measured on a
-phantom cohort (8 healthy, 3 lesion scans, cube 112): without the channel the engine's hottest
-token of every lesion scan lay away from its lesion and healthy and lesion scans' maxima
-overlapped; with c = 4 sqrt(D) the hottest tokens are those of plain Euclidean mutual scoring
-(r = 1) and the lesion scans' maxima are twice the healthy ones'.
-Why two channels of opposite sign: LNAMD starts with a LayerNorm over the whole map, whose mean
-runs over every channel. One channel of value c put c / (D + 1) into that mean and shifted every
-feature channel by it (about 1 sd of the map), so a token +1.5 sd in every channel ended 15-21 %
-farther from a typical token than one -1.5 sd away: bright lesions outweighed dark ones. The pair
-sums to zero, so LayerNorm's mean is the features' own and a bright and a dark profile stay
-equally far (test); LayerNorm's variance only rescales the whole map, which the L2 step discards.
-
-What it cannot see: a lesion whose intensity and texture match normal tissue at these scales
-(e.g. a T1-isointense metastasis, infiltration that only distorts anatomy, a mass effect); it
-has no notion of shape beyond blobs and edges, nor of anatomy beyond what other scans share.
-It sees lesions that change intensity (brighter or darker than the tissue around them) or local
-texture (rims, edges, blobs) over about a cube. Seconds per 224^3 volume: docs/tokens.md.
+At scoring time `standardize_batch` z-scores every channel over the batch's valid tokens (the
+features have unrelated units; a fixed transform would have to guess their spread) and appends a
+constant reference, two opposite channels `+-c / sqrt(2)`, c = `REFERENCE_SCALE` sqrt(D): LNAMD
+L2-normalises every token, which would keep only the direction of a token whose signal is its
+length; with the reference that normalisation is a smooth projection that keeps distances
+between typical tokens nearly proportional, and the pair sums to zero so it leaves LayerNorm's
+mean alone (bright and dark profiles stay equally far). Why each choice, what was tried, what
+the features cannot see, and their speed and detection: docs/tokens.md, "Classical tokens".
 """
 
 from __future__ import annotations
@@ -79,8 +41,9 @@ import torch
 from scipy import ndimage
 
 from volumetric.backbones import BackboneIdentity
+from volumetric.cache_keys import TOKEN_FORMAT_VERSION
 from volumetric.errors import VolscanError
-from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
+from volumetric.token_set import TokenSet
 from volumetric.tokens import DEFAULT_VOID_FRACTION, void_from_mask
 
 log = logging.getLogger(__name__)
@@ -91,9 +54,9 @@ PATCH = 14
 BATCH_STANDARDIZE = "batch_standardize"
 # The channel spread below which a feature is treated as constant over the batch (left centred, unscaled).
 _MIN_STD = 1e-6
-# How the filters extend the array past its edge (module docstring, step 2).
+# How the filters extend the array past its edge (module docstring, step 2; docs/engine.md, "Border tokens in 2D").
 BOUNDARY = "reflect"
-# Length of the constant reference `standardize_batch` appends, in units of sqrt(D) (see above).
+# Length of the constant reference `standardize_batch` appends, in units of sqrt(D) (module docstring).
 REFERENCE_SCALE = 4.0
 
 ArrayLike = np.ndarray | torch.Tensor

@@ -1,6 +1,6 @@
 """On-disk cache of `TokenSet`s, so re-scoring with other engine settings never re-extracts tokens.
 
-An entry's key is a SHA-256 over the input's content hash, every token setting (backbone name,
+An entry's key (`volumetric.cache_keys.token_key`) is a SHA-256 over the input's content hash, every token setting (backbone name,
 weights identity, layers, proj_dim, seed, size, void_fraction, intensity map, precision... as
 a JSON object with sorted keys) and `TOKEN_FORMAT_VERSION`; change any of them and the key
 changes. Entries are `<root>/<key[:2]>/<key>.safetensors`, written atomically by
@@ -17,21 +17,17 @@ writer sets the file's modification time: it is the entry's last use.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from volumetric.atomic_files import tidy_before_writing
-from volumetric.backbones import file_sha256
+from volumetric.cache_keys import token_file
 from volumetric.errors import InputFileError, VolscanError
-from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
+from volumetric.token_set import TokenSet
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +35,19 @@ log = logging.getLogger(__name__)
 STORAGE_DTYPE = torch.float16
 
 
-def content_hash(source: str | os.PathLike[str] | np.ndarray | torch.Tensor, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, or of an array's dtype, shape and values (C order)."""
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            return file_sha256(source, chunk)
-        except OSError as exc:
-            raise VolscanError(f"{source}: cannot read for hashing ({exc.strerror or exc})") from None
-    digest = hashlib.sha256()
-    array = np.ascontiguousarray(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source)
-    digest.update(f"array:{array.dtype.str}:{array.shape};".encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 class TokenCache:
-    """Token files under `root`, addressed by `key(content_hash, settings)`."""
+    """Token files under `root`, addressed by `volumetric.cache_keys.token_key`."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise VolscanError(f"{self.root}: token cache location exists and is not a folder")
 
-    @staticmethod
-    def key(content_hash: str, settings: Mapping[str, Any]) -> str:
-        """Hex key from an input's content hash and the settings that shape its tokens."""
-        try:
-            blob = json.dumps({"input": content_hash, "settings": dict(settings), "format": TOKEN_FORMAT_VERSION},
-                              sort_keys=True, separators=(",", ":"))
-        except TypeError as exc:
-            raise VolscanError(f"token cache settings must be JSON-serialisable: {exc}") from None
-        return hashlib.sha256(blob.encode()).hexdigest()
-
     def path(self, key: str) -> Path:
         """File that holds (or would hold) the entry `key`."""
         if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
             raise VolscanError(f"invalid token cache key {key!r}")
-        return self.root / key[:2] / f"{key}.safetensors"
+        return token_file(self.root, key)
 
     def load(self, key: str, *, discard: bool = True) -> TokenSet | None:
         """The cached tokens, or None on a miss; a damaged entry (or one written for another key)

@@ -24,12 +24,9 @@ from typing import Any
 import torch
 
 from volumetric.atomic_files import atomic_path
+from volumetric.cache_keys import TOKEN_FORMAT_VERSION
 from volumetric.errors import InputFileError, VolscanError
 
-# Bump whenever token construction or the file layout changes: cache keys include it.
-# 2: intermediate tokens through the backbone's final norm (issue 15 / 12).
-# 3: the cache key in the header, float16 layers allowed.
-TOKEN_FORMAT_VERSION = 3
 # Largest finite float16 value: a layer with larger magnitudes is stored in float32.
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 

@@ -48,10 +48,11 @@ from volumetric.backbones import (
     resolve_layers,
 )
 from volumetric.choices import PRECISIONS
+from volumetric.cache_keys import TOKEN_FORMAT_VERSION
 from volumetric.devices import cpu_has_native_bf16, resolve_device
 from volumetric.errors import VolscanError
 from volumetric.projection import jl_matrix, matrix_fingerprint, normalize_project
-from volumetric.token_set import TOKEN_FORMAT_VERSION, TokenSet
+from volumetric.token_set import TokenSet
 
 log = logging.getLogger(__name__)
 

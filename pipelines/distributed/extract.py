@@ -34,6 +34,7 @@ from pipelines.plan import ScreenPlan, build_plan, check_settings
 from pipelines.screen_config import ScreenConfig
 from pipelines.subjects import Subject
 from volumetric.errors import VolscanError
+from volumetric.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ def extract_planned(screen: ScreenPlan, settings: ExtractSettings = ExtractSetti
 
 def _ids_tag(ids: frozenset[str]) -> str:
     """A short name for a set of scan ids (runs for different participants log apart)."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:12]
+    return digest(sorted(ids), 12)
 
 
 def _run_phase(runner: Any, plan: ScanPlan, subjects: list[Subject], phase: str, errors: ErrorLog,

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from pipelines.cache_locations import CacheLocations
 from pipelines.stages.preprocess import prepare
 from pipelines.plan import ClassicalFeatures
-from pipelines.stages.tokens import make_tokenizer, token_key
+from pipelines.stages.tokens import make_tokenizer
 from pipelines.subjects import Subject
+from volumetric.cache_keys import model_input_hash, token_key
 
 if TYPE_CHECKING:
     from preprocessing.settings import PreprocessSettings
@@ -137,7 +138,7 @@ def _tokens(plan: ScanPlan, subject: Subject) -> bool:
         array, brain_mask = prepare([subject], "2d", plan.preprocess, None, plan.cache).load[0]()
     tokenizer, settings = _WORKER.tokenizer(plan)
     cache = TokenCache(plan.cache.tokens)
-    key = token_key(cache, array, brain_mask, settings)
+    key = token_key(model_input_hash(array, brain_mask), settings)
     if cache.load(key) is not None:
         return False
     cache.store(key, tokenizer(array, brain_mask) if plan.kind == "3d" else tokenizer(array))

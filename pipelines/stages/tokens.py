@@ -8,7 +8,6 @@ with the same settings extracts nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from pipelines.failures import shown
 from pipelines.plan import ClassicalFeatures
 from pipelines.stages.preprocess import Prepared
+from volumetric.cache_keys import keyed_token_settings, model_input_hash, token_key
 from volumetric.errors import InputFileError, VolscanError
 
 if TYPE_CHECKING:
@@ -50,15 +50,7 @@ def make_tokenizer(
         tokenizer = ClassicalTokenizer(**tokens.options)
     else:
         tokenizer = dataclasses.replace(tokens, device=device).build(kind, model=backbone)
-    return tokenizer, dict(tokenizer.settings, size=size)
-
-
-def token_key(cache: Any, array: np.ndarray, brain_mask: np.ndarray | None, settings: dict[str, Any]) -> str:
-    """The one cache-key recipe: content of the model input (and brain mask) + token settings."""
-    from volumetric.token_cache import content_hash
-
-    source = content_hash(array) + (content_hash(brain_mask) if brain_mask is not None else "")
-    return cache.key(hashlib.sha256(source.encode()).hexdigest(), settings)
+    return tokenizer, keyed_token_settings(tokenizer.settings, size)
 
 
 def extract_tokens(
@@ -82,7 +74,7 @@ def extract_tokens(
         array, brain_mask = load()
         if brain_mask is not None:
             packed_masks.append(pack_mask(brain_mask))
-        key = token_key(cache, array, brain_mask, settings)
+        key = token_key(model_input_hash(array, brain_mask), settings)
         keys.append(key)
         try:
             token_set = cache.load(key, discard=compute)  # `volscan score` writes nothing into the shared cache

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from preprocessing.io import Volume
 from volumetric.errors import VolscanError
@@ -39,3 +42,20 @@ def to_meta(array: np.ndarray, affine: np.ndarray, like: MetaTensor | None) -> M
         meta=meta,
         applied_operations=ops,
     )
+
+
+class MaskedMapTransform(MapTransform):
+    """Dictionary wrapper of an array transform that takes the brain mask: every key's image `x`
+    becomes `transform(x, mask)`, the mask read from `mask_key`."""
+
+    def __init__(self, keys: KeysCollection, transform: Callable[[NdarrayOrTensor, NdarrayOrTensor], NdarrayOrTensor],
+                 mask_key: str, allow_missing_keys: bool) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.transform = transform
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], d[self.mask_key])
+        return d

@@ -8,16 +8,17 @@ after `ToTemplateCubed` or on registered, skull-stripped scans loaded with `Load
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
 from preprocessing.bias_field import N4Settings, correct_bias_field
+from preprocessing.transforms._meta import MaskedMapTransform
 from volumetric.errors import VolscanError
 
 
@@ -59,7 +60,7 @@ class BiasFieldCorrection(Transform):
         return out
 
 
-class BiasFieldCorrectiond(MapTransform):
+class BiasFieldCorrectiond(MaskedMapTransform):
     """Dictionary wrapper: correct `keys` with the brain mask under `mask_key` (see `BiasFieldCorrection`)."""
 
     def __init__(
@@ -70,12 +71,4 @@ class BiasFieldCorrectiond(MapTransform):
         spacing: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transform = BiasFieldCorrection(settings, spacing)
-        self.mask_key = mask_key
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key], d[self.mask_key])
-        return d
+        super().__init__(keys, BiasFieldCorrection(settings, spacing), mask_key, allow_missing_keys)

@@ -7,14 +7,13 @@ cutoff stored with the landmarks). Voxels outside the brain mask become 0.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
 
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
 from preprocessing.intensity import Landmarks, standardize
+from preprocessing.transforms._meta import MaskedMapTransform
 
 
 class HistogramStandardize(Transform):
@@ -31,7 +30,7 @@ class HistogramStandardize(Transform):
         return out
 
 
-class HistogramStandardized(MapTransform):
+class HistogramStandardized(MaskedMapTransform):
     """Dictionary wrapper: standardise `keys` using the mask under `mask_key`."""
 
     def __init__(
@@ -41,12 +40,4 @@ class HistogramStandardized(MapTransform):
         mask_key: str = "brain_mask",
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transform = HistogramStandardize(landmarks)
-        self.mask_key = mask_key
-
-    def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict[Hashable, MetaTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key], d[self.mask_key])
-        return d
+        super().__init__(keys, HistogramStandardize(landmarks), mask_key, allow_missing_keys)

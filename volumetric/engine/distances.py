@@ -9,13 +9,13 @@ Speed comes from few, large operations per block:
 - Partner tokens are stored *padded*: collection `j` owns `P = max count` consecutive slots, its
   valid tokens first, then pad tokens whose augmented vector makes every distance to them huge.
   A block of `g` partner collections is then a (g, P, rows) tensor and `d(a, J)` for all of them
-  is ONE reduction over the middle axis, instead of one reduction per partner collection (which
-  cost 80 % of the time on busy machines: many small calls). Padding costs `P / mean count - 1`
+  is ONE reduction over the middle axis, instead of one reduction per partner collection (many
+  small calls, which dominated the time). Padding costs `P / mean count - 1`
   extra products (a few % for 30 % random void).
-- Products go through `volumetric.engine.gemm` (float32 on CPU: oneDNN, ~2x torch.mm's MKL on
-  the AMD CPU we measure on). Blocks are bounded by `EngineOptions.block_mb` (default 32 MiB of
-  float32, so a block stays in this CPU's 32 MiB L3 for its two reductions: 1.2-1.5x faster in
-  fp32 than 128 MiB on the quiet machine, docs/engine.md; on CUDA at least `GPU_BLOCK_MB`);
+- Products go through `volumetric.engine.gemm` (float32 on CPU: oneDNN, faster than torch.mm's
+  MKL at these shapes). Blocks are bounded by `EngineOptions.block_mb` (default 32 MiB of
+  float32, so a block stays in a 32 MiB L3 cache for its two reductions; docs/engine.md,
+  "Matrix products"; on CUDA at least `GPU_BLOCK_MB`);
   torch.mm writes them into one reused buffer (no page faults of fresh allocations), oneDNN
   into its own.
 - Void (invalid) elements are dropped before any product: never anyone's neighbour, no cost.
@@ -24,7 +24,7 @@ Speed comes from few, large operations per block:
   returned as fp32. The block itself is stored in the reduced type (torch's CPU GEMM returns it),
   so blocks hold `d^2 - offset`, with `offset` the typical nearest squared distance of the batch:
   near each minimum the stored values are small and their rounding (8 / 11 significant bits)
-  costs little absolute precision (measured: 10x smaller score errors than storing `d^2`).
+  costs little absolute precision (score errors about 10x smaller than storing `d^2`; docs/engine.md).
 
 Features are centred on their mean (distances unchanged, norms smaller: less cancellation in the
 expanded formula) and divided by a power of two that brings every norm to <= 1 (exact in binary

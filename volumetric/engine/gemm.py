@@ -1,11 +1,10 @@
 """`a @ b.T` on the fastest exact matrix-product kernel torch has for the device.
 
-On CPUs torch's `mm` runs float32 through MKL, which on the AMD EPYC (Zen 5) this project is
-measured on reaches 179-187 GFLOP/s at the engine's block shapes (quiet machine), while oneDNN
-(also inside torch, and already what `mm` uses for bfloat16) reaches 293-397 GFLOP/s for the
-same IEEE float32 product (`benchmarks/engine.py --case none --gemm`; docs/engine.md,
-"Matrix products", and docs/results/2026-11-30-engine-benchmark.md). So float32 products on
-CPU go through oneDNN's linear operator (`torch.ops.mkldnn._linear_pointwise`, the kernel
+On CPUs torch's `mm` runs float32 through MKL, while oneDNN (also inside torch, and already what
+`mm` uses for bfloat16) computes the same IEEE float32 product markedly faster at the engine's
+block shapes (`benchmarks/engine.py --case none --gemm`; figures in docs/engine.md, "Matrix
+products", and docs/results/2026-11-30-engine-benchmark.md). So float32 products on CPU go
+through oneDNN's linear operator (`torch.ops.mkldnn._linear_pointwise`, the kernel
 torch.compile's CPU backend emits), checked once per process against a float64 product; when it is
 missing or disagrees, `torch.mm` is used. CUDA and other dtypes always use `torch.mm`.
 """
