@@ -123,7 +123,7 @@ def check_settings(config: ScreenConfig) -> CheckedSettings:
         if config.scoring:
             config.scoring_config(device)
     preprocess = None
-    if changed("size", "registered", "skull_stripped", "brain_mask", "preprocess"):
+    if changed("size", "registered", "skull_stripped", "brain_mask", "bias_correction", "preprocess"):
         preprocess = config.preprocess_settings()
     return CheckedSettings(config, preprocess, tokens, device)
 
