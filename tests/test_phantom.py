@@ -367,3 +367,18 @@ def test_site_profiles_give_each_site_its_noise_response_and_blur(tmp_path):
     assert blurred.mean() == pytest.approx(noisy.mean(), rel=1e-3) and blurred.std() < 0.5 * noisy.std()
     plain = generate_cohort(tmp_path / "plain", replace(config, site_profiles=None, noise=0.04), progress=False)
     assert all(s["noise"] == 0.04 and s["gamma"] == 1.0 and s["bias"] == 0.15 for s in plain.info["sites"])
+
+
+def test_cli_makes_sites_and_a_normal_variation_subgroup(tmp_path, capsys):
+    """`volscan phantom --sites 2 --site-profiles --atrophy-fraction 0.5`: two sites with drawn
+    profiles, scans in turn, half the healthy subjects atrophic and labelled healthy."""
+    out = tmp_path / "c"
+    assert main(["phantom", "-o", str(out), "--normal", "4", "--lesion", "1", "--consistent", "0", "--size", "40",
+                 "--template", "procedural", "--sites", "2", "--site-profiles", "--atrophy-fraction", "0.5"]) == 0
+    info = Cohort.load(out).info
+    assert len(info["sites"]) == 2 and info["config"]["site_profiles"]["gamma"] == [0.8, 1.25]
+    atrophic = [m for m in info["subjects"].values() if m["atrophic"]]
+    assert len(atrophic) == 2 and all(m["group"] == "normal" and m["lesion_voxels"] == 0 for m in atrophic)
+    assert [m["site"] for _, m in sorted(info["subjects"].items())] == [0, 1, 0, 1, 0]
+    assert main(["phantom", "-o", str(tmp_path / "d"), "--atrophy-fraction", "2"]) == 2
+    assert "atrophy fraction" in capsys.readouterr().err
