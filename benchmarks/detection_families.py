@@ -29,9 +29,9 @@ lesion scans (paper protocol, `codegraph_ablation.evaluate`); CoDeGraph's outlie
 (sizes) and their lesion share; for lesion-free families the flagged healthy scans (artefact scans
 apart) and the largest rise of their scan score over MuSc at CoDeGraph's f (what a flag costs:
 0 where nothing is flagged); the densest communities (size, lesion scans, density, fence) for the
-diagnosis where CoDeGraph is below MuSc. Results are cached per (family, seed) in
-OUT/<split>/results.json, so a run can be stopped and continued; the table is written to
-OUT/<split>/table.md and printed.
+diagnosis where CoDeGraph is below MuSc. Results are cached per (family, seed, N) in
+OUT/<split>/results-<cube>.json, so a run can be stopped and continued; the table of every cached
+row is written to OUT/<split>/table-<cube>.md and printed.
 
     python benchmarks/detection_families.py --out /tmp/families --split dev
     python benchmarks/detection_families.py --out /tmp/families --split test --seeds 1
@@ -143,10 +143,10 @@ def measure(batch: Batch, odd: np.ndarray, split: str) -> dict:
 def run_family(family: str, split: str, seed: int, out: Path, n: int, cube: int) -> dict:
     """Make (or reuse) the family's cohort and tokens at `seed`, and measure every method."""
     cohort, lesion_free = FAMILIES[family]
-    folder = out / f"{cohort}-s{seed}-{split}"
+    folder = out / f"{cohort}-n{n}-s{seed}-{split}"
     batch = build_batch(folder, family_config(cohort, SPLITS[split], seed, n, cube), "n4")
     subjects = Cohort.load(folder / "cohort").info["subjects"]
-    odd = np.array([bool(subjects[i]["artefact"]) for i in batch.ids])
+    odd = np.array([bool(subjects[i].get("artefact")) for i in batch.ids])  # key absent in older cohorts
     if lesion_free:
         odd = odd[~batch.lesion]
         batch = batch.subset(~batch.lesion)
@@ -155,14 +155,14 @@ def run_family(family: str, split: str, seed: int, out: Path, n: int, cube: int)
 
 
 def table(split: str, results: dict) -> str:
-    """Markdown table: one line per (family, seed)."""
+    """Markdown table: one line per (family, seed, N)."""
     names = [n for n in methods(split) if n.startswith("CoDeGraph ")]
     head = ("| family | seed | N (lesion, odd) | patient AUROC MuSc / CoDeGraph | Dice lesion MuSc / CoDeGraph "
             "| flagged communities (lesion share %) | healthy flagged (score rise %) | densest: size, lesion, density, fence |")
     extra = "".join(f" {n}: AUROC, flagged, healthy |" for n in names)
     lines = [head + extra, "|---" * (8 + len(names)) + "|"]
-    for key in sorted(results, key=lambda k: (list(FAMILIES).index(k.rsplit(":", 1)[0]), k)):
-        family, seed = key.rsplit(":", 1)
+    for key in sorted(results, key=lambda k: (list(FAMILIES).index(k.split(":")[0]), k)):
+        family, seed, _ = key.split(":")
         r = results[key]
         rows = r["rows"]
         musc, cdg = rows["MuSc"], rows["CoDeGraph"]
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(store.read_text(encoding="utf-8")) if store.is_file() else {}
     for seed in seeds:
         for family in families:
-            key = f"{family}:{seed}"
+            key = f"{family}:{seed}:{args.n}"
             if key not in results:
                 results[key] = run_family(family, args.split, seed, out, args.n, args.cube)
                 store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
