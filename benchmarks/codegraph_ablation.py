@@ -222,6 +222,11 @@ def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
             communities=len(graph.communities),
             outlier_sizes=[len(c) for c in outliers],
             outlier_lesion_share=float(np.mean(batch.lesion[members])) if members else None,
+            outlier_members=[int(i) for i in members],
+            # the densest communities: (size, lesion scans, density, fence), why one is flagged or not
+            densest=[(len(graph.communities[c]), int(batch.lesion[graph.communities[c]].sum()),
+                      round(graph.densities[c], 1), round(graph.density_fences[c], 1))
+                     for c in sorted(range(len(graph.communities)), key=lambda c: -graph.densities[c])[:3]],
             lesion_scans_in_outliers=int(batch.lesion[members].sum()) if members else 0,
             excluded_share=graph.excluded_fraction,
             excluded_lesion_share=float(truth[excluded].mean()) if excluded.any() else None,

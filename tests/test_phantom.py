@@ -287,3 +287,98 @@ def test_artefact_scans_are_healthy_subjects_with_a_whole_scan_artefact(tmp_path
         replace(config, artefact_scans=7).validate()
     with pytest.raises(VolscanError, match="artefacts must be among"):
         replace(config, artefacts=("blur",)).validate()
+
+
+def test_atrophic_head_enlarges_the_ventricles_by_the_factor_and_thins_the_cortex():
+    """`procedural_head(size, ventricle_factor, cortex_mm)`: CSF deep inside the brain (the
+    ventricles) grows by the volume factor; cortical thinning turns surface tissue into CSF
+    without touching the ventricles; the defaults give the template."""
+    from scipy import ndimage
+
+    base = procedural_head(80)
+    deep = ndimage.distance_transform_edt(base.brain_mask, sampling=base.spacing) > 20.0
+
+    def ventricles(head):
+        return int(((head.image > 0.8) & deep).sum())
+
+    def tissue(head):
+        return int(((head.image < 0.8) & head.brain_mask).sum())
+
+    assert np.array_equal(procedural_head(80, 1.0, 0.0).image, base.image)
+    for factor in (1.5, 2.0):
+        assert ventricles(procedural_head(80, factor, 0.0)) / ventricles(base) == pytest.approx(factor, rel=0.08)
+    thin = procedural_head(80, 1.0, 2.0)
+    assert ventricles(thin) == ventricles(base)
+    assert tissue(thin) < 0.95 * tissue(base)
+    assert np.array_equal(thin.brain_mask, base.brain_mask)
+
+
+def test_normal_variation_subgroup_is_healthy_atrophic_and_leaves_the_others_unchanged(tmp_path):
+    """`atrophy.fraction` of the healthy subjects are rendered from the atrophic head: group
+    `normal`, labels all 0, marked in cohort.json; every other subject is byte-identical to the
+    cohort without the subgroup; an atlas anatomy refuses it."""
+    from pipelines.phantom import AtrophySettings
+    from pipelines.phantom.cohort import build_anatomy
+
+    config = replace(SMALL, n_normal=8, n_lesion=1, n_consistent=0)
+    plain = generate_cohort(tmp_path / "plain", config, progress=False)
+    varied = generate_cohort(tmp_path / "varied", replace(config, atrophy=AtrophySettings(0.25, 2.5, 2.0)),
+                             progress=False)
+    atrophic = [s for s, m in varied.info["subjects"].items() if m["atrophic"]]
+    assert len(atrophic) == 2 and set(atrophic) <= set(varied.members("normal"))
+    for subject in varied.subjects:
+        ours = np.asarray(nib.load(varied.image(subject)).dataobj)
+        theirs = np.asarray(nib.load(plain.image(subject)).dataobj)
+        assert np.array_equal(ours, theirs) != (subject in atrophic)
+        labels = np.asarray(nib.load(varied.label(subject)).dataobj)
+        assert np.array_equal(labels, np.asarray(nib.load(plain.label(subject)).dataobj))
+        if subject in atrophic:
+            assert not labels.any()
+    with pytest.raises(VolscanError, match="atrophy fraction"):
+        replace(config, atrophy=AtrophySettings(fraction=1.5)).validate()
+    with pytest.raises(VolscanError, match="procedural head"):
+        build_anatomy(replace(config, template=str(tmp_path / "plain" / "template")), atrophic=True)
+
+
+def test_site_profiles_give_each_site_its_noise_response_and_blur(tmp_path):
+    """`site_profiles`: subjects go to sites in turn; each site's Rician noise floor in the
+    background (mean magnitude sigma sqrt(pi / 2) of a zero signal, times the subject's scale)
+    matches the site's drawn noise; `Site.respond` applies v -> v ** gamma and a blur that keeps
+    the mean; without profiles every site has the cohort's noise and bias."""
+    from pipelines.phantom import Site, SiteSettings
+
+    config = replace(SMALL, n_normal=6, n_lesion=0, n_consistent=0, n_sites=2, warps=NO_WARP,
+                     site_profiles=SiteSettings(noise=(0.02, 0.08)))
+    cohort = generate_cohort(tmp_path / "sites", config, progress=False)
+    sites = cohort.info["sites"]
+    assert len(sites) == 2 and sites[0]["noise"] != sites[1]["noise"]
+    for index, subject in enumerate(cohort.subjects):
+        meta = cohort.info["subjects"][subject]
+        assert meta["site"] == index % 2
+        image = np.asarray(nib.load(cohort.image(subject)).dataobj).astype(float)
+        corners = np.concatenate([image[:4, :4, :4].ravel(), image[-4:, -4:, -4:].ravel()])
+        floor = corners.mean() / meta["intensity_scale"] / np.sqrt(np.pi / 2)
+        assert floor == pytest.approx(sites[meta["site"]]["noise"], rel=0.15)
+    site = Site(scale=1000.0, gamma=1.25, blur_mm=3.0)
+    flat = np.full((16, 16, 16), 0.36, np.float32)
+    assert np.allclose(site.respond(flat, np.ones(3)), 0.36 ** 1.25, rtol=1e-5)
+    noisy = np.random.default_rng(0).uniform(0.2, 0.6, (24, 24, 24)).astype(np.float32)
+    blurred = Site(scale=1.0, blur_mm=3.0).respond(noisy, np.ones(3))
+    assert blurred.mean() == pytest.approx(noisy.mean(), rel=1e-3) and blurred.std() < 0.5 * noisy.std()
+    plain = generate_cohort(tmp_path / "plain", replace(config, site_profiles=None, noise=0.04), progress=False)
+    assert all(s["noise"] == 0.04 and s["gamma"] == 1.0 and s["bias"] == 0.15 for s in plain.info["sites"])
+
+
+def test_cli_makes_sites_and_a_normal_variation_subgroup(tmp_path, capsys):
+    """`volscan phantom --sites 2 --site-profiles --atrophy-fraction 0.5`: two sites with drawn
+    profiles, scans in turn, half the healthy subjects atrophic and labelled healthy."""
+    out = tmp_path / "c"
+    assert main(["phantom", "-o", str(out), "--normal", "4", "--lesion", "1", "--consistent", "0", "--size", "40",
+                 "--template", "procedural", "--sites", "2", "--site-profiles", "--atrophy-fraction", "0.5"]) == 0
+    info = Cohort.load(out).info
+    assert len(info["sites"]) == 2 and info["config"]["site_profiles"]["gamma"] == [0.8, 1.25]
+    atrophic = [m for m in info["subjects"].values() if m["atrophic"]]
+    assert len(atrophic) == 2 and all(m["group"] == "normal" and m["lesion_voxels"] == 0 for m in atrophic)
+    assert [m["site"] for _, m in sorted(info["subjects"].items())] == [0, 1, 0, 1, 0]
+    assert main(["phantom", "-o", str(tmp_path / "d"), "--atrophy-fraction", "2"]) == 2
+    assert "atrophy fraction" in capsys.readouterr().err

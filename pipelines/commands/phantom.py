@@ -43,6 +43,18 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="healthy subjects given a whole-scan artefact, labels kept healthy (default 0)")
     parser.add_argument("--artefacts", nargs="+", default=None, metavar="KIND",
                         help="artefact kinds used in turn: ghosting, spike, wrap, missing-slices, contrast (default all)")
+    parser.add_argument("--sites", type=int, default=3, help="scanner sites (default 3)")
+    parser.add_argument("--site-profiles", action="store_true",
+                        help="give each site its own intensity response curve (gamma 0.8-1.25), noise (0.02-0.06), "
+                             "blur (FWHM 0-2.5 mm) and bias strength (0.05-0.3), subjects assigned to sites in turn "
+                             "(default: sites differ in intensity scale only)")
+    parser.add_argument("--atrophy-fraction", type=float, default=0.0,
+                        help="share of the healthy subjects rendered as normal variation (enlarged ventricles, "
+                             "thinner cortex; labels stay healthy; procedural anatomy only), e.g. 0.25 (default 0)")
+    parser.add_argument("--ventricle-factor", type=float, default=2.0,
+                        help="ventricle volume multiplier of the atrophic subgroup (default 2.0)")
+    parser.add_argument("--cortical-atrophy-mm", type=float, default=2.0,
+                        help="cortical thinning of the atrophic subgroup in mm (default 2.0)")
     parser.add_argument("--noise", type=float, default=0.03, help="Rician noise sigma relative to CSF (default 0.03)")
     parser.add_argument("--bias", type=float, default=0.15, help="bias-field strength (default 0.15)")
     parser.add_argument("--force", action="store_true", help="replace an existing phantom cohort at OUT")
@@ -65,13 +77,16 @@ def run(args: argparse.Namespace) -> int:
         raise VolscanError(f"the output folder is now an option: volscan phantom -o {args.legacy_out} ...")
     if args.out is None:
         raise VolscanError("give the output folder with -o OUT")
-    from pipelines.phantom import GROUPS, LesionSettings, PhantomConfig, generate_cohort
+    from pipelines.phantom import GROUPS, AtrophySettings, LesionSettings, PhantomConfig, SiteSettings, generate_cohort
 
     config = PhantomConfig(n_normal=args.normal, n_lesion=args.lesion, n_consistent=args.consistent,
                            n_lookalike=args.lookalike, seed=args.seed, size=args.size, template=args.template,
                            lesions_per_subject=tuple(args.lesions_per_subject),
                            lookalike_lesions=tuple(args.lookalike_lesions), noise=args.noise, bias_strength=args.bias,
-                           artefact_scans=args.artefact_scans,
+                           artefact_scans=args.artefact_scans, n_sites=args.sites,
+                           site_profiles=SiteSettings() if args.site_profiles else None,
+                           atrophy=AtrophySettings(args.atrophy_fraction, args.ventricle_factor,
+                                                   args.cortical_atrophy_mm),
                            **({"artefacts": tuple(args.artefacts)} if args.artefacts else {}),
                            lesions=LesionSettings(radius_mm=tuple(args.lesion_radius), contrast=_contrast(args.contrast),
                                                    polarity=args.polarity))

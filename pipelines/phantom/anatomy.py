@@ -12,6 +12,11 @@ Choices (not from the paper; a phantom only needs to be brain-like):
   with two lateral ventricles, a smooth multiplicative texture and a folded grey/white boundary.
   Its shape depends only on `size` (fixed internal seed), so cohorts of different seeds share
   one template, as real cohorts share one atlas.
+- Normal variation (`AtrophySettings`): an older-looking healthy brain, the same head with
+  lateral ventricles enlarged by a volume factor (each semi-axis times factor^(1/3); default 2.0)
+  and the cortex thinned by `cortex_mm` (default 2 mm) at the brain's surface, deeper where the
+  folding field dips (widened sulci), the lost grey matter replaced by CSF. The brain mask is the
+  template's (CSF inside it), so the subject stays on the cohort's template.
 - SRI-24 (or any template folder): its skull-stripped brain is resampled onto the template grid through its affine and
   inverted into a T2-like contrast inside the brain (`1.05 - 0.75 * T1 / p99`), clipped to [0, 1].
 """
@@ -37,6 +42,25 @@ FOV_MM = 200.0
 _ANATOMY_SEED = 20240531
 # Relative T2-like tissue levels (CSF = 1).
 TISSUE_LEVELS = {"scalp": 0.55, "skull": 0.06, "csf": 1.0, "grey": 0.55, "white": 0.36}
+
+
+@dataclass(frozen=True)
+class AtrophySettings:
+    """The normal-variation subgroup: `fraction` of the healthy subjects (0 = none) rendered from
+    an atrophic head (procedural anatomy only): ventricle volume times `ventricle_factor`, cortex
+    thinned by `cortex_mm`."""
+
+    fraction: float = 0.0
+    ventricle_factor: float = 2.0
+    cortex_mm: float = 2.0
+
+    def validate(self) -> None:
+        """Raise VolscanError on settings that cannot make the subgroup."""
+        if not 0.0 <= self.fraction <= 1.0:
+            raise VolscanError(f"atrophy fraction must be within 0..1 (of the healthy subjects), got {self.fraction}")
+        if not 1.0 <= self.ventricle_factor <= 3.0 or not 0.0 <= self.cortex_mm <= 6.0:
+            raise VolscanError("ventricle factor must be within 1..3 (the two ventricles stay apart) and cortical atrophy within 0..6 mm, got "
+                               f"{self.ventricle_factor} and {self.cortex_mm}")
 
 
 @dataclass
@@ -87,8 +111,12 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: fl
     return (field / max(float(field.std()), 1e-8)).astype(np.float32)
 
 
-def procedural_head(size: int = 96) -> Anatomy:
-    """A procedural T2-like head on a `size`^3 grid (FOV 200 mm): scalp, skull, CSF, GM, WM, ventricles."""
+def procedural_head(size: int = 96, ventricle_factor: float = 1.0, cortex_mm: float = 0.0) -> Anatomy:
+    """A procedural T2-like head on a `size`^3 grid (FOV 200 mm): scalp, skull, CSF, GM, WM, ventricles.
+
+    `ventricle_factor` multiplies the lateral ventricles' volume and `cortex_mm` thins the cortex
+    (normal variation, `AtrophySettings`); the defaults give the cohort template. Texture, folding
+    and outline are the same draws for every setting."""
     if size < 32:
         raise VolscanError(f"phantom size must be at least 32 voxels, got {size}")
     rng = np.random.default_rng(_ANATOMY_SEED)
@@ -110,8 +138,13 @@ def procedural_head(size: int = 96) -> Anatomy:
     brain = rho < 0.84
     image[brain] = TISSUE_LEVELS["grey"]
     image[brain & (rho + folding < 0.70)] = TISSUE_LEVELS["white"]
+    if cortex_mm > 0:
+        # rho is ~1 at 76 mm (the mean head semi-axis); sulci widen where the folding field is high
+        image[brain & (rho + 0.5 * np.maximum(folding, 0.0) >= 0.84 - cortex_mm / 76.0)] = TISSUE_LEVELS["csf"]
+    stretch = ventricle_factor ** (1.0 / 3.0)
     for side in (-1.0, 1.0):
-        vent = ((x - side * 9.0) / 6.0) ** 2 + ((y + 2.0) / 22.0) ** 2 + ((z - 14.0) / 9.0) ** 2
+        vent = (((x - side * 9.0) / (6.0 * stretch)) ** 2 + ((y + 2.0) / (22.0 * stretch)) ** 2
+                + ((z - 14.0) / (9.0 * stretch)) ** 2)
         image[vent < 1.0] = TISSUE_LEVELS["csf"]
     image *= texture
     return Anatomy(np.clip(image, 0.0, 1.2), rho < 0.87, affine, "procedural")

@@ -14,11 +14,16 @@ levels and core / rim fractions; the BraTS-METS vs IXI shape, where metastases l
 patients wherever they grow, so a third of a cohort carrying them vouch for each other in mutual
 scoring). `lookalike_config` is that regime's preset. `artefact_scans` healthy subjects get a
 whole-scan acquisition artefact (`artefacts.py`: ghosting, spike, wrap, missing slices, wrong
-contrast) and stay labelled healthy. Subject ids are shuffled across groups so
+contrast) and stay labelled healthy. `atrophy.fraction` of the other healthy subjects (normal
+variation: enlarged ventricles, thinner cortex; `anatomy.AtrophySettings`) are rendered from an
+atrophic head and stay labelled healthy. `site_profiles` gives each scanner site its own
+response curve, noise, blur and bias (`sites.py`). Subject ids are shuffled across groups so
 the order says nothing.
 
 Randomness: `SeedSequence(seed)` spawns one stream for cohort-level draws and one per subject,
 so a subject depends only on (seed, its index, settings); the same seed gives identical files.
+Options added later draw last or from a stream spawned after these, so a cohort without them
+keeps its files.
 
 Defaults (chosen): bias field strength 0.15 (log-polynomial std), Rician noise with sigma 3 % of
 the CSF level, three "scanner sites" whose intensity scales are drawn log-uniformly in
@@ -40,9 +45,10 @@ from pipelines.run_folder import AtomicOutputDir, atomic_write_text
 from preprocessing.io import save_volume
 from volumetric.errors import InputFileError, VolscanError
 
-from .anatomy import Anatomy, load_atlas_anatomy, procedural_head
+from .anatomy import Anatomy, AtrophySettings, load_atlas_anatomy, procedural_head
 from .artefacts import ARTEFACTS, apply_artefact, check_artefacts
 from .lesions import Lesion, LesionSettings, brain_depth, render_lesion, sample_lesion
+from .sites import Site, SiteSettings, draw_sites
 from .warps import SubjectGeometry, WarpSettings, bias_field, sample_geometry, template_points
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,9 @@ class PhantomConfig:
     and background (subjects are zero outside their brain, as BraTS releases are); atlas anatomy
     is always skull-stripped. `artefact_scans`: healthy (`normal`) subjects given a whole-scan
     artefact (`artefacts.py`), the kinds of `artefacts` in turn; their labels stay healthy.
+    `atrophy`: the normal-variation subgroup (a share of the other healthy subjects, procedural
+    anatomy). `site_profiles`: per-site response curve, noise, blur and bias ranges (None: sites
+    differ in intensity scale only, with `noise` and `bias_strength` for all).
     """
 
     n_normal: int = 20
@@ -86,6 +95,8 @@ class PhantomConfig:
     skull_stripped: bool = False
     artefact_scans: int = 0
     artefacts: tuple[str, ...] = ARTEFACTS
+    atrophy: AtrophySettings = field(default_factory=AtrophySettings)
+    site_profiles: SiteSettings | None = None
 
     def validate(self) -> None:
         """Raise VolscanError on settings that cannot make a cohort."""
@@ -108,6 +119,15 @@ class PhantomConfig:
         check_artefacts(tuple(self.artefacts))
         if self.noise < 0 or self.bias_strength < 0 or self.n_sites < 1:
             raise VolscanError("noise and bias strength must be >= 0 and there must be at least one site")
+        self.atrophy.validate()
+        if self.atrophy_count() > self.n_normal - self.artefact_scans:
+            raise VolscanError("the atrophic subgroup and the artefact scans must fit in the healthy subjects")
+        if self.site_profiles is not None:
+            self.site_profiles.validate()
+
+    def atrophy_count(self) -> int:
+        """Healthy subjects of the normal-variation subgroup: `atrophy.fraction` of `n_normal`, rounded."""
+        return int(round(self.atrophy.fraction * self.n_normal))
 
 
 @dataclass
@@ -178,26 +198,35 @@ def lookalike_config(n_subjects: int = 60, *, contrast: float = 1.0, radius_mm: 
                          lesions=LesionSettings(radius_mm=tuple(radius_mm), contrast=contrast))
 
 
-def build_anatomy(config: PhantomConfig) -> Anatomy:
-    """The cohort's template anatomy for `config.template` ("procedural", "auto" or a folder)."""
+def build_anatomy(config: PhantomConfig, atrophic: bool = False) -> Anatomy:
+    """The cohort's template anatomy for `config.template` ("procedural", "auto" or a folder);
+    `atrophic`: the normal-variation head of `config.atrophy` (procedural anatomy only)."""
     if config.template == "procedural":
-        head = procedural_head(config.size)
+        head = (procedural_head(config.size, config.atrophy.ventricle_factor, config.atrophy.cortex_mm) if atrophic
+                else procedural_head(config.size))
+        source = "procedural, atrophic" if atrophic else "procedural"
         if not config.skull_stripped:
-            return head
+            return Anatomy(head.image, head.brain_mask, head.affine, source)
         return Anatomy(np.where(head.brain_mask, head.image, 0.0).astype(np.float32), head.brain_mask, head.affine,
-                       "procedural, skull-stripped", skull_stripped=True)
+                       f"{source}, skull-stripped", skull_stripped=True)
     if config.template == "auto":
         try:
-            return load_atlas_anatomy(None, config.size)
+            anatomy = load_atlas_anatomy(None, config.size)
         except (VolscanError, ImportError) as exc:
             log.info("no SRI-24 template resolved (%s); using the procedural head", exc)
-            return build_anatomy(replace(config, template="procedural"))
-    return load_atlas_anatomy(config.template, config.size)
+            return build_anatomy(replace(config, template="procedural"), atrophic)
+    else:
+        anatomy = load_atlas_anatomy(config.template, config.size)
+    if atrophic:
+        raise VolscanError(f"normal variation (atrophy) needs the procedural head (--template procedural); "
+                           f"the anatomy here is {anatomy.source}")
+    return anatomy
 
 
 def render_subject(anatomy: Anatomy, geometry: SubjectGeometry, lesions: list[Lesion],
-                   rng: np.random.Generator, scale: float, config: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Render one subject on its native grid.
+                   rng: np.random.Generator, site: Site, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Render one subject on its native grid, as `site`'s scanner sees it (response curve, blur,
+    bias strength, noise).
 
     Returns the image (geometry.shape) float32 in scanner units (CSF ~ `scale`) and the label
     map (geometry.shape) uint8.
@@ -212,8 +241,9 @@ def render_subject(anatomy: Anatomy, geometry: SubjectGeometry, lesions: list[Le
         alpha *= brain
         image = image * (1.0 - alpha) + level * alpha
         labels = np.where((labels == 0) & brain, lesion_labels, labels)
-    image = image.reshape(geometry.shape) * bias_field(rng, geometry.shape, config.bias_strength)
-    sigma = config.noise
+    spacing = np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0))
+    image = site.respond(image.reshape(geometry.shape), spacing) * bias_field(rng, geometry.shape, site.bias)
+    sigma = site.noise
     # Rician magnitude noise, as in magnitude MR images.
     image = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
     if anatomy.skull_stripped:
@@ -236,10 +266,14 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     anatomy = build_anatomy(config)
     group_list = np.array(["normal"] * config.n_normal + ["lesion"] * config.n_lesion
                           + ["consistent"] * config.n_consistent + ["lookalike"] * config.n_lookalike)
-    seeds = np.random.SeedSequence(config.seed).spawn(1 + len(group_list))
+    root = np.random.SeedSequence(config.seed)
+    seeds = root.spawn(1 + len(group_list))
     cohort_rng = np.random.default_rng(seeds[0])
     group_list = group_list[cohort_rng.permutation(len(group_list))]
     site_scales = np.exp(cohort_rng.uniform(*np.log(config.site_scale), config.n_sites))
+    # A stream spawned after the subjects' own: cohorts without site profiles keep their files.
+    sites = draw_sites(np.random.default_rng(root.spawn(1)[0]), site_scales, config.site_profiles, config.noise,
+                       config.bias_strength)
     depth = brain_depth(anatomy)
     shared = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_consistent else None
     # Drawn after the consistent lesion, so cohorts without look-alikes keep their old random streams.
@@ -250,6 +284,12 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
         healthy = np.flatnonzero(group_list == "normal")
         chosen = sorted(cohort_rng.choice(healthy, config.artefact_scans, replace=False).tolist())
         artefact_of = {int(i): config.artefacts[j % len(config.artefacts)] for j, i in enumerate(chosen)}
+    # Drawn after the artefact scans, among the other healthy subjects.
+    atrophic: set[int] = set()
+    if config.atrophy_count():
+        healthy = [int(i) for i in np.flatnonzero(group_list == "normal") if int(i) not in artefact_of]
+        atrophic = set(cohort_rng.choice(healthy, config.atrophy_count(), replace=False).tolist())
+    atrophic_anatomy = build_anatomy(config, atrophic=True) if atrophic else None
 
     with output as tmp:
         save_volume((anatomy.image * 1000.0).astype(np.float32), anatomy.affine, tmp / "template" / "template.nii.gz")
@@ -259,11 +299,15 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
         for index, group in enumerate(tqdm(group_list, desc="phantom subjects", disable=not progress)):
             subject = f"sub-{index:0{width}d}"
             rng = np.random.default_rng(seeds[1 + index])
-            subjects[subject] = _write_subject(tmp, subject, str(group), rng, anatomy, config, shared, look,
-                                               depth, site_scales, artefact_of.get(index))
+            site = index % config.n_sites if config.site_profiles is not None else None  # in turn
+            subjects[subject] = _write_subject(tmp, subject, str(group), rng,
+                                               atrophic_anatomy if index in atrophic else anatomy, config, shared,
+                                               look, depth, sites, site, artefact_of.get(index))
+            subjects[subject]["atrophic"] = index in atrophic
         info = {"format": FORMAT, "seed": config.seed, "anatomy": anatomy.source, "config": _jsonable(config),
                 "label_names": LABEL_NAMES, "groups": {g: sorted(s for s, m in subjects.items() if m["group"] == g)
                                                       for g in GROUPS},
+                "sites": [site.to_dict() for site in sites],
                 "consistent_lesion": shared.to_dict() if shared else None,
                 "lookalike_appearance": ({"levels": look.levels, "core_fraction": look.core_fraction,
                                           "rim_fraction": look.rim_fraction} if look else None),
@@ -275,12 +319,14 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
 
 def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Generator, anatomy: Anatomy,
                    config: PhantomConfig, shared: Lesion | None, look: Lesion | None, depth: np.ndarray,
-                   site_scales: np.ndarray, artefact: str | None = None) -> dict:
+                   sites: list[Site], site_index: int | None = None, artefact: str | None = None) -> dict:
     """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry.
-    `artefact`: a whole-scan artefact applied after rendering (drawn from the subject's stream last)."""
+    `site_index`: the subject's site (None: drawn from its stream); `artefact`: a whole-scan
+    artefact applied after rendering (drawn from the subject's stream last)."""
     geometry = sample_geometry(rng, anatomy, config.warps)
-    site = int(rng.integers(config.n_sites))
-    scale = float(site_scales[site] * rng.uniform(0.9, 1.1))
+    drawn = int(rng.integers(config.n_sites))  # drawn either way: the stream stays the same
+    site = drawn if site_index is None else site_index
+    scale = float(sites[site].scale * rng.uniform(0.9, 1.1))
     if group == "lesion":
         count = int(rng.integers(config.lesions_per_subject[0], config.lesions_per_subject[1] + 1))
         lesions = [sample_lesion(rng, anatomy, config.lesions, depth) for _ in range(count)]
@@ -289,7 +335,7 @@ def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Genera
         lesions = [sample_lesion(rng, anatomy, config.lesions, depth, appearance=look) for _ in range(count)]
     else:
         lesions = [shared] if group == "consistent" and shared is not None else []
-    image, labels = render_subject(anatomy, geometry, lesions, rng, scale, config)
+    image, labels = render_subject(anatomy, geometry, lesions, rng, sites[site], scale)
     if artefact is not None:
         image = apply_artefact(image, artefact, rng)
     save_volume(np.clip(np.rint(image), 0, np.iinfo(np.int16).max), geometry.affine,

@@ -1,0 +1,218 @@
+"""Detection protocol on phantom cohort families: a development split that chooses, a test split that reports.
+
+Each *family* is a kind of cohort made by `volscan phantom` (`pipelines.phantom`), rendered on the
+template grid and tokenised with the classical tokens exactly as `codegraph_ablation.py` does
+(same `build_batch`, `evaluate`; N4 before tokens, as `--bias-correction auto` does for scans
+volscan registers). Lesion families hold N scans, a third with 1-3 look-alike lesions:
+
+- `lookalike`: the look-alike regime alone;
+- `lookalike+sites`: scanner sites with their own response curve, noise, blur and bias
+  (`SiteSettings`), scans assigned to sites in turn;
+- `lookalike+artefacts`: three healthy scans with whole-scan artefacts (kinds in turn);
+- `lookalike+normal-variation`: a healthy subgroup with enlarged ventricles and a thinner cortex;
+- `dark`: the lesions mirrored darker than white matter (`--polarity dark`);
+- `size-range`: lesion radii from small to large.
+
+Lesion-free families are the healthy scans of a lesion family's cohort (no extra cohort to
+make): `sites`, `artefacts` (the artefact scans are anomalous and may be flagged; the other
+healthy scans may not), `normal-variation`.
+
+Splits: `dev` = seed 0 at setting A (contrast 1.0, radius 12-20 mm, three default sites, artefacts
+ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
+`test` = seeds 1-3 at setting B (contrast 0.9, radius 10-18 mm, two sites with wider ranges,
+artefacts missing-slices / contrast / ghosting, 30 % atrophic with ventricles x 2.5 and 3 mm
+cortex, sizes 2-16 mm), never looked at while choosing. The dev split also scores the open
+choices (graph views r = 1 / all, the literal link stop); the test split the defaults only.
+
+Per family and seed: patient AUROC of MuSc at its default f = 0.3 and of CoDeGraph; Dice over
+lesion scans (paper protocol, `codegraph_ablation.evaluate`); CoDeGraph's outlier communities
+(sizes) and their lesion share; for lesion-free families the flagged healthy scans (artefact scans
+apart) and the largest rise of their scan score over MuSc at CoDeGraph's f (what a flag costs:
+0 where nothing is flagged); the densest communities (size, lesion scans, density, fence) for the
+diagnosis where CoDeGraph is below MuSc. Results are cached per (family, seed, N) in
+OUT/<split>/results-<cube>.json, so a run can be stopped and continued; the table of every cached
+row is written to OUT/<split>/table-<cube>.md and printed.
+
+    python benchmarks/detection_families.py --out /tmp/families --split dev
+    python benchmarks/detection_families.py --out /tmp/families --split test --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from codegraph_ablation import QUIET, Batch, build_batch, cohort_config, evaluate, pct
+from pipelines.phantom import AtrophySettings, Cohort, PhantomConfig, SiteSettings
+from volumetric.engine import ScoringConfig
+
+log = logging.getLogger("detection_families")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The generator settings of one split (what differs between dev and test besides seeds)."""
+
+    seeds: tuple[int, ...]
+    contrast: float
+    radius_mm: tuple[float, float]
+    size_range_mm: tuple[float, float]
+    sites: SiteSettings
+    n_sites: int
+    artefacts: tuple[str, ...]
+    atrophy: AtrophySettings
+
+
+SPLITS = {
+    "dev": Setting((0,), 1.0, (12.0, 20.0), (4.0, 20.0), SiteSettings(), 3, ("ghosting", "spike", "wrap"),
+                   AtrophySettings(0.25, 2.0, 2.0)),
+    "test": Setting((1, 2, 3), 0.9, (10.0, 18.0), (2.0, 16.0),
+                    SiteSettings(gamma=(0.75, 1.3), noise=(0.02, 0.07), blur_mm=(0.5, 3.0), bias=(0.1, 0.35)), 2,
+                    ("missing-slices", "contrast", "ghosting"), AtrophySettings(0.3, 2.5, 3.0)),
+}
+# family -> (cohort it is drawn from, lesion-free: the healthy scans only)
+FAMILIES = {
+    "lookalike": ("lookalike", False),
+    "lookalike+sites": ("lookalike+sites", False),
+    "lookalike+artefacts": ("lookalike+artefacts", False),
+    "lookalike+normal-variation": ("lookalike+normal-variation", False),
+    "dark": ("dark", False),
+    "size-range": ("size-range", False),
+    "sites": ("lookalike+sites", True),
+    "artefacts": ("lookalike+artefacts", True),
+    "normal-variation": ("lookalike+normal-variation", True),
+}
+
+
+def methods(split: str) -> dict[str, tuple[str, ScoringConfig]]:
+    """(method, config) per row name: MuSc at its default and at CoDeGraph's f, CoDeGraph at its
+    defaults; on dev also the open choices (graph views, link stop)."""
+    base = ScoringConfig(engine=QUIET)
+    rows = {"MuSc": ("musc", base),
+            "MuSc same f": ("musc", replace(base, musc_top_fraction=base.codegraph.top_fraction)),
+            "CoDeGraph": ("codegraph", base)}
+    if split == "dev":
+        rows |= {"CoDeGraph r=1": ("codegraph", replace(base, graph_radii=(1,))),
+                 "CoDeGraph all views": ("codegraph", replace(base, graph_radii=base.lnamd_radii)),
+                 "CoDeGraph literal stop": ("codegraph", replace(base, codegraph=replace(base.codegraph, stop_fence=None)))}
+    return rows
+
+
+def family_config(cohort: str, setting: Setting, seed: int, n: int, cube: int) -> PhantomConfig:
+    """The phantom cohort `cohort` of a split at one seed (template grid, as the ablation's)."""
+    config = cohort_config("lookalike", n, cube, setting.contrast, seed)
+    config = replace(config, lesions=replace(config.lesions, radius_mm=setting.radius_mm))
+    if cohort == "lookalike+sites":
+        return replace(config, site_profiles=setting.sites, n_sites=setting.n_sites)
+    if cohort == "lookalike+artefacts":
+        return replace(config, artefact_scans=len(setting.artefacts), artefacts=setting.artefacts)
+    if cohort == "lookalike+normal-variation":
+        return replace(config, atrophy=setting.atrophy)
+    if cohort == "dark":
+        return replace(config, lesions=replace(config.lesions, polarity="dark"))
+    if cohort == "size-range":
+        return replace(config, lesions=replace(config.lesions, radius_mm=setting.size_range_mm))
+    return config
+
+
+def measure(batch: Batch, odd: np.ndarray, split: str) -> dict:
+    """Every method's figures on one batch; `odd` (N,) bool marks scans allowed to be flagged
+    without counting as healthy flags (artefact scans)."""
+    rows: dict = {}
+    same_f = None
+    for name, (method, config) in methods(split).items():
+        row = evaluate(batch, method, config)
+        scores = row.pop("_scores")
+        patient = np.nanmax(scores.reshape(len(scores), -1), axis=1)
+        if name == "MuSc same f":
+            same_f = patient
+        if method == "codegraph":
+            healthy = [i for i in row["outlier_members"] if not batch.lesion[i] and not odd[i]]
+            row["healthy_flagged"] = len(healthy)
+            row["healthy_rise"] = (float(np.max(patient[healthy] / same_f[healthy] - 1.0)) if healthy else 0.0)
+        rows[name] = row
+    return rows
+
+
+def run_family(family: str, split: str, seed: int, out: Path, n: int, cube: int) -> dict:
+    """Make (or reuse) the family's cohort and tokens at `seed`, and measure every method."""
+    cohort, lesion_free = FAMILIES[family]
+    folder = out / f"{cohort}-n{n}-s{seed}-{split}"
+    batch = build_batch(folder, family_config(cohort, SPLITS[split], seed, n, cube), "n4")
+    subjects = Cohort.load(folder / "cohort").info["subjects"]
+    odd = np.array([bool(subjects[i].get("artefact")) for i in batch.ids])  # key absent in older cohorts
+    if lesion_free:
+        odd = odd[~batch.lesion]
+        batch = batch.subset(~batch.lesion)
+    return {"n": len(batch.ids), "lesion_scans": int(batch.lesion.sum()), "odd_scans": int(odd.sum()),
+            "rows": measure(batch, odd, split)}
+
+
+def table(split: str, results: dict) -> str:
+    """Markdown table: one line per (family, seed, N)."""
+    names = [n for n in methods(split) if n.startswith("CoDeGraph ")]
+    head = ("| family | seed | N (lesion, odd) | patient AUROC MuSc / CoDeGraph | Dice lesion MuSc / CoDeGraph "
+            "| flagged communities (lesion share %) | healthy flagged (score rise %) | densest: size, lesion, density, fence |")
+    extra = "".join(f" {n}: AUROC, flagged, healthy |" for n in names)
+    lines = [head + extra, "|---" * (8 + len(names)) + "|"]
+    for key in sorted(results, key=lambda k: (list(FAMILIES).index(k.split(":")[0]), k)):
+        family, seed, _ = key.split(":")
+        r = results[key]
+        rows = r["rows"]
+        musc, cdg = rows["MuSc"], rows["CoDeGraph"]
+        densest = "; ".join(f"{s}, {les}, {d}, {f}" for s, les, d, f in cdg["densest"])
+        line = (f"| {family} | {seed} | {r['n']} ({r['lesion_scans']}, {r['odd_scans']}) "
+                f"| {pct(musc.get('patient_auroc'))} / {pct(cdg.get('patient_auroc'))} "
+                f"| {pct(musc.get('dice_lesion'))} / {pct(cdg.get('dice_lesion'))} "
+                f"| {cdg['outlier_sizes']} ({pct(cdg['outlier_lesion_share'])}) "
+                f"| {cdg['healthy_flagged']} ({100 * cdg['healthy_rise']:.1f}) | {densest} |")
+        for name in names:
+            v = rows[name]
+            line += f" {pct(v.get('patient_auroc'))}, {v['outlier_sizes']}, {v['healthy_flagged']} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="work folder (cohorts, tokens, <split>/results.json, table.md)")
+    parser.add_argument("--split", choices=tuple(SPLITS), required=True)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of the families")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the split's seeds")
+    parser.add_argument("--n", type=int, default=60, help="scans per cohort (a third with look-alike lesions)")
+    parser.add_argument("--cube", type=int, default=112, help="cube edge in voxels (multiple of 14)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setting = SPLITS[args.split]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(setting.seeds)
+    if not set(seeds) <= set(setting.seeds):
+        parser.error(f"split {args.split} has seeds {setting.seeds}, got {seeds}")
+    families = args.families.split(",")
+    for family in families:
+        if family not in FAMILIES:
+            parser.error(f"unknown family {family!r}; expected {tuple(FAMILIES)}")
+    out = Path(args.out)
+    store = out / args.split / f"results-{args.cube}.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(store.read_text(encoding="utf-8")) if store.is_file() else {}
+    for seed in seeds:
+        for family in families:
+            key = f"{family}:{seed}:{args.n}"
+            if key not in results:
+                results[key] = run_family(family, args.split, seed, out, args.n, args.cube)
+                store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+                log.warning("%s %s: %s", args.split, key, {k: v.get("patient_auroc") for k, v in results[key]["rows"].items()})
+    text = table(args.split, results)
+    (out / args.split / f"table-{args.cube}.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
