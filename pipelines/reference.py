@@ -25,7 +25,7 @@ import numpy as np
 
 from pipelines.flagging import flag_rule
 from pipelines.json_ready import plain
-from pipelines.plan import CheckedSettings, ScreenPlan, check_settings
+from pipelines.plan import CheckedSettings, ScreenPlan
 from pipelines.run_folder import read_run_marker, verify_run
 from pipelines.run_layout import COHORT_FILE, ELEMENTS_FILE, REPORT_JSON, RunLayout
 from volumetric.errors import InputFileError, VolscanError
@@ -91,9 +91,9 @@ class ReferenceRun:
         if not Path(landmarks).is_file():
             raise InputFileError(landmarks, f"Nyúl landmarks of the reference run {self.folder} are gone "
                                             "(cache pruned?); re-run the reference screen")
-        config = checked.config
-        # The preprocessing settings change, so they are checked again (cheap: no file, no torch).
-        return check_settings(dataclasses.replace(config, preprocess={**dict(config.preprocess), "landmarks": landmarks}))
+        config = dataclasses.replace(checked.config, preprocess={**dict(checked.config.preprocess), "landmarks": landmarks})
+        # Only the preprocessing settings change: they alone are rebuilt (and so checked).
+        return dataclasses.replace(checked, config=config, preprocess=config.preprocess_settings())
 
     def check(self, plan: ScreenPlan, token_settings: dict[str, Any]) -> None:
         """One line naming the first setting that differs from the reference run's (before any

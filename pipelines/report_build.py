@@ -50,7 +50,8 @@ def build_report(
     """The report of a screen run, before metrics, figures and viewer.
 
     `plan`: the run's `ScreenPlan`; `scores`: the score stage's `Scores`;
-    `maps`: the outputs stage's `MapFiles`; `rule`: the `pipelines.flagging.FlagRule` of the run.
+    `maps`: the scan-maps stage's `MapFiles` (`pipelines.stages.scan_maps`); `rule`: the
+    `pipelines.flagging.FlagRule` of the run.
     Settings are reported as used: defaults resolved at run time (layers, projection width,
     device, cache, template) are written with their values, paths absolute."""
     subjects, kind, given = plan.subjects, plan.kind, plan.record
@@ -115,7 +116,7 @@ def build_report(
                          "layers": token_settings.get("layers"), "proj_dim": token_settings.get("proj_dim"),
                          "size": plan.size, "grid": token_info["grid"],
                          "description": token_info.get("features", given["backbone"])},
-            "flag_z": given["flag_z"],
+            "flag_z": rule.z,  # the rule's (a --reference run's rule is the reference's)
             "flag_threshold": rule.threshold,
             "flag_rule": rule.describe(),
             "flagged": [e.id for e in entries if e.flagged],

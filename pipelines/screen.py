@@ -36,6 +36,7 @@ from pipelines.run_layout import REPORT_HTML, RunLayout
 from pipelines.screen_config import ScreenConfig
 from pipelines.stages import preprocess, score, tokens
 from pipelines.subjects import Subject
+from volumetric.errors import VolscanError
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +150,18 @@ def _screen(subjects: Sequence[Subject], out_dir: str | Path, checked: CheckedSe
             labels_given: bool | None, compute: bool, exports: Sequence[str],
             reference: ReferenceRequest | None) -> ScreenResult:
     """The run of `screen_subjects` once its settings are checked: OUT, the plan, then the stages."""
+    if reference is not None and "mood" in exports:  # MOOD's [0, 1] scale spans the run's own scans
+        raise VolscanError("--export mood scales the scores over the screened scans; with --reference the new scans' "
+                           "scale is the reference's (report percentiles): screen without --export mood")
     # --reference: read and verify the reference run; new scans take its Nyúl landmarks
     base = open_reference(reference) if reference is not None else None
     checked = base.adapt(checked) if base is not None else checked
-    output = _output_dir(subjects, out_dir, force)
+    # A --reference run is read, never replaced by this one (even with --force).
+    output = _output_dir(subjects, out_dir, force, (base.folder,) if base is not None else ())
     timer = _Timer()
     with timer.stage("inputs"):
         plan = build_plan(subjects, checked, len(base.ids) if base is not None else 0)
-        check_exports(exports, plan.kind, subjects)  # an unknown or 2D export refused before any work
+        check_exports(exports, plan.kind, subjects)  # an unknown or 2D export refused before preprocessing
         if base is not None:  # --reference: same settings as the reference, its tokens loaded
             base.check(plan, tokens.make_tokenizer(plan.tokens, plan.size, plan.kind, plan.device, plan.backbone)[1])
             base = base.with_tokens()
@@ -174,9 +179,10 @@ def screen_plan(plan: ScreenPlan, out_dir: str | Path, *, force: bool = False, s
                        labels_given=labels_given, compute=compute, exports=exports)
 
 
-def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool) -> AtomicOutputDir:
-    """OUT checked (not overlapping any input or mask folder) and claimed."""
-    protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label})
+def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool,
+                also: Sequence[Path] = ()) -> AtomicOutputDir:
+    """OUT checked (not overlapping any input or mask folder, nor the folders in `also`) and claimed."""
+    protected = tuple({s.image.parent for s in subjects} | {s.label.parent for s in subjects if s.label} | set(also))
     return AtomicOutputDir(out_dir, force, protected)
 
 

@@ -187,7 +187,7 @@ class ScreenConfig:
             raise VolscanError(f"config 'scoring': {exc}") from None
 
     def outputs(self) -> "OutputSettings":
-        """What the outputs stage needs (report figures, flag rule, metric histogram)."""
+        """What the scan-maps and report stages need (report figures, flag rule, metric histogram)."""
         return OutputSettings(top=self.top, flag_z=float(self.flag_z), histogram_bins=self.histogram_bins,
                               viewer_scans=self.viewer_scans)
 

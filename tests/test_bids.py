@@ -171,6 +171,11 @@ def test_bad_bids_inputs_are_one_line_errors(dataset: dict, tmp_path: Path, caps
                                                capsys)
     assert "--participant-label belongs to the participant level" in _error(
         ["bids", str(ds), str(tmp_path / "d"), "group", "--participant-label", "01", *settings], capsys)
+    # Each level's options are refused at the other level, not accepted and dropped.
+    assert "--window, --export belong(s) to the group level" in _error(
+        ["bids", str(ds), str(tmp_path / "d"), "participant", "--window", "1", "--export", "mood", *settings], capsys)
+    assert "--stage belongs to the participant level" in _error(
+        ["bids", str(ds), str(tmp_path / "d"), "group", "--stage", "spatial", *settings], capsys)
 
 
 def test_participant_level_by_participant_goes_stage_by_stage(dataset: dict, tmp_path: Path, capsys) -> None:

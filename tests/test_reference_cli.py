@@ -56,6 +56,19 @@ def test_new_scans_are_scored_on_the_reference_scale(split: dict) -> None:
     assert new["summary"]["flag_rule"] == ref["summary"]["flag_rule"]  # the reference's rule
     assert "Reference cohort" in (split["root"] / "runs" / "new" / "report.html").read_text(encoding="utf-8")
     assert not (split["root"] / "runs" / "new" / "cohort.npz").exists()  # a reference-mode run is no reference
+    assert "against the tokens of the 6 scans of a reference run and the other new scans" in new["methods"]
+
+
+def test_reference_run_is_never_replaced_and_mood_scale_is_refused(split: dict, capsys) -> None:
+    """`-o RUN --force --reference RUN` would replace the run being read; `--export mood` would
+    scale the new scans over themselves, not on the reference's scale: both one line, no work."""
+    argv = ["screen", str(split["root"] / "new"), *split["settings"], "--reference", str(split["run"])]
+    assert main([*argv, "-o", str(split["run"]), "--force"]) == 2
+    assert "output folder would replace the input" in capsys.readouterr().err
+    assert (split["run"] / "cohort.npz").is_file()
+    assert main([*argv, "-o", str(split["root"] / "runs" / "mood"), "--export", "mood"]) == 2
+    assert "--export mood scales the scores over the screened scans" in capsys.readouterr().err
+    assert not (split["root"] / "runs" / "mood").exists()
 
 
 def test_independent_score_does_not_depend_on_the_other_new_scans(split: dict) -> None:

@@ -196,6 +196,7 @@ def test_volume_settings_are_refused_for_2d_images(tmp_path: Path, capsys: pytes
     _fails([*base, "--registered"], capsys, "registered", "3D volumes only")
     _fails([*base, "--brain-mask", "nonzero", "--template", str(tmp_path)], capsys, "brain-mask, template", "2D images")
     _fails([*base, "--bias-correction", "n4"], capsys, "bias-correction apply to 3D volumes only")
+    _fails([*base, "--hdbet-mode", "fast"], capsys, "hdbet-mode apply to 3D volumes only")
     vit = ["screen", str(images), "-o", str(out), "--weights", "random", "--size", "42"]  # the default ViT
     _fails([*vit, "--slices-per-block", "7"], capsys, "slices-per-block apply to 3D volumes only")
     _nothing_written(out)

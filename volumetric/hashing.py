@@ -79,14 +79,19 @@ def digest(obj: object, length: int = 32) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def volscan_version() -> str:
-    """The installed volscan's version, or "unknown" when volscan runs without being installed."""
+def package_version(name: str) -> str:
+    """The installed version of package `name`, or "unknown" when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("volscan")
+        return version(name)
     except PackageNotFoundError:
         return "unknown"
+
+
+def volscan_version() -> str:
+    """The installed volscan's version, or "unknown" when volscan runs without being installed."""
+    return package_version("volscan")
 
 
 def _files(path: Path) -> list[Path]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from pipelines.bids_app import LEVELS
-from pipelines.commands.screen import OVERRIDES, add_bids_arguments, add_settings_arguments, print_result
-from pipelines.mood import EXPORTS
+from pipelines.choices import EXPORTS, EXTRACT_STAGES
+from pipelines.commands.screen import OVERRIDES, SCORING, add_bids_arguments, add_settings_arguments, print_result
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
     parser.add_argument("--cache", metavar="DIR", help="cache of preprocessed cubes and tokens, shared by both levels "
                         "(default $VOLSCAN_CACHE_DIR or ~/.cache/volscan)")
-    parser.add_argument("--stage", choices=("all", "spatial", "landmarks", "tokens"), default="all",
+    parser.add_argument("--stage", choices=EXTRACT_STAGES, default="all",
                         help="participant level: per-scan phases to run (default all; see volscan extract)")
     group = parser.add_argument_group("group level")
     group.add_argument("--top", type=int, help="top-ranked scans drawn as panels in the report (default 6)")
@@ -43,7 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.bids_app import run_group, run_participant
     from pipelines.safe_text import printable
     from pipelines.screen_config import resolve_config
+    from volumetric.errors import VolscanError
 
+    # Options of the other level are refused, never accepted and dropped.
+    if args.analysis_level == "participant":
+        given = [f"--{name}" for name in SCORING if getattr(args, name) is not None]
+        given += ["--export"] if args.export else []
+        if given:
+            raise VolscanError(f"{', '.join(given)} belong(s) to the group level, which scores; the participant level "
+                               "only prepares each scan")
+    elif args.stage != "all":
+        raise VolscanError("--stage belongs to the participant level; the group level scores every scan from the cache")
     config = resolve_config(args.config, **{name: getattr(args, name) for name in OVERRIDES})
     selection = BidsSelection(args.bids_suffix or "T1w", tuple(args.participant_label or ()))
     if args.analysis_level == "participant":
