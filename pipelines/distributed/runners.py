@@ -17,6 +17,7 @@ watcher process should this one be killed outright (`pipelines.distributed.reape
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -32,6 +33,8 @@ from pipelines.failures import Terminated
 from pipelines.subjects import Subject
 from volumetric.errors import VolscanError, first_line
 
+# Set to "1" while Ray starts: no C++ failure-signal handler in this (the driver's) process.
+_RAY_FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 # Seconds the cluster's address has to accept a TCP connection.
 CONNECT_TIMEOUT_S = 10.0
 CLIENT_SCHEME = "ray://"
@@ -209,6 +212,10 @@ def _own_sigterm_handler() -> Iterator[None]:
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
+    # Ray's C++ failure-signal handler (absl), installed in the driver when its core worker starts,
+    # also catches SIGTERM and ends the process with SIGABRT after volscan's handler has run.
+    previous_env = os.environ.get(_RAY_FAILURE_HANDLER_ENV)
+    os.environ[_RAY_FAILURE_HANDLER_ENV] = "1"
     try:
         yield
     except SystemExit as exc:
@@ -217,6 +224,10 @@ def _own_sigterm_handler() -> Iterator[None]:
         raise Terminated() from None  # SIGTERM came while Ray's handler was in place
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_env is None:
+            os.environ.pop(_RAY_FAILURE_HANDLER_ENV, None)
+        else:
+            os.environ[_RAY_FAILURE_HANDLER_ENV] = previous_env
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
