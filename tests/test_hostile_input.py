@@ -460,7 +460,7 @@ def test_ray_processes_volscan_started_end_with_it(finished: dict, tmp_path: Pat
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    time.sleep(1.5)  # the watcher records the processes once a second
+    time.sleep(1.5)  # the watcher has recorded the cluster's first processes and, from them, its session folder
     started = _ray_processes(driver)
     assert started
     proc.send_signal(stop)

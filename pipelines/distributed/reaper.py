@@ -1,25 +1,36 @@
 """Stops the local Ray cluster of a volscan process that died without shutting it down.
 
 `RayRunner` shuts its local cluster down on the way out, Ctrl-C and SIGTERM included; a
-`kill -9` or an out-of-memory kill gives it no chance, and some of Ray's processes (its
-dashboard agent) outlive their raylet. So while a local cluster runs, `Reaper` keeps a small
-watcher process (`python -m pipelines.distributed.reaper PID`) holding the read end of a pipe
-whose write end only volscan holds. Every second the watcher records the Ray processes below
-volscan (GCS, raylet, agents, workers; by /proc, Linux); when the pipe closes (volscan exited,
-however) it kills those still running, each checked by its start time so that a reused process
-id is never hit. After a normal exit the cluster is already down and nothing is left to kill.
+`kill -9` or an out-of-memory kill gives it no chance, and some of Ray's processes outlive their
+raylet (its agents, which on the raylet's death try to report to the already dead GCS for a
+minute). So while a local cluster runs, `Reaper` keeps a small watcher process (`python -m
+pipelines.distributed.reaper PID`) holding the read end of a pipe whose write end only volscan
+holds. Every second the watcher records the Ray processes below volscan (GCS, raylet, agents,
+workers; by /proc, Linux) and the cluster's session folders named on their command lines. When
+the pipe closes (volscan exited, however) it kills the recorded processes still running, each
+checked by its start time so that a reused process id is never hit, and every Ray process that
+holds a file in one of those session folders: that also finds a process started after the last
+record and orphaned since (its raylet, killed with volscan, no longer links it to volscan). After
+a normal exit the cluster is already down and nothing is left to kill.
 """
-
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-POLL_S = 1.0
+POLL_S = 1.0  # seconds between records
+KILL_PASSES = 4  # sweeps at the end, each killing what the previous one missed
+# Where the Ray package lives (its binaries and scripts are named by this path); found without importing it.
+_RAY_SPEC = importlib.util.find_spec("ray")
+RAY_PACKAGE = os.fsencode(os.path.dirname(_RAY_SPEC.origin)) + b"/" if _RAY_SPEC and _RAY_SPEC.origin else b""
+SESSION_FOLDER = re.compile(rb"(/[^\0=]*/session_\d{4}-\d\d-\d\d_[^/\0]+)")
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -32,11 +43,31 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
-def _is_ray(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
-        return b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
+        return b""
+
+
+def _is_ray(pid: int) -> bool:
+    """A Ray process: a binary or script of the Ray package, or a worker or agent (`ray::...`)."""
+    cmdline = _cmdline(pid)
+    return cmdline.startswith(b"ray::") or bool(RAY_PACKAGE) and RAY_PACKAGE in cmdline
+
+
+def _session_folders(pid: int) -> set[bytes]:
+    """The Ray session folders (`.../session_<date>_<pid>`) named on process `pid`'s command line."""
+    return set(SESSION_FOLDER.findall(_cmdline(pid)))
+
+
+def _holds_file_in(pid: int, folders: set[bytes]) -> bool:
+    """Whether process `pid` has a file open below one of `folders`."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:  # gone, or a file descriptor closed while listing
         return False
+    return any(os.fsencode(link).startswith(folder + b"/") for link in links for folder in folders)
 
 
 def ray_descendants(root: int) -> dict[int, int]:
@@ -56,21 +87,45 @@ def ray_descendants(root: int) -> dict[int, int]:
     return found
 
 
+def cluster_processes(seen: dict[int, int], folders: set[bytes]) -> list[int]:
+    """Running processes of the cluster: those of `seen` ({pid: start time}) whose start time
+    still matches, and the Ray processes holding a file below one of the session `folders`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        stat = _stat(pid)
+        if stat is None:
+            continue
+        if seen.get(pid) == stat[1] or (folders and _is_ray(pid) and _holds_file_in(pid, folders)):
+            found.append(pid)
+    return found
+
+
 def watch(parent: int, pipe: int) -> None:
-    """Record `parent`'s Ray descendants until `pipe` closes, then kill those still running."""
+    """Record `parent`'s Ray descendants and their session folders until `pipe` closes, then kill
+    the cluster's processes still running (a few passes: one may be starting another)."""
     seen: dict[int, int] = {}
+    folders: set[bytes] = set()
     while True:
         ready, _, _ = select.select([pipe], [], [], POLL_S)
         if ready and not os.read(pipe, 4096):
             break
-        seen.update(ray_descendants(parent))
-    for pid, start in seen.items():
-        stat = _stat(pid)
-        if stat is not None and stat[1] == start:
+        found = ray_descendants(parent)
+        for pid in found.keys() - seen.keys():
+            folders |= _session_folders(pid)
+        seen.update(found)
+    for _ in range(KILL_PASSES):
+        alive = cluster_processes(seen, folders)
+        if not alive:
+            return
+        for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        time.sleep(POLL_S / 4)
 
 
 class Reaper:

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from pipelines.failures import Terminated
 from pipelines.subjects import Subject
 from volumetric.errors import VolscanError, first_line
 
-# Set to "1" while Ray starts: no C++ failure-signal handler in this (the driver's) process.
+# "1" when Ray is imported: no C++ failure-signal handler in the driver (see `RayRunner.__enter__`).
 _RAY_FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 # Seconds the cluster's address has to accept a TCP connection.
 CONNECT_TIMEOUT_S = 10.0
@@ -111,7 +112,7 @@ class RayRunner:
 
     def __enter__(self) -> "RayRunner":
         try:
-            import ray
+            ray = _import_ray()
         except ImportError:
             raise VolscanError("--ray needs Ray: pip install 'volscan[ray]'") from None
         self._ray = ray
@@ -204,6 +205,27 @@ class RayRunner:
                 ray.cancel(ref, force=True)
 
 
+def _import_ray() -> Any:
+    """`import ray` without Ray's C++ failure-signal handler in this (the driver's) process.
+
+    That handler (absl), installed when the driver's core worker starts, also catches SIGTERM
+    and ends the process with SIGABRT or SIGSEGV after volscan's own handler has run (exit -6 or
+    -11 instead of 143). Ray reads its switch once, at import, from the environment; the
+    variable is set only for the import, so Ray's other processes keep their handler. A program
+    that imported Ray before keeps the handler; a value the user set is kept.
+    """
+    if "ray" in sys.modules or _RAY_FAILURE_HANDLER_ENV in os.environ:
+        import ray
+
+        return ray
+    os.environ[_RAY_FAILURE_HANDLER_ENV] = "1"
+    try:
+        import ray
+    finally:
+        del os.environ[_RAY_FAILURE_HANDLER_ENV]
+    return ray
+
+
 @contextmanager
 def _own_sigterm_handler() -> Iterator[None]:
     """Keep this process's SIGTERM handler across `ray.init`, which replaces it with one that
@@ -212,10 +234,6 @@ def _own_sigterm_handler() -> Iterator[None]:
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    # Ray's C++ failure-signal handler (absl), installed in the driver when its core worker starts,
-    # also catches SIGTERM and ends the process with SIGABRT after volscan's handler has run.
-    previous_env = os.environ.get(_RAY_FAILURE_HANDLER_ENV)
-    os.environ[_RAY_FAILURE_HANDLER_ENV] = "1"
     try:
         yield
     except SystemExit as exc:
@@ -224,10 +242,6 @@ def _own_sigterm_handler() -> Iterator[None]:
         raise Terminated() from None  # SIGTERM came while Ray's handler was in place
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if previous_env is None:
-            os.environ.pop(_RAY_FAILURE_HANDLER_ENV, None)
-        else:
-            os.environ[_RAY_FAILURE_HANDLER_ENV] = previous_env
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
