@@ -680,13 +680,28 @@ def check_refused(run: Run, capsys: pytest.CaptureFixture) -> str:
 
 # ---------------------------------------------------------------- outside the table
 
+# The run waits before it writes report.html (in its hidden temporary folder), so that a signal
+# sent once the owner file is written always finds it running: cached tokens make the rest of a
+# three-scan screen fast enough to finish first on a loaded machine.
+_SCREEN_HELD_BEFORE_REPORT = """
+import sys, time
+import pipelines.report_build as report_build
+real = report_build.report_html
+def held(*args, **kwargs):
+    time.sleep(600)
+    return real(*args, **kwargs)
+report_build.report_html = held
+from pipelines.cli import main
+sys.exit(main())
+"""
+
+
 def _screen_writing(finished: dict, tmp_path: Path, out: Path) -> tuple[list[str], subprocess.Popen]:
     """(argv, process) of a real `volscan screen` into `out`, once it has started writing its
     hidden temporary folder (owner file included) and is still running."""
     argv = Ctx(finished, tmp_path, pytest.MonkeyPatch()).screen(finished["images"], out, own_cache=False)
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
-                             *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _SCREEN_HELD_BEFORE_REPORT, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 120
     # The owner file is created, then written: wait until it holds its content, not only exists.
     def owner_written() -> bool:
