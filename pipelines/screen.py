@@ -211,7 +211,7 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
         with timer.stage("scoring"):
             if base is None:
                 scores = score.score_tokens(token_sets.sets, plan.method, plan.scoring)
-                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded)
+                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded, scores.kept_minima)
             else:  # --reference: the new scans against the reference's tokens
                 base.check_distinct(ids, token_sets.files)
                 scores = base.score(token_sets.sets, plan.method, plan.scoring)
@@ -219,7 +219,7 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
                                collection_scores=scores.collection_scores, size=plan.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
-        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule
+        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule(scores)
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = scan_maps.write_maps(layout, subjects, elements, prepared, threshold)
@@ -230,7 +230,7 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
             scores=scores, maps=maps, rule=rule,
         )
         if base is not None:  # --reference: percentiles of the reference, both cohorts in the report
-            base.annotate(report)
+            base.annotate(report, scores)
         if labels_given:
             with timer.stage("metrics"):
                 attach_metrics(work, report, elements, [s.label for s in subjects], settings.histogram_bins)

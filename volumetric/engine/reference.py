@@ -96,17 +96,29 @@ def most_new(n: int, kept: int, top_fraction: float) -> int | None:
     return q
 
 
-def check_reference_config(config: ScoringConfig) -> None:
-    """Refuse, before any work, settings reference scoring cannot honour (one line each)."""
+def reference_refusal(config: ScoringConfig) -> str | None:
+    """Why reference scoring cannot honour `config` (one line), or None when it can."""
     engine = config.engine
     if config.rscin is not None:
-        raise VolscanError("reference scoring: RsCIN re-scores over the whole batch; set scoring rscin to none")
+        return "reference scoring: RsCIN re-scores over the whole batch; set scoring rscin to none"
     if engine.subsets != 1 or engine.preselect_fraction is not None:
-        raise VolscanError("reference scoring: subsets and preselect_fraction plan pairs inside one batch; "
-                           "leave them at 1 and none")
+        return "reference scoring: subsets and preselect_fraction plan pairs inside one batch; leave them at 1 and none"
     if engine.window is not None:
-        raise VolscanError("reference scoring: --window is not supported (the windowed kernel computes every "
-                           "pair of scans, so it would not be faster than a full screen)")
+        return ("reference scoring: --window is not supported (the windowed kernel computes every pair of scans, so "
+                "it would not be faster than a full screen)")
+    return None
+
+
+def check_reference_config(config: ScoringConfig) -> None:
+    """Refuse, before any work, settings reference scoring cannot honour (one line each)."""
+    refusal = reference_refusal(config)
+    if refusal is not None:
+        raise VolscanError(refusal)
+
+
+def method_top_fraction(config: ScoringConfig, method: str) -> float:
+    """The f a method's final scoring pass uses: `musc_top_fraction` or CoDeGraph's `top_fraction`."""
+    return config.musc_top_fraction if method == "musc" else config.codegraph.top_fraction
 
 
 def reference_mutual_scores(
@@ -304,7 +316,7 @@ def score_against_reference(
         raise VolscanError(f"grids differ: query {tuple(grid)}, reference {tuple(base_layers[0].shape[1:-1])}")
     m = math.prod(grid)
     neighbours = base_valid if excluded is None else base_valid & ~excluded
-    top_fraction = config.musc_top_fraction if method == "musc" else config.codegraph.top_fraction
+    top_fraction = method_top_fraction(config, method)
     squared = method == "codegraph" and config.codegraph.squared
     n_views = len(base_layers) * len(config.lnamd_radii)
     if base_minima is not None and (independent or len(base_minima) != n_views):
