@@ -15,6 +15,17 @@ from volumetric.errors import VolscanError
 QUIET = EngineOptions(progress=False)
 
 
+def brute_score(own, i, e, partners, k, squared):
+    """float64 mean of the k smallest `d(x, J)` of element e of collection i of `own` (layers)
+    over `partners`: (layers, (N, M) mask, j) per partner collection (plain loops)."""
+    distances = []
+    for layers, mask, j in partners:
+        per_layer = [min(np.sqrt(((mine[i, e] - layer[j, y]) ** 2).sum()) for y in range(mask.shape[1]) if mask[j, y])
+                     for mine, layer in zip(own, layers)]
+        distances.append(sum(per_layer) / len(per_layer))
+    return np.sort(np.asarray(distances) ** (2 if squared else 1))[:k].mean()
+
+
 def brute_force(query, base, query_valid, base_valid, fraction, independent, squared=False):
     """(q, M) float64: plain loops over elements, collections and layers (numpy, no shortcut)."""
     q_layers = [np.asarray(t, dtype=np.float64) for t in query]
@@ -24,20 +35,12 @@ def brute_force(query, base, query_valid, base_valid, fraction, independent, squ
     k = max(1, math.floor(fraction * ((n + 1 if independent else n + q) - 1)))
     out = np.full((q, m), np.nan)
     for i in range(q):
-        partners = [("base", j) for j in range(n) if base_valid[j].any()]
+        partners = [(b_layers, base_valid, j) for j in range(n) if base_valid[j].any()]
         if not independent:
-            partners += [("query", j) for j in range(q) if j != i]
+            partners += [(q_layers, query_valid, j) for j in range(q) if j != i]
         for e in range(m):
-            if not query_valid[i, e]:
-                continue
-            distances = []
-            for side, j in partners:
-                layers, mask = (b_layers, base_valid[j]) if side == "base" else (q_layers, query_valid[j])
-                per_layer = [min(np.sqrt(((ql[i, e] - layer[j, y]) ** 2).sum()) for y in range(m) if mask[y])
-                             for ql, layer in zip(q_layers, layers)]
-                distances.append(sum(per_layer) / len(per_layer))
-            distances = np.sort(np.asarray(distances) ** (2 if squared else 1))
-            out[i, e] = distances[:k].mean()
+            if query_valid[i, e]:
+                out[i, e] = brute_score(q_layers, i, e, partners, k, squared)
     return out
 
 
@@ -171,18 +174,11 @@ def brute_base_scores(query, base, query_valid, neighbours, scored, fraction, sq
     k = max(1, math.floor(fraction * (n + q - 1)))
     out = np.full((n, m), np.nan)
     for i in range(n):
-        partners = [("base", j) for j in range(n) if j != i and neighbours[j].any()]
-        partners += [("query", j) for j in range(q)]
+        partners = [(b_layers, neighbours, j) for j in range(n) if j != i and neighbours[j].any()]
+        partners += [(q_layers, query_valid, j) for j in range(q)]
         for e in range(m):
-            if not scored[i, e]:
-                continue
-            distances = []
-            for side, j in partners:
-                layers, mask = (b_layers, neighbours[j]) if side == "base" else (q_layers, query_valid[j])
-                per_layer = [min(np.sqrt(((bl[i, e] - layer[j, y]) ** 2).sum()) for y in range(m) if mask[y])
-                             for bl, layer in zip(b_layers, layers)]
-                distances.append(sum(per_layer) / len(per_layer))
-            out[i, e] = np.sort(np.asarray(distances) ** (2 if squared else 1))[:k].mean()
+            if scored[i, e]:
+                out[i, e] = brute_score(b_layers, i, e, partners, k, squared)
     return out
 
 
