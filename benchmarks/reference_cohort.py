@@ -21,7 +21,8 @@ without `--independent`). Prints and writes `results.json`:
 - independence: each new scan scored alone (`--independent`) against its score among the 12;
 - the batch's own effect: the reference scans' ranks among themselves in their own run and in
   the full screen;
-- the kept minima: bytes of `cohort.npz`'s `minima` per reference scan.
+- the kept minima: bytes of `cohort.npz`'s `minima` per reference scan, and their cost in the
+  full screen's scoring (`score_collections` with and without them, same rounds).
 
     python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~20 min on 2 shared cores
     python benchmarks/reference_cohort.py --out /tmp/rb --normal 20 --lookalike 8 --new 6 --repeats 1
@@ -50,6 +51,7 @@ from pipelines.screen_config import ScreenConfig
 from pipelines.stages.score import score_tokens
 from volumetric.classical_tokens import standardize_batch
 from volumetric.engine import score_collections
+from volumetric.engine.reference import kept_count, method_top_fraction
 from volumetric.metrics import auroc
 
 
@@ -221,11 +223,20 @@ def main() -> None:
         ref_runs = {ind: open_reference(ReferenceRequest(reference, ind)).with_tokens() for ind in (False, True)}
         new_sets = [sets[s] for s in parts["new"]]
         full_sets = [sets[s] for s in everyone.ids]
-        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": []}
+        # The kept minima's cost inside the full screen: score_collections with and without them.
+        layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets]) for i in range(len(full_sets[0].layers))],
+                                   ~torch.stack([t.void for t in full_sets]))
+        valid = ~torch.stack([t.void for t in full_sets])
+        keep = kept_count(len(full_sets), method_top_fraction(scoring, method))  # what score_tokens keeps
+        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": [],
+                                                       "full_no_kept_minima": [], "full_kept_minima": []}
         for _ in range(args.repeats):
             times["full"].append(timed(lambda: score_tokens(full_sets, method, scoring)))
             for ind, key in ((False, "dependent"), (True, "independent")):
                 times[key].append(timed(lambda r=ref_runs[ind]: r.score(new_sets, method, scoring)))
+            for key, kept in (("full_no_kept_minima", 0), ("full_kept_minima", keep)):
+                times[key].append(timed(lambda kept=kept: score_collections(layers, valid, method=method, config=scoring,
+                                                                            keep_minima=kept)))
         medians = {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
                    for k, v in times.items()}
         for key in ("dependent", "independent"):

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from volumetric.engine.distances import collection_minima
-from volumetric.engine.mutual import minima_scores, refine_highest, smallest_mean, top_k_counts
+from volumetric.engine.mutual import refine_highest, smallest_mean, top_k_counts
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.scoring import METHODS, ScoringConfig, lnamd_views
 from volumetric.engine.validation import as_layers, as_valid, check_fraction
@@ -248,7 +248,10 @@ def _pair_scores(queries: list[Tensor], bases: list[Tensor], query_valid: Tensor
     chosen = refine_highest(layers, minima, ks, partners=scoring, options=options, among=among)
     if squared and len(chosen):
         minima.distances[chosen] = minima.distances[chosen].square_()
-    return minima_scores(minima, ks)[:q], base_scores
+    # the query rows only: the base's are +inf here (or scored from the pool), and 4 x as many
+    scores = torch.full((q, m), torch.nan)
+    scores[query_valid] = smallest_mean(minima.distances[among], ks[minima.owner[among]])
+    return scores, base_scores
 
 
 def _updated_base(minima: Any, update: _Update, kept: Tensor, shadows: Tensor, q: int, first_shadow: int, k: int,
