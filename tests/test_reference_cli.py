@@ -63,6 +63,7 @@ def test_new_scans_are_scored_on_the_reference_scale(split: dict) -> None:
     assert "Reference cohort" in (split["root"] / "runs" / "new" / "report.html").read_text(encoding="utf-8")
     assert not (split["root"] / "runs" / "new" / "cohort.npz").exists()  # a reference-mode run is no reference
     assert "against the tokens of the 6 scans of a reference run and the other new scans" in new["methods"]
+    assert "recomputed with the new scans among their partners" in new["methods"]
 
 
 def test_reference_run_is_never_replaced_and_mood_scale_is_refused(split: dict, capsys) -> None:

@@ -17,9 +17,9 @@ all N - 1 partners); the same query x base products are reduced in the other dir
 (`d(y, Q)` for every base element y and query Q), pooled with the kept minima, and each base
 element's score is the mean of the k smallest of the pool: what a full screen of the union
 computes, from the kept K and the q new minima (exact while k <= K; beyond, refused). Base
-elements CoDeGraph excluded are scored but nobody's neighbour: they enter as "shadow"
-collections that meet the queries only (as `volumetric.engine.ranked` scores them). With bf16 the
-base elements' new minima keep bf16's error (only query elements are refined).
+elements CoDeGraph excluded are scored but nobody's neighbour: their minima to the queries come
+from `distances.element_minima` (fp32). With bf16 the other base elements' new minima keep
+bf16's error (only query elements are refined).
 
 `independent`: query x query pairs are left out of the plan and k is that of a batch of N + 1,
 so a query's scores do not depend on the other queries: equal alone or with others up to the
@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from volumetric.engine.distances import collection_minima
+from volumetric.engine.distances import collection_minima, element_minima
 from volumetric.engine.mutual import refine_highest, smallest_mean, top_k_counts
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.scoring import METHODS, ScoringConfig, lnamd_views
@@ -216,17 +216,12 @@ def _pair_scores(queries: list[Tensor], bases: list[Tensor], query_valid: Tensor
 
     Queries first: each query meets the base (and the later queries) as one run of partner
     collections; without `update` only the query elements' minima are reduced
-    (`collection_minima(scored=q)`). Base collections without a neighbour take no part as
-    partners; with `update`, base elements scored but not neighbours come as shadow collections
-    after the base, partners of the queries only in the base-side reduction."""
-    q, (n, m) = len(query_valid), neighbours.shape
+    (`collection_minima(scored=q)`). Base collections without a neighbour take no part."""
+    q, m = query_valid.shape
     kept = neighbours.any(1)  # a base collection whose every element is excluded has no d(x, J)
-    shadow_mask = (update.scored & ~neighbours) if update is not None else torch.zeros(n, m, dtype=torch.bool)
-    shadows = torch.nonzero(shadow_mask.any(1)).flatten()
-    layers = as_layers([torch.cat([qu.to(b.device), b[kept.to(b.device)], b[shadows.to(b.device)]])
-                        for qu, b in zip(queries, bases)])
-    valid = torch.cat([query_valid, neighbours[kept], shadow_mask[shadows]])
-    total, first_shadow = valid.shape[0], q + int(kept.sum())
+    layers = as_layers([torch.cat([qu.to(b.device), b[kept.to(b.device)]]) for qu, b in zip(queries, bases)])
+    valid = torch.cat([query_valid, neighbours[kept]])
+    total = valid.shape[0]
     partners = torch.zeros(total, total, dtype=torch.bool)
     partners[:q] = True
     partners[:, :q] = True
@@ -235,17 +230,14 @@ def _pair_scores(queries: list[Tensor], bases: list[Tensor], query_valid: Tensor
     partners.fill_diagonal_(False)
     minima = collection_minima(layers, valid, partners=partners, options=options,
                                scored=q if update is None else None)
-    among = minima.owner < q  # the queries' elements: the base's are scored from the pool below
-    base_scores = None if update is None else _updated_base(minima, update, kept, shadows, q, first_shadow, k,
-                                                            squared)
-    minima.distances[among, first_shadow:] = torch.inf  # a shadow is no query's partner
-    scoring = partners.clone()
-    scoring[first_shadow:] = False
-    scoring[:, first_shadow:] = False
+    base_scores = None
+    if update is not None:
+        base_scores = _updated_base(minima, update, queries, bases, query_valid, neighbours, k, squared, options)
     if squared:
         minima.distances.square_()
     ks = torch.full((total,), k, dtype=torch.long)
-    chosen = refine_highest(layers, minima, ks, partners=scoring, options=options, among=among)
+    among = minima.owner < q  # the queries' elements: the base's are scored from the pool (update)
+    chosen = refine_highest(layers, minima, ks, partners=partners, options=options, among=among)
     if squared and len(chosen):
         minima.distances[chosen] = minima.distances[chosen].square_()
     # the query rows only: the base's are +inf here (or scored from the pool), and 4 x as many
@@ -254,19 +246,34 @@ def _pair_scores(queries: list[Tensor], bases: list[Tensor], query_valid: Tensor
     return scores, base_scores
 
 
-def _updated_base(minima: Any, update: _Update, kept: Tensor, shadows: Tensor, q: int, first_shadow: int, k: int,
-                  squared: bool) -> Tensor:
+def _updated_base(minima: Any, update: _Update, queries: list[Tensor], bases: list[Tensor], query_valid: Tensor,
+                  neighbours: Tensor, k: int, squared: bool, options: EngineOptions) -> Tensor:
     """(N, M) base scores: per scored element, the mean of the k smallest of its kept minima and
-    its new minima to the q queries (squared first if `squared`), NaN elsewhere."""
-    n, m = update.scored.shape
-    to_queries = minima.to_grid(minima.distances[:, :q], torch.inf)  # (total, M, q)
-    new = torch.full((n, m, q), torch.inf)
-    new[kept] = to_queries[q:first_shadow]
-    from_shadows = new[shadows]
-    inside = minima.valid[first_shadow:]
-    from_shadows[inside] = to_queries[first_shadow:][inside]
-    new[shadows] = from_shadows
-    pooled = torch.cat([update.minima, new[update.scored]], 1).topk(k, dim=1, largest=False, sorted=True).values
+    its new minima to the q queries (squared first if `squared`), NaN elsewhere.
+
+    Neighbours' new minima come from `minima` (the pairs' other reduction); the few scored
+    elements that are nobody's neighbour (CoDeGraph's excluded) get theirs from `element_minima`
+    against the queries (as extra padded collections they would cost as many products as the
+    base: measured 1.8x the products on the phantom cohort)."""
+    q, (n, m) = len(query_valid), neighbours.shape
+    row_of = torch.full(minima.valid.shape, -1, dtype=torch.long)  # (total, M) row of each element in `minima`
+    row_of[minima.valid] = torch.arange(len(minima.owner))
+    rows = torch.full((n, m), -1, dtype=torch.long)
+    rows[neighbours.any(1)] = row_of[q:]
+    is_neighbour = neighbours[update.scored]
+    new = torch.full((len(is_neighbour), q), torch.inf)
+    new[is_neighbour] = minima.distances[rows[neighbours], :q]
+    alone = update.scored & ~neighbours
+    if bool(alone.any()):
+        everyone = as_layers([torch.cat([qu.to(b.device), b]) for qu, b in zip(queries, bases)])
+        valid = torch.cat([query_valid, update.scored])
+        index = torch.full(valid.shape, -1, dtype=torch.long)
+        index[valid] = torch.arange(int(valid.sum()))
+        partners = torch.zeros(q + n, q + n, dtype=torch.bool)
+        partners[:q, q:] = True
+        partners[q:, :q] = True
+        new[~is_neighbour] = element_minima(everyone, valid, index[q:][alone], partners=partners, options=options)[:, :q]
+    pooled = torch.cat([update.minima, new], 1).topk(k, dim=1, largest=False, sorted=True).values
     if squared:
         pooled = pooled.square()
     scores = torch.full((n, m), torch.nan)
