@@ -245,3 +245,24 @@ def test_too_many_new_collections_for_the_kept_minima_is_one_line():
     kept = torch.zeros(int(base_valid.sum()), keep)
     with pytest.raises(VolscanError, match="at most 5 new collections at once, got 6"):
         reference_mutual_update(query, base, 0.3, kept, query_valid, base_valid, options=QUIET)
+
+
+def test_codegraph_keeps_the_refined_base_minima_without_changing_its_scores():
+    """With exclusions, CoDeGraph's kept minima are each element's smallest distances to the
+    other collections' base elements (the final pass), and keeping them changes no score."""
+    from volumetric.engine.synthetic import synthetic_batch
+
+    x = synthetic_batch(m=96, per_collection=10, seed=0).features
+    n, m, _ = x.shape
+    plain = CoDeGraph()(x, options=QUIET)
+    kept = CoDeGraph()(x, options=QUIET, keep=6)
+    assert bool(plain.excluded.any())  # the consistent group was found and excluded
+    assert torch.equal(kept.scores, plain.scores) and torch.equal(kept.excluded, plain.excluded)
+    base = ~kept.excluded
+    expected = torch.full((n, m, n), math.inf, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i != j and base[j].any():
+                expected[i, :, j] = torch.cdist(x[i].double(), x[j].double()).masked_fill(~base[j], math.inf).amin(1)
+    (got,) = kept.kept_minima
+    torch.testing.assert_close(got.double(), expected.sort(-1).values[..., :6].reshape(n * m, 6), rtol=1e-4, atol=1e-5)
