@@ -224,9 +224,9 @@ def main() -> None:
         new_sets = [sets[s] for s in parts["new"]]
         full_sets = [sets[s] for s in everyone.ids]
         # The kept minima's cost inside the full screen: score_collections with and without them.
-        layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets]) for i in range(len(full_sets[0].layers))],
-                                   ~torch.stack([t.void for t in full_sets]))
         valid = ~torch.stack([t.void for t in full_sets])
+        layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets])
+                                    for i in range(len(full_sets[0].layers))], valid)
         keep = kept_count(len(full_sets), method_top_fraction(scoring, method))  # what score_tokens keeps
         times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": [],
                                                        "full_no_kept_minima": [], "full_kept_minima": []}

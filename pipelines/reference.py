@@ -13,8 +13,9 @@ one line naming the first difference, before any preprocessing), and its tokens 
 (`score`), which also updates the reference scans' scores as a full screen of reference + new
 scans gives them (not with `--independent`: the reference's own scores then). Scores are put on
 the reference's scale (`annotate`): each new scan's percentile among the reference scans'
-(updated) scores, flagged by the rule of those scores; the reference's folder is never modified. Why CoDeGraph's exclusions
-are reused and not recomputed over the union: docs/screen.md, "Reference cohorts".
+(updated) scores, flagged by the rule of those scores; the reference's folder is never
+modified. Why CoDeGraph's exclusions are reused and not recomputed over the union, and why
+`--independent` keeps the reference's own scores: docs/screen.md, "Reference cohorts".
 """
 
 from __future__ import annotations
