@@ -133,6 +133,19 @@ class ReferenceRun:
             if reference != ours:
                 raise VolscanError(f"--reference {self.folder}: {name} differs (reference {_shown(reference)}, "
                                    f"this run {_shown(ours)}); screen with the reference's settings")
+        self.check_new_count(len(plan.subjects), plan.method, plan.scoring)
+
+    def check_new_count(self, new: int, method: str, scoring_config: Any) -> None:
+        """One line when `new` scans are more than the kept minima can update the reference's
+        scores for (about as many as the reference has scans; not with `independent`)."""
+        from volumetric.engine.reference import method_top_fraction, most_new
+
+        if self.minima is None:
+            return
+        most = most_new(len(self.ids), self.minima.shape[2], method_top_fraction(scoring_config, method))
+        if most is not None and new > most:
+            raise VolscanError(f"--reference {self.folder}: its kept minima update its scores for at most {most} new "
+                               f"scans at once, got {new}; screen them in batches of {most}, or with --independent")
 
     def tokens(self) -> list[Any]:
         """The reference scans' token sets from its cache (read-only); one line naming what is missing."""

@@ -13,6 +13,7 @@ from test_screen import screen_setup
 
 from pipelines.cli import main
 from pipelines.reference import ReferenceRequest, open_reference
+from volumetric.errors import VolscanError
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,17 @@ def test_cohort_record_holds_keys_and_exclusions(split: dict) -> None:
     assert run.minima.shape == (6, valid, 1) and run.minima.dtype == np.float32  # f = 0.1: k(12) = 1
     assert np.isfinite(run.minima).all()
     assert open_reference(ReferenceRequest(split["run"], independent=True)).minima is None  # not read
+
+
+def test_more_new_scans_than_the_kept_minima_serve_are_refused(split: dict) -> None:
+    from pipelines.screen_config import ScreenConfig
+
+    run = open_reference(ReferenceRequest(split["run"]))
+    scoring = ScreenConfig().scoring_config("cpu", "3d")
+    run.check_new_count(14, "codegraph", scoring)  # K = 1 = k(12) serves up to k(6 + q) = 1: q <= 14
+    with pytest.raises(VolscanError, match="update its scores for at most 14 new scans at once, got 15"):
+        run.check_new_count(15, "codegraph", scoring)
+    open_reference(ReferenceRequest(split["run"], independent=True)).check_new_count(15, "codegraph", scoring)
 
 
 def test_a_reference_without_kept_minima_is_refused_in_one_line(split: dict, capsys) -> None:
