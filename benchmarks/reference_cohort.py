@@ -6,18 +6,25 @@ into 48 reference + 12 new scans, and for MuSc and CoDeGraph screens (classical 
 shared cache) all 60, the 48 reference scans, and the 12 new ones `--reference` the 48 (with and
 without `--independent`). Prints and writes `results.json`:
 
-- ranks: each new scan's rank in the merged ranking (reference run's scores + new scores) against
-  its rank in the full screen of 60, and its rank among the reference scans only (the reference
-  run's scores / the full screen's scores of the same scans) (max |difference|);
+- ranks: each new scan's rank in the merged ranking (the reference scans' scores as the new run
+  reports them: updated with the new scans as partners, or with `--independent` the reference
+  run's own, + the new scores) against its rank in the full screen of 60, and its rank among the
+  reference scans only (max |difference|); and the merged ranking against a full screen of 60
+  preprocessed with the reference run's Nyúl landmarks (as reference mode preprocesses the new
+  scans), scored as screened and with its classical tokens standardised with the 48 reference
+  scans' statistics (as reference mode standardises them): with both batch-learned steps taken
+  from the reference, what remains is the scoring itself;
 - patient AUROC of the merged 60 against the full screen's (look-alike scans positive);
 - scoring time: the full screen's score stage (`score_tokens` on the 60 token sets) against the
   reference score stage for the 12 (`ReferenceRun.score`), side by side in one process, rounds
   alternating, medians (wall and this process's CPU time);
 - independence: each new scan scored alone (`--independent`) against its score among the 12;
 - the batch's own effect: the reference scans' ranks among themselves in their own run and in
-  the full screen.
+  the full screen;
+- the kept minima: bytes of `cohort.npz`'s `minima` per reference scan, and their cost in the
+  full screen's scoring (`score_collections` with and without them, same rounds).
 
-    python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~15 min on 2 shared cores
+    python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~20 min on 2 shared cores
     python benchmarks/reference_cohort.py --out /tmp/rb --normal 20 --lookalike 8 --new 6 --repeats 1
 """
 
@@ -42,6 +49,9 @@ from pipelines.reference import ReferenceRequest, open_reference
 from pipelines.screen import run_screen
 from pipelines.screen_config import ScreenConfig
 from pipelines.stages.score import score_tokens
+from volumetric.classical_tokens import standardize_batch
+from volumetric.engine import score_collections
+from volumetric.engine.reference import kept_count, method_top_fraction
 from volumetric.metrics import auroc
 
 
@@ -81,6 +91,23 @@ def run_scores(run: Path) -> dict[str, float]:
     """id -> score of a finished run (report.json)."""
     report = json.loads((run / "report.json").read_text())
     return {s["id"]: float(s["score"]) for s in report["subjects"]}
+
+
+def merged_scores(run: Path) -> dict[str, float]:
+    """id -> score of every scan, new and reference, as a --reference run's report ranks them."""
+    report = json.loads((run / "report.json").read_text())
+    return {r["id"]: float(r["score"]) for r in report["reference"]["scans_by_score"]}
+
+
+def reference_statistics_screen(sets: list, reference: int, method: str, scoring) -> np.ndarray:
+    """(N,) collection scores of a full screen of `sets` whose classical tokens are standardised
+    with the first `reference` sets' statistics (as reference mode standardises them)."""
+    layers = [torch.stack([t.layers[i] for t in sets]) for i in range(len(sets[0].layers))]
+    valid = ~torch.stack([t.void for t in sets])
+    statistics_from = valid.clone()
+    statistics_from[reference:] = False
+    layers = standardize_batch(layers, statistics_from)
+    return score_collections(layers, valid, method=method, config=scoring).collection_scores.double().numpy()
 
 
 def timed(fn) -> tuple[float, float]:
@@ -143,35 +170,73 @@ def main() -> None:
         changes = [abs(own[s] - inside[s]) for s in reference_scores]
         row["reference_scans_rank_change"] = {"max": max(changes), "within_2": sum(c <= 2 for c in changes),
                                               "of": len(changes)}
+        # Full screens with what reference mode takes from the reference: its Nyúl landmarks, and
+        # (scored here) its standardisation statistics.
+        landmarks = json.loads((reference / "report.json").read_text())["preprocess"]["landmarks"]
+        aligned = run_screen(out / "split/all/images", runs / "full-reference-landmarks",
+                             replace(config, preprocess={"landmarks": landmarks}), force=True).out_dir
+        aligned_scores = run_scores(aligned)
+        aligned_ranks = ranks_of(aligned_scores)
+        scoring = replace(config, scoring={"engine": {"progress": False}}).scoring_config("cpu", "3d")
+        aligned_run = open_reference(ReferenceRequest(aligned))
+        aligned_sets = dict(zip(aligned_run.ids, aligned_run.tokens()))
+        order = [s for s in aligned_run.ids if s in reference_scores] + parts["new"]
+        same_statistics = dict(zip(order, reference_statistics_screen([aligned_sets[s] for s in order],
+                                                                      len(reference_scores), method, scoring)))
+        same_statistics_ranks = ranks_of(same_statistics)
+        everyone = open_reference(ReferenceRequest(full))
+        sets = dict(zip(everyone.ids, everyone.tokens()))
         for independent, folder in new.items():
-            merged = {**reference_scores, **run_scores(folder)}
+            merged = merged_scores(folder)
             merged_ranks = ranks_of(merged)
             key = "independent" if independent else "dependent"
             new_scores = run_scores(folder)
-            # rank among the reference scans only (1..N+1), against the reference run / in the full screen
-            among = {s: (1 + sum(v > new_scores[s] for v in reference_scores.values()),
+            # rank among the reference scans only (1..N+1), as the new run ranks them / in the full screen
+            among = {s: (1 + sum(merged[r] > new_scores[s] for r in reference_scores),
                          1 + sum(full_scores[r] > full_scores[s] for r in reference_scores)) for s in parts["new"]}
             row[key] = {
                 "max_rank_difference": max(abs(merged_ranks[s] - full_ranks[s]) for s in parts["new"]),
+                "within_2": sum(abs(merged_ranks[s] - full_ranks[s]) <= 2 for s in parts["new"]),
                 "ranks": {s: [merged_ranks[s], full_ranks[s]] for s in parts["new"]},
+                "max_rank_difference_all_60": max(abs(merged_ranks[s] - full_ranks[s]) for s in cohort.subjects),
+                "max_rank_difference_reference_landmarks": max(abs(merged_ranks[s] - aligned_ranks[s])
+                                                               for s in cohort.subjects),
+                "max_rank_difference_reference_statistics": max(abs(merged_ranks[s] - same_statistics_ranks[s])
+                                                                for s in cohort.subjects),
+                "max_abs_score_difference_reference_statistics": max(abs(merged[s] - same_statistics[s])
+                                                                     for s in cohort.subjects),
                 "max_rank_difference_among_reference": max(abs(a - b) for a, b in among.values()),
                 "ranks_among_reference": among,
                 "merged_auroc": auroc(np.array([merged[s] for s in cohort.subjects]),
                                       np.array([positive[s] for s in cohort.subjects])),
             }
 
+        row["reference_landmarks_auroc"] = auroc(np.array([aligned_scores[s] for s in cohort.subjects]),
+                                                 np.array([positive[s] for s in cohort.subjects]))
+        row["same_statistics_auroc"] = auroc(np.array([same_statistics[s] for s in cohort.subjects]),
+                                             np.array([positive[s] for s in cohort.subjects]))
+        with np.load(reference / "cohort.npz") as data:
+            row["kept_minima"] = {"shape": list(data["minima"].shape),
+                                  "mb_per_reference_scan": data["minima"].nbytes / 2**20 / len(reference_scores)}
+
         # Side by side in this process: the score stage of the full screen and of the reference screen.
-        scoring = replace(config, scoring={"engine": {"progress": False}}).scoring_config("cpu", "3d")
-        everyone = open_reference(ReferenceRequest(full))
-        sets = dict(zip(everyone.ids, everyone.tokens()))
         ref_runs = {ind: open_reference(ReferenceRequest(reference, ind)).with_tokens() for ind in (False, True)}
         new_sets = [sets[s] for s in parts["new"]]
         full_sets = [sets[s] for s in everyone.ids]
-        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": []}
+        # The kept minima's cost inside the full screen: score_collections with and without them.
+        valid = ~torch.stack([t.void for t in full_sets])
+        layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets])
+                                    for i in range(len(full_sets[0].layers))], valid)
+        keep = kept_count(len(full_sets), method_top_fraction(scoring, method))  # what score_tokens keeps
+        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": [],
+                                                       "full_no_kept_minima": [], "full_kept_minima": []}
         for _ in range(args.repeats):
             times["full"].append(timed(lambda: score_tokens(full_sets, method, scoring)))
             for ind, key in ((False, "dependent"), (True, "independent")):
                 times[key].append(timed(lambda r=ref_runs[ind]: r.score(new_sets, method, scoring)))
+            for key, kept in (("full_no_kept_minima", 0), ("full_kept_minima", keep)):
+                times[key].append(timed(lambda kept=kept: score_collections(layers, valid, method=method, config=scoring,
+                                                                            keep_minima=kept)))
         medians = {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
                    for k, v in times.items()}
         for key in ("dependent", "independent"):

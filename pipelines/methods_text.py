@@ -114,14 +114,17 @@ def _scoring(report: Any, keys: list[str]) -> str:
                + ("" if reference["independent"] else " and the other new scans"))
     mutual = (f"Every token was scored by mutual scoring {_cite(keys, 'li2024musc')} against the tokens of {against}"
               + (f" (LNAMD aggregation radii {', '.join(map(str, radii))})" if radii else ""))
+    scale = "" if not reference else (
+        " Scores are reported as percentiles of the reference scans' scores"
+        + (" from the reference run." if reference["independent"] else
+           ", recomputed with the new scans among their partners as one screen of all scans computes them."))
     if report.summary.get("method") == "musc":
         return mutual + (f", averaging the lowest fraction f = {scoring.get('musc_top_fraction')} of each token's "
-                         "distances.")
+                         "distances.") + scale
     graph = scoring.get("codegraph") or {}
     if reference:
         return (mutual + f"; the tokens CoDeGraph {_cite(keys, 'legia2025codegraph')} had excluded in the reference "
-                "run were left out of the references; scores are reported as percentiles of the reference scans' "
-                "scores.")
+                "run were left out of the references." + scale)
     return (mutual + f"; CoDeGraph {_cite(keys, 'legia2025codegraph')} then excluded the tokens of scans sharing a "
             f"consistent anomaly from each other's references (f = {graph.get('top_fraction')}, reference fraction "
             f"{graph.get('reference_fraction')}, community density fence Q3 + {graph.get('iqr_k')} x IQR).")

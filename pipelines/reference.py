@@ -1,16 +1,21 @@
 """Reference cohorts: `volscan screen NEW/ --reference RUN` scores new scans against a finished run.
 
 A finished screen/score run records what a later reference screen needs in `cohort.npz`
-(`save_cohort`): its scans' ids, the token-cache keys and cache folder of their tokens, and
-CoDeGraph's exclusion mask. `open_reference` reads it with the run's report (settings) and
+(`save_cohort`, format COHORT_FORMAT): its scans' ids, the token-cache keys and cache folder of
+their tokens, CoDeGraph's exclusion mask, and per scoring view each valid element's K smallest
+minima of the final pass (`volumetric.engine.reference.kept_count`), from which the reference
+scans' scores are updated with the new scans as partners. `open_reference` reads it with the run's report (settings) and
 collection scores, all checksum-verified against the run's `volscan-run.json`; the new screen
 then takes the reference's Nyúl landmarks (`adapt`), is checked to have the reference's settings
 (`check`: kind, method, token settings incl. grid and backbone, preprocessing, template, scoring;
 one line naming the first difference, before any preprocessing), and its tokens are scored by
 `volumetric.engine.reference.score_against_reference` against the reference's cached tokens
-(`score`). Scores are put on the reference's scale (`annotate`): each new scan's percentile among
-the reference scans' scores, flagged by the reference run's flag rule. Why CoDeGraph's exclusions
-are reused and not recomputed over the union: docs/screen.md, "Reference cohorts".
+(`score`), which also updates the reference scans' scores as a full screen of reference + new
+scans gives them (not with `--independent`: the reference's own scores then). Scores are put on
+the reference's scale (`annotate`): each new scan's percentile among the reference scans'
+(updated) scores, flagged by the rule of those scores; the reference's folder is never
+modified. Why CoDeGraph's exclusions are reused and not recomputed over the union, and why
+`--independent` keeps the reference's own scores: docs/screen.md, "Reference cohorts".
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pipelines.run_folder import read_run_marker, verify_run
 from pipelines.run_layout import COHORT_FILE, ELEMENTS_FILE, REPORT_JSON, RunLayout
 from volumetric.errors import InputFileError, VolscanError
 
+# cohort.npz format: 2 adds the kept minima ("minima"); 1 (no "format" key) has none.
+COHORT_FORMAT = 2
 # Engine fields that change speed or memory, not scores: a reference may be re-scored with others.
 COMPUTE_ONLY = ("device", "progress", "block_mb", "memory_mb")
 # Preprocessing fields that may differ: the new scans take the reference's landmarks (`adapt`),
@@ -46,26 +53,33 @@ class ReferenceRequest:
     independent: bool = False
 
 
-def save_cohort(path: Path, ids: list[str], token_files: list[Path], excluded: np.ndarray | None) -> None:
-    """Write `cohort.npz`: `ids` (N,), `token_keys` (N,) (the token files' names are their keys),
-    `token_cache` (the folder holding them), `excluded` (N, *grid) bool packed, or absent (MuSc)."""
+def save_cohort(path: Path, ids: list[str], token_files: list[Path], excluded: np.ndarray | None,
+                minima: np.ndarray | None) -> None:
+    """Write `cohort.npz` (uncompressed: the minima are most of it and barely compress):
+    `format`, `ids` (N,), `token_keys` (N,) (the token files' names are their keys),
+    `token_cache` (the folder holding them), `excluded` (N, *grid) bool packed, or absent (MuSc),
+    `minima` (V, T, K) float32 kept minima (`Scores.kept_minima`), or absent (settings that
+    cannot serve as a reference)."""
     caches = {str(Path(f).parent.parent.resolve()) for f in token_files}
     if len(caches) != 1:
         raise VolscanError(f"token files of one run lie in {len(caches)} cache folders")
     arrays: dict[str, Any] = dict(ids=np.asarray(ids), token_keys=np.asarray([Path(f).name.split(".")[0]
                                                                              for f in token_files]),
-                                  token_cache=np.asarray(caches.pop()))
+                                  token_cache=np.asarray(caches.pop()), format=np.asarray(COHORT_FORMAT))
     if excluded is not None:
         arrays.update(excluded=np.packbits(np.asarray(excluded, dtype=bool).ravel()),
                       excluded_shape=np.asarray(excluded.shape, dtype=np.int64))
-    np.savez_compressed(path, **arrays)
+    if minima is not None:
+        arrays.update(minima=np.asarray(minima, dtype=np.float32))
+    np.savez(path, **arrays)
 
 
 @dataclass(frozen=True)
 class ReferenceRun:
     """A finished run read back for reference scoring. `ids` (N,); `scores` (N,) its collection
-    scores; `token_keys` (N,) in `token_cache`; `excluded` (N, *grid) bool or None; `report`: its
-    report.json as a dictionary; `independent`: the request's option."""
+    scores; `token_keys` (N,) in `token_cache`; `excluded` (N, *grid) bool or None; `minima`
+    (V, T, K) float32 kept minima (None with `independent`, which does not read them); `report`:
+    its report.json as a dictionary; `independent`: the request's option."""
 
     folder: Path
     ids: list[str]
@@ -73,14 +87,19 @@ class ReferenceRun:
     token_keys: list[str]
     token_cache: Path
     excluded: np.ndarray | None
+    minima: np.ndarray | None
     report: dict[str, Any]
     independent: bool
     token_sets: tuple[Any, ...] = ()  # the reference scans' tokens, once `with_tokens` loaded them
 
-    @property
-    def rule(self) -> Any:
-        """The reference run's flag rule (its scores, its --flag-z)."""
-        return flag_rule(self.scores, float(self.report["summary"]["flag_z"]))
+    def scale(self, scores: Any) -> np.ndarray:
+        """(N,) the reference scans' scores a `--reference` run's `scores` (`score`) are set
+        against: updated with the new scans as partners, or (`--independent`) the run's own."""
+        return self.scores if scores.reference_scores is None else scores.reference_scores
+
+    def rule(self, scores: Any) -> Any:
+        """The flag rule of the reference scans' scores (`scale`) with the reference's --flag-z."""
+        return flag_rule(self.scale(scores), float(self.report["summary"]["flag_z"]))
 
     def adapt(self, checked: CheckedSettings) -> CheckedSettings:
         """`checked` with the reference's Nyúl landmarks: new scans are standardised as the
@@ -114,6 +133,19 @@ class ReferenceRun:
             if reference != ours:
                 raise VolscanError(f"--reference {self.folder}: {name} differs (reference {_shown(reference)}, "
                                    f"this run {_shown(ours)}); screen with the reference's settings")
+        self.check_new_count(len(plan.subjects), plan.method, plan.scoring)
+
+    def check_new_count(self, new: int, method: str, scoring_config: Any) -> None:
+        """One line when `new` scans are more than the kept minima can update the reference's
+        scores for (about as many as the reference has scans; not with `independent`)."""
+        from volumetric.engine.reference import method_top_fraction, most_new
+
+        if self.minima is None:
+            return
+        most = most_new(len(self.ids), self.minima.shape[2], method_top_fraction(scoring_config, method))
+        if most is not None and new > most:
+            raise VolscanError(f"--reference {self.folder}: its kept minima update its scores for at most {most} new "
+                               f"scans at once, got {new}; screen them in batches of {most}, or with --independent")
 
     def tokens(self) -> list[Any]:
         """The reference scans' token sets from its cache (read-only); one line naming what is missing."""
@@ -150,7 +182,8 @@ class ReferenceRun:
 
     def score(self, token_sets: list[Any], method: str, scoring_config: Any) -> Any:
         """The score stage's `Scores` of the new scans against the reference (classical tokens are
-        standardised with the reference scans' statistics, as the reference run was)."""
+        standardised with the reference scans' statistics, as the reference run was), with the
+        reference scans' updated scores (`Scores.reference_scores`) unless `independent`."""
         import torch
 
         from pipelines.stages.score import Scores
@@ -166,34 +199,44 @@ class ReferenceRun:
             statistics_from[n:] = False
             layers = standardize_batch(layers, statistics_from)
         excluded = None if self.excluded is None or method != "codegraph" else torch.from_numpy(self.excluded)
+        minima = None if self.minima is None else [torch.from_numpy(v) for v in self.minima]
         result = score_against_reference([g[n:] for g in layers], [g[:n] for g in layers], valid[n:], valid[:n],
-                                         method, scoring_config, excluded=excluded, independent=self.independent)
+                                         method, scoring_config, excluded=excluded, independent=self.independent,
+                                         base_minima=minima)
+        updated = None if result.reference_scores is None else result.reference_scores.double().numpy()
         return Scores(element_scores=result.element_scores.numpy().astype(np.float32),
-                      collection_scores=result.collection_scores.double().numpy(), settings=plain(scoring_config))
+                      collection_scores=result.collection_scores.double().numpy(), settings=plain(scoring_config),
+                      reference_scores=updated)
 
-    def percentile(self, score: float) -> float:
-        """Share of reference scans scoring below `score` (ties count half), in percent."""
-        below = float(np.sum(self.scores < score)) + 0.5 * float(np.sum(self.scores == score))
-        return 100.0 * below / len(self.scores)
-
-    def annotate(self, report: Any) -> None:
-        """Put a finished report of new scans on the reference's scale: each scan's percentile
-        among the reference's scores, and `report.reference`, the merged table both cohorts apart."""
-        rule = self.rule
+    def annotate(self, report: Any, scores: Any) -> None:
+        """Put a finished report of new scans on the reference's scale (`scale(scores)`): each
+        scan's percentile among the reference scans' scores, and `report.reference`, the merged
+        table both cohorts apart (reference scans with their score in this ranking and in their
+        own run)."""
+        scale, rule = self.scale(scores), self.rule(scores)
         for entry in report.subjects:
-            entry.percentile = round(self.percentile(entry.score), 1)
+            entry.percentile = round(percentile(scale, entry.score), 1)
         rows = [{"id": e.id, "cohort": "new", "score": e.score, "percentile": e.percentile, "flagged": e.flagged}
                 for e in report.subjects]
-        rows += [{"id": sid, "cohort": "reference", "score": float(s), "percentile": round(self.percentile(s), 1),
-                  "flagged": bool(s > rule.threshold)} for sid, s in zip(self.ids, self.scores)]
+        rows += [{"id": sid, "cohort": "reference", "score": float(s), "own_run_score": float(own),
+                  "percentile": round(percentile(scale, s), 1), "flagged": bool(s > rule.threshold)}
+                 for sid, s, own in zip(self.ids, scale, self.scores)]
         rows.sort(key=lambda r: -r["score"])
         report.reference = {
             "run": str(self.folder), "scans": len(self.ids), "independent": self.independent,
             "codegraph_exclusions": "reused from the reference run" if self.excluded is not None else None,
+            "reference_scores": ("the reference run's own" if scores.reference_scores is None
+                                 else "updated with the new scans as partners (as in a screen of everyone)"),
             "flag_rule": rule.describe(), "scans_by_score": rows,
         }
         report.settings["reference"] = str(self.folder)
         report.settings["independent"] = self.independent
+
+
+def percentile(scale: np.ndarray, score: float) -> float:
+    """Share of `scale`'s scores below `score` (ties count half), in percent."""
+    below = float(np.sum(scale < score)) + 0.5 * float(np.sum(scale == score))
+    return 100.0 * below / len(scale)
 
 
 def open_reference(request: ReferenceRequest) -> ReferenceRun:
@@ -215,6 +258,8 @@ def open_reference(request: ReferenceRequest) -> ReferenceRun:
             cache = Path(str(data["token_cache"]))
             excluded = (np.unpackbits(data["excluded"], count=int(np.prod(data["excluded_shape"])))
                         .astype(bool).reshape(tuple(data["excluded_shape"])) if "excluded" in data.files else None)
+            version = int(data["format"]) if "format" in data.files else 1
+            minima = None if request.independent or "minima" not in data.files else np.asarray(data["minima"])
         with np.load(layout.elements, allow_pickle=False) as data:
             scores = np.asarray(data["collection_scores"], dtype=np.float64)
             element_ids = [str(i) for i in data["ids"]]
@@ -222,8 +267,17 @@ def open_reference(request: ReferenceRequest) -> ReferenceRun:
         raise InputFileError(folder, f"not a readable volscan run ({exc})") from None
     if element_ids != ids or len(keys) != len(ids):
         raise InputFileError(layout.cohort, "does not match the run's elements.npz")
+    if version > COHORT_FORMAT:
+        raise InputFileError(layout.cohort, f"format {version} is newer than this volscan reads ({COHORT_FORMAT}); "
+                             "upgrade volscan")
+    if minima is None and not request.independent:
+        why = ("an older volscan wrote it (format 1)" if version < 2 else
+               "its settings cannot serve as a reference (subsets, pre-selection, --window or RsCIN)")
+        raise InputFileError(layout.cohort, f"holds no kept minima to update the reference scans' scores with "
+                             f"({why}); re-run the reference with volscan score (cached tokens: no re-extraction), "
+                             "or screen with --independent (the reference's own scores)")
     return ReferenceRun(folder=folder, ids=ids, scores=scores, token_keys=keys, token_cache=cache,
-                        excluded=excluded, report=report, independent=request.independent)
+                        excluded=excluded, minima=minima, report=report, independent=request.independent)
 
 
 def _differences(what: str, reference: dict[str, Any], ours: dict[str, Any], free: tuple[str, ...],

@@ -102,7 +102,7 @@ def run_screen(
     inputs are new scans scored against a finished run (`--reference RUN`, `pipelines.reference`).
     """
     # A settings typo is the first error, before OUT and the inputs are looked at.
-    checked = config if isinstance(config, CheckedSettings) else check_settings(config or ScreenConfig())
+    checked = _checked(config)
     bids_input = bids is not None or is_bids_root(input_dir)
     # A BIDS root's own `derivatives/` folder is where outputs belong: protect its participants.
     inputs = bids_protected(input_dir) if bids_input else (Path(input_dir),)
@@ -114,6 +114,11 @@ def run_screen(
     return _screen(subjects, out_dir, checked, force=force, source=str(Path(input_dir).resolve()),
                    labels_given=labels_dir is not None, compute=compute, exports=exports,
                    reference=reference)
+
+
+def _checked(config: ScreenConfig | CheckedSettings | None) -> CheckedSettings:
+    """Settings checked once (`check_settings`), or as given when already checked; None = defaults."""
+    return config if isinstance(config, CheckedSettings) else check_settings(config or ScreenConfig())
 
 
 def labels_source(subjects: Sequence[Subject]) -> str | list[str]:
@@ -141,7 +146,7 @@ def screen_subjects(
     without a mask then count as healthy. `compute=False`, `exports`, `reference`: see `run_screen`.
     """
     # A settings typo is the first error, before OUT is looked at.
-    checked = config if isinstance(config, CheckedSettings) else check_settings(config)
+    checked = _checked(config)
     return _screen(subjects, out_dir, checked, force=force, source=source, labels_given=labels_given, compute=compute,
                    exports=exports, reference=reference)
 
@@ -162,11 +167,13 @@ def _screen(subjects: Sequence[Subject], out_dir: str | Path, checked: CheckedSe
     with timer.stage("inputs"):
         plan = build_plan(subjects, checked, len(base.ids) if base is not None else 0)
         check_exports(exports, plan.kind, subjects)  # an unknown or 2D export refused before preprocessing
+        tokenizer = None
         if base is not None:  # --reference: same settings as the reference, its tokens loaded
-            base.check(plan, tokens.make_tokenizer(plan.tokens, plan.size, plan.kind, plan.device, plan.backbone)[1])
+            tokenizer = tokens.make_tokenizer(plan.tokens, plan.size, plan.kind, plan.device, plan.backbone)
+            base.check(plan, tokenizer[1])
             base = base.with_tokens()
     return _run_stages(plan, output, timer, source=source, labels_given=labels_given, compute=compute,
-                       exports=exports, base=base)
+                       exports=exports, base=base, tokenizer=tokenizer)
 
 
 def screen_plan(plan: ScreenPlan, out_dir: str | Path, *, force: bool = False, source: str = "subject list",
@@ -188,9 +195,10 @@ def _output_dir(subjects: Sequence[Subject], out_dir: str | Path, force: bool,
 
 def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, source: str,
                 labels_given: bool | None, compute: bool, exports: Sequence[str],
-                base: ReferenceRun | None = None) -> ScreenResult:
+                base: ReferenceRun | None = None, tokenizer: tuple[Any, dict[str, Any]] | None = None) -> ScreenResult:
     """The stages of a planned run, each timed, into `output` (see the module docstring); `base`:
-    the reference run of a `--reference` screen, its tokens loaded."""
+    the reference run of a `--reference` screen, its tokens loaded; `tokenizer`: the plan's
+    tokenizer and its settings when already built (`tokens.make_tokenizer`)."""
     # Here, not at the top: these load torch, monai and matplotlib, which a settings or input
     # error is answered without.
     from pipelines.evaluate import RunElements, attach_metrics, score_figures
@@ -207,11 +215,12 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
             prepared = preprocess.prepare(subjects, kind, plan.preprocess, plan.template, plan.cache, compute=compute)
         with timer.stage("tokens"):
             token_sets = tokens.extract_tokens(ids, kind, prepared, plan.tokens, plan.size, plan.device,
-                                               plan.cache.tokens, backbone=plan.backbone, compute=compute)
+                                               plan.cache.tokens, backbone=plan.backbone, compute=compute,
+                                               tokenizer=tokenizer)
         with timer.stage("scoring"):
             if base is None:
                 scores = score.score_tokens(token_sets.sets, plan.method, plan.scoring)
-                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded)
+                save_cohort(layout.cohort, ids, token_sets.files, scores.excluded, scores.kept_minima)
             else:  # --reference: the new scans against the reference's tokens
                 base.check_distinct(ids, token_sets.files)
                 scores = base.score(token_sets.sets, plan.method, plan.scoring)
@@ -219,7 +228,7 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
                                collection_scores=scores.collection_scores, size=plan.size, kind=kind,
                                brain_masks=token_sets.brain_masks)
         elements.save(layout.elements)
-        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule
+        rule = flag_rule(scores.collection_scores, settings.flag_z) if base is None else base.rule(scores)
         threshold = rule.threshold
         with timer.stage("maps"):
             maps = scan_maps.write_maps(layout, subjects, elements, prepared, threshold)
@@ -230,7 +239,7 @@ def _run_stages(plan: ScreenPlan, output: AtomicOutputDir, timer: _Timer, *, sou
             scores=scores, maps=maps, rule=rule,
         )
         if base is not None:  # --reference: percentiles of the reference, both cohorts in the report
-            base.annotate(report)
+            base.annotate(report, scores)
         if labels_given:
             with timer.stage("metrics"):
                 attach_metrics(work, report, elements, [s.label for s in subjects], settings.histogram_bins)

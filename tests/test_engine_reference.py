@@ -15,6 +15,17 @@ from volumetric.errors import VolscanError
 QUIET = EngineOptions(progress=False)
 
 
+def brute_score(own, i, e, partners, k, squared):
+    """float64 mean of the k smallest `d(x, J)` of element e of collection i of `own` (layers)
+    over `partners`: (layers, (N, M) mask, j) per partner collection (plain loops)."""
+    distances = []
+    for layers, mask, j in partners:
+        per_layer = [min(np.sqrt(((mine[i, e] - layer[j, y]) ** 2).sum()) for y in range(mask.shape[1]) if mask[j, y])
+                     for mine, layer in zip(own, layers)]
+        distances.append(sum(per_layer) / len(per_layer))
+    return np.sort(np.asarray(distances) ** (2 if squared else 1))[:k].mean()
+
+
 def brute_force(query, base, query_valid, base_valid, fraction, independent, squared=False):
     """(q, M) float64: plain loops over elements, collections and layers (numpy, no shortcut)."""
     q_layers = [np.asarray(t, dtype=np.float64) for t in query]
@@ -24,20 +35,12 @@ def brute_force(query, base, query_valid, base_valid, fraction, independent, squ
     k = max(1, math.floor(fraction * ((n + 1 if independent else n + q) - 1)))
     out = np.full((q, m), np.nan)
     for i in range(q):
-        partners = [("base", j) for j in range(n) if base_valid[j].any()]
+        partners = [(b_layers, base_valid, j) for j in range(n) if base_valid[j].any()]
         if not independent:
-            partners += [("query", j) for j in range(q) if j != i]
+            partners += [(q_layers, query_valid, j) for j in range(q) if j != i]
         for e in range(m):
-            if not query_valid[i, e]:
-                continue
-            distances = []
-            for side, j in partners:
-                layers, mask = (b_layers, base_valid[j]) if side == "base" else (q_layers, query_valid[j])
-                per_layer = [min(np.sqrt(((ql[i, e] - layer[j, y]) ** 2).sum()) for y in range(m) if mask[y])
-                             for ql, layer in zip(q_layers, layers)]
-                distances.append(sum(per_layer) / len(per_layer))
-            distances = np.sort(np.asarray(distances) ** (2 if squared else 1))
-            out[i, e] = distances[:k].mean()
+            if query_valid[i, e]:
+                out[i, e] = brute_score(q_layers, i, e, partners, k, squared)
     return out
 
 
@@ -159,3 +162,107 @@ def test_collection_minima_reduces_only_the_scored_collections(nearest):
     assert bool(torch.isinf(part.distances[~rows][:, 3:]).all())  # unscored rows were not reduced
     if nearest:
         assert torch.equal(part.nearest[rows], full.nearest[rows])
+
+
+def brute_base_scores(query, base, query_valid, neighbours, scored, fraction, squared=False):
+    """(N, M) float64 base scores in a full batch of base + queries: neighbours of a base element
+    are the other base collections' `neighbours` and every query element (plain loops)."""
+    q_layers = [np.asarray(t, dtype=np.float64) for t in query]
+    b_layers = [np.asarray(t, dtype=np.float64) for t in base]
+    n, m = scored.shape
+    q = query_valid.shape[0]
+    k = max(1, math.floor(fraction * (n + q - 1)))
+    out = np.full((n, m), np.nan)
+    for i in range(n):
+        partners = [(b_layers, neighbours, j) for j in range(n) if j != i and neighbours[j].any()]
+        partners += [(q_layers, query_valid, j) for j in range(q)]
+        for e in range(m):
+            if scored[i, e]:
+                out[i, e] = brute_score(b_layers, i, e, partners, k, squared)
+    return out
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_update_scores_base_and_queries_as_the_union_brute_force(squared):
+    """Base elements (excluded ones too) and queries scored as a full batch of the union would."""
+    from volumetric.engine.ranked import ranked_minima
+    from volumetric.engine.reference import kept_count, reference_mutual_update
+
+    query, base, query_valid, base_valid = batch(3, 7, 15, 4, seed=21, layers=1)
+    neighbours = base_valid.clone()
+    neighbours[2, :9] = False  # some excluded elements
+    neighbours[5] = False  # a collection with every element excluded
+    keep = kept_count(7, 0.5)
+    kept = ranked_minima(base[0], base_valid, keep, base=neighbours, options=QUIET).distances
+    got_query, got_base = reference_mutual_update(query, base, 0.5, kept, query_valid, neighbours,
+                                                  base_scored=base_valid, squared=squared, options=QUIET)
+    expected_base = brute_base_scores(query, base, query_valid.numpy(), neighbours.numpy(), base_valid.numpy(), 0.5,
+                                      squared)
+    expected_query = brute_force(query, base, query_valid.numpy(), neighbours.numpy(), 0.5, False, squared)
+    for got, expected in ((got_base, expected_base), (got_query, expected_query)):
+        assert np.array_equal(np.isnan(got.numpy()), np.isnan(expected))
+        ok = ~np.isnan(expected)
+        np.testing.assert_allclose(got.numpy()[ok], expected[ok], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (4, 4, 4)])
+@pytest.mark.parametrize("method", ["musc", "codegraph"])
+def test_reference_and_new_scores_equal_a_full_screen_of_the_union(grid, method):
+    """A reference batch scored with kept minima, then q new collections against it: every
+    score (reference and new) equals the full batch of the union's (2D and 3D)."""
+    n, q = 9, 3
+    g = torch.Generator().manual_seed(len(grid) + len(method))
+    layers = [torch.randn(n + q, *grid, 6, generator=g) for _ in range(2)]
+    valid = torch.rand(n + q, *grid, generator=g) >= 0.25
+    valid.view(n + q, -1)[:, 0] = True
+    config = ScoringConfig(lnamd_radii=(1, 3), engine=QUIET, codegraph=CoDeGraph(top_fraction=0.25))
+    from volumetric.engine.reference import kept_count
+
+    f = config.musc_top_fraction if method == "musc" else config.codegraph.top_fraction
+    reference = score_collections([t[:n] for t in layers], valid[:n], method=method, config=config,
+                                  keep_minima=kept_count(n, f))
+    plain = score_collections([t[:n] for t in layers], valid[:n], method=method, config=config)
+    assert torch.equal(reference.element_scores.nan_to_num(-1), plain.element_scores.nan_to_num(-1))  # unchanged
+    assert len(reference.kept_minima) == 4 and reference.kept_minima[0].shape == (int(valid[:n].sum()), kept_count(n, f))
+    full = score_collections(layers, valid, method=method, config=config)
+    if method == "codegraph":
+        assert not bool(full.codegraph.excluded.any()) and not bool(reference.codegraph.excluded.any())
+    got = score_against_reference([t[n:] for t in layers], [t[:n] for t in layers], valid[n:], valid[:n], method,
+                                  config, excluded=None if method == "musc" else torch.zeros_like(valid[:n]),
+                                  base_minima=reference.kept_minima)
+    torch.testing.assert_close(got.element_scores, full.element_scores[n:], rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got.collection_scores, full.collection_scores[n:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.reference_scores, full.collection_scores[:n], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.reference_scores, plain.collection_scores)  # the update changed them
+
+
+def test_too_many_new_collections_for_the_kept_minima_is_one_line():
+    from volumetric.engine.reference import kept_count, most_new, reference_mutual_update
+
+    query, base, query_valid, base_valid = batch(6, 5, 10, 3, seed=3, layers=1)
+    keep = kept_count(5, 0.3)  # k of a batch of 10: 2
+    assert most_new(5, keep, 0.3) == 5 and most_new(5, 4, 0.3) is None  # all 4 partners kept: any number
+    kept = torch.zeros(int(base_valid.sum()), keep)
+    with pytest.raises(VolscanError, match="at most 5 new collections at once, got 6"):
+        reference_mutual_update(query, base, 0.3, kept, query_valid, base_valid, options=QUIET)
+
+
+def test_codegraph_keeps_the_refined_base_minima_without_changing_its_scores():
+    """With exclusions, CoDeGraph's kept minima are each element's smallest distances to the
+    other collections' base elements (the final pass), and keeping them changes no score."""
+    from volumetric.engine.synthetic import synthetic_batch
+
+    x = synthetic_batch(m=96, per_collection=10, seed=0).features
+    n, m, _ = x.shape
+    plain = CoDeGraph()(x, options=QUIET)
+    kept = CoDeGraph()(x, options=QUIET, keep=6)
+    assert bool(plain.excluded.any())  # the consistent group was found and excluded
+    assert torch.equal(kept.scores, plain.scores) and torch.equal(kept.excluded, plain.excluded)
+    base = ~kept.excluded
+    expected = torch.full((n, m, n), math.inf, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i != j and base[j].any():
+                expected[i, :, j] = torch.cdist(x[i].double(), x[j].double()).masked_fill(~base[j], math.inf).amin(1)
+    (got,) = kept.kept_minima
+    torch.testing.assert_close(got.double(), expected.sort(-1).values[..., :6].reshape(n * m, 6), rtol=1e-4, atol=1e-5)

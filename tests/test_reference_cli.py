@@ -13,6 +13,7 @@ from test_screen import screen_setup
 
 from pipelines.cli import main
 from pipelines.reference import ReferenceRequest, open_reference
+from volumetric.errors import VolscanError
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,22 @@ def test_new_scans_are_scored_on_the_reference_scale(split: dict) -> None:
     assert section["run"] == str(split["run"].resolve()) and section["scans"] == 6
     assert [r["cohort"] for r in section["scans_by_score"]].count("new") == 2
     assert [r["cohort"] for r in section["scans_by_score"]].count("reference") == 6
-    reference_scores = np.array([s["score"] for s in ref["subjects"]])
-    for entry in new["subjects"]:  # percentile among the reference scans' scores
+    # The reference scans' scores are updated with the new scans as partners; their own run's kept apart.
+    assert section["reference_scores"].startswith("updated with the new scans")
+    rows = [r for r in section["scans_by_score"] if r["cohort"] == "reference"]
+    own = {s["id"]: s["score"] for s in ref["subjects"]}
+    assert {r["id"]: r["own_run_score"] for r in rows} == pytest.approx(own, rel=1e-6)
+    assert any(abs(r["score"] - r["own_run_score"]) > 1e-6 for r in rows)
+    reference_scores = np.array([r["score"] for r in rows])
+    for entry in new["subjects"]:  # percentile among the reference scans' (updated) scores
         below = (reference_scores < entry["score"]).sum() + 0.5 * (reference_scores == entry["score"]).sum()
         assert entry["percentile"] == pytest.approx(round(100.0 * below / 6, 1))
-        assert entry["flagged"] == (entry["score"] > ref["summary"]["flag_threshold"])
-    assert new["summary"]["flag_rule"] == ref["summary"]["flag_rule"]  # the reference's rule
+        assert entry["flagged"] == (entry["score"] > new["summary"]["flag_threshold"])
+    assert all(r["flagged"] == (r["score"] > new["summary"]["flag_threshold"]) for r in rows)
     assert "Reference cohort" in (split["root"] / "runs" / "new" / "report.html").read_text(encoding="utf-8")
     assert not (split["root"] / "runs" / "new" / "cohort.npz").exists()  # a reference-mode run is no reference
     assert "against the tokens of the 6 scans of a reference run and the other new scans" in new["methods"]
+    assert "recomputed with the new scans among their partners" in new["methods"]
 
 
 def test_reference_run_is_never_replaced_and_mood_scale_is_refused(split: dict, capsys) -> None:
@@ -76,6 +84,10 @@ def test_independent_score_does_not_depend_on_the_other_new_scans(split: dict) -
     assert screen(split, "one", "alone", "--reference", str(split["run"]), "--independent") == 0
     both = {s["id"]: s["score"] for s in report(split, "both")["subjects"]}
     (alone,) = report(split, "alone")["subjects"]
+    # --independent: the reference scans keep their own run's scores, and its flag rule
+    rows = [r for r in report(split, "both")["reference"]["scans_by_score"] if r["cohort"] == "reference"]
+    assert all(r["score"] == r["own_run_score"] for r in rows)
+    assert report(split, "both")["summary"]["flag_rule"] == report(split, "run")["summary"]["flag_rule"]
     # Equal up to fp32 rounding: the GEMM distances are blocked by batch, and the engine's fp32
     # results agree with float64 to ~1e-5 (the engine test checks the mode against its reference).
     assert alone["score"] == pytest.approx(both[alone["id"]], rel=1e-4)
@@ -96,6 +108,41 @@ def test_cohort_record_holds_keys_and_exclusions(split: dict) -> None:
     assert len(run.ids) == len(run.token_keys) == 6
     assert run.excluded is not None and run.excluded.shape[0] == 6  # CoDeGraph (the default method)
     assert all(t is not None for t in run.tokens())
+    # per view (2 layers x 3 LNAMD radii) each valid element's K smallest minima, K = k of a batch of 12
+    valid = int(sum((~t.void).sum() for t in run.tokens()))
+    assert run.minima.shape == (6, valid, 1) and run.minima.dtype == np.float32  # f = 0.1: k(12) = 1
+    assert np.isfinite(run.minima).all()
+    assert open_reference(ReferenceRequest(split["run"], independent=True)).minima is None  # not read
+
+
+def test_more_new_scans_than_the_kept_minima_serve_are_refused(split: dict) -> None:
+    from pipelines.screen_config import ScreenConfig
+
+    run = open_reference(ReferenceRequest(split["run"]))
+    scoring = ScreenConfig().scoring_config("cpu", "3d")
+    run.check_new_count(14, "codegraph", scoring)  # K = 1 = k(12) serves up to k(6 + q) = 1: q <= 14
+    with pytest.raises(VolscanError, match="update its scores for at most 14 new scans at once, got 15"):
+        run.check_new_count(15, "codegraph", scoring)
+    open_reference(ReferenceRequest(split["run"], independent=True)).check_new_count(15, "codegraph", scoring)
+
+
+def test_a_reference_without_kept_minima_is_refused_in_one_line(split: dict, capsys) -> None:
+    """A cohort.npz of the older format (no kept minima): refused unless --independent."""
+    from volumetric.hashing import file_sha256
+
+    old = split["root"] / "old-run"
+    shutil.copytree(split["run"], old)
+    with np.load(old / "cohort.npz") as data:
+        arrays = {name: data[name] for name in data.files if name not in ("minima", "format")}
+    np.savez_compressed(old / "cohort.npz", **arrays)
+    marker = json.loads((old / "volscan-run.json").read_text(encoding="utf-8"))
+    marker["checksums"]["cohort.npz"] = file_sha256(old / "cohort.npz")
+    (old / "volscan-run.json").write_text(json.dumps(marker), encoding="utf-8")
+    assert screen(split, "new", "from-old", "--reference", str(old)) == 2
+    err = capsys.readouterr().err
+    assert "holds no kept minima" in err and "an older volscan wrote it (format 1)" in err and "--independent" in err
+    assert not (split["root"] / "runs" / "from-old").exists()
+    assert screen(split, "new", "from-old", "--reference", str(old), "--independent") == 0
 
 
 @pytest.mark.parametrize("extra, words", [

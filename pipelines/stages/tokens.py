@@ -56,18 +56,20 @@ def make_tokenizer(
 def extract_tokens(
     ids: list[str], kind: str, prepared: Prepared, tokens: "TokenSettings | ClassicalFeatures", size: int,
     device: str, cache_dir: Path, *, compute: bool = True, backbone: Any = None,
+    tokenizer: tuple[Any, dict[str, Any]] | None = None,
 ) -> Tokens:
     """Token sets of every subject (cached or extracted) in the token cache `cache_dir`; one grid
     for all, none all void; `size`: the cube edge / image side (part of the cache settings).
 
-    `compute=False` extracts nothing: subjects whose tokens are not cached are an error naming them."""
+    `compute=False` extracts nothing: subjects whose tokens are not cached are an error naming them.
+    `tokenizer`: `make_tokenizer`'s (tokenizer, settings) when the caller already built it."""
     from tqdm.auto import tqdm
 
     from pipelines.evaluate import pack_mask  # loads torch and monai (see pipelines.stages)
     from volumetric.classical_tokens import describe_tokenizer
     from volumetric.token_cache import TokenCache
 
-    tokenizer, settings = make_tokenizer(tokens, size, kind, device, backbone)
+    tokenizer, settings = make_tokenizer(tokens, size, kind, device, backbone) if tokenizer is None else tokenizer
     cache = TokenCache(cache_dir)
     token_sets, packed_masks, computed, missing, keys = [], [], 0, [], []
     for sid, load in zip(ids, tqdm(prepared.load, desc="tokens", unit="vol" if kind == "3d" else "img")):

@@ -50,7 +50,7 @@ import leidenalg
 import torch
 from torch import Tensor
 
-from volumetric.engine.mutual import top_k_counts
+from volumetric.engine.mutual import smallest_minima, top_k_counts
 from volumetric.engine.options import EngineOptions
 from volumetric.engine.partners import global_features as mean_token_features
 from volumetric.engine.partners import plan_pairs
@@ -84,7 +84,8 @@ class CoDeGraphResult:
     singletons); `density_fences` the density above which a community is an outlier (inf for
     singletons); `reference_rank` r_ref (1-based); `suspicious_links` links
     selected; `graph_views` views whose neighbours make the connections (links x graph_views =
-    total edge weight).
+    total edge weight); `kept_minima` per view (T, K) float32: each valid element's K smallest
+    distances of the final pass (on the refined base), when `keep` asked for them.
     """
 
     scores: Tensor
@@ -99,6 +100,7 @@ class CoDeGraphResult:
     suspicious_links: int
     graph_views: int
     valid: Tensor = field(repr=False)
+    kept_minima: tuple[Tensor, ...] = field(default=(), repr=False)
 
     @property
     def excluded_fraction(self) -> float:
@@ -191,11 +193,14 @@ class CoDeGraph:
         global_features: Tensor | None = None,
         options: EngineOptions | None = None,
         grid: Sequence[int] | None = None,
+        keep: int = 0,
     ) -> CoDeGraphResult:
         """Score a batch. `graph_views`: indices of the views whose neighbours build the graph
         (None = all). `global_features` (N, D): pre-selection feature (default: mean valid token
         of the first view). `options.subsets` must be 1 (`score_collections` splits batches).
-        `grid`: the shape of the M positions (needed with `options.window`)."""
+        `grid`: the shape of the M positions (needed with `options.window`). `keep` K > 0: keep
+        each element's K smallest distances of the final pass per view (`kept_minima`; the lists
+        are ranked to max(rank, K), which leaves their first entries and so the scores unchanged)."""
         options = EngineOptions() if options is None else options
         if options.subsets != 1:
             raise VolscanError("subsets: CoDeGraph scores one batch; split batches with score_collections")
@@ -205,6 +210,7 @@ class CoDeGraph:
         graph_ranked: list[Ranked] = []
         full_minima: list[Tensor] = []
         musc, count = None, 0
+        kept: list[Tensor] = []
         for index, view in enumerate(fresh()):
             view = _check_view(view, index, (n, m) if index else None)
             if index == 0:
@@ -221,13 +227,18 @@ class CoDeGraph:
             if in_graph and self.graph == "averaged":
                 minima = scoped_minima([view], valid, grid=grid, partners=partners, options=options)
                 full_minima.append(minima.distances)
-                view_scores = _mean_smallest(minima.distances.sort(1).values[:, :k], k, False)
+                ascending = minima.distances.sort(1).values
+                view_scores = _mean_smallest(ascending[:, :k], k, False)
+                if keep:
+                    kept.append(smallest_minima(ascending, keep))
             else:
-                rank = r_ref if in_graph else k
+                rank = max(r_ref if in_graph else k, keep)
                 ranked = ranked_minima(
                     view, valid, rank, partners=partners, nearest=in_graph, options=options, grid=grid
                 )
                 view_scores = _mean_smallest(ranked.distances[:, :k], k, False)
+                if keep:
+                    kept.append(ranked.distances[:, :keep].clone())
                 if in_graph:
                     graph_ranked.append(ranked)
             musc = view_scores if musc is None else musc.add_(view_scores)
@@ -253,7 +264,7 @@ class CoDeGraph:
         excluded = torch.zeros(n, m, dtype=torch.bool)
         excluded[valid] = excluded_flat
         if bool(excluded_flat.any()) or self.squared:
-            final = self._final_scores(fresh, valid, excluded, partners, k, options, grid)
+            final = self._final_scores(fresh, valid, excluded, partners, k, options, grid, keep, kept)
         else:
             final = musc
         logger.info(
@@ -273,6 +284,7 @@ class CoDeGraph:
             suspicious_links=links,
             graph_views=connections,
             valid=valid,
+            kept_minima=tuple(kept),
         )
 
     def _partners(
@@ -418,13 +430,20 @@ class CoDeGraph:
         k: int,
         options: EngineOptions,
         grid: Sequence[int] | None = None,
+        keep: int = 0,
+        kept: list[Tensor] | None = None,
     ) -> Tensor:
-        """(T,) mean over views of mutual scores on the refined base (exact second pass)."""
+        """(T,) mean over views of mutual scores on the refined base (exact second pass); with
+        `keep`, `kept` is refilled with each view's `keep` smallest distances of this pass."""
         base = valid & ~excluded
         total, count = None, 0
+        if keep:
+            kept.clear()
         for view in fresh():
-            ranked = ranked_minima(view, valid, k, base=base, partners=partners, options=options, grid=grid)
-            scores = _mean_smallest(ranked.distances, k, self.squared)
+            ranked = ranked_minima(view, valid, max(k, keep), base=base, partners=partners, options=options, grid=grid)
+            scores = _mean_smallest(ranked.distances[:, :k], k, self.squared)
+            if keep:
+                kept.append(ranked.distances[:, :keep].clone())
             total = scores if total is None else total.add_(scores)
             count += 1
         return total / count

@@ -41,6 +41,25 @@ class MutualDistances:
     top_k: Tensor
 
 
+@dataclass(frozen=True)
+class ScoresWithMinima:
+    """`scores` (N, M) float32 mutual scores (NaN at void) and `smallest` (T, K) float32: each
+    valid element's K smallest `d(x, J)` ascending (elements ordered collection by collection,
+    position by position; +inf past its partners), what reference scoring needs to update the
+    scores when collections join the batch (`volumetric.engine.reference`)."""
+
+    scores: Tensor
+    smallest: Tensor
+
+
+def smallest_minima(distances: Tensor, keep: int) -> Tensor:
+    """(T, keep) ascending smallest entries of each row of `distances` (T, N), +inf past N."""
+    head = distances.topk(min(keep, distances.shape[1]), dim=1, largest=False, sorted=True).values
+    if head.shape[1] < keep:
+        head = torch.cat([head, torch.full((len(head), keep - head.shape[1]), torch.inf)], 1)
+    return head
+
+
 def top_k_counts(batch_size: Tensor, top_fraction: float) -> Tensor:
     """k = max(1, floor(f * (n - 1))) per collection; `batch_size` (N,) int64."""
     return torch.clamp(torch.floor(top_fraction * (batch_size - 1).double()).long(), min=1)
@@ -141,7 +160,8 @@ def mutual_scores(
     global_features: Tensor | None = None,
     options: EngineOptions | None = None,
     grid: Sequence[int] | None = None,
-) -> Tensor | MutualDistances:
+    keep: int = 0,
+) -> Tensor | MutualDistances | ScoresWithMinima:
     """Mutual scores of every element of a batch.
 
     `features`: (N, M, C) float tensor, or a sequence of them (one per layer; the distances
@@ -151,7 +171,8 @@ def mutual_scores(
     `options`: device, precision, block size, progress and the pair plan (`subsets`,
     `preselect_fraction`, `seed`; see `volumetric.engine.partners`) and `window`, which needs
     `grid`: the shape of the M positions (e.g. (16, 16, 16)). Returns (N, M) float32
-    scores, or `MutualDistances` when `return_vectors` is True.
+    scores, or `MutualDistances` when `return_vectors` is True, or, `keep` > 0,
+    `ScoresWithMinima` with each element's `keep` smallest minima (the scores are the same).
     """
     layers = as_layers(features)
     n, m = layers[0].shape[:2]
@@ -177,6 +198,8 @@ def mutual_scores(
     )
     refine_highest(layers, minima, k, partners=plan.partners, options=options, grid=grid)
     scores = minima_scores(minima, k)
+    if keep and not return_vectors:
+        return ScoresWithMinima(scores=scores, smallest=smallest_minima(minima.distances, keep))
     if not return_vectors:
         return scores
     values, order = minima.distances.sort(dim=1)

@@ -98,12 +98,15 @@ class ScoringConfig:
 class ScoringResult:
     """`element_scores` (N, *grid) float32, NaN at void; `collection_scores` (N,) float32 = max
     over valid elements (re-scored by RsCIN when `ScoringConfig.rscin` is set); `codegraph` the
-    CoDeGraph outcome (None for MuSc); `method`."""
+    CoDeGraph outcome (None for MuSc); `method`; `kept_minima`: per view (T, K) float32, each
+    valid element's K smallest `d(x, J)` of the final scoring pass (`keep_minima`; empty when not
+    asked)."""
 
     element_scores: Tensor
     collection_scores: Tensor
     codegraph: CoDeGraphResult | None
     method: str
+    kept_minima: tuple[Tensor, ...] = ()
 
     def summary(self) -> dict:
         """JSON-ready facts for a report (CoDeGraph details included when present)."""
@@ -120,6 +123,7 @@ def score_collections(
     config: ScoringConfig | None = None,
     *,
     global_features: Tensor | None = None,
+    keep_minima: int = 0,
 ) -> ScoringResult:
     """Score a batch of N collections given per-layer token grids.
 
@@ -127,7 +131,9 @@ def score_collections(
     N and grid). `valid`: (N, *grid) bool or None. `method`: "codegraph" or "musc".
     `global_features`: optional (N, D) (e.g. [CLS]) for pre-selection and RsCIN (which
     L2-normalises them: cosine similarities); default the per-layer L2-normalised mean of the
-    valid tokens (`partners.global_features`).
+    valid tokens (`partners.global_features`). `keep_minima` K > 0: also return each valid
+    element's K smallest minima per view (`ScoringResult.kept_minima`; one batch only, no
+    `subsets`), what a later reference screen updates the scores from; the scores are unchanged.
     """
     config = ScoringConfig() if config is None else config
     if method not in METHODS:
@@ -152,8 +158,11 @@ def score_collections(
 
     scores = torch.full((n, m), torch.nan)
     parts = subset_partition(n, engine.subsets, engine.seed)
+    if keep_minima and len(parts) > 1:
+        raise VolscanError("keep_minima: the minima of one batch are kept; leave subsets at 1")
     per_subset = replace(engine, subsets=1)
     results = []
+    kept: list[Tensor] = []
     for part in parts:
         sub_valid = valid_flat[part]
         sub_grids = [g[part.to(g.device)] for g in grids]
@@ -166,16 +175,21 @@ def score_collections(
         if method == "musc":
             view_scores = [
                 mutual_scores(
-                    v, config.musc_top_fraction, sub_valid, global_features=sub_globals, options=per_subset, grid=grid
+                    v, config.musc_top_fraction, sub_valid, global_features=sub_globals, options=per_subset, grid=grid,
+                    keep=keep_minima,
                 )
                 for v in views()
             ]
+            if keep_minima:
+                kept = [v.smallest for v in view_scores]
+                view_scores = [v.scores for v in view_scores]
             scores[part] = torch.stack(view_scores).mean(0)
         else:
             result = config.codegraph(
                 views, sub_valid, graph_views=config.graph_views(len(grids)), global_features=sub_globals,
-                options=per_subset, grid=grid,
+                options=per_subset, grid=grid, keep=keep_minima,
             )
+            kept = list(result.kept_minima)
             scores[part] = result.scores
             results.append(result)
     codegraph = None
@@ -190,6 +204,7 @@ def score_collections(
         collection_scores=collection_scores,
         codegraph=codegraph,
         method=method,
+        kept_minima=tuple(kept),
     )
 
 
