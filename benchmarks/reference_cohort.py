@@ -26,6 +26,14 @@ without `--independent`). Prints and writes `results.json`:
 
     python benchmarks/reference_cohort.py --out /tmp/reference-bench            # ~20 min on 2 shared cores
     python benchmarks/reference_cohort.py --out /tmp/rb --normal 20 --lookalike 8 --new 6 --repeats 1
+
+`--synthetic`: the scoring time only, at the token shapes of `--size` (224: a 16^3 grid) without
+generating or screening a cohort: synthetic classical-like token sets (features from the seed,
+`--lookalike` of them with the same planted anomaly, void cells from a real cached cube with
+`--void-from` or an ellipsoid), the reference's exclusions and kept minima from its own
+`score_tokens`, then the same side-by-side timing as above (`time_side_by_side`):
+
+    python benchmarks/reference_cohort.py --out /tmp/rs --synthetic --size 224 --threads 1
 """
 
 from __future__ import annotations
@@ -45,14 +53,20 @@ import torch
 
 from pipelines.demo import DEMO_WARPS
 from pipelines.phantom import Cohort, LesionSettings, PhantomConfig, generate_cohort
-from pipelines.reference import ReferenceRequest, open_reference
+from pipelines.reference import ReferenceRequest, ReferenceRun, open_reference
 from pipelines.screen import run_screen
 from pipelines.screen_config import ScreenConfig
 from pipelines.stages.score import score_tokens
-from volumetric.classical_tokens import standardize_batch
+from volumetric.classical_tokens import BATCH_STANDARDIZE, standardize_batch
 from volumetric.engine import score_collections
 from volumetric.engine.reference import kept_count, method_top_fraction
+from volumetric.errors import VolscanError
 from volumetric.metrics import auroc
+from volumetric.token_set import TokenSet
+
+# Channels per layer of the classical tokens at the default scales (1, 2, 4) with the reference
+# pair standardize_batch appends not yet added: 12 + 16, as the token cache holds them.
+CLASSICAL_CHANNELS = (12, 16)
 
 
 def cpu_name() -> str:
@@ -117,6 +131,111 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def time_side_by_side(row: dict, full_sets: list, new_sets: list, ref_runs: dict, method: str, scoring,
+                      repeats: int, kept_minima_cost: bool) -> None:
+    """Time the score stages side by side in this process, rounds alternating, into `row`: the full
+    screen's `score_tokens` on `full_sets` against `ReferenceRun.score` of `new_sets` for
+    `ref_runs[independent]` (False: updating the reference scores, True: `--independent`);
+    `kept_minima_cost`: also `score_collections` on `full_sets` with and without the kept minima."""
+    valid = ~torch.stack([t.void for t in full_sets])
+    layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets])
+                                for i in range(len(full_sets[0].layers))], valid)
+    keep = kept_count(len(full_sets), method_top_fraction(scoring, method))  # what score_tokens keeps
+    times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": []}
+    if kept_minima_cost:
+        times.update(full_no_kept_minima=[], full_kept_minima=[])
+    for _ in range(repeats):
+        times["full"].append(timed(lambda: score_tokens(full_sets, method, scoring)))
+        for ind, key in ((False, "dependent"), (True, "independent")):
+            times[key].append(timed(lambda r=ref_runs[ind]: r.score(new_sets, method, scoring)))
+        if kept_minima_cost:
+            for key, kept in (("full_no_kept_minima", 0), ("full_kept_minima", keep)):
+                times[key].append(timed(lambda kept=kept: score_collections(layers, valid, method=method,
+                                                                            config=scoring, keep_minima=kept)))
+    medians = {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
+               for k, v in times.items()}
+    for key in ("dependent", "independent"):
+        row.setdefault(key, {})
+        row[key]["speedup_wall"] = medians["full"]["wall_s"] / medians[key]["wall_s"]
+        row[key]["speedup_cpu"] = medians["full"]["cpu_s"] / medians[key]["cpu_s"]
+        row[key]["speedup_per_round_cpu"] = [f[1] / r[1] for f, r in zip(times["full"], times[key])]
+    row["timings"] = medians
+
+
+def brain_void(grid: int, void_from: Path | None) -> torch.Tensor:
+    """(g, g, g) bool, True at void cells: a real preprocessed cube's (`void_from`, a token file of a
+    cache at that grid), else an ellipsoid filling about 40 % of the grid (a brain's share)."""
+    if void_from is not None:
+        void = TokenSet.load(void_from).void
+        if tuple(void.shape) != (grid,) * 3:
+            raise VolscanError(f"{void_from}: token grid {tuple(void.shape)}, expected {(grid,) * 3} (--size)")
+        return void
+    axes = (torch.arange(grid) - (grid - 1) / 2) / grid
+    z, y, x = torch.meshgrid(axes, axes, axes, indexing="ij")
+    return (z / 0.48) ** 2 + (y / 0.44) ** 2 + (x / 0.46) ** 2 > 1
+
+
+def synthetic_token_sets(n: int, void: torch.Tensor, channels: tuple[int, ...], planted: set[int],
+                         seed: int) -> list[TokenSet]:
+    """`n` classical-like token sets on `void`'s grid, `channels` per layer (features from `seed`):
+    a shared "anatomy" field per layer plus per-scan noise of half its scale; the scans in
+    `planted` carry the same offset (3 x the anatomy's scale) in the same 3^3 block of brain
+    cells, a consistent anomaly for CoDeGraph to find."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = tuple(void.shape)
+    anatomy = [torch.randn(*grid, c, generator=gen) for c in channels]
+    offsets = [3 * torch.randn(c, generator=gen) for c in channels]
+    brain = (~void).nonzero().float()
+    centre = brain[(brain - brain.mean(0) - torch.tensor([0.2 * grid[0], 0.0, 0.0])).norm(dim=1).argmin()].long()
+    block = torch.zeros(grid, dtype=torch.bool)
+    block[tuple(slice(max(int(c) - 1, 0), int(c) + 2) for c in centre)] = True
+    block &= ~void
+    sets = []
+    for i in range(n):
+        layers = [a + 0.5 * torch.randn(a.shape, generator=gen) for a in anatomy]
+        if i in planted:
+            for layer, offset in zip(layers, offsets):
+                layer[block] += offset
+        sets.append(TokenSet(layers, void.clone(), grid, {BATCH_STANDARDIZE: True, "synthetic": True}))
+    return sets
+
+
+def synthetic_main(args: argparse.Namespace, results: dict) -> None:
+    """The score stages side by side on synthetic token sets of the real shapes at `args.size`
+    (no cohort, no screens): the reference run's score stage (`score_tokens` on the reference
+    scans: its exclusions and kept minima) feeds `ReferenceRun.score`, timed against the full
+    screen's `score_tokens` of everyone (`time_side_by_side`)."""
+    grid = args.size // 14
+    void = brain_void(grid, args.void_from)
+    n = args.normal + args.lookalike
+    ids = [f"syn-{i:03d}" for i in range(n)]
+    planted = set(random.Random(args.seed + 1).sample(range(n), args.lookalike))
+    by_id = dict(zip(ids, synthetic_token_sets(n, void, CLASSICAL_CHANNELS, planted, args.seed)))
+    new = sorted(random.Random(args.seed).sample(ids, args.new))  # drawn as split_cohort draws them
+    reference_ids = [s for s in ids if s not in new]
+    results["synthetic"] = {"grid": grid, "brain_tokens_per_scan": int((~void).sum()), "channels": CLASSICAL_CHANNELS,
+                            "void_from": str(args.void_from) if args.void_from else "ellipsoid",
+                            "planted": sorted(ids[i] for i in planted), "new": new}
+    for method in args.methods:
+        scoring = ScreenConfig(backbone="classical", size=args.size, method=method, device="cpu",
+                               scoring={"engine": {"progress": False}}).scoring_config("cpu", "3d")
+        reference_sets = [by_id[s] for s in reference_ids]
+        own = score_tokens(reference_sets, method, scoring)  # what the reference run's cohort.npz keeps
+        ref_runs = {ind: ReferenceRun(folder=Path("synthetic"), ids=reference_ids, scores=own.collection_scores,
+                                      token_keys=[], token_cache=Path("."), excluded=own.excluded,
+                                      minima=None if ind else own.kept_minima, report={}, independent=ind,
+                                      token_sets=tuple(reference_sets)) for ind in (False, True)}
+        row: dict = {}
+        if own.excluded is not None:
+            touched = [sid for sid, e in zip(reference_ids, own.excluded) if e.any()]
+            row["reference_exclusions"] = {"fraction": own.excluded_fraction, "scans": len(touched),
+                                           "planted_scans": sum(ids.index(s) in planted for s in touched)}
+        time_side_by_side(row, list(by_id.values()), [by_id[s] for s in new], ref_runs, method, scoring,
+                          args.repeats, kept_minima_cost=False)
+        results["methods"][method] = row
+        print(json.dumps({method: row}, indent=1), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -130,11 +249,21 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["musc", "codegraph"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the timed scoring (default torch's; 1 on a shared, loaded machine)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="time the score stages only, on synthetic token sets of the real shapes at --size")
+    parser.add_argument("--void-from", type=Path, default=None,
+                        help="--synthetic: a token file (cache entry at --size) whose void cells all scans take")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.synthetic:
+        results = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "methods": {}}
+        synthetic_main(args, results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"CPU: {results['cpu']}; results: {out / 'results.json'}")
+        return
 
     phantom = PhantomConfig(n_normal=args.normal, n_lesion=0, n_consistent=0, n_lookalike=args.lookalike,
                             lookalike_lesions=(1, 3), seed=args.seed, size=64, template="procedural",
@@ -223,27 +352,7 @@ def main() -> None:
         ref_runs = {ind: open_reference(ReferenceRequest(reference, ind)).with_tokens() for ind in (False, True)}
         new_sets = [sets[s] for s in parts["new"]]
         full_sets = [sets[s] for s in everyone.ids]
-        # The kept minima's cost inside the full screen: score_collections with and without them.
-        valid = ~torch.stack([t.void for t in full_sets])
-        layers = standardize_batch([torch.stack([t.layers[i] for t in full_sets])
-                                    for i in range(len(full_sets[0].layers))], valid)
-        keep = kept_count(len(full_sets), method_top_fraction(scoring, method))  # what score_tokens keeps
-        times: dict[str, list[tuple[float, float]]] = {"full": [], "dependent": [], "independent": [],
-                                                       "full_no_kept_minima": [], "full_kept_minima": []}
-        for _ in range(args.repeats):
-            times["full"].append(timed(lambda: score_tokens(full_sets, method, scoring)))
-            for ind, key in ((False, "dependent"), (True, "independent")):
-                times[key].append(timed(lambda r=ref_runs[ind]: r.score(new_sets, method, scoring)))
-            for key, kept in (("full_no_kept_minima", 0), ("full_kept_minima", keep)):
-                times[key].append(timed(lambda kept=kept: score_collections(layers, valid, method=method, config=scoring,
-                                                                            keep_minima=kept)))
-        medians = {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
-                   for k, v in times.items()}
-        for key in ("dependent", "independent"):
-            row[key]["speedup_wall"] = medians["full"]["wall_s"] / medians[key]["wall_s"]
-            row[key]["speedup_cpu"] = medians["full"]["cpu_s"] / medians[key]["cpu_s"]
-            row[key]["speedup_per_round_cpu"] = [f[1] / r[1] for f, r in zip(times["full"], times[key])]
-        row["timings"] = medians
+        time_side_by_side(row, full_sets, new_sets, ref_runs, method, scoring, args.repeats, kept_minima_cost=True)
 
         # Independence: each new scan alone against the reference vs among the others.
         together = ref_runs[True].score(new_sets, method, scoring).collection_scores
