@@ -17,7 +17,7 @@ Lesion-free families are the healthy scans of a lesion family's cohort (no extra
 make): `sites`, `artefacts` (the artefact scans are anomalous and may be flagged; the other
 healthy scans may not), `normal-variation`.
 
-Splits: `dev` = seed 0 at setting A (contrast 1.0, radius 12-20 mm, three default sites, artefacts
+Splits (seed sets disjoint): `dev` = seeds 0, 4, 5 at setting A (contrast 1.0, radius 12-20 mm, three default sites, artefacts
 ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
 `test` = seeds 1-3 at setting B (contrast 0.9, radius 10-18 mm, two sites with wider ranges,
 artefacts missing-slices / contrast / ghosting, 30 % atrophic with ventricles x 2.5 and 3 mm
@@ -70,7 +70,7 @@ class Setting:
 
 
 SPLITS = {
-    "dev": Setting((0,), 1.0, (12.0, 20.0), (4.0, 20.0), SiteSettings(), 3, ("ghosting", "spike", "wrap"),
+    "dev": Setting((0, 4, 5), 1.0, (12.0, 20.0), (4.0, 20.0), SiteSettings(), 3, ("ghosting", "spike", "wrap"),
                    AtrophySettings(0.25, 2.0, 2.0)),
     "test": Setting((1, 2, 3), 0.9, (10.0, 18.0), (2.0, 16.0),
                     SiteSettings(gamma=(0.75, 1.3), noise=(0.02, 0.07), blur_mm=(0.5, 3.0), bias=(0.1, 0.35)), 2,
@@ -180,7 +180,9 @@ def table(split: str, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=f"seeds: dev {SPLITS['dev'].seeds}, test {SPLITS['test'].seeds} (disjoint: a dev seed is never a test seed)")
     parser.add_argument("--out", required=True, help="work folder (cohorts, tokens, <split>/results.json, table.md)")
     parser.add_argument("--split", choices=tuple(SPLITS), required=True)
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of the families")
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     setting = SPLITS[args.split]
+    if set(SPLITS["dev"].seeds) & set(SPLITS["test"].seeds):
+        parser.error("the dev and test splits share seeds")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(setting.seeds)
     if not set(seeds) <= set(setting.seeds):
         parser.error(f"split {args.split} has seeds {setting.seeds}, got {seeds}")
