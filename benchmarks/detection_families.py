@@ -22,7 +22,10 @@ ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, size
 `test` = seeds 1-3 at setting B (contrast 0.9, radius 10-18 mm, two sites with wider ranges,
 artefacts missing-slices / contrast / ghosting, 30 % atrophic with ventricles x 2.5 and 3 mm
 cortex, sizes 2-16 mm), never looked at while choosing. The dev split also scores the open
-choices (graph views r = 1 / all, the literal link stop); the test split the defaults only.
+choices of the rules study (`CANDIDATES`: the final pass's f when nothing is excluded or always,
+diffuse communities left unfiltered; docs/results/2026-12-08-detection-rules.md); the test split
+the defaults only. (The 2026-12-07 families study's dev rows, graph views r = 1 / all and the
+literal link stop, are `codegraph_ablation.py` rows.)
 
 Per family and seed: patient AUROC of MuSc at its default f = 0.3 and of CoDeGraph; Dice over
 lesion scans (paper protocol, `codegraph_ablation.evaluate`); CoDeGraph's outlier communities
@@ -90,17 +93,31 @@ FAMILIES = {
 }
 
 
+# the open choices of the 2026-12-08 rules study (dev only), as explicit CoDeGraph fields:
+# A0 the paper's final f = 0.1 always; A1 nothing excluded -> MuSc at f = 0.3; A2 final pass at
+# f = 0.3; B1 diffuse communities (dependent share above DIFFUSE_SHARE) not filtered
+DIFFUSE_SHARE = 0.8
+CANDIDATES = {
+    "A0": {},
+    "A1": {"unflagged_fraction": 0.3},
+    "A2": {"final_fraction": 0.3},
+    "A0+B1": {"max_dependent_share": DIFFUSE_SHARE},
+    "A1+B1": {"unflagged_fraction": 0.3, "max_dependent_share": DIFFUSE_SHARE},
+    "A2+B1": {"final_fraction": 0.3, "max_dependent_share": DIFFUSE_SHARE},
+}
+
+
 def methods(split: str) -> dict[str, tuple[str, ScoringConfig]]:
     """(method, config) per row name: MuSc at its default and at CoDeGraph's f, CoDeGraph at its
-    defaults; on dev also the open choices (graph views, link stop)."""
+    defaults; on dev also the open choices (`CANDIDATES`, every other rule field off)."""
     base = ScoringConfig(engine=QUIET)
     rows = {"MuSc": ("musc", base),
             "MuSc same f": ("musc", replace(base, musc_top_fraction=base.codegraph.top_fraction)),
             "CoDeGraph": ("codegraph", base)}
     if split == "dev":
-        rows |= {"CoDeGraph r=1": ("codegraph", replace(base, graph_radii=(1,))),
-                 "CoDeGraph all views": ("codegraph", replace(base, graph_radii=base.lnamd_radii)),
-                 "CoDeGraph literal stop": ("codegraph", replace(base, codegraph=replace(base.codegraph, stop_fence=None)))}
+        paper = replace(base.codegraph, final_fraction=None, unflagged_fraction=None, max_dependent_share=None)
+        rows |= {f"CoDeGraph {name}": ("codegraph", replace(base, codegraph=replace(paper, **fields)))
+                 for name, fields in CANDIDATES.items()}
     return rows
 
 
@@ -125,17 +142,25 @@ def measure(batch: Batch, odd: np.ndarray, split: str) -> dict:
     """Every method's figures on one batch; `odd` (N,) bool marks scans allowed to be flagged
     without counting as healthy flags (artefact scans)."""
     rows: dict = {}
-    same_f = None
+    patients: dict[str, np.ndarray] = {}
+    done: dict = {}  # a row whose config equals an earlier one's is not scored twice
     for name, (method, config) in methods(split).items():
+        key = (method, config)
+        if key in done:
+            rows[name] = rows[done[key]]
+            continue
+        done[key] = name
         row = evaluate(batch, method, config)
         scores = row.pop("_scores")
-        patient = np.nanmax(scores.reshape(len(scores), -1), axis=1)
-        if name == "MuSc same f":
-            same_f = patient
+        patients[name] = np.nanmax(scores.reshape(len(scores), -1), axis=1)
         if method == "codegraph":
+            # the rise is against MuSc at the f of CoDeGraph's final pass (what the exclusion did)
+            graph = config.codegraph
+            final_f = graph.final_fraction or graph.top_fraction
+            reference = patients["MuSc" if final_f == config.musc_top_fraction else "MuSc same f"]
             healthy = [i for i in row["outlier_members"] if not batch.lesion[i] and not odd[i]]
             row["healthy_flagged"] = len(healthy)
-            row["healthy_rise"] = (float(np.max(patient[healthy] / same_f[healthy] - 1.0)) if healthy else 0.0)
+            row["healthy_rise"] = (float(np.max(patients[name][healthy] / reference[healthy] - 1.0)) if healthy else 0.0)
         rows[name] = row
     return rows
 
@@ -158,9 +183,10 @@ def table(split: str, results: dict) -> str:
     """Markdown table: one line per (family, seed, N)."""
     names = [n for n in methods(split) if n.startswith("CoDeGraph ")]
     head = ("| family | seed | N (lesion, odd) | patient AUROC MuSc / CoDeGraph | Dice lesion MuSc / CoDeGraph "
-            "| flagged communities (lesion share %) | healthy flagged (score rise %) | densest: size, lesion, density, fence |")
-    extra = "".join(f" {n}: AUROC, flagged, healthy |" for n in names)
-    lines = [head + extra, "|---" * (8 + len(names)) + "|"]
+            "| flagged communities (lesion share %) | diffuse communities | healthy flagged (score rise %) "
+            "| densest: size, lesion, density, fence |")
+    extra = "".join(f" {n}: AUROC, Dice lesion, flagged, diffuse, healthy (rise %) |" for n in names)
+    lines = [head + extra, "|---" * (9 + len(names)) + "|"]
     for key in sorted(results, key=lambda k: (list(FAMILIES).index(k.split(":")[0]), k)):
         family, seed, _ = key.split(":")
         r = results[key]
@@ -170,11 +196,12 @@ def table(split: str, results: dict) -> str:
         line = (f"| {family} | {seed} | {r['n']} ({r['lesion_scans']}, {r['odd_scans']}) "
                 f"| {pct(musc.get('patient_auroc'))} / {pct(cdg.get('patient_auroc'))} "
                 f"| {pct(musc.get('dice_lesion'))} / {pct(cdg.get('dice_lesion'))} "
-                f"| {cdg['outlier_sizes']} ({pct(cdg['outlier_lesion_share'])}) "
+                f"| {cdg['outlier_sizes']} ({pct(cdg['outlier_lesion_share'])}) | {cdg.get('diffuse_sizes', '-')} "
                 f"| {cdg['healthy_flagged']} ({100 * cdg['healthy_rise']:.1f}) | {densest} |")
         for name in names:
             v = rows[name]
-            line += f" {pct(v.get('patient_auroc'))}, {v['outlier_sizes']}, {v['healthy_flagged']} |"
+            line += (f" {pct(v.get('patient_auroc'))}, {pct(v.get('dice_lesion'))}, {v['outlier_sizes']}, "
+                     f"{v.get('diffuse_sizes', '-')}, {v['healthy_flagged']} ({100 * v['healthy_rise']:.1f}) |")
         lines.append(line)
     return "\n".join(lines)
 
