@@ -206,6 +206,24 @@ def table(split: str, results: dict) -> str:
     return "\n".join(lines)
 
 
+def candidate_summary(results: dict) -> str:
+    """Dev only: per open choice, the rules study's criterion over every cached row: mean patient
+    AUROC over the lesion rows, healthy scans filtered on them, and on the lesion-free rows the
+    healthy scans filtered with a scan-score rise above 1 % (criterion 1: none)."""
+    lesion = [r["rows"] for r in results.values() if r["lesion_scans"]]
+    free = [r["rows"] for r in results.values() if not r["lesion_scans"]]
+    lines = [f"| choice | mean patient AUROC, {len(lesion)} lesion rows | healthy filtered, lesion rows "
+             f"| lesion-free rows ({len(free)}): healthy filtered with a rise > 1 % |", "|---|---|---|---|"]
+    for name in ["MuSc", "MuSc same f"] + [f"CoDeGraph {c}" for c in CANDIDATES]:
+        auroc = np.mean([rows[name]["patient_auroc"] for rows in lesion if name in rows])
+        healthy = sum(rows[name].get("healthy_flagged", 0) for rows in lesion if name in rows)
+        rising = sum(rows[name].get("healthy_flagged", 0) for rows in free
+                     if name in rows and rows[name].get("healthy_rise", 0.0) > 0.01)
+        lines.append(f"| {name} | {100 * auroc:.2f} | {healthy if name.startswith('CoDeGraph') else '-'} "
+                     f"| {rising if name.startswith('CoDeGraph') else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
                 log.warning("%s %s: %s", args.split, key, {k: v.get("patient_auroc") for k, v in results[key]["rows"].items()})
     text = table(args.split, results)
+    if args.split == "dev":
+        text += "\n\n" + candidate_summary(results)
     (out / args.split / f"table-{args.cube}.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0

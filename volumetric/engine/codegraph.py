@@ -26,13 +26,24 @@ scores again. Stages (fields of `CoDeGraph`; defaults and their evidence: docs/e
 6. Outliers: Tukey over communities of >= 2 collections, density > Q3 + `iqr_k` IQR (3.0), the
    IQR floored at `min_spread` = 1 connection (a small community's density comes in whole
    connections; with IQR = 0 any slightly denser community would be flagged).
+   Diffuse communities (`max_dependent_share` = 0.8; a departure from the paper, whose known limit
+   is a normal variant rarer than r_ref): a community whose dependent elements (step 7, the
+   community filtered alone) exceed 0.8 of its members' valid elements differs from the cohort
+   everywhere, as a subgroup of atrophic healthy scans or one scanner's scans do, not in a focal
+   anomaly; it is set aside: neither filtered nor counted in the fence's quartiles (its outsized
+   density would lift the fence over a focal group). Probed: communities denser than the third
+   quartile of those not set aside, again after each one is set aside. `None`: every community
+   above the fence is filtered.
 7. Targeted filtering (Algorithm 2, eq. 3.8): outlier communities largest first against the
    *current* base; an element leaves the base when its dependency ratio (score without the
    community / score) exceeds the `dependency_percentile` (99) of the ratio outside it. Read from
    the stored top-r_ref lists: removed entries skipped, missing ones count as d_(r_ref).
 8. Final score (eq. 3.10): mutual scoring at f = 0.1 on the refined base, an exact second pass
    over the distances with the exclusion mask (`volumetric.engine.ranked`); plain Euclidean
-   (`squared=False`, MuSc's code) unless `squared=True` (eq. 3.9).
+   (`squared=False`, MuSc's code) unless `squared=True` (eq. 3.9). With nothing excluded the
+   scores are the first pass's mutual scores at that f. Open choices, off by default (not chosen
+   on the development split): `final_fraction` (the final pass's f, None = `top_fraction`) and
+   `unflagged_fraction` (the f of the scores when nothing is excluded, e.g. MuSc's 0.3).
 
 Memory grows with T * r_ref (T = valid elements): per graph view the r_ref nearest collections
 with positions; other views keep only k. `options.memory_mb` bounds it (error naming `subsets`).
@@ -161,7 +172,7 @@ class CoDeGraph:
     squared: bool = False
     final_fraction: float | None = None
     unflagged_fraction: float | None = None
-    max_dependent_share: float | None = None
+    max_dependent_share: float | None = 0.8
     graph: str = "layerwise"
     fence: str = "tukey"
     filtering: str = "sequential"
