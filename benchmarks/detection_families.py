@@ -17,21 +17,22 @@ Lesion-free families are the healthy scans of a lesion family's cohort (no extra
 make): `sites`, `artefacts` (the artefact scans are anomalous and may be flagged; the other
 healthy scans may not), `normal-variation`.
 
-Splits (seed sets disjoint): `dev` = seeds 0, 4, 5 at setting A (contrast 1.0, radius 12-20 mm, three default sites, artefacts
-ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
+Splits (seed sets disjoint): `dev` = seeds 0, 4, 5 at setting A (contrast 1.0, radius 12-20 mm,
+three default sites, artefacts ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
 `test` = seeds 1-3 at setting B (contrast 0.9, radius 10-18 mm, two sites with wider ranges,
 artefacts missing-slices / contrast / ghosting, 30 % atrophic with ventricles x 2.5 and 3 mm
 cortex, sizes 2-16 mm), never looked at while choosing. The dev split also scores the open
 choices of the rules study (`CANDIDATES`: the final pass's f when nothing is excluded or always,
-diffuse communities left unfiltered; docs/results/2026-12-08-detection-rules.md); the test split
+diffuse communities set aside; docs/results/2026-12-08-detection-rules.md); the test split
 the defaults only. (The 2026-12-07 families study's dev rows, graph views r = 1 / all and the
 literal link stop, are `codegraph_ablation.py` rows.)
 
 Per family and seed: patient AUROC of MuSc at its default f = 0.3 and of CoDeGraph; Dice over
 lesion scans (paper protocol, `codegraph_ablation.evaluate`); CoDeGraph's outlier communities
-(sizes) and their lesion share; for lesion-free families the flagged healthy scans (artefact scans
-apart) and the largest rise of their scan score over MuSc at CoDeGraph's f (what a flag costs:
-0 where nothing is flagged); the densest communities (size, lesion scans, density, fence) for the
+(sizes) and their lesion share, and the diffuse communities it set aside
+(`max_dependent_share`); the flagged healthy scans (artefact scans apart) and the largest rise of
+their scan score over MuSc at the f of CoDeGraph's final pass (what a flag costs: 0 where nothing
+is flagged); the densest communities (size, lesion scans, density, fence) for the
 diagnosis where CoDeGraph is below MuSc. Results are cached per (family, seed, N) in
 OUT/<split>/results-<cube>.json, so a run can be stopped and continued; the table of every cached
 row is written to OUT/<split>/table-<cube>.md and printed.
@@ -160,7 +161,8 @@ def measure(batch: Batch, odd: np.ndarray, split: str) -> dict:
             reference = patients["MuSc" if final_f == config.musc_top_fraction else "MuSc same f"]
             healthy = [i for i in row["outlier_members"] if not batch.lesion[i] and not odd[i]]
             row["healthy_flagged"] = len(healthy)
-            row["healthy_rise"] = (float(np.max(patients[name][healthy] / reference[healthy] - 1.0)) if healthy else 0.0)
+            rise = patients[name][healthy] / reference[healthy] - 1.0
+            row["healthy_rise"] = float(np.max(rise)) if healthy else 0.0
         rows[name] = row
     return rows
 
@@ -227,7 +229,8 @@ def candidate_summary(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        epilog=f"seeds: dev {SPLITS['dev'].seeds}, test {SPLITS['test'].seeds} (disjoint: a dev seed is never a test seed)")
+        epilog=f"seeds: dev {SPLITS['dev'].seeds}, test {SPLITS['test'].seeds} "
+               "(disjoint: a dev seed is never a test seed)")
     parser.add_argument("--out", required=True, help="work folder (cohorts, tokens, <split>/results.json, table.md)")
     parser.add_argument("--split", choices=tuple(SPLITS), required=True)
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of the families")

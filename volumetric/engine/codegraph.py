@@ -237,8 +237,10 @@ class CoDeGraph:
                 valid = as_valid(valid, n, m)
                 k = int(top_k_counts(torch.tensor([n]), self.top_fraction))
                 k_final = int(top_k_counts(torch.tensor([n]), self.final_fraction or self.top_fraction))
-                # scores kept for the case nothing is excluded: MuSc at `unflagged_fraction`
-                k_plain = int(top_k_counts(torch.tensor([n]), self.unflagged_fraction)) if self.unflagged_fraction else k_final
+                # the scores used when nothing is excluded: mutual scores at `unflagged_fraction`
+                k_plain = k_final
+                if self.unflagged_fraction is not None:
+                    k_plain = int(top_k_counts(torch.tensor([n]), self.unflagged_fraction))
                 r_ref = self.reference_rank(n)
                 partners = self._partners(view, valid, global_features, options, r_ref)
                 if graph_views is None and not callable(features):  # every view builds the graph
