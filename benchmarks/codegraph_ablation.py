@@ -221,6 +221,7 @@ def evaluate(batch: Batch, method: str, config: ScoringConfig) -> dict:
         row.update(
             communities=len(graph.communities),
             outlier_sizes=[len(c) for c in outliers],
+            diffuse_sizes=[len(graph.communities[c]) for c in graph.diffuse_communities],
             outlier_lesion_share=float(np.mean(batch.lesion[members])) if members else None,
             outlier_members=[int(i) for i in members],
             # the densest communities: (size, lesion scans, density, fence), why one is flagged or not

@@ -6,7 +6,10 @@ pattern in 5 of 30 collections, 5 with random anomalies), `noise` (no pattern: f
 and `odd-<artefacts>`: `planted` plus one to three healthy collections with a whole-collection
 artefact (`with_odd_collections`: global, shifted, noise, scaled, half; `odd-two` = global +
 shifted, `odd-three` = scaled + half + noise), the motion-corrupted or mis-registered scans of a
-real cohort. Splits: `dev` = seeds 0-9 at the engine tests' shape (N 30, M 64); `test` = seeds
+real cohort; `subgroup` = `planted` plus a quarter of N healthy collections sharing one
+whole-collection offset (`with_subgroup`: a normal variant, as atrophic or one site's scans; its
+members are normal: a flag counts against the method), `subgroup-noise` = the subgroup without a
+pattern. Splits: `dev` = seeds 0-9 at the engine tests' shape (N 30, M 64); `test` = seeds
 10-29 at that shape *and* seeds 30-39 at another generator setting (N 40, M 96, 6 planted
 collections, 8 elements each), never looked at while choosing. The CoDeGraph defaults in
 `volumetric.engine.codegraph` are frozen before `--split test` is run; `stop_fence` was chosen on
@@ -19,7 +22,9 @@ in outlier communities per batch; collection AUROC (planted + random-anomaly col
 normal ones, score = the collection's largest element score) and element AUROC of the planted
 pattern against normal elements; `links` = mean links selected. MuSc = mutual scoring at its
 default f = 0.3; CoDeGraph with the literal Algorithm 1 stop (`stop_fence=None`, the largest
-first link) and at its defaults.
+first link), without the rules of the 2026-12-08 rules study (`unflagged_fraction`,
+`max_dependent_share` off: the paper's final f always, diffuse communities filtered) and at its
+defaults.
 
     python benchmarks/detection.py --split dev 2>/dev/null
     python benchmarks/detection.py --split test 2>/dev/null
@@ -36,13 +41,16 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from volumetric.engine import CoDeGraph, EngineOptions, mutual_scores
-from volumetric.engine.synthetic import CONSISTENT_ANOMALY, NORMAL, synthetic_batch, with_odd_collections
+from volumetric.engine.synthetic import CONSISTENT_ANOMALY, NORMAL, synthetic_batch, with_odd_collections, with_subgroup
 
 QUIET = EngineOptions(device="cpu", progress=False)
 FAMILIES = {"planted": "", "noise": "", "odd-global": "global", "odd-shifted": "shifted", "odd-noise": "noise",
             "odd-scaled": "scaled", "odd-half": "half", "odd-two": "global+shifted",
-            "odd-three": "scaled+half+noise"}
-METHODS = {"MuSc f=0.3": None, "CoDeGraph, literal stop": CoDeGraph(stop_fence=None), "CoDeGraph": CoDeGraph()}
+            "odd-three": "scaled+half+noise", "subgroup": "", "subgroup-noise": ""}
+LESION_FREE = ("noise", "subgroup-noise")
+METHODS = {"MuSc f=0.3": None, "CoDeGraph, literal stop": CoDeGraph(stop_fence=None),
+           "CoDeGraph, rules off": CoDeGraph(unflagged_fraction=None, max_dependent_share=None),
+           "CoDeGraph": CoDeGraph()}
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,11 @@ SPLITS = {"dev": [Setting(range(0, 10))],
 
 def batch_of(family: str, setting: Setting, seed: int):
     """(batch, features, odd collections) of one family at one seed."""
-    consistent = 0 if family == "noise" else setting.consistent
+    consistent = 0 if family in LESION_FREE else setting.consistent
     batch = synthetic_batch(n=setting.n, m=setting.m, consistent=consistent, per_collection=setting.per_collection,
                             seed=seed)
+    if family.startswith("subgroup"):
+        return batch, with_subgroup(batch, setting.n // 4, seed)[0], []
     if not FAMILIES[family]:
         return batch, batch.features, []
     features, odd = with_odd_collections(batch, FAMILIES[family], seed)

@@ -17,18 +17,22 @@ Lesion-free families are the healthy scans of a lesion family's cohort (no extra
 make): `sites`, `artefacts` (the artefact scans are anomalous and may be flagged; the other
 healthy scans may not), `normal-variation`.
 
-Splits: `dev` = seed 0 at setting A (contrast 1.0, radius 12-20 mm, three default sites, artefacts
-ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
+Splits (seed sets disjoint): `dev` = seeds 0, 4, 5 at setting A (contrast 1.0, radius 12-20 mm,
+three default sites, artefacts ghosting / spike / wrap, 25 % atrophic with ventricles x 2 and 2 mm cortex, sizes 4-20 mm);
 `test` = seeds 1-3 at setting B (contrast 0.9, radius 10-18 mm, two sites with wider ranges,
 artefacts missing-slices / contrast / ghosting, 30 % atrophic with ventricles x 2.5 and 3 mm
 cortex, sizes 2-16 mm), never looked at while choosing. The dev split also scores the open
-choices (graph views r = 1 / all, the literal link stop); the test split the defaults only.
+choices of the rules study (`CANDIDATES`: the final pass's f when nothing is excluded or always,
+diffuse communities set aside; docs/results/2026-12-08-detection-rules.md); the test split
+the defaults only. (The 2026-12-07 families study's dev rows, graph views r = 1 / all and the
+literal link stop, are `codegraph_ablation.py` rows.)
 
 Per family and seed: patient AUROC of MuSc at its default f = 0.3 and of CoDeGraph; Dice over
 lesion scans (paper protocol, `codegraph_ablation.evaluate`); CoDeGraph's outlier communities
-(sizes) and their lesion share; for lesion-free families the flagged healthy scans (artefact scans
-apart) and the largest rise of their scan score over MuSc at CoDeGraph's f (what a flag costs:
-0 where nothing is flagged); the densest communities (size, lesion scans, density, fence) for the
+(sizes) and their lesion share, and the diffuse communities it set aside
+(`max_dependent_share`); the flagged healthy scans (artefact scans apart) and the largest rise of
+their scan score over MuSc at the f of CoDeGraph's final pass (what a flag costs: 0 where nothing
+is flagged); the densest communities (size, lesion scans, density, fence) for the
 diagnosis where CoDeGraph is below MuSc. Results are cached per (family, seed, N) in
 OUT/<split>/results-<cube>.json, so a run can be stopped and continued; the table of every cached
 row is written to OUT/<split>/table-<cube>.md and printed.
@@ -70,7 +74,7 @@ class Setting:
 
 
 SPLITS = {
-    "dev": Setting((0,), 1.0, (12.0, 20.0), (4.0, 20.0), SiteSettings(), 3, ("ghosting", "spike", "wrap"),
+    "dev": Setting((0, 4, 5), 1.0, (12.0, 20.0), (4.0, 20.0), SiteSettings(), 3, ("ghosting", "spike", "wrap"),
                    AtrophySettings(0.25, 2.0, 2.0)),
     "test": Setting((1, 2, 3), 0.9, (10.0, 18.0), (2.0, 16.0),
                     SiteSettings(gamma=(0.75, 1.3), noise=(0.02, 0.07), blur_mm=(0.5, 3.0), bias=(0.1, 0.35)), 2,
@@ -90,17 +94,31 @@ FAMILIES = {
 }
 
 
+# the open choices of the 2026-12-08 rules study (dev only), as explicit CoDeGraph fields:
+# A0 the paper's final f = 0.1 always; A1 nothing excluded -> MuSc at f = 0.3; A2 final pass at
+# f = 0.3; B1 diffuse communities (dependent share above DIFFUSE_SHARE) not filtered
+DIFFUSE_SHARE = 0.8
+CANDIDATES = {
+    "A0": {},
+    "A1": {"unflagged_fraction": 0.3},
+    "A2": {"final_fraction": 0.3},
+    "A0+B1": {"max_dependent_share": DIFFUSE_SHARE},
+    "A1+B1": {"unflagged_fraction": 0.3, "max_dependent_share": DIFFUSE_SHARE},
+    "A2+B1": {"final_fraction": 0.3, "max_dependent_share": DIFFUSE_SHARE},
+}
+
+
 def methods(split: str) -> dict[str, tuple[str, ScoringConfig]]:
     """(method, config) per row name: MuSc at its default and at CoDeGraph's f, CoDeGraph at its
-    defaults; on dev also the open choices (graph views, link stop)."""
+    defaults; on dev also the open choices (`CANDIDATES`, every other rule field off)."""
     base = ScoringConfig(engine=QUIET)
     rows = {"MuSc": ("musc", base),
             "MuSc same f": ("musc", replace(base, musc_top_fraction=base.codegraph.top_fraction)),
             "CoDeGraph": ("codegraph", base)}
     if split == "dev":
-        rows |= {"CoDeGraph r=1": ("codegraph", replace(base, graph_radii=(1,))),
-                 "CoDeGraph all views": ("codegraph", replace(base, graph_radii=base.lnamd_radii)),
-                 "CoDeGraph literal stop": ("codegraph", replace(base, codegraph=replace(base.codegraph, stop_fence=None)))}
+        paper = replace(base.codegraph, final_fraction=None, unflagged_fraction=None, max_dependent_share=None)
+        rows |= {f"CoDeGraph {name}": ("codegraph", replace(base, codegraph=replace(paper, **fields)))
+                 for name, fields in CANDIDATES.items()}
     return rows
 
 
@@ -125,17 +143,26 @@ def measure(batch: Batch, odd: np.ndarray, split: str) -> dict:
     """Every method's figures on one batch; `odd` (N,) bool marks scans allowed to be flagged
     without counting as healthy flags (artefact scans)."""
     rows: dict = {}
-    same_f = None
+    patients: dict[str, np.ndarray] = {}
+    done: dict = {}  # a row whose config equals an earlier one's is not scored twice
     for name, (method, config) in methods(split).items():
+        key = (method, config)
+        if key in done:
+            rows[name] = rows[done[key]]
+            continue
+        done[key] = name
         row = evaluate(batch, method, config)
         scores = row.pop("_scores")
-        patient = np.nanmax(scores.reshape(len(scores), -1), axis=1)
-        if name == "MuSc same f":
-            same_f = patient
+        patients[name] = np.nanmax(scores.reshape(len(scores), -1), axis=1)
         if method == "codegraph":
+            # the rise is against MuSc at the f of CoDeGraph's final pass (what the exclusion did)
+            graph = config.codegraph
+            final_f = graph.final_fraction or graph.top_fraction
+            reference = patients["MuSc" if final_f == config.musc_top_fraction else "MuSc same f"]
             healthy = [i for i in row["outlier_members"] if not batch.lesion[i] and not odd[i]]
             row["healthy_flagged"] = len(healthy)
-            row["healthy_rise"] = (float(np.max(patient[healthy] / same_f[healthy] - 1.0)) if healthy else 0.0)
+            rise = patients[name][healthy] / reference[healthy] - 1.0
+            row["healthy_rise"] = float(np.max(rise)) if healthy else 0.0
         rows[name] = row
     return rows
 
@@ -158,9 +185,10 @@ def table(split: str, results: dict) -> str:
     """Markdown table: one line per (family, seed, N)."""
     names = [n for n in methods(split) if n.startswith("CoDeGraph ")]
     head = ("| family | seed | N (lesion, odd) | patient AUROC MuSc / CoDeGraph | Dice lesion MuSc / CoDeGraph "
-            "| flagged communities (lesion share %) | healthy flagged (score rise %) | densest: size, lesion, density, fence |")
-    extra = "".join(f" {n}: AUROC, flagged, healthy |" for n in names)
-    lines = [head + extra, "|---" * (8 + len(names)) + "|"]
+            "| flagged communities (lesion share %) | diffuse communities | healthy flagged (score rise %) "
+            "| densest: size, lesion, density, fence |")
+    extra = "".join(f" {n}: AUROC, Dice lesion, flagged, diffuse, healthy (rise %) |" for n in names)
+    lines = [head + extra, "|---" * (9 + len(names)) + "|"]
     for key in sorted(results, key=lambda k: (list(FAMILIES).index(k.split(":")[0]), k)):
         family, seed, _ = key.split(":")
         r = results[key]
@@ -170,17 +198,39 @@ def table(split: str, results: dict) -> str:
         line = (f"| {family} | {seed} | {r['n']} ({r['lesion_scans']}, {r['odd_scans']}) "
                 f"| {pct(musc.get('patient_auroc'))} / {pct(cdg.get('patient_auroc'))} "
                 f"| {pct(musc.get('dice_lesion'))} / {pct(cdg.get('dice_lesion'))} "
-                f"| {cdg['outlier_sizes']} ({pct(cdg['outlier_lesion_share'])}) "
+                f"| {cdg['outlier_sizes']} ({pct(cdg['outlier_lesion_share'])}) | {cdg.get('diffuse_sizes', '-')} "
                 f"| {cdg['healthy_flagged']} ({100 * cdg['healthy_rise']:.1f}) | {densest} |")
         for name in names:
             v = rows[name]
-            line += f" {pct(v.get('patient_auroc'))}, {v['outlier_sizes']}, {v['healthy_flagged']} |"
+            line += (f" {pct(v.get('patient_auroc'))}, {pct(v.get('dice_lesion'))}, {v['outlier_sizes']}, "
+                     f"{v.get('diffuse_sizes', '-')}, {v['healthy_flagged']} ({100 * v['healthy_rise']:.1f}) |")
         lines.append(line)
     return "\n".join(lines)
 
 
+def candidate_summary(results: dict) -> str:
+    """Dev only: per open choice, the rules study's criterion over every cached row: mean patient
+    AUROC over the lesion rows, healthy scans filtered on them, and on the lesion-free rows the
+    healthy scans filtered with a scan-score rise above 1 % (criterion 1: none)."""
+    lesion = [r["rows"] for r in results.values() if r["lesion_scans"]]
+    free = [r["rows"] for r in results.values() if not r["lesion_scans"]]
+    lines = [f"| choice | mean patient AUROC, {len(lesion)} lesion rows | healthy filtered, lesion rows "
+             f"| lesion-free rows ({len(free)}): healthy filtered with a rise > 1 % |", "|---|---|---|---|"]
+    for name in ["MuSc", "MuSc same f"] + [f"CoDeGraph {c}" for c in CANDIDATES]:
+        auroc = np.mean([rows[name]["patient_auroc"] for rows in lesion if name in rows])
+        healthy = sum(rows[name].get("healthy_flagged", 0) for rows in lesion if name in rows)
+        rising = sum(rows[name].get("healthy_flagged", 0) for rows in free
+                     if name in rows and rows[name].get("healthy_rise", 0.0) > 0.01)
+        lines.append(f"| {name} | {100 * auroc:.2f} | {healthy if name.startswith('CoDeGraph') else '-'} "
+                     f"| {rising if name.startswith('CoDeGraph') else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=f"seeds: dev {SPLITS['dev'].seeds}, test {SPLITS['test'].seeds} "
+               "(disjoint: a dev seed is never a test seed)")
     parser.add_argument("--out", required=True, help="work folder (cohorts, tokens, <split>/results.json, table.md)")
     parser.add_argument("--split", choices=tuple(SPLITS), required=True)
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of the families")
@@ -190,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     setting = SPLITS[args.split]
+    if set(SPLITS["dev"].seeds) & set(SPLITS["test"].seeds):
+        parser.error("the dev and test splits share seeds")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(setting.seeds)
     if not set(seeds) <= set(setting.seeds):
         parser.error(f"split {args.split} has seeds {setting.seeds}, got {seeds}")
@@ -209,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
                 log.warning("%s %s: %s", args.split, key, {k: v.get("patient_auroc") for k, v in results[key]["rows"].items()})
     text = table(args.split, results)
+    if args.split == "dev":
+        text += "\n\n" + candidate_summary(results)
     (out / args.split / f"table-{args.cube}.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0

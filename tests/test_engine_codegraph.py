@@ -22,6 +22,7 @@ from volumetric.engine.synthetic import (
     RANDOM_ANOMALY,
     synthetic_batch,
     with_odd_collections,
+    with_subgroup,
 )
 from volumetric.errors import VolscanError
 
@@ -88,6 +89,63 @@ def test_lesion_free_batch_flags_nothing_and_equals_mutual_scoring(seed):
     assert result.outlier_communities == [] and not result.excluded.any()
     # CoDeGraph's own ranked pass vs mutual_scores' pass: the same sums, possibly in other blocks.
     torch.testing.assert_close(result.scores, mutual_scores(batch.features, 0.1, options=QUIET), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_nothing_excluded_with_unflagged_fraction_is_musc_at_that_f(seed):
+    """`unflagged_fraction`: with no element excluded the final scores are plain mutual scores at
+    that f (MuSc's default 0.3), over several views as score_collections averages them; with
+    `final_fraction` alone, the final pass's f."""
+    batch = synthetic_batch(m=96, per_collection=10, consistent=0, seed=seed)
+    views = [batch.features, batch.features.flip(-1) * 0.5 + 0.1]
+    result = CoDeGraph(unflagged_fraction=0.3)(views, options=QUIET)
+    assert not result.excluded.any()
+    musc = sum(mutual_scores(v, 0.3, options=QUIET) for v in views) / 2
+    torch.testing.assert_close(result.scores, musc, rtol=1e-5, atol=1e-6)
+    # the paper's f stays in `mutual_scores` (the exclusion's reference)
+    torch.testing.assert_close(result.mutual_scores, sum(mutual_scores(v, 0.1, options=QUIET) for v in views) / 2,
+                               rtol=1e-5, atol=1e-6)
+    final = CoDeGraph(final_fraction=0.2)(views, options=QUIET)
+    torch.testing.assert_close(final.scores, sum(mutual_scores(v, 0.2, options=QUIET) for v in views) / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_unflagged_fraction_leaves_a_filtered_batch_to_the_final_pass(consistent_run):
+    """With elements excluded, `unflagged_fraction` changes nothing: the final pass at top_fraction."""
+    batch = consistent_run[0]
+    plain = CoDeGraph(unflagged_fraction=None)(batch.features, options=QUIET)
+    assert plain.excluded.any()
+    result = CoDeGraph(unflagged_fraction=0.3)(batch.features, options=QUIET)
+    assert torch.equal(result.excluded, plain.excluded)
+    torch.testing.assert_close(result.scores, plain.scores, equal_nan=True)
+
+
+def test_a_diffuse_subgroup_is_set_aside_and_a_focal_group_still_filtered():
+    """Seven healthy collections share one whole-collection offset (a normal variant: every element
+    differs alike) beside the planted focal group of five. They form the densest community and,
+    filtered, lose every element from the base (dependent share 1.0) and lift the density fence
+    over the planted group: without the rule the subgroup is flagged and the planted group found
+    on none of seeds 0-9. With `max_dependent_share` the subgroup is set aside (never filtered, out
+    of the fence's quartiles) and the planted group is flagged and filtered on >= 8 of 10."""
+    literal, rule = CoDeGraph(max_dependent_share=None), CoDeGraph(max_dependent_share=0.8)
+    counts = {"subgroup flagged": 0, "planted found (no rule)": 0, "planted found": 0}
+    for seed in range(10):
+        batch = synthetic_batch(n=30, m=64, consistent=5, seed=seed)
+        features, subgroup = with_subgroup(batch, 7, seed)
+        pattern = batch.kind == CONSISTENT_ANOMALY
+        before = literal(features, options=QUIET)
+        counts["subgroup flagged"] += set(subgroup) <= set(before.outlier_collections)
+        counts["planted found (no rule)"] += set(batch.consistent) <= set(before.outlier_collections)
+        after = rule(features, options=QUIET)
+        assert not after.excluded[subgroup].any() and not set(subgroup) & set(after.outlier_collections)
+        diffuse = [after.communities[c] for c in after.diffuse_communities]
+        assert all(after.dependent_shares[c] > 0.8 for c in after.diffuse_communities)
+        if set(batch.consistent) <= set(after.outlier_collections):
+            assert any(set(subgroup) <= set(c) for c in diffuse)
+            assert float((after.excluded & pattern).sum() / pattern.sum()) >= 0.95
+            counts["planted found"] += 1
+    assert counts["subgroup flagged"] >= 8 and counts["planted found (no rule)"] == 0
+    assert counts["planted found"] >= 8
 
 
 def literal_needs(links: list[tuple[float, int, list[int]]], n: int) -> list[int]:
@@ -372,6 +430,9 @@ def test_averaged_graph_switch_back_runs_one_connection_per_link():
         (dict(reference_fraction=1.5), "reference_fraction"),
         (dict(resolution_quantile=2.0), "resolution_quantile"),
         (dict(top_fraction=0.0), "top_fraction"),
+        (dict(final_fraction=0.0), "final_fraction"),
+        (dict(unflagged_fraction=1.5), "unflagged_fraction"),
+        (dict(max_dependent_share=0.0), "max_dependent_share"),
         (dict(graph="mean"), "graph"),
         (dict(fence="loo"), "fence"),
         (dict(density="mean"), "density"),

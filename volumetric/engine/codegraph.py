@@ -26,13 +26,24 @@ scores again. Stages (fields of `CoDeGraph`; defaults and their evidence: docs/e
 6. Outliers: Tukey over communities of >= 2 collections, density > Q3 + `iqr_k` IQR (3.0), the
    IQR floored at `min_spread` = 1 connection (a small community's density comes in whole
    connections; with IQR = 0 any slightly denser community would be flagged).
+   Diffuse communities (`max_dependent_share` = 0.8; a departure from the paper, whose known limit
+   is a normal variant rarer than r_ref): a community whose dependent elements (step 7, the
+   community filtered alone) exceed 0.8 of its members' valid elements differs from the cohort
+   everywhere, as a subgroup of atrophic healthy scans or one scanner's scans do, not in a focal
+   anomaly; it is set aside: neither filtered nor counted in the fence's quartiles (its outsized
+   density would lift the fence over a focal group). Probed: communities denser than the third
+   quartile of those not set aside, again after each one is set aside. `None`: every community
+   above the fence is filtered.
 7. Targeted filtering (Algorithm 2, eq. 3.8): outlier communities largest first against the
    *current* base; an element leaves the base when its dependency ratio (score without the
    community / score) exceeds the `dependency_percentile` (99) of the ratio outside it. Read from
    the stored top-r_ref lists: removed entries skipped, missing ones count as d_(r_ref).
 8. Final score (eq. 3.10): mutual scoring at f = 0.1 on the refined base, an exact second pass
    over the distances with the exclusion mask (`volumetric.engine.ranked`); plain Euclidean
-   (`squared=False`, MuSc's code) unless `squared=True` (eq. 3.9).
+   (`squared=False`, MuSc's code) unless `squared=True` (eq. 3.9). With nothing excluded the
+   scores are the first pass's mutual scores at that f. Open choices, off by default (not chosen
+   on the development split): `final_fraction` (the final pass's f, None = `top_fraction`) and
+   `unflagged_fraction` (the f of the scores when nothing is excluded, e.g. MuSc's 0.3).
 
 Memory grows with T * r_ref (T = valid elements): per graph view the r_ref nearest collections
 with positions; other views keep only k. `options.memory_mb` bounds it (error naming `subsets`).
@@ -84,8 +95,12 @@ class CoDeGraphResult:
     singletons); `density_fences` the density above which a community is an outlier (inf for
     singletons); `reference_rank` r_ref (1-based); `suspicious_links` links
     selected; `graph_views` views whose neighbours make the connections (links x graph_views =
-    total edge weight); `kept_minima` per view (T, K) float32: each valid element's K smallest
-    distances of the final pass (on the refined base), when `keep` asked for them.
+    total edge weight); `diffuse_communities` communities above the fence whose dependent
+    elements exceed `CoDeGraph.max_dependent_share` of their valid elements (not filtered, not in
+    `outlier_communities`); `dependent_shares` community index -> share of its members' valid
+    elements that targeted filtering found dependent, for every community above the fence;
+    `kept_minima` per view (T, K) float32: each valid element's K smallest distances of the
+    final pass (on the refined base), when `keep` asked for them.
     """
 
     scores: Tensor
@@ -100,6 +115,8 @@ class CoDeGraphResult:
     suspicious_links: int
     graph_views: int
     valid: Tensor = field(repr=False)
+    diffuse_communities: list[int] = field(default_factory=list)
+    dependent_shares: dict[int, float] = field(default_factory=dict)
     kept_minima: tuple[Tensor, ...] = field(default=(), repr=False)
 
     @property
@@ -128,6 +145,8 @@ class CoDeGraphResult:
             "communities": self.communities,
             "densities": self.densities,
             "outlier_communities": self.outlier_communities,
+            "diffuse_communities": self.diffuse_communities,
+            "dependent_shares": {str(c): v for c, v in self.dependent_shares.items()},
             "density_fences": [f if math.isfinite(f) else None for f in self.density_fences],
             "edges": self.edges,
         }
@@ -154,6 +173,9 @@ class CoDeGraph:
     density: str = "strength"
     dependency_percentile: float = 99.0
     squared: bool = False
+    final_fraction: float | None = None
+    unflagged_fraction: float | None = None
+    max_dependent_share: float | None = 0.8
     graph: str = "layerwise"
     fence: str = "tukey"
     filtering: str = "sequential"
@@ -164,6 +186,9 @@ class CoDeGraph:
         check_fraction("reference_fraction", self.reference_fraction)
         check_fraction("coverage", self.coverage)
         check_fraction("resolution_quantile", self.resolution_quantile)
+        for name in ("final_fraction", "unflagged_fraction", "max_dependent_share"):
+            if getattr(self, name) is not None:
+                check_fraction(name, getattr(self, name))
         if not 0.0 <= self.eps < 1.0:
             raise VolscanError(f"eps: must be in [0, 1), got {self.eps!r}")
         if not isinstance(self.link_batch, int) or self.link_batch < 1:
@@ -209,7 +234,7 @@ class CoDeGraph:
         partners = k = r_ref = None
         graph_ranked: list[Ranked] = []
         full_minima: list[Tensor] = []
-        musc, count = None, 0
+        musc, plain, count = None, None, 0
         kept: list[Tensor] = []
         for index, view in enumerate(fresh()):
             view = _check_view(view, index, (n, m) if index else None)
@@ -218,30 +243,37 @@ class CoDeGraph:
                 _require_three(n)
                 valid = as_valid(valid, n, m)
                 k = int(top_k_counts(torch.tensor([n]), self.top_fraction))
+                k_final = int(top_k_counts(torch.tensor([n]), self.final_fraction or self.top_fraction))
+                # the scores used when nothing is excluded: mutual scores at `unflagged_fraction`
+                k_plain = k_final
+                if self.unflagged_fraction is not None:
+                    k_plain = int(top_k_counts(torch.tensor([n]), self.unflagged_fraction))
                 r_ref = self.reference_rank(n)
                 partners = self._partners(view, valid, global_features, options, r_ref)
                 if graph_views is None and not callable(features):  # every view builds the graph
                     graph_views = range(1 if isinstance(features, Tensor) else len(features))
-                self._check_memory(valid, graph_views, options, r_ref, k)
+                self._check_memory(valid, graph_views, options, r_ref, max(k, k_plain))
             in_graph = graph_views is None or index in graph_views
             if in_graph and self.graph == "averaged":
                 minima = scoped_minima([view], valid, grid=grid, partners=partners, options=options)
                 full_minima.append(minima.distances)
                 ascending = minima.distances.sort(1).values
-                view_scores = _mean_smallest(ascending[:, :k], k, False)
-                if keep:
-                    kept.append(smallest_minima(ascending, keep))
             else:
-                rank = max(r_ref if in_graph else k, keep)
+                rank = max(r_ref if in_graph else k, k_plain, keep)
                 ranked = ranked_minima(
                     view, valid, rank, partners=partners, nearest=in_graph, options=options, grid=grid
                 )
-                view_scores = _mean_smallest(ranked.distances[:, :k], k, False)
-                if keep:
-                    kept.append(ranked.distances[:, :keep].clone())
+                ascending = ranked.distances
                 if in_graph:
-                    graph_ranked.append(ranked)
+                    graph_ranked.append(_first_ranks(ranked, r_ref))
+            if keep:
+                kept.append(smallest_minima(ascending, keep))
+            view_scores = _mean_smallest(ascending[:, :k], k, False)
             musc = view_scores if musc is None else musc.add_(view_scores)
+            if k_plain != k:
+                view_plain = _mean_smallest(ascending[:, :k_plain], k_plain, False)
+                plain = view_plain if plain is None else plain.add_(view_plain)
+            del ascending
             count += 1
         if count == 0:
             raise VolscanError("features: no view given")
@@ -253,23 +285,26 @@ class CoDeGraph:
         if not graph_ranked:
             raise VolscanError("graph_views: no view selected for the graph")
         musc /= count
+        plain = musc if plain is None else plain / count
         owner = torch.repeat_interleave(torch.arange(n), valid.sum(1))
 
         graph, links = self._graph(graph_ranked, owner, n, r_ref)
         communities, densities = self._communities(graph)
-        outliers, fences = self._outliers(communities, densities)
+        diffuse, dependent_shares = self._diffuse(graph_ranked, owner, k, m, valid, communities, densities)
+        outliers, fences = self._outliers(communities, densities, diffuse)
         excluded_flat = self._exclude(graph_ranked, owner, k, m, valid, [communities[c] for c in outliers])
         connections = len(graph_ranked)
         del graph_ranked
         excluded = torch.zeros(n, m, dtype=torch.bool)
         excluded[valid] = excluded_flat
-        if bool(excluded_flat.any()) or self.squared:
-            final = self._final_scores(fresh, valid, excluded, partners, k, options, grid, keep, kept)
+        if bool(excluded_flat.any()) or (self.squared and self.unflagged_fraction is None):
+            final = self._final_scores(fresh, valid, excluded, partners, k_final, options, grid, keep, kept)
         else:
-            final = musc
+            final = plain
         logger.info(
-            "CoDeGraph: r_ref %d, %d links x %d views, %d communities, %d outlier(s), %.2f %% elements excluded",
-            r_ref, links, connections, len(communities), len(outliers), 100.0 * float(excluded_flat.float().mean()),
+            "CoDeGraph: r_ref %d, %d links x %d views, %d communities, %d outlier(s), %d diffuse, %.2f %% elements "
+            "excluded", r_ref, links, connections, len(communities), len(outliers), len(diffuse),
+            100.0 * float(excluded_flat.float().mean()),
         )
         return CoDeGraphResult(
             scores=_to_grid(final, valid),
@@ -284,6 +319,8 @@ class CoDeGraph:
             suspicious_links=links,
             graph_views=connections,
             valid=valid,
+            diffuse_communities=diffuse,
+            dependent_shares=dependent_shares,
             kept_minima=tuple(kept),
         )
 
@@ -380,19 +417,22 @@ class CoDeGraph:
         communities = sorted((sorted(c) for c in partition), key=lambda c: (-len(c), c))
         return communities, [community_density(graph, c, self.density) for c in communities]
 
-    def _outliers(self, communities: list[list[int]], densities: list[float]) -> tuple[list[int], list[float]]:
-        """Communities (>= 2 collections) above the density fence; returns indices and fences
-        (inf for singletons)."""
+    def _outliers(
+        self, communities: list[list[int]], densities: list[float], aside: Sequence[int] = ()
+    ) -> tuple[list[int], list[float]]:
+        """Communities (>= 2 collections, not in `aside`) above the density fence drawn over the
+        communities not set aside; returns indices and fences (inf for singletons)."""
         groups = [i for i, c in enumerate(communities) if len(c) >= 2]
+        counted = [j for j in groups if j not in aside]
         fences = [math.inf] * len(communities)
         for i in groups:
             if self.fence == "tukey":
-                fences[i] = tukey_fence([densities[j] for j in groups], self.iqr_k, self.min_spread)
+                fences[i] = tukey_fence([densities[j] for j in counted] or [0.0], self.iqr_k, self.min_spread)
             else:
-                others = [densities[j] for j in groups if j != i] or [0.0]
+                others = [densities[j] for j in counted if j != i] or [0.0]
                 q1, q3 = _quartiles(others)
                 fences[i] = q3 + self.iqr_k * max(q3 - q1, math.sqrt(max(q3, 1.0)))
-        return [i for i in groups if densities[i] > fences[i]], fences
+        return [i for i in counted if densities[i] > fences[i]], fences
 
     def _exclude(
         self, ranked: list[Ranked], owner: Tensor, k: int, m: int, valid: Tensor, groups: list[list[int]]
@@ -420,6 +460,45 @@ class CoDeGraph:
             threshold = ratio[reference].quantile(self.dependency_percentile / 100.0)
             excluded |= inside & (ratio > threshold)
         return excluded
+
+    def _diffuse(
+        self,
+        ranked: list[Ranked],
+        owner: Tensor,
+        k: int,
+        m: int,
+        valid: Tensor,
+        communities: list[list[int]],
+        densities: list[float],
+    ) -> tuple[list[int], dict[int, float]]:
+        """Communities set aside as diffuse, and the dependent share of every community probed.
+
+        A community whose dependent elements (targeted filtering of it alone) are more than
+        `max_dependent_share` of its members' valid elements differs from the cohort everywhere
+        (a normal anatomical variant, a site, a protocol), not in a focal anomaly: it is neither
+        filtered nor counted in the density fence, whose quartiles its outsized density would
+        otherwise lift over a focal group. Probed: the communities (>= 2 collections) denser than
+        the third quartile of those not set aside, again after each one is set aside."""
+        if self.max_dependent_share is None:
+            return [], {}
+        groups = [i for i, c in enumerate(communities) if len(c) >= 2]
+        aside: list[int] = []
+        shares: dict[int, float] = {}
+        while True:
+            counted = [j for j in groups if j not in aside]
+            if not counted:
+                break
+            _, q3 = _quartiles([densities[j] for j in counted])
+            probe = [j for j in counted if densities[j] > q3 and j not in shares]
+            for j in probe:
+                inside = torch.isin(owner, torch.tensor(communities[j]))
+                dependent = self._exclude(ranked, owner, k, m, valid, [communities[j]])
+                shares[j] = float(dependent[inside].float().mean())
+            found = [j for j in probe if shares[j] > self.max_dependent_share]
+            if not found:
+                break
+            aside = sorted(aside + found)
+        return aside, shares
 
     def _final_scores(
         self,
@@ -515,6 +594,14 @@ def _mean_smallest(sorted_values: Tensor, k: int, squared: bool) -> Tensor:
         worst = head.masked_fill(torch.isinf(head), -torch.inf).amax(1, keepdim=True)
         head = torch.where(torch.isinf(head), worst, head)
     return head.double().mean(1).float()
+
+
+def _first_ranks(ranked: Ranked, rank: int) -> Ranked:
+    """`ranked` cut to its first `rank` entries (views, no copy)."""
+    if ranked.distances.shape[1] == rank:
+        return ranked
+    nearest = None if ranked.nearest is None else ranked.nearest[:, :rank]
+    return Ranked(distances=ranked.distances[:, :rank], collections=ranked.collections[:, :rank], nearest=nearest)
 
 
 def _ranked_from_full(distances: Tensor, rank: int) -> Ranked:

@@ -106,6 +106,9 @@ def reference_refusal(config: ScoringConfig) -> str | None:
     if engine.window is not None:
         return ("reference scoring: --window is not supported (the windowed kernel computes every pair of scans, so "
                 "it would not be faster than a full screen)")
+    if config.codegraph.unflagged_fraction is not None:
+        return ("reference scoring: codegraph unflagged_fraction makes the final pass's f depend on whether anything "
+                "was excluded; leave it at none")
     return None
 
 
@@ -117,8 +120,11 @@ def check_reference_config(config: ScoringConfig) -> None:
 
 
 def method_top_fraction(config: ScoringConfig, method: str) -> float:
-    """The f a method's final scoring pass uses: `musc_top_fraction` or CoDeGraph's `top_fraction`."""
-    return config.musc_top_fraction if method == "musc" else config.codegraph.top_fraction
+    """The f a method's final scoring pass uses: `musc_top_fraction`, or CoDeGraph's
+    `final_fraction` when set, else its `top_fraction`."""
+    if method == "musc":
+        return config.musc_top_fraction
+    return config.codegraph.final_fraction or config.codegraph.top_fraction
 
 
 def reference_mutual_scores(

@@ -223,12 +223,15 @@ def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -
     grids = {name: torch.full((n, m), torch.nan) for name in ("scores", "mutual_scores")}
     excluded = torch.zeros(n, m, dtype=torch.bool)
     communities, outliers, densities, fences, edges, weights = [], [], [], [], [], []
+    diffuse, shares = [], {}
     for result, part in zip(results, parts):
         for name, grid in grids.items():
             grid[part] = getattr(result, name)
         excluded[part] = result.excluded
         ids = part.tolist()
         outliers += [len(communities) + c for c in result.outlier_communities]
+        diffuse += [len(communities) + c for c in result.diffuse_communities]
+        shares |= {len(communities) + c: share for c, share in result.dependent_shares.items()}
         communities += [sorted(ids[i] for i in c) for c in result.communities]
         densities += result.densities
         fences += result.density_fences
@@ -250,4 +253,6 @@ def _merge(results: list[CoDeGraphResult], parts: list[Tensor], valid: Tensor) -
         suspicious_links=sum(r.suspicious_links for r in results),
         graph_views=results[0].graph_views,
         valid=valid,
+        diffuse_communities=diffuse,
+        dependent_shares=shares,
     )

@@ -4,7 +4,10 @@ Normal elements come from a few clusters shared by every collection; *random* an
 unique points; a *consistent* anomaly is one pattern planted in a minority of collections (so
 those elements find look-alikes in each other and fool plain mutual scoring). *Odd* collections
 (`with_odd_collections`) are healthy ones with a whole-collection artefact, as a motion-corrupted
-or mis-registered scan in a real cohort: anomalous everywhere, alike to nothing.
+or mis-registered scan in a real cohort: anomalous everywhere, alike to nothing. A *subgroup*
+(`with_subgroup`) is a set of healthy collections sharing one whole-collection offset, as an
+older cohort's atrophic scans or one scanner's: every element differs alike, and the members vouch
+for each other.
 """
 
 from __future__ import annotations
@@ -99,3 +102,17 @@ def with_odd_collections(batch: SyntheticBatch, artefacts: str, seed: int) -> tu
             features[i, :half] = x[:half] * 1.35 + 0.5 * torch.randn(x[:half].shape, generator=g)
         odd.append(i)
     return features, odd
+
+
+def with_subgroup(batch: SyntheticBatch, size: int, seed: int, spread: float = 0.6) -> tuple[Tensor, list[int]]:
+    """`batch.features` with `size` healthy collections (no planted or random anomaly; chosen by
+    `seed`) shifted by one shared random offset (spread `spread`) on every element. Returns new
+    (N, M, C) features and the subgroup's sorted indices."""
+    healthy = [i for i in range(batch.features.shape[0]) if not bool((batch.kind[i] != NORMAL).any())]
+    if size > len(healthy):
+        raise VolscanError(f"subgroup: {size} collections asked, {len(healthy)} healthy ones in the batch")
+    g = torch.Generator().manual_seed(2000 + seed)
+    members = sorted(healthy[j] for j in torch.randperm(len(healthy), generator=g)[:size].tolist())
+    features = batch.features.clone()
+    features[members] += spread * torch.randn(features.shape[-1], generator=g)
+    return features, members
