@@ -12,6 +12,7 @@ every (grid, window) of `GRID_WINDOWS`: patient AUROC and lesion-scan Dice (pape
 method written to OUT/<split>/grid-window-<method>-<cube>.md and printed.
 
     nice -n 10 python benchmarks/grid_window.py --out /tmp/fine/families --split dev --n 30 --cube 112
+    nice -n 10 python benchmarks/grid_window.py --out /tmp/fine/families --split test --seeds 1 --families small-lesion
 """
 
 from __future__ import annotations
@@ -31,30 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="work folder (cohorts, tokens, <split>/grid-window-*.json/md)")
     parser.add_argument("--split", choices=tuple(SPLITS), required=True)
-    parser.add_argument("--families", default=",".join(FINE_FAMILIES), help="comma-separated subset")
-    parser.add_argument("--seeds", default=None, help="comma-separated subset of the split's seeds")
+    parser.add_argument("--families", nargs="+", choices=FINE_FAMILIES, default=FINE_FAMILIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset of the split's seeds (default all)")
     parser.add_argument("--n", type=int, default=30, help="scans per cohort (a third with lesions)")
     parser.add_argument("--cube", type=int, default=112, help="cube edge in voxels (multiple of 14)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SPLITS[args.split].seeds)
+    seeds, families = args.seeds or SPLITS[args.split].seeds, args.families
     if not set(seeds) <= set(SPLITS[args.split].seeds):
         parser.error(f"split {args.split} has seeds {SPLITS[args.split].seeds}, got {seeds}")
-    families = args.families.split(",")
-    for family in families:
-        if family not in FINE_FAMILIES:
-            parser.error(f"unknown family {family!r}; expected {FINE_FAMILIES}")
     out = Path(args.out)
     store = out / args.split / f"grid-window-{args.cube}.json"
     store.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(store.read_text(encoding="utf-8")) if store.is_file() else {}
-    for seed in seeds:
-        for family in families:
-            key = f"{family}:{seed}:{args.n}"
-            if key not in results:
-                results[key] = run_grid_window(family, args.split, seed, out, args.n, args.cube)
-                store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-                log.warning("%s %s done", args.split, key)
+    todo = [(f, s) for s in seeds for f in families if f"{f}:{s}:{args.n}" not in results]
+    for family, seed in todo:  # each row saved as soon as it is measured: a stopped run continues
+        results[f"{family}:{seed}:{args.n}"] = run_grid_window(family, args.split, seed, out, args.n, args.cube)
+        store.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        log.warning("%s %s seed %d done", args.split, family, seed)
     for method in ("musc", "codegraph"):
         text = grid_window_table(results, method)
         (out / args.split / f"grid-window-{method}-{args.cube}.md").write_text(text + "\n", encoding="utf-8")
