@@ -229,21 +229,22 @@ SMALL_RADIUS_MM = (1.5, 5.0)
 MIXED_RADIUS_MM = (1.5, 20.0)
 # largest residual displacement per scan beyond what registration corrects (`PhantomConfig.registration_error_mm`)
 REGISTRATION_ERROR_MM = (2.0, 8.0)
-FINE_FAMILIES = ("small-lesion", "mixed", "registration-error", "lookalike")
+FINE_FAMILIES = ("small-lesion", "mixed", "registration-error", "registration-error-mixed", "lookalike")
 # (cube edge in voxels, window in cells or None = global search)
 GRID_WINDOWS = ((14, None), (14, 1), (7, None), (7, 0), (7, 1), (7, 2), (7, 3))
 
 
 def fine_family_config(family: str, split: str, seed: int, n: int, cube: int) -> PhantomConfig:
     """The cohort of a small-metastasis family: a third of the scans with 1-5 look-alike lesions
-    of radius 1.5-5 mm (`small-lesion`), 1.5-20 mm (`mixed`), small ones in scans each
-    misregistered by 2-8 mm (`registration-error`), or the look-alike family of the split (`lookalike`)."""
+    of radius 1.5-5 mm (`small-lesion`), 1.5-20 mm (`mixed`), small or mixed ones in scans each
+    misregistered by 2-8 mm (`registration-error`, `registration-error-mixed`), or the look-alike
+    family of the split (`lookalike`)."""
     config = family_config("lookalike", SPLITS[split], seed, n, cube)
     if family == "lookalike":
         return config
-    radius = MIXED_RADIUS_MM if family == "mixed" else SMALL_RADIUS_MM
+    radius = MIXED_RADIUS_MM if family.endswith("mixed") else SMALL_RADIUS_MM
     config = replace(config, lesions=replace(config.lesions, radius_mm=radius), lookalike_lesions=SMALL_LESIONS_PER_SCAN)
-    if family == "registration-error":
+    if family.startswith("registration-error"):
         config = replace(config, registration_error_mm=REGISTRATION_ERROR_MM)
     return config
 
