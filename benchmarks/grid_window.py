@@ -3,7 +3,8 @@ cubes, global search vs windows of w cells, MuSc and CoDeGraph.
 
 Families, splits and seeds: `detection_families.py` (its "Small metastases" block): small-lesion
 (1-5 look-alike lesions of radius 1.5-5 mm in a third of the scans), mixed (1.5-20 mm),
-registration-error (small lesions, every scan misregistered by 2-8 mm) and the split's look-alike
+registration-error (small lesions, every scan misregistered by 2-8 mm), registration-error-mixed
+(the mixed family's lesions, the same residual warps) and the split's look-alike
 family (large lesions). Cohorts on the template grid, N4 before tokens, as the detection
 families (the benchmark's path: the same tokenizer, standardisation and engine as `volscan
 screen --backbone classical`, without preprocessing's registration). Per family and seed, for
