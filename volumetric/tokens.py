@@ -636,7 +636,8 @@ class TokenSettings:
                       final_norm=self.final_norm)
         if kind == "2d":
             if self.patch is not None:
-                raise VolscanError("tokenizer patch (a finer cube grid) applies to 3D volumes only; remove it for 2D images")
+                raise VolscanError("tokenizer patch (a finer cube grid) applies to 3D volumes only; "
+                                   "remove it for 2D images")
             return ImageTokenizer(model, **common)
         return VolumeTokenizer(model, slice_batch=self.slice_batch, slices_per_block=self.slices_per_block,
                                patch=self.patch, **common)

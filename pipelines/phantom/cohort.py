@@ -51,7 +51,8 @@ from .anatomy import Anatomy, AtrophySettings, load_atlas_anatomy, procedural_he
 from .artefacts import ARTEFACTS, apply_artefact, check_artefacts
 from .lesions import Lesion, LesionSettings, brain_depth, render_lesion, sample_lesion
 from .sites import Site, SiteSettings, draw_sites
-from .warps import ResidualWarp, SubjectGeometry, WarpSettings, bias_field, sample_geometry, sample_residual, template_points
+from .warps import (ResidualWarp, SubjectGeometry, WarpSettings, bias_field, sample_geometry, sample_residual,
+                    template_points)
 
 log = logging.getLogger(__name__)
 
