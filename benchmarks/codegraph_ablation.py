@@ -127,13 +127,15 @@ def cohort_config(regime: str, n: int, size: int, contrast: float, seed: int, *,
     return config if bias is None else replace(config, bias_strength=bias)
 
 
-def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "none") -> Batch:
+def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "none", patch: int = 14) -> Batch:
     """Generate and tokenise a cohort into `folder` (tokens cached in tokens.pt, or tokens-n4.pt
     when `bias_correction` is "n4": each scan divided by its N4 bias field, fitted in the brain
-    mask, before tokenisation, as `--bias-correction n4` does in the preprocessing chain). The
+    mask, before tokenisation, as `--bias-correction n4` does in the preprocessing chain; `patch`:
+    the classical tokens' cube edge, a suffix -p<patch> on the cache file when not 14). The
     scans are on the template grid already, so the cube is the image and the brain mask the
     template's."""
-    cache = folder / ("tokens.pt" if bias_correction == "none" else f"tokens-{bias_correction}.pt")
+    cache = folder / ("tokens" + ("" if bias_correction == "none" else f"-{bias_correction}")
+                      + ("" if patch == 14 else f"-p{patch}") + ".pt")
     size = config.size
     description = folder / "cohort" / "cohort.json"
     if isinstance(config, PhantomConfig) and description.is_file():
@@ -150,7 +152,7 @@ def build_batch(folder: Path, config: PhantomConfig, bias_correction: str = "non
     cohort = Cohort.load(folder / "cohort") if done else generate_cohort(folder / "cohort", config)
     ids = cohort.subjects
     brain = load_volume(cohort.template_dir / "brain_mask.nii.gz").array > 0
-    tokenizer = ClassicalTokenizer()
+    tokenizer = ClassicalTokenizer(patch=patch)
     sets, cubes = [], []
     for sid in tqdm(ids, desc="tokens", unit="scan"):
         scan = load_volume(cohort.image(sid))

@@ -270,3 +270,67 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- Small metastases (issue 25): small-lesion, mixed-size and registration-error families and the
+# grid x window table. Same splits and seeds as above (dev 0, test 1-3; the split's contrast), the
+# look-alike family at the split's large radii as the large-lesion control; every family tokenised
+# at 14- and 7-voxel cubes and scored globally and within windows (`benchmarks/grid_window.py`).
+
+# lesions per lesion scan of the small-lesion families, and their radii (mm, outer edge)
+SMALL_LESIONS_PER_SCAN = (1, 5)
+SMALL_RADIUS_MM = (1.5, 5.0)
+MIXED_RADIUS_MM = (1.5, 20.0)
+# largest residual displacement per scan beyond what registration corrects (`PhantomConfig.registration_error_mm`)
+REGISTRATION_ERROR_MM = (2.0, 8.0)
+FINE_FAMILIES = ("small-lesion", "mixed", "registration-error", "registration-error-mixed", "lookalike")
+# (cube edge in voxels, window in cells or None = global search)
+GRID_WINDOWS = ((14, None), (14, 1), (7, None), (7, 0), (7, 1), (7, 2), (7, 3))
+
+
+def fine_family_config(family: str, split: str, seed: int, n: int, cube: int) -> PhantomConfig:
+    """The cohort of a small-metastasis family: a third of the scans with 1-5 look-alike lesions
+    of radius 1.5-5 mm (`small-lesion`), 1.5-20 mm (`mixed`), small or mixed ones in scans each
+    misregistered by 2-8 mm (`registration-error`, `registration-error-mixed`), or the look-alike
+    family of the split (`lookalike`)."""
+    config = family_config("lookalike", SPLITS[split], seed, n, cube)
+    if family == "lookalike":
+        return config
+    radius = MIXED_RADIUS_MM if family.endswith("mixed") else SMALL_RADIUS_MM
+    config = replace(config, lesions=replace(config.lesions, radius_mm=radius), lookalike_lesions=SMALL_LESIONS_PER_SCAN)
+    if family.startswith("registration-error"):
+        config = replace(config, registration_error_mm=REGISTRATION_ERROR_MM)
+    return config
+
+
+def run_grid_window(family: str, split: str, seed: int, out: Path, n: int, cube: int) -> dict:
+    """Patient AUROC and lesion Dice of MuSc and CoDeGraph at every (grid, window) of `GRID_WINDOWS`
+    on one family's cohort (tokens cached per grid)."""
+    folder = out / f"fine-{family}-n{n}-s{seed}-{split}"
+    config = fine_family_config(family, split, seed, n, cube)
+    batches = {patch: build_batch(folder, config, "n4", patch) for patch in sorted({p for p, _ in GRID_WINDOWS})}
+    rows: dict = {}
+    for patch, window in GRID_WINDOWS:
+        engine = replace(QUIET, window=window)
+        for method in ("musc", "codegraph"):
+            row = evaluate(batches[patch], method, ScoringConfig(engine=engine))
+            rows[f"{patch}:{'global' if window is None else window}:{method}"] = {
+                k: row.get(k) for k in ("patient_auroc", "dice_lesion", "cube_auroc", "seconds", "outlier_sizes")}
+    batch = batches[14]
+    return {"n": len(batch.ids), "lesion_scans": int(batch.lesion.sum()),
+            "lesion_voxels": [int(c.sum()) for c, les in zip(batch.cubes, batch.lesion) if les], "rows": rows}
+
+
+def grid_window_table(results: dict, method: str) -> str:
+    """Markdown: one line per (family, seed, N), patient AUROC / lesion Dice (%) per (grid, window)."""
+    names = [f"{p}:{'global' if w is None else w}" for p, w in GRID_WINDOWS]
+    head = "| family | seed | N (lesion) | " + " | ".join(
+        f"{p}³ {'global' if w is None else f'w={w}'}" for p, w in GRID_WINDOWS) + " |"
+    lines = [head, "|---" * (3 + len(names)) + "|"]
+    for key in sorted(results, key=lambda k: (FINE_FAMILIES.index(k.split(":")[0]), k)):
+        family, seed, _ = key.split(":")
+        r = results[key]
+        cells = [f"{pct(r['rows'][f'{name}:{method}']['patient_auroc'])} / {pct(r['rows'][f'{name}:{method}']['dice_lesion'])}"
+                 for name in names]
+        lines.append(f"| {family} | {seed} | {r['n']} ({r['lesion_scans']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

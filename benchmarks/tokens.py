@@ -26,6 +26,16 @@ jl: nearest-collection distance distortion of the JL projection for several r.
 
     python benchmarks/tokens.py jl --backbone vit_small_patch14_dinov2 --size 112 --dims 32 64 128 256
 
+fine: extraction time per volume of the 7-voxel ViT grid (`patch=7`: slices upsampled 2x,
+7-slice blocks) against the 14-voxel path, side by side in one run (interleaved, repeated;
+medians of wall and CPU seconds per volume), on the SRI-24 cube; and how much a small bright
+blob (radius `--blob` voxels, +`--contrast` on the [0, 1] scale, in white matter) moves the token
+of its cell relative to the median distance between the same cells of the two volumes: the
+dilution a coarse cube suffers, and why a coarse-to-fine scheme that refines only the top coarse
+cubes would not see it.
+
+    python benchmarks/tokens.py fine --backbone vit_small_patch14_dinov2 --size 112 --repeats 3
+
 gpu: one self-contained script for a CUDA machine (no SRI-24, no nibabel needed; <= 8 min on
 an H100/H200): ViT-L/14 at 224^3, synthetic brain-like volumes read from .npy files; volumes/s
 per slice batch, a stream of volumes with and without the prefetching loader (volumes/s, GPU
@@ -155,6 +165,68 @@ def run_speed(args: argparse.Namespace) -> None:
                   f"{stage_report(stages[precision])}")
         del model, toks
     print(f"load average at end {os.getloadavg()}")
+
+
+def with_blob(cube: np.ndarray, centre: tuple[int, int, int], radius: float, contrast: float) -> np.ndarray:
+    """A copy of `cube` with a ball of `radius` voxels at `centre` brightened by `contrast` times
+    the brain's 1..99 percentile range (a small lesion)."""
+    lo, hi = np.percentile(cube[cube != 0], (1, 99))
+    grid = np.indices(cube.shape)
+    ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+    out = cube.copy()
+    out[ball & (cube != 0)] += contrast * (hi - lo)
+    return out
+
+
+def blob_signal(clean: list[torch.Tensor], blob: list[torch.Tensor], cell: tuple[int, int, int]) -> float:
+    """Distance between the blob cell's tokens of the two volumes over the median distance of all
+    cells (layers concatenated): > 1 means the blob moved its cell more than a typical cell moved."""
+    a, b = torch.cat(clean, -1), torch.cat(blob, -1)
+    dist = (a - b).norm(dim=-1)
+    typical = dist.flatten().median().clamp_min(1e-12)
+    return float(dist[cell] / typical)
+
+
+def run_fine(args: argparse.Namespace) -> None:
+    from volumetric.backbones import create_backbone
+    from volumetric.tokens import VolumeTokenizer
+
+    cube = atlas_cube(args.size)
+    brain = np.argwhere(cube > np.percentile(cube[cube != 0], 75))  # bright (white-matter-like) voxels
+    centre = tuple(int(v) for v in brain[len(brain) // 2])
+    blobbed = with_blob(cube, centre, args.blob, args.contrast)
+    model = create_backbone(args.backbone, weights="random", init_values=1.0)
+    toks = {c: VolumeTokenizer(model, precision=args.precision, progress=False, patch=c) for c in (14, 7)}
+    print(f"cpu threads={torch.get_num_threads()} torch={torch.__version__} backbone={args.backbone} "
+          f"size={args.size} precision {next(iter(toks.values())).dtype}; blob radius {args.blob} at {centre}; "
+          f"load average at start {os.getloadavg()}")
+    for tok in toks.values():  # warm-up: allocations, kernels, the blank image
+        tok(cube[: tok.cube * 2, : tok.cube * 2, : tok.cube * 2] + 1.0)
+    wall: dict[int, list[float]] = {c: [] for c in toks}
+    cpu: dict[int, list[float]] = {c: [] for c in toks}
+    signal: dict[int, float] = {}
+    for rep in range(args.repeats):
+        for c, tok in toks.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            tokens = tok(blobbed)
+            wall[c].append(time.perf_counter() - t0)
+            cpu[c].append(time.process_time() - c0)
+            if rep == 0:
+                clean = tok(cube)
+                signal[c] = blob_signal(clean.layers, tokens.layers, tuple(v // c for v in centre))
+                grid = tokens.grid
+            log.debug("patch %d rep %d: %.2f s", c, rep, wall[c][-1])
+            print(f"  rep {rep} patch {c}: {wall[c][-1]:.2f} s wall, {cpu[c][-1]:.2f} s CPU", flush=True)
+        if rep == 0:
+            print(f"  grids: 14 -> {toks[14](cube).grid}, 7 -> {grid}")
+    for c in toks:
+        print(f"patch {c}: {statistics.median(wall[c]):.2f} s wall per volume (median of {args.repeats}: "
+              f"{', '.join(f'{w:.2f}' for w in wall[c])}), {statistics.median(cpu[c]):.2f} CPU-s; "
+              f"blob cell moved {signal[c]:.2f}x the median cell")
+    ratios = [f / g for f, g in zip(wall[7], wall[14])]
+    cpu_ratios = [f / g for f, g in zip(cpu[7], cpu[14])]
+    print(f"7-voxel / 14-voxel: x{statistics.median(ratios):.2f} wall (median of paired ratios), "
+          f"x{statistics.median(cpu_ratios):.2f} CPU; load average at end {os.getloadavg()}")
 
 
 def _nearest(x: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     jl.add_argument("--layer", type=int, default=0, help="which of the tokenizer's default layers")
     jl.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256])
     jl.add_argument("--seed", type=int, default=0)
+    fine = sub.add_parser("fine", help="7-voxel ViT grid (slices upsampled 2x) vs 14: time per volume, blob signal")
+    fine.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    fine.add_argument("--size", type=int, default=112)
+    fine.add_argument("--repeats", type=int, default=3)
+    fine.add_argument("--precision", default="auto")
+    fine.add_argument("--blob", type=float, default=3.0, help="blob radius in voxels")
+    fine.add_argument("--contrast", type=float, default=0.5, help="blob brightening, in brain 1..99 %% ranges")
     gpu = sub.add_parser("gpu", help="ViT-L at 224^3 on CUDA: volumes/s, GPU idle share, prefetch, compile")
     gpu.add_argument("--backbone", default="vit_large_patch14_dinov2")
     gpu.add_argument("--size", type=int, default=224)
@@ -456,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
-    {"speed": run_speed, "blocks": run_blocks, "norm": run_norm, "jl": run_jl, "gpu": run_gpu}[args.mode](args)
+    {"speed": run_speed, "blocks": run_blocks, "norm": run_norm, "jl": run_jl, "fine": run_fine, "gpu": run_gpu}[args.mode](args)
     return 0
 
 

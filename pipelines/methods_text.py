@@ -93,15 +93,17 @@ def _features(report: Any, keys: list[str]) -> str:
     features = report.summary.get("features", {})
     grid = "x".join(str(g) for g in report.token_grid)
     description = report.tokens.get("features", features.get("description", ""))
+    cube = (report.tokens.get("settings") or {}).get("patch", 14)  # ViT settings name it only when not 14
     if features.get("backbone") == "classical":
-        return (f"Each 14-voxel block was described by weights-free intensity and texture statistics "
+        return (f"Each {cube}-voxel block was described by weights-free intensity and texture statistics "
                 f"({description}), a {grid} token grid per scan.")
     # DINOv2 is cited for its pretrained weights; random weights (smoke tests) cite nothing.
     pretrained = "dinov2" in str(features.get("backbone", "")).lower() and not report.tokens.get("random_weights")
     cite = f" {_cite(keys, 'oquab2024dinov2')}" if pretrained else ""
     return (f"Patch tokens of a frozen vision transformer{cite} were extracted slice by slice along the three axes "
-            f"(timm {package_version('timm')}; {description}) and averaged over 14-slice blocks into a {grid} token grid "
-            "per scan.")
+            f"(timm {package_version('timm')}; {description}"
+            + (f"; slices upsampled so that each patch covers {cube} voxels" if cube != 14 else "")
+            + f") and averaged over {cube}-slice blocks into a {grid} token grid per scan.")
 
 
 def _scoring(report: Any, keys: list[str]) -> str:

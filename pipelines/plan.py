@@ -170,6 +170,8 @@ def check_no_3d_settings(config: ScreenConfig) -> None:
                                             ("slices-per-block", config.slices_per_block is not None))
                    if value]
     volume_only += [f"tokenizer {key}" for key in ("slices_per_block", "slice_batch") if key in config.tokenizer]
+    if config.backbone != CLASSICAL_BACKBONE and "patch" in config.tokenizer:  # the ViT's finer cube grid
+        volume_only.append("tokenizer patch")
     if volume_only:
         raise VolscanError(f"the setting(s) {', '.join(volume_only)} apply to 3D volumes only; remove them for 2D images")
 
@@ -194,6 +196,11 @@ def build_plan(subjects: Sequence[Subject], checked: CheckedSettings, reference_
         tokens = ClassicalFeatures() if config.backbone == CLASSICAL_BACKBONE else config.token_settings()
     if not isinstance(tokens, ClassicalFeatures):
         tokens = dataclasses.replace(tokens, device=device)
+        if tokens.patch is not None:  # a cube edge the backbone's patch cannot reach: refused before the compute
+            from volumetric.backbones import patch_size
+            from volumetric.tokens import slice_upsampling
+
+            slice_upsampling(patch_size(backbone), tokens.patch)
     preprocess = checked.preprocess or config.preprocess_settings()
     root = cache_root(config.cache)
     return ScreenPlan(

@@ -148,7 +148,7 @@ def test_token_key_depends_on_input_and_every_setting():
     assert base == token_key("abc", dict(reversed(list(SETTINGS.items()))))
     assert base != token_key("abd", SETTINGS)
     changed = {"backbone": "vit_large_patch14_dinov2", "weights": "file:00", "layers": [2, 1], "proj_dim": 32,
-               "seed": 1, "size": 56, "void_fraction": 0.25}
+               "seed": 1, "size": 56, "void_fraction": 0.25, "patch": 7}
     for name, value in changed.items():
         assert token_key("abc", dict(SETTINGS, **{name: value})) != base, name
     with pytest.raises(VolscanError, match="JSON"):

@@ -32,6 +32,15 @@ def _report(**settings: object) -> Report:
     )
 
 
+def test_paragraph_names_the_cube_edge_of_a_finer_grid() -> None:
+    assert "averaged over 14-slice blocks" in methods_paragraph(_report()) and "upsampled" not in methods_paragraph(_report())
+    fine = _report()
+    fine.tokens["settings"] = {"patch": 7}
+    fine.token_grid = [32, 32, 32]
+    text = methods_paragraph(fine)
+    assert "slices upsampled so that each patch covers 7 voxels) and averaged over 7-slice blocks into a 32x32x32" in text
+
+
 def test_paragraph_cites_what_ran() -> None:
     text = methods_paragraph(_report())
     assert f"PyTorch {version('torch')}" in text and "volscan 0.1.0" in text

@@ -327,6 +327,34 @@ def test_classical_tokens_on_a_grid_twice_as_fine_with_a_window(cohort: dict) ->
     assert nib.load(str(out / "maps" / "case06.nii.gz")).shape == image.shape
 
 
+def test_vit_tokens_on_a_grid_twice_as_fine(cohort: dict, tiny_vit_spec: dict, capsys) -> None:
+    """The ViT path's 7-voxel cubes (slices upsampled 2x, 7-slice blocks: a 4^3 grid at cube 28)
+    through `volscan screen` with a window; a cube edge the 14-pixel patch cannot reach is one line."""
+    spec = dict(tiny_vit_spec)
+    name = spec.pop("name")
+    config = cohort["root"] / "vit7.yaml"
+    for patch, out in ((7, cohort["root"] / "run_vit7"), (5, cohort["root"] / "run_vit5")):
+        config.write_text(f"backbone: {name}\nweights: random\nsize: 28\nproj-dim: 8\n"
+                          f"cache: {cohort['root'] / 'cache_vit7'}\ndevice: cpu\ntop: 3\n"
+                          f"backbone_kwargs: {json.dumps(spec)}\ntokenizer: {{patch: {patch}, void_fraction: 0.1}}\n",
+                          encoding="utf-8")
+        base = [str(cohort["images"]), "--config", str(config), "--template", str(cohort["template"]),
+                "--registered", "--skull-stripped", "--window", "1", "--labels", str(cohort["labels"]), "-o", str(out)]
+        capsys.readouterr()
+        code = main(["screen", *base])
+        if patch == 7:
+            assert code == 0
+            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            assert report["tokens"]["settings"]["patch"] == 7 and report["settings"]["window"] == 1
+            assert report["tokens"]["grid"] == [4, 4, 4]
+            image = nib.load(str(cohort["images"] / "case06.nii.gz"))
+            assert nib.load(str(out / "maps" / "case06.nii.gz")).shape == image.shape
+        else:
+            errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+            assert code == 2 and len(errors) == 1 and errors[0].startswith("volscan screen: error: tokenizer patch 5")
+            assert not out.exists()
+
+
 def test_existing_output_needs_force(cohort: dict, labelled_run: dict, capsys) -> None:
     out = labelled_run["out"]
     before = (out / "report.json").read_bytes()

@@ -199,6 +199,9 @@ def test_volume_settings_are_refused_for_2d_images(tmp_path: Path, capsys: pytes
     _fails([*base, "--hdbet-mode", "fast"], capsys, "hdbet-mode apply to 3D volumes only")
     vit = ["screen", str(images), "-o", str(out), "--weights", "random", "--size", "42"]  # the default ViT
     _fails([*vit, "--slices-per-block", "7"], capsys, "slices-per-block apply to 3D volumes only")
+    fine = tmp_path / "vit7.yaml"  # the ViT's 7-voxel cubes (slices upsampled): volumes only
+    fine.write_text("tokenizer: {patch: 7}\n", encoding="utf-8")
+    _fails([*vit, "--config", str(fine)], capsys, "tokenizer patch apply to 3D volumes only")
     _nothing_written(out)
 
 

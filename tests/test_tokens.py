@@ -431,3 +431,76 @@ def test_cache_settings_tell_apart_models_built_with_other_options(tiny_vit_spec
     (settings_a, tokens_a), (settings_b, tokens_b) = made
     assert not torch.allclose(tokens_a, tokens_b)
     assert settings_a != settings_b and settings_a["model_kwargs"] != settings_b["model_kwargs"]
+
+
+def _upsample2_bilinear(image: np.ndarray) -> np.ndarray:
+    """(H, W) -> (2H, 2W): half-pixel-centred bilinear interpolation, edges clamped, written out."""
+    def taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n - 1), src - lo
+
+    (r0, r1, wr), (c0, c1, wc) = taps(image.shape[0]), taps(image.shape[1])
+    rows = image[r0] * (1 - wr)[:, None] + image[r1] * wr[:, None]
+    return rows[:, c0] * (1 - wc)[None] + rows[:, c1] * wc[None]
+
+
+def test_fine_grid_pools_upsampled_slices_per_seven_slice_block(tiny):
+    # 7-voxel cubes from a 14-pixel ViT: every slice enlarged 2x, blocks of 7 slices; the volume
+    # has all-zero slices (skipped, one blank image stands in) and batches straddle blocks
+    volume = np.zeros((14, 14, 14), np.float32)
+    volume[2:12, 0:9, 4:14] = np.random.default_rng(11).normal(100, 20, (10, 9, 10))
+    tok = VolumeTokenizer(tiny, proj_dim=R, slice_batch=4, precision="fp32", progress=False, patch=7)
+    unit = unit_intensities(torch.from_numpy(volume), torch.from_numpy(volume != 0)).numpy()
+    pooled = tok.pooled(torch.from_numpy(unit))
+    assert pooled[0].shape == (3, 2, 2, 2, 48)
+    for axis in range(3):
+        slices = np.moveaxis(unit, axis, 0)
+        per_slice = [_naive_features(tiny, _upsample2_bilinear(s), tok.layers) for s in slices]
+        for li in range(len(tok.layers)):
+            stack = np.stack([f[li] for f in per_slice])  # (14, C, 2, 2)
+            for block in range(2):
+                expected = stack[7 * block:7 * (block + 1)].mean(0).transpose(1, 2, 0)
+                index = [slice(None)] * 3
+                index[axis] = block
+                np.testing.assert_allclose(pooled[li][axis][tuple(index)].numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert tok.timer.totals()["skipped_slices"] == (14 - 10) + (14 - 9) + (14 - 10)
+
+
+def test_fine_grid_is_twice_as_fine_with_its_void_and_settings(tiny):
+    volume = _volume(28)
+    mask = np.zeros((28, 28, 28), bool)
+    mask[:10, 3:25, 5:28] = True
+    coarse = VolumeTokenizer(tiny, proj_dim=R, progress=False)
+    fine = VolumeTokenizer(tiny, proj_dim=R, progress=False, patch=7)
+    tokens = fine(volume, mask)
+    assert coarse(volume, mask).grid == (2, 2, 2) and tokens.grid == (4, 4, 4)
+    assert all(layer.shape == (4, 4, 4, 3 * R) for layer in tokens.layers)
+    fraction = mask.reshape(4, 7, 4, 7, 4, 7).mean(axis=(1, 3, 5))
+    np.testing.assert_array_equal(tokens.void.numpy(), fraction < 0.5)
+    assert tokens.void.any() and not tokens.void.all()
+    assert tokens.meta["patch"] == 7 and fine.settings["patch"] == 7
+    # the default grid's settings (and so its cache keys) carry no `patch`; 14 is the default grid
+    assert "patch" not in coarse.settings
+    assert VolumeTokenizer(tiny, proj_dim=R, progress=False, patch=14).settings == coarse.settings
+    assert VolumeTokenizer(tiny, proj_dim=R, progress=False, slices_per_block=2, patch=7).offsets.tolist() == [1, 5]
+    with pytest.raises(VolscanError, match="not a positive multiple of the patch size 7"):
+        fine(_volume(30))
+
+
+@pytest.mark.parametrize("bad", [5, 0, 28, 2.0, True])
+def test_fine_grid_refuses_what_the_patch_cannot_reach(tiny, bad):
+    with pytest.raises(VolscanError, match="patch") as err:
+        VolumeTokenizer(tiny, proj_dim=R, progress=False, patch=bad)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_fine_grid_settings_build_for_volumes_only(tiny_vit_spec):
+    spec = dict(tiny_vit_spec)
+    settings = TokenSettings(backbone=spec.pop("name"), weights="random", backbone_kwargs=spec, proj_dim=R,
+                             device="cpu", patch=7)
+    assert settings.build("3d").cube == 7
+    with pytest.raises(VolscanError, match="3D volumes only"):
+        settings.build("2d")
+    with pytest.raises(VolscanError, match="positive integer"):
+        TokenSettings(patch=-7)

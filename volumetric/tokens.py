@@ -19,8 +19,11 @@ images resized to multiples of p so the grid covers them without a void border.
 `precision="auto"` is bf16 where the device multiplies it natively, float32 elsewhere; block
 sums accumulate in float32 and the precision is part of every cache key. All-zero slices are
 computed once per slice size, not per slice (same tokens). `slices_per_block=K` (off) extracts
-K evenly spaced slices per block. `prepare` (CPU) and `extract` (device) are separate so a
-loader (`volumetric.prefetch.prefetch`) can prepare the next volumes meanwhile.
+K evenly spaced slices per block. `patch=c` (off: c = p) gives c-voxel cubes, c a divisor of p:
+each slice upsampled p/c times before the backbone, blocks of c slices (a grid p/c times as fine,
+about (p/c)^2 times the work; docs/tokens.md, "A grid twice as fine"). `prepare` (CPU) and
+`extract` (device) are separate so a loader (`volumetric.prefetch.prefetch`) can prepare the next
+volumes meanwhile.
 """
 
 from __future__ import annotations
@@ -87,6 +90,22 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and not cpu_has_native_bf16():
         log.warning("precision bf16 on a CPU without AVX512-BF16/AMX: emulated, likely slower than fp32")
     return _DTYPES[precision]
+
+
+def slice_upsampling(backbone_patch: int, cube: int | None) -> int:
+    """Factor by which each slice is upsampled so that one backbone patch covers `cube` voxels.
+
+    `cube` None (or the backbone's own patch) -> 1, today's grid; 7 with a 14-pixel patch -> 2:
+    slices twice as large, a grid twice as fine. A cube edge that does not divide the backbone's
+    patch cannot be reached by a whole upsampling factor -> `VolscanError`.
+    """
+    if cube is None:
+        return 1
+    if isinstance(cube, bool) or not isinstance(cube, int) or not 1 <= cube <= backbone_patch \
+            or backbone_patch % cube:
+        raise VolscanError(f"tokenizer patch {cube!r}: a ViT's cube edge must divide its {backbone_patch}-pixel "
+                           f"patch (e.g. {backbone_patch // 2}: slices upsampled 2x, a grid twice as fine)")
+    return backbone_patch // cube
 
 
 def block_offsets(patch: int, slices_per_block: int | None) -> list[int]:
@@ -268,6 +287,7 @@ class _Tokenizer:
         self.backbone = backbone
         self.identity = backbone_identity(backbone)
         self.patch = patch_size(backbone)
+        self.upsample = 1  # slices are enlarged this many times before the backbone (VolumeTokenizer's `patch`)
         self.layers = resolve_layers(backbone, layers)
         self.proj_dim = proj_dim
         self.seed = seed
@@ -332,11 +352,15 @@ class _Tokenizer:
         self._intermediates = torch.compile(self.backbone.forward_intermediates, **options)
 
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(b, H, W) or (b, 3, H, W) images in [0, 1] -> per layer (b, C, H/p, W/p) features."""
+        """(b, H, W) or (b, 3, H, W) images in [0, 1] -> per layer (b, C, uH/p, uW/p) features,
+        u = `upsample` (bilinear, per batch, so only one batch of enlarged slices is ever held)."""
         with self.timer.stage("slice"):
             x = images.to(self.device, torch.float32, non_blocking=True)
             if x.ndim == 3:
-                x = x[:, None].expand(-1, 3, -1, -1)
+                x = x[:, None]
+            if self.upsample != 1:
+                x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+            x = x.expand(-1, 3, -1, -1)
             x = (x - self.mean) / self.std
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         with self.timer.stage("backbone"), autocast:
@@ -347,7 +371,7 @@ class _Tokenizer:
         return feats
 
     def blank_features(self, height: int, width: int) -> list[torch.Tensor]:
-        """Per layer (C, H/p, W/p) float32 features of an all-zero image, computed once per size."""
+        """Per layer (C, uH/p, uW/p) float32 features of an all-zero image, computed once per size."""
         if (height, width) not in self._blank:
             zeros = torch.zeros(1, height, width)
             self._blank[height, width] = [f[0].float() for f in self._forward(zeros)]
@@ -359,13 +383,13 @@ class _Tokenizer:
     ) -> list[torch.Tensor]:
         """Backbone patch features of images in [0, 1], summed per group.
 
-        `images`: (n, H, W) grayscale or (n, 3, H, W), H and W multiples of the patch size;
-        `groups`: (n,) int, the group of each image (< n_groups). Images that are all zero are
-        not run: the features of one blank image stand in for each. Returns per layer a float32
-        tensor (n_groups, C, H/p, W/p) of feature sums on the tokenizer's device.
+        `images`: (n, H, W) grayscale or (n, 3, H, W), uH and uW multiples of the patch size
+        (u = `upsample`); `groups`: (n,) int, the group of each image (< n_groups). Images that
+        are all zero are not run: the features of one blank image stand in for each. Returns per
+        layer a float32 tensor (n_groups, C, uH/p, uW/p) of feature sums on the tokenizer's device.
         """
         height, width = images.shape[-2:]
-        grid = (height // self.patch, width // self.patch)
+        grid = (height * self.upsample // self.patch, width * self.upsample // self.patch)
         sums = [torch.zeros(n_groups, int(self.backbone.embed_dim), *grid, device=self.device)
                 for _ in self.layers]
         groups = groups.to(self.device)
@@ -395,15 +419,19 @@ class _Tokenizer:
 
 
 class VolumeTokenizer(_Tokenizer):
-    """Cube volume (S, S, S) -> `TokenSet` with per layer (g, g, g, 3r) tokens, g = S / p.
+    """Cube volume (S, S, S) -> `TokenSet` with per layer (g, g, g, 3r) tokens, g = S / c, c the
+    cube edge (`patch`; the backbone's patch size p by default).
 
     `layers`: block indices (None = `backbones.default_layers`); `proj_dim`: r; `seed`: the JL
     matrix; `slice_batch`: slices per backbone call (None = 16 on CPU, 128 on GPU);
     `void_fraction`: minimum brain fraction of a non-void cube; `device`: moves the backbone
     there (None = where it is); `percentiles` / `value_range`: the [0, 1] intensity map;
     `precision`: "auto" | "fp32" | "bf16" | "fp16" (see `resolve_precision`);
-    `slices_per_block`: K evenly spaced slices per block (None = all p); `final_norm`: pass
-    intermediate tokens through the backbone's final norm; `progress`: a tqdm bar over the 3 S slices.
+    `slices_per_block`: K evenly spaced slices per block (None = all c); `final_norm`: pass
+    intermediate tokens through the backbone's final norm; `progress`: a tqdm bar over the 3 S slices;
+    `patch`: the cube edge c in voxels, a divisor of p (None = p): every slice is upsampled p/c
+    times (bilinear) so that one backbone patch covers c x c voxels, and blocks hold c slices
+    (7 with DINOv2's 14: slices of 448 at 224^3, a 32^3 grid, docs/tokens.md).
     """
 
     def __init__(
@@ -422,16 +450,23 @@ class VolumeTokenizer(_Tokenizer):
         slices_per_block: int | None = None,
         final_norm: bool = True,
         progress: bool = True,
+        patch: int | None = None,
     ) -> None:
         super().__init__(backbone, layers, proj_dim, seed, slice_batch, void_fraction, device, precision,
                          final_norm, progress, percentiles, value_range)
+        self.upsample = slice_upsampling(self.patch, patch)
+        self.cube = self.patch // self.upsample
         self.slices_per_block = slices_per_block
-        self.offsets = torch.tensor(block_offsets(self.patch, slices_per_block))
+        self.offsets = torch.tensor(block_offsets(self.cube, slices_per_block))
 
     @property
     def settings(self) -> dict[str, Any]:
-        """As `_Tokenizer.settings`, plus the slices used per block (None = all)."""
-        return dict(super().settings, slices_per_block=self.slices_per_block)
+        """As `_Tokenizer.settings`, plus the slices used per block (None = all) and, for a cube
+        edge other than the backbone's patch, `patch` (absent otherwise: earlier keys unchanged)."""
+        settings = dict(super().settings, slices_per_block=self.slices_per_block)
+        if self.upsample != 1:
+            settings["patch"] = self.cube
+        return settings
 
     def prepare(self, volume: ArrayLike, brain_mask: ArrayLike | None = None) -> PreparedVolume:
         """Host-side work for one cube (checks, [0, 1] map, void grid); safe to run in another
@@ -441,15 +476,15 @@ class VolumeTokenizer(_Tokenizer):
             shape = tuple(values.shape)
             if values.ndim != 3 or len(set(shape)) != 1:
                 raise VolscanError(f"volume must be a cube (S, S, S), got shape {shape}")
-            if shape[0] % self.patch or shape[0] < self.patch:
-                raise VolscanError(f"cube edge {shape[0]} is not a positive multiple of the patch size {self.patch}")
+            if shape[0] % self.cube or shape[0] < self.cube:
+                raise VolscanError(f"cube edge {shape[0]} is not a positive multiple of the patch size {self.cube}")
             brain = values != 0 if brain_mask is None else _as_mask(brain_mask, shape, "brain mask")
             if not brain.any():
                 raise VolscanError("volume has no brain voxels (empty brain mask, or all zero)")
             unit = unit_intensities(values, brain, self.percentiles, self.value_range)
             if self.device.type == "cuda":
                 unit = unit.pin_memory()
-            return PreparedVolume(unit, void_from_mask(brain, self.patch, self.void_fraction))
+            return PreparedVolume(unit, void_from_mask(brain, self.cube, self.void_fraction))
 
     def pooled(self, unit_volume: torch.Tensor) -> list[torch.Tensor]:
         """Per layer (3, g, g, g, C): block-averaged backbone features of each axis's slices.
@@ -458,10 +493,10 @@ class VolumeTokenizer(_Tokenizer):
         taken along; the grid axes are the cube's own, whichever axis was sliced.
         """
         size = unit_volume.shape[0]
-        blocks = size // self.patch
+        blocks = size // self.cube
         # the slices used: offsets within each block, and the block each belongs to
-        chosen = (torch.arange(blocks)[:, None] * self.patch + self.offsets[None]).flatten()
-        groups = chosen // self.patch
+        chosen = (torch.arange(blocks)[:, None] * self.cube + self.offsets[None]).flatten()
+        groups = chosen // self.cube
         unit_volume = unit_volume.to(self.device, non_blocking=True)
         per_axis: list[list[torch.Tensor]] = []
         with tqdm(total=3 * len(chosen), unit="slice", desc="tokens", leave=False, disable=not self.progress) as bar:
@@ -478,7 +513,8 @@ class VolumeTokenizer(_Tokenizer):
         for feats in self.pooled(prepared.unit):
             projected = self.project(feats)  # (3, g, g, g, r)
             layers.append(torch.cat(list(projected), dim=-1).cpu())
-        return TokenSet(layers, prepared.void, tuple(prepared.void.shape), self._meta(size=prepared.size))
+        meta = self._meta(size=prepared.size, patch=self.cube)
+        return TokenSet(layers, prepared.void, tuple(prepared.void.shape), meta)
 
     def __call__(self, volume: ArrayLike, brain_mask: ArrayLike | None = None) -> TokenSet:
         """Tokens of a cube volume (S, S, S), arbitrary intensities; brain = voxels != 0 if no mask."""
@@ -572,6 +608,7 @@ class TokenSettings:
     final_norm: bool = True
     slice_batch: int | None = None
     device: str = "auto"
+    patch: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -579,6 +616,9 @@ class TokenSettings:
         k = self.slices_per_block
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise VolscanError(f"slices_per_block must be a positive integer (at most the patch size), got {k!r}")
+        c = self.patch
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise VolscanError(f"tokenizer patch must be a positive integer (a cube edge in voxels), got {c!r}")
 
     def build(self, kind: str = "3d", model: nn.Module | None = None) -> VolumeTokenizer | ImageTokenizer:
         """The backbone (on `device`) and its tokenizer for volumes ("3d") or images ("2d");
@@ -595,6 +635,9 @@ class TokenSettings:
                       percentiles=self.percentiles, value_range=self.value_range, precision=self.precision,
                       final_norm=self.final_norm)
         if kind == "2d":
+            if self.patch is not None:
+                raise VolscanError("tokenizer patch (a finer cube grid) applies to 3D volumes only; "
+                                   "remove it for 2D images")
             return ImageTokenizer(model, **common)
         return VolumeTokenizer(model, slice_batch=self.slice_batch, slices_per_block=self.slices_per_block,
-                               **common)
+                               patch=self.patch, **common)

@@ -17,7 +17,9 @@ whole-scan acquisition artefact (`artefacts.py`: ghosting, spike, wrap, missing 
 contrast) and stay labelled healthy. `atrophy.fraction` of the other healthy subjects (normal
 variation: enlarged ventricles, thinner cortex; `anatomy.AtrophySettings`) are rendered from an
 atrophic head and stay labelled healthy. `site_profiles` gives each scanner site its own
-response curve, noise, blur and bias (`sites.py`). Subject ids are shuffled across groups so
+response curve, noise, blur and bias (`sites.py`). `registration_error_mm` gives every subject a
+smooth residual warp of that largest size (`warps.ResidualWarp`: misregistration that
+registration leaves behind, anatomy and lesions moved together). Subject ids are shuffled across groups so
 the order says nothing.
 
 Randomness: `SeedSequence(seed)` spawns one stream for cohort-level draws and one per subject,
@@ -49,7 +51,8 @@ from .anatomy import Anatomy, AtrophySettings, load_atlas_anatomy, procedural_he
 from .artefacts import ARTEFACTS, apply_artefact, check_artefacts
 from .lesions import Lesion, LesionSettings, brain_depth, render_lesion, sample_lesion
 from .sites import Site, SiteSettings, draw_sites
-from .warps import SubjectGeometry, WarpSettings, bias_field, sample_geometry, template_points
+from .warps import (ResidualWarp, SubjectGeometry, WarpSettings, bias_field, sample_geometry, sample_residual,
+                    template_points)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class PhantomConfig:
     `atrophy`: the normal-variation subgroup (a share of the other healthy subjects, procedural
     anatomy). `site_profiles`: per-site response curve, noise, blur and bias ranges (None: sites
     differ in intensity scale only, with `noise` and `bias_strength` for all).
+    `registration_error_mm`: (min, max) largest displacement in mm of a smooth residual warp given
+    to every subject (`warps.ResidualWarp`: misregistration left after registration; None: off).
     """
 
     n_normal: int = 20
@@ -97,6 +102,7 @@ class PhantomConfig:
     artefacts: tuple[str, ...] = ARTEFACTS
     atrophy: AtrophySettings = field(default_factory=AtrophySettings)
     site_profiles: SiteSettings | None = None
+    registration_error_mm: tuple[float, float] | None = None
 
     def validate(self) -> None:
         """Raise VolscanError on settings that cannot make a cohort."""
@@ -124,6 +130,10 @@ class PhantomConfig:
             raise VolscanError("the atrophic subgroup and the artefact scans must fit in the healthy subjects")
         if self.site_profiles is not None:
             self.site_profiles.validate()
+        if self.registration_error_mm is not None:
+            lo, hi = self.registration_error_mm
+            if not 0 <= lo <= hi:
+                raise VolscanError(f"registration error must satisfy 0 <= min <= max mm, got {lo}..{hi}")
 
     def atrophy_count(self) -> int:
         """Healthy subjects of the normal-variation subgroup: `atrophy.fraction` of `n_normal`, rounded."""
@@ -224,14 +234,17 @@ def build_anatomy(config: PhantomConfig, atrophic: bool = False) -> Anatomy:
 
 
 def render_subject(anatomy: Anatomy, geometry: SubjectGeometry, lesions: list[Lesion],
-                   rng: np.random.Generator, site: Site, scale: float) -> tuple[np.ndarray, np.ndarray]:
+                   rng: np.random.Generator, site: Site, scale: float,
+                   residual: ResidualWarp | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render one subject on its native grid, as `site`'s scanner sees it (response curve, blur,
-    bias strength, noise).
+    bias strength, noise); `residual`: a registration error moving anatomy and lesions together.
 
     Returns the image (geometry.shape) float32 in scanner units (CSF ~ `scale`) and the label
     map (geometry.shape) uint8.
     """
     points = template_points(geometry, anatomy)
+    if residual is not None:
+        points = residual.apply(points, anatomy)
     vox = anatomy.world_to_voxel(points)
     image = ndimage.map_coordinates(anatomy.image, vox, order=1, cval=0.0)
     brain = ndimage.map_coordinates(anatomy.brain_mask.astype(np.float32), vox, order=0, cval=0.0) > 0.5
@@ -274,6 +287,9 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
     # A stream spawned after the subjects' own: cohorts without site profiles keep their files.
     sites = draw_sites(np.random.default_rng(root.spawn(1)[0]), site_scales, config.site_profiles, config.noise,
                        config.bias_strength)
+    # Per-subject residual warps from a stream spawned last, only when asked for: cohorts without
+    # them keep their files.
+    residual_seeds = root.spawn(1)[0].spawn(len(group_list)) if config.registration_error_mm else None
     depth = brain_depth(anatomy)
     shared = sample_lesion(cohort_rng, anatomy, config.lesions, depth) if config.n_consistent else None
     # Drawn after the consistent lesion, so cohorts without look-alikes keep their old random streams.
@@ -300,9 +316,12 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
             subject = f"sub-{index:0{width}d}"
             rng = np.random.default_rng(seeds[1 + index])
             site = index % config.n_sites if config.site_profiles is not None else None  # in turn
+            residual = (None if residual_seeds is None else sample_residual(
+                np.random.default_rng(residual_seeds[index]), config.registration_error_mm,
+                config.warps.control_points))
             subjects[subject] = _write_subject(tmp, subject, str(group), rng,
                                                atrophic_anatomy if index in atrophic else anatomy, config, shared,
-                                               look, depth, sites, site, artefact_of.get(index))
+                                               look, depth, sites, site, artefact_of.get(index), residual)
             subjects[subject]["atrophic"] = index in atrophic
         info = {"format": FORMAT, "seed": config.seed, "anatomy": anatomy.source, "config": _jsonable(config),
                 "label_names": LABEL_NAMES, "groups": {g: sorted(s for s, m in subjects.items() if m["group"] == g)
@@ -319,10 +338,12 @@ def generate_cohort(out_dir: str | Path, config: PhantomConfig = PhantomConfig()
 
 def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Generator, anatomy: Anatomy,
                    config: PhantomConfig, shared: Lesion | None, look: Lesion | None, depth: np.ndarray,
-                   sites: list[Site], site_index: int | None = None, artefact: str | None = None) -> dict:
+                   sites: list[Site], site_index: int | None = None, artefact: str | None = None,
+                   residual: ResidualWarp | None = None) -> dict:
     """Draw, render and save one subject into folder/{images,labels}; return its cohort.json entry.
     `site_index`: the subject's site (None: drawn from its stream); `artefact`: a whole-scan
-    artefact applied after rendering (drawn from the subject's stream last)."""
+    artefact applied after rendering (drawn from the subject's stream last); `residual`: its
+    registration error (None: none)."""
     geometry = sample_geometry(rng, anatomy, config.warps)
     drawn = int(rng.integers(config.n_sites))  # drawn either way: the stream stays the same
     site = drawn if site_index is None else site_index
@@ -335,7 +356,7 @@ def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Genera
         lesions = [sample_lesion(rng, anatomy, config.lesions, depth, appearance=look) for _ in range(count)]
     else:
         lesions = [shared] if group == "consistent" and shared is not None else []
-    image, labels = render_subject(anatomy, geometry, lesions, rng, sites[site], scale)
+    image, labels = render_subject(anatomy, geometry, lesions, rng, sites[site], scale, residual)
     if artefact is not None:
         image = apply_artefact(image, artefact, rng)
     save_volume(np.clip(np.rint(image), 0, np.iinfo(np.int16).max), geometry.affine,
@@ -343,8 +364,11 @@ def _write_subject(folder: Path, subject: str, group: str, rng: np.random.Genera
     save_volume(labels, geometry.affine, folder / "labels" / f"{subject}.nii.gz")
     if lesions and not (labels > 0).any():
         log.warning("%s: its lesion fell outside the field of view; it is labelled healthy", subject)
-    return {"group": group, "site": site, "artefact": artefact, "intensity_scale": round(scale, 3), "lesion_voxels": int((labels > 0).sum()),
-            **geometry.describe(), "lesions": [lesion.to_dict() for lesion in lesions]}
+    entry = {"group": group, "site": site, "artefact": artefact, "intensity_scale": round(scale, 3), "lesion_voxels": int((labels > 0).sum()),
+             **geometry.describe(), "lesions": [lesion.to_dict() for lesion in lesions]}
+    if residual is not None:
+        entry["registration_error_mm"] = round(residual.magnitude_mm, 4)
+    return entry
 
 
 def _jsonable(config: PhantomConfig) -> dict:

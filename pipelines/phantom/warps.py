@@ -12,6 +12,8 @@ tolerate): rotation up to 8 degrees per axis, isotropic-ish scale 0.92-1.08 per 
 6 mm, elastic displacement with 3 mm standard deviation on a 5^3 control grid (cubic
 interpolation, so the field is smooth on the ~40 mm scale of gyri and ventricles), and native
 voxels 0.9-1.3 times the template spacing (in-plane shared, slice thickness drawn separately).
+`ResidualWarp` (off by default; `PhantomConfig.registration_error_mm`): a further smooth
+displacement of a chosen largest size per scan, the error left after registration.
 """
 
 from __future__ import annotations
@@ -112,6 +114,41 @@ def elastic_displacement(control: np.ndarray, points: np.ndarray, anatomy: Anato
     vox = anatomy.world_to_voxel(points)
     coords = vox / (np.asarray(anatomy.image.shape)[:, None] - 1) * (k - 1)
     return np.stack([ndimage.map_coordinates(c, coords, order=3, mode="nearest") for c in control])
+
+
+@dataclass(frozen=True)
+class ResidualWarp:
+    """A registration error: a smooth displacement (3, k, k, k) control field in mm (zero on the
+    border control points, cubic interpolation as the elastic warp) scaled so that its largest
+    displacement over the subject's brain is `magnitude_mm`. Added to a subject's pulled-back
+    template points, it misplaces the anatomy (and the lesions with it) by what an affine or
+    deformable registration would leave behind; it is applied while rendering, before bias and
+    noise, so the scan's noise texture stays that of any other scan (resampling a rendered,
+    noisy scan would smooth its noise where it moves and give it a signature of its own)."""
+
+    control: np.ndarray
+    magnitude_mm: float
+
+    def apply(self, points: np.ndarray, anatomy: Anatomy) -> np.ndarray:
+        """Template points (3, N) mm moved by the field, its largest move over the brain = `magnitude_mm`."""
+        displacement = elastic_displacement(self.control, points, anatomy)
+        inside = ndimage.map_coordinates(anatomy.brain_mask.astype(np.float32), anatomy.world_to_voxel(points),
+                                         order=0, cval=0.0) > 0.5
+        largest = float(np.linalg.norm(displacement[:, inside], axis=0).max()) if inside.any() else 0.0
+        if largest == 0.0:
+            return points
+        return points + displacement * (self.magnitude_mm / largest)
+
+
+def sample_residual(rng: np.random.Generator, magnitude_mm: tuple[float, float], control_points: int) -> ResidualWarp:
+    """One subject's registration error: magnitude uniform in `magnitude_mm`, direction field random."""
+    magnitude = float(rng.uniform(*magnitude_mm))
+    k = control_points
+    control = rng.normal(0.0, 1.0, size=(3, k, k, k))
+    border = np.ones((k, k, k), bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    control[:, border] = 0.0
+    return ResidualWarp(control, magnitude)
 
 
 def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
