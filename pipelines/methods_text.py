@@ -127,9 +127,17 @@ def _scoring(report: Any, keys: list[str]) -> str:
     if reference:
         return (mutual + f"; the tokens CoDeGraph {_cite(keys, 'legia2025codegraph')} had excluded in the reference "
                 "run were left out of the references." + scale)
+    final = graph.get("final_fraction")
+    diffuse = graph.get("max_dependent_share")
     return (mutual + f"; CoDeGraph {_cite(keys, 'legia2025codegraph')} then excluded the tokens of scans sharing a "
-            f"consistent anomaly from each other's references (f = {graph.get('top_fraction')}, reference fraction "
-            f"{graph.get('reference_fraction')}, community density fence Q3 + {graph.get('iqr_k')} x IQR).")
+            f"consistent anomaly from each other's references (f = {graph.get('top_fraction')}"
+            + (f", final pass f = {final}" if final is not None else "")
+            + f", reference fraction {graph.get('reference_fraction')}, community density fence Q3 + "
+            f"{graph.get('iqr_k')} x IQR)"
+            + (f"; communities whose members' tokens depended on them in more than {100 * diffuse:.0f} % of their "
+               "tokens were set aside as diffuse (whole-scan differences such as a site or an anatomical variant), "
+               "neither excluded nor counted in the fence" if diffuse is not None else "")
+            + ".")
 
 
 def methods_paragraph(report: Any) -> str:

@@ -39,6 +39,12 @@ from volumetric.errors import InputFileError, VolscanError
 COHORT_FORMAT = 2
 # Engine fields that change speed or memory, not scores: a reference may be re-scored with others.
 COMPUTE_ONLY = ("device", "progress", "block_mb", "memory_mb")
+# Scoring fields that only shape CoDeGraph's graph and exclusions (and the subsets' seed, refused
+# unless one batch): a reference screen reuses the reference run's exclusions and never builds a
+# graph, so they may differ (a run made before one of them existed lacks it in its report).
+GRAPH_ONLY = ("graph_radii", "reference_fraction", "eps", "coverage", "link_batch", "stop_fence",
+              "resolution_quantile", "iqr_k", "min_spread", "density", "dependency_percentile",
+              "max_dependent_share", "graph", "fence", "filtering", "seed")
 # Preprocessing fields that may differ: the new scans take the reference's landmarks (`adapt`),
 # and the brain-extraction device changes where it runs, not what it extracts.
 PREPROCESS_FREE = ("landmarks", "mask_device")
@@ -128,11 +134,15 @@ class ReferenceRun:
                                   plain(plan.preprocess), PREPROCESS_FREE)
             pairs.append(("template", _template_digest(theirs["settings"].get("template")),
                           _template_digest(plan.template)))
-        pairs += _differences("scoring setting", theirs.get("scoring", {}), plain(plan.scoring), COMPUTE_ONLY)
+        pairs += _differences("scoring setting", theirs.get("scoring", {}), plain(plan.scoring),
+                              COMPUTE_ONLY + GRAPH_ONLY)
         for name, reference, ours in pairs:
             if reference != ours:
                 raise VolscanError(f"--reference {self.folder}: {name} differs (reference {_shown(reference)}, "
                                    f"this run {_shown(ours)}); screen with the reference's settings")
+        from volumetric.engine.reference import check_reference_config
+
+        check_reference_config(plan.scoring)  # also with --independent, before any preprocessing
         self.check_new_count(len(plan.subjects), plan.method, plan.scoring)
 
     def check_new_count(self, new: int, method: str, scoring_config: Any) -> None:
@@ -272,7 +282,8 @@ def open_reference(request: ReferenceRequest) -> ReferenceRun:
                              "upgrade volscan")
     if minima is None and not request.independent:
         why = ("an older volscan wrote it (format 1)" if version < 2 else
-               "its settings cannot serve as a reference (subsets, pre-selection, --window or RsCIN)")
+               "its settings cannot serve as a reference (subsets, pre-selection, --window, RsCIN or "
+               "CoDeGraph's unflagged_fraction)")
         raise InputFileError(layout.cohort, f"holds no kept minima to update the reference scans' scores with "
                              f"({why}); re-run the reference with volscan score (cached tokens: no re-extraction), "
                              "or screen with --independent (the reference's own scores)")

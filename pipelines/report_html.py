@@ -209,13 +209,20 @@ def _communities(graph: dict[str, Any]) -> list[str]:
     outliers = {tuple(c) for c in graph["outlier_communities"]}
     details = graph.get("details") or {}
     densities, fences = details.get("densities"), details.get("density_fences")
+    diffuse = set(details.get("diffuse_communities") or [])
+    shares = details.get("dependent_shares") or {}
     rows = []
     for i, members in enumerate(graph["communities"]):
         outlier = tuple(members) in outliers
         row: list[Any] = [i, len(members)]
         if densities is not None and fences is not None:
             density, fence = float(densities[i]), fences[i]
-            if fence is None:
+            if i in diffuse:
+                share = shares.get(str(i))
+                why = ("no: set aside as diffuse (a whole-scan difference, not a focal anomaly"
+                       + (f": its members depend on it in {100 * share:.0f} % of their tokens" if share is not None else "")
+                       + "; not filtered, not in the fence's quartiles)")
+            elif fence is None:
                 why = "no (a single scan has no internal links)" if len(members) < 2 else "no (no fence: densities do not vary)"
             elif outlier:
                 why = f"yes: density {density:.3g} > fence {fence:.3g}"
@@ -234,7 +241,10 @@ def _communities(graph: dict[str, Any]) -> list[str]:
         f"{100 * graph['excluded_fraction']:.3f} %. A community is an outlier when its density (the mean "
         "weight of the links a member keeps inside it) is above the fence, a Tukey far-out cut over the densities "
         "of all communities (third quartile + k x inter-quartile range): scans that share suspicious tokens far "
-        "more than the rest of the cohort does. A community below the fence may still hold the top-ranked scans: "
+        "more than the rest of the cohort does. A dense community whose members' tokens depend on it almost "
+        "everywhere (a site, a protocol or an anatomical variant shared by a subgroup: a whole-scan difference) is "
+        "set aside as diffuse instead: nothing of it is excluded. A community below the fence may still hold the "
+        "top-ranked scans: "
         "they are then ranked by mutual scoring alone, without excluding anything.</p>",
         _table(rows, header),
     ]

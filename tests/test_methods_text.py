@@ -47,7 +47,12 @@ def test_paragraph_cites_what_ran() -> None:
     assert "weights file:abc123" in text and "224^3 cube" in text and "16x16x16 token grid" in text
     assert "HD-BET [isensee2019hdbet] (version" in text and "for 2 scan(s)" in text
     assert "deepbet [fisch2024deepbet]" in text and "N4 [tustison2010n4]" in text
-    assert "f = 0.1, reference fraction 0.3" in text
+    assert "f = 0.1, reference fraction 0.3" in text and "diffuse" not in text
+    diffuse = _report()
+    diffuse.scoring["codegraph"] |= {"max_dependent_share": 0.8, "final_fraction": 0.3}
+    text_diffuse = methods_paragraph(diffuse)
+    assert "f = 0.1, final pass f = 0.3, reference fraction 0.3" in text_diffuse
+    assert "in more than 80 % of their tokens were set aside as diffuse" in text_diffuse
     assert cited_keys(text) == ["rohlfing2010sri24", "nyul2000standardization", "tustison2010n4", "isensee2019hdbet",
                                 "fisch2024deepbet", "oquab2024dinov2", "li2024musc", "legia2025codegraph"]
     # Registered, skull-stripped inputs with another template and no N4: none of those cited.

@@ -135,8 +135,14 @@ def test_a_reference_without_kept_minima_is_refused_in_one_line(split: dict, cap
     with np.load(old / "cohort.npz") as data:
         arrays = {name: data[name] for name in data.files if name not in ("minima", "format")}
     np.savez_compressed(old / "cohort.npz", **arrays)
+    # nor the CoDeGraph settings added since (graph-only: a reference screen builds no graph)
+    report = json.loads((old / "report.json").read_text(encoding="utf-8"))
+    for key in ("max_dependent_share", "final_fraction", "unflagged_fraction"):
+        del report["scoring"]["codegraph"][key]
+    (old / "report.json").write_text(json.dumps(report), encoding="utf-8")
     marker = json.loads((old / "volscan-run.json").read_text(encoding="utf-8"))
     marker["checksums"]["cohort.npz"] = file_sha256(old / "cohort.npz")
+    marker["checksums"]["report.json"] = file_sha256(old / "report.json")
     (old / "volscan-run.json").write_text(json.dumps(marker), encoding="utf-8")
     assert screen(split, "new", "from-old", "--reference", str(old)) == 2
     err = capsys.readouterr().err

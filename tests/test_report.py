@@ -296,3 +296,24 @@ def test_viewer_draws_offline_in_a_headless_browser(classical_run: dict, tmp_pat
     shot = tmp_path / "report.png"
     _browse(copy / "report.html", f"--screenshot={shot}")
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_community_table_says_a_diffuse_community_was_set_aside() -> None:
+    """A healthy subgroup shifted on every element is dense far above the fence and set aside as
+    diffuse (CoDeGraph's default): the table says so, not "density <= fence"."""
+    from pipelines.report_html import _communities
+    from volumetric.engine.codegraph import CoDeGraph
+    from volumetric.engine.synthetic import synthetic_batch, with_subgroup
+
+    features, subgroup = with_subgroup(synthetic_batch(n=30, m=64, consistent=5, seed=0), 7, 0)
+    result = CoDeGraph()(features)
+    assert result.diffuse_communities
+    graph = {"communities": [[f"s{i}" for i in c] for c in result.communities],
+             "outlier_communities": [[f"s{i}" for i in result.communities[c]] for c in result.outlier_communities],
+             "excluded_fraction": result.excluded_fraction, "details": json.loads(json.dumps(result.summary()))}
+    html = "".join(_communities(graph))
+    rows = re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)
+    for c in result.diffuse_communities:
+        [row] = [r for r in rows if ", ".join(f"s{i}" for i in result.communities[c]) in r]
+        assert "set aside as diffuse" in row and "&lt;=" not in row
+    assert "set aside as diffuse" in html.split("<table")[0]  # the paragraph explains it

@@ -98,9 +98,10 @@ class CoDeGraphResult:
     total edge weight); `diffuse_communities` communities above the fence whose dependent
     elements exceed `CoDeGraph.max_dependent_share` of their valid elements (not filtered, not in
     `outlier_communities`); `dependent_shares` community index -> share of its members' valid
-    elements that targeted filtering found dependent, for every community above the fence;
-    `kept_minima` per view (T, K) float32: each valid element's K smallest distances of the
-    final pass (on the refined base), when `keep` asked for them.
+    elements that targeted filtering found dependent, for every community probed (denser than the
+    third quartile of those not set aside); `kept_minima` per view (T, K) float32: each valid
+    element's K smallest distances of the final pass (on the refined base), when `keep` asked for
+    them.
     """
 
     scores: Tensor
@@ -252,7 +253,7 @@ class CoDeGraph:
                 partners = self._partners(view, valid, global_features, options, r_ref)
                 if graph_views is None and not callable(features):  # every view builds the graph
                     graph_views = range(1 if isinstance(features, Tensor) else len(features))
-                self._check_memory(valid, graph_views, options, r_ref, max(k, k_plain))
+                self._check_memory(valid, graph_views, options, r_ref, max(k, k_plain, keep))
             in_graph = graph_views is None or index in graph_views
             if in_graph and self.graph == "averaged":
                 minima = scoped_minima([view], valid, grid=grid, partners=partners, options=options)

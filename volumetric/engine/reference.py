@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -317,7 +316,7 @@ def score_against_reference(
     `query_valid` (q, *grid) / `base_valid` (N, *grid) bool; `excluded` (N, *grid) bool: the
     reference's CoDeGraph exclusions (method "codegraph"; None = nothing excluded). LNAMD views
     as `score_collections` builds them (each collection's own LayerNorm), scored per view at
-    `musc_top_fraction` (MuSc) or CoDeGraph's `top_fraction` on the refined base, then averaged.
+    `method_top_fraction` (MuSc's f, or CoDeGraph's final-pass f on the refined base), then averaged.
     `base_minima`: per view (T, K) the reference's kept minima of its valid elements
     (`ScoringResult.kept_minima`): the reference collections' scores are then updated too
     (`reference_mutual_update`; not with `independent`).
