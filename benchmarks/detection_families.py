@@ -268,11 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# --- Small metastases (issue 25): small-lesion, mixed-size and registration-error families and the
+# --- Small metastases: small-lesion, mixed-size and registration-error families and the
 # grid x window table. Same splits and seeds as above (dev 0, test 1-3; the split's contrast), the
 # look-alike family at the split's large radii as the large-lesion control; every family tokenised
 # at 14- and 7-voxel cubes and scored globally and within windows (`benchmarks/grid_window.py`).
@@ -334,3 +330,7 @@ def grid_window_table(results: dict, method: str) -> str:
                  for name in names]
         lines.append(f"| {family} | {seed} | {r['n']} ({r['lesion_scans']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Grid x window on the small-metastasis phantom families (issue 25): 14- vs 7-voxel classical
+"""Grid x window on the small-metastasis phantom families: 14- vs 7-voxel classical
 cubes, global search vs windows of w cells, MuSc and CoDeGraph.
 
 Families, splits and seeds: `detection_families.py` (its "Small metastases" block): small-lesion

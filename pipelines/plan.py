@@ -196,11 +196,12 @@ def build_plan(subjects: Sequence[Subject], checked: CheckedSettings, reference_
         tokens = ClassicalFeatures() if config.backbone == CLASSICAL_BACKBONE else config.token_settings()
     if not isinstance(tokens, ClassicalFeatures):
         tokens = dataclasses.replace(tokens, device=device)
-        if tokens.patch is not None:  # a cube edge the backbone's patch cannot reach: refused before the compute
-            from volumetric.backbones import patch_size
-            from volumetric.tokens import slice_upsampling
+        # a cube edge the backbone's patch cannot reach, or more slices per block than a cube has:
+        # refused before the compute (the tokenizer is built after preprocessing)
+        from volumetric.backbones import patch_size
+        from volumetric.tokens import block_offsets, slice_upsampling
 
-            slice_upsampling(patch_size(backbone), tokens.patch)
+        block_offsets(patch_size(backbone) // slice_upsampling(patch_size(backbone), tokens.patch), tokens.slices_per_block)
     preprocess = checked.preprocess or config.preprocess_settings()
     root = cache_root(config.cache)
     return ScreenPlan(

@@ -353,6 +353,15 @@ def test_vit_tokens_on_a_grid_twice_as_fine(cohort: dict, tiny_vit_spec: dict, c
             errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
             assert code == 2 and len(errors) == 1 and errors[0].startswith("volscan screen: error: tokenizer patch 5")
             assert not out.exists()
+    # 8 slices per block of a 7-voxel cube: one line before any preprocessing (no cache written)
+    fresh_cache = cohort["root"] / "cache_vit7_blocks"
+    config.write_text(config.read_text(encoding="utf-8").replace("cache_vit7", "cache_vit7_blocks")
+                      .replace("{patch: 5,", "{patch: 7, slices_per_block: 8,"), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["screen", *base[:-1], str(cohort["root"] / "run_vit7_blocks")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "slices_per_block must be an integer within 1..7, got 8" in errors[0], errors
+    assert not fresh_cache.exists() and not (cohort["root"] / "run_vit7_blocks").exists()
 
 
 def test_existing_output_needs_force(cohort: dict, labelled_run: dict, capsys) -> None:

@@ -488,7 +488,7 @@ def test_fine_grid_is_twice_as_fine_with_its_void_and_settings(tiny):
         fine(_volume(30))
 
 
-@pytest.mark.parametrize("bad", [5, 0, 28, 2.0, True])
+@pytest.mark.parametrize("bad", [5, 0, 28, 2, 1, 2.0, True])
 def test_fine_grid_refuses_what_the_patch_cannot_reach(tiny, bad):
     with pytest.raises(VolscanError, match="patch") as err:
         VolumeTokenizer(tiny, proj_dim=R, progress=False, patch=bad)

@@ -96,15 +96,15 @@ def slice_upsampling(backbone_patch: int, cube: int | None) -> int:
     """Factor by which each slice is upsampled so that one backbone patch covers `cube` voxels.
 
     `cube` None (or the backbone's own patch) -> 1, today's grid; 7 with a 14-pixel patch -> 2:
-    slices twice as large, a grid twice as fine. A cube edge that does not divide the backbone's
-    patch cannot be reached by a whole upsampling factor -> `VolscanError`.
+    slices twice as large, a grid twice as fine. Any other edge -> `VolscanError`: a factor that is
+    not whole cannot be reached, and a larger one (cube 1 or 2 at patch 14: slices of 3136 or 1568
+    pixels, a 224³ or 112³ grid) would run out of memory deep in extraction, unmeasured.
     """
     if cube is None:
         return 1
-    if isinstance(cube, bool) or not isinstance(cube, int) or not 1 <= cube <= backbone_patch \
-            or backbone_patch % cube:
-        raise VolscanError(f"tokenizer patch {cube!r}: a ViT's cube edge must divide its {backbone_patch}-pixel "
-                           f"patch (e.g. {backbone_patch // 2}: slices upsampled 2x, a grid twice as fine)")
+    if isinstance(cube, bool) or not isinstance(cube, int) or cube not in (backbone_patch, backbone_patch / 2):
+        raise VolscanError(f"tokenizer patch {cube!r}: a ViT's cube edge is its {backbone_patch}-pixel patch or "
+                           f"half of it ({backbone_patch // 2}: slices upsampled 2x, a grid twice as fine)")
     return backbone_patch // cube
 
 
