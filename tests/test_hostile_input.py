@@ -441,6 +441,15 @@ def _ray_processes(driver: psutil.Process) -> list[psutil.Process]:
     return found
 
 
+def _is_worker(process: psutil.Process) -> bool:
+    """A Ray worker: starting (default_worker.py), idle, or running a volscan task."""
+    try:
+        line = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return "default_worker.py" in line or line.startswith(("ray::IDLE", "ray::volscan"))
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
 def test_ray_processes_volscan_started_end_with_it(finished: dict, tmp_path: Path, stop: int) -> None:  # noqa: F811
     """`volscan extract --ray` (local cluster) stopped by SIGTERM (exit 143, one line) or by
@@ -455,12 +464,15 @@ def test_ray_processes_volscan_started_end_with_it(finished: dict, tmp_path: Pat
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     driver = psutil.Process(proc.pid)
     deadline = time.monotonic() + 180
+    # Until a worker runs: `ray.init` is over and the run is under way. A SIGTERM that arrives
+    # while `ray.init` waits on the GCS can leave Ray's C++ client waiting for ever (seen once in
+    # about 30 tries, docs/scale.md); this test is about stopping a run, not its first seconds.
     while proc.poll() is None and time.monotonic() < deadline:
-        if any("dashboard/agent.py" in " ".join(p.cmdline()) for p in _ray_processes(driver)):
+        if any(_is_worker(p) for p in _ray_processes(driver)):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    time.sleep(1.5)  # the watcher has recorded the cluster's first processes and, from them, its session folder
+    time.sleep(1.5)  # the watcher has recorded the cluster's processes and, from them, its session folder
     started = _ray_processes(driver)
     assert started
     proc.send_signal(stop)

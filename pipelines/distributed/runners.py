@@ -9,13 +9,15 @@ Nothing waits on Ray without a deadline: before `ray.init` the cluster's address
 TCP connection within `CONNECT_TIMEOUT_S` (Ray itself retries an unreachable address for
 minutes), and before any task is submitted some alive node must hold the CPUs and GPUs one
 scan's task asks for (Ray would keep an infeasible task pending for ever). A local cluster
-started here is shut down on the way out, also on Ctrl-C and SIGTERM (`ray.init` installs its
-own SIGTERM handler; volscan's is put back, so SIGTERM unwinds through `__exit__`), and by a
-watcher process should this one be killed outright (`pipelines.distributed.reaper`).
+started here is shut down on the way out. On Ctrl-C and SIGTERM (`ray.init` installs its own
+SIGTERM handler; volscan's is put back, so SIGTERM unwinds through `__exit__`) volscan's own
+cleanup runs, the process ends at once, and the watcher process that also covers `kill -9`
+(`pipelines.distributed.reaper`) stops the cluster: Ray's in-process teardown is what crashed then.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -30,7 +32,7 @@ from typing import Any
 
 from pipelines.distributed.per_scan import ScanOutcome, ScanPlan, run_scan
 from pipelines.distributed.reaper import Reaper
-from pipelines.failures import Terminated
+from pipelines.failures import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 from pipelines.subjects import Subject
 from volumetric.errors import VolscanError, first_line
 
@@ -152,10 +154,20 @@ class RayRunner:
         self._started = True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._started:
-            self._ray.shutdown()
-            self._reaper.stop()
-            self._started = False
+        if not self._started:
+            return
+        self._started = False
+        if exc_type is not None and issubclass(exc_type, (Terminated, KeyboardInterrupt)) and self.settings.address is None:
+            # Stopped by a signal with a local cluster: Ray's in-process teardown (cancelling
+            # running tasks, `ray.shutdown`, the interpreter's finalisation) crashed the driver in
+            # about 1 of 3 SIGTERMs mid-run (SIGSEGV or a failed Ray check instead of exit 143).
+            # So Ray is left as it is: volscan's own cleanup runs as the exception unwinds, then
+            # this handler (registered last, so run first at exit) ends the process, and the
+            # watcher, seeing it gone, kills the cluster's processes.
+            atexit.register(_exit_at_once, EXIT_TERMINATED if issubclass(exc_type, Terminated) else EXIT_INTERRUPTED)
+            return
+        self._ray.shutdown()
+        self._reaper.stop()
 
     def gpus_per_scan(self, plan: ScanPlan) -> float:
         """The GPUs one scan's task asks for (see `RaySettings.gpus_per_scan`)."""
@@ -192,17 +204,57 @@ class RayRunner:
         pending = {task.remote(plan_ref, subject, phase): subject for subject in subjects}
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                with _signals_raised_in_ray():
+                    done, _ = ray.wait(list(pending), num_returns=1)
                 subject = pending.pop(done[0])
                 try:
-                    yield ray.get(done[0])
+                    with _signals_raised_in_ray():
+                        outcome = ray.get(done[0])
                 except ray.exceptions.RayError as exc:
                     text = str(exc).strip().splitlines()
-                    yield ScanOutcome(subject.id, str(subject.image), phase, error=f"Ray: {text[0] if text else exc!r}",
-                                      error_type=type(exc).__name__)
-        finally:
-            for ref in pending:  # interrupted: do not leave tasks running on the cluster
-                ray.cancel(ref, force=True)
+                    outcome = ScanOutcome(subject.id, str(subject.image), phase,
+                                          error=f"Ray: {text[0] if text else exc!r}", error_type=type(exc).__name__)
+                yield outcome
+        except (Terminated, KeyboardInterrupt):
+            # A local cluster is stopped whole, by its watcher, once this process has ended (see
+            # `__exit__`); Ray's in-process teardown is what crashes mid-task.
+            if self.settings.address is not None:
+                self._cancel(pending)
+            raise
+        except BaseException:  # the caller stopped early or a scan's outcome failed
+            self._cancel(pending)
+            raise
+
+    def _cancel(self, pending: dict[Any, Subject]) -> None:
+        """Cancel the tasks still pending: do not leave them running on the cluster."""
+        for ref in pending:
+            self._ray.cancel(ref, force=True)
+
+
+@contextmanager
+def _signals_raised_in_ray() -> Iterator[None]:
+    """Ray's blocking calls (`ray.wait`, `ray.get`) check for signals inside their C++ code; the
+    exception a Python handler raises there (volscan's `Terminated`, Ctrl-C's KeyboardInterrupt)
+    comes back as a SystemError caused by it. Raise it as itself, so that SIGTERM mid-run ends
+    with exit 143 and one line, not a traceback."""
+    try:
+        yield
+    except SystemError as exc:
+        if isinstance(exc.__cause__, (Terminated, KeyboardInterrupt)):
+            raise exc.__cause__ from None
+        raise
+
+
+def _exit_at_once(code: int) -> None:
+    """Flush what was printed and logged, then end the process with `code`, skipping the rest of
+    the interpreter's finalisation (see `RayRunner.__exit__`)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to save
+            pass
+    os._exit(code)
 
 
 def _import_ray() -> Any:
