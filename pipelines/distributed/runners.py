@@ -157,7 +157,8 @@ class RayRunner:
         if not self._started:
             return
         self._started = False
-        if exc_type is not None and issubclass(exc_type, (Terminated, KeyboardInterrupt)) and self.settings.address is None:
+        signalled = exc_type is not None and issubclass(exc_type, (Terminated, KeyboardInterrupt))
+        if signalled and self.settings.address is None:
             # Stopped by a signal with a local cluster: Ray's in-process teardown (cancelling
             # running tasks, `ray.shutdown`, the interpreter's finalisation) crashed the driver in
             # about 1 of 3 SIGTERMs mid-run (SIGSEGV or a failed Ray check instead of exit 143).
