@@ -201,7 +201,8 @@ def build_plan(subjects: Sequence[Subject], checked: CheckedSettings, reference_
         from volumetric.backbones import patch_size
         from volumetric.tokens import block_offsets, slice_upsampling
 
-        block_offsets(patch_size(backbone) // slice_upsampling(patch_size(backbone), tokens.patch), tokens.slices_per_block)
+        patch = patch_size(backbone)
+        block_offsets(patch // slice_upsampling(patch, tokens.patch), tokens.slices_per_block)
     preprocess = checked.preprocess or config.preprocess_settings()
     root = cache_root(config.cache)
     return ScreenPlan(

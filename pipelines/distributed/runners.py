@@ -36,10 +36,12 @@ from pipelines.failures import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 from pipelines.subjects import Subject
 from volumetric.errors import VolscanError, first_line
 
-# "1" when Ray is imported: no C++ failure-signal handler in the driver (see `RayRunner.__enter__`).
+# "1" when Ray is imported: no C++ failure-signal handler in the driver (see `_import_ray`).
 _RAY_FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 # Seconds the cluster's address has to accept a TCP connection.
 CONNECT_TIMEOUT_S = 10.0
+# What a signal raises in the main thread: SIGTERM (volscan's handler) and Ctrl-C.
+SIGNALLED = (Terminated, KeyboardInterrupt)
 CLIENT_SCHEME = "ray://"
 
 
@@ -157,7 +159,7 @@ class RayRunner:
         if not self._started:
             return
         self._started = False
-        signalled = exc_type is not None and issubclass(exc_type, (Terminated, KeyboardInterrupt))
+        signalled = exc_type is not None and issubclass(exc_type, SIGNALLED)
         if signalled and self.settings.address is None:
             # Stopped by a signal with a local cluster: Ray's in-process teardown (cancelling
             # running tasks, `ray.shutdown`, the interpreter's finalisation) crashed the driver in
@@ -216,7 +218,7 @@ class RayRunner:
                     outcome = ScanOutcome(subject.id, str(subject.image), phase,
                                           error=f"Ray: {text[0] if text else exc!r}", error_type=type(exc).__name__)
                 yield outcome
-        except (Terminated, KeyboardInterrupt):
+        except SIGNALLED:
             # A local cluster is stopped whole, by its watcher, once this process has ended (see
             # `__exit__`); Ray's in-process teardown is what crashes mid-task.
             if self.settings.address is not None:
@@ -241,7 +243,7 @@ def _signals_raised_in_ray() -> Iterator[None]:
     try:
         yield
     except SystemError as exc:
-        if isinstance(exc.__cause__, (Terminated, KeyboardInterrupt)):
+        if isinstance(exc.__cause__, SIGNALLED):
             raise exc.__cause__ from None
         raise
 
